@@ -1,0 +1,298 @@
+"""The conversion config (SPEC "Config file"): a strict pydantic model.
+
+Unknown keys are errors that name the key; relative paths are resolved against the config
+file's folder; ``--set a.b=value`` overrides are applied before validation so they are checked
+like everything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "SourceSpec",
+    "ModelSpec",
+    "MappingSpec",
+    "Rule",
+    "ConvertSpec",
+    "VerifySpec",
+    "InputSpec",
+    "ExportSpec",
+    "BatchConfig",
+    "load_config",
+    "load_batch_config",
+    "apply_overrides",
+    "section_digest",
+]
+
+_TRANSFORM_NAMES = {"transpose", "permute", "reshape", "flatten_nhwc_to_nchw", "slice", "zeros"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceSpec(_Strict):
+    path: Path  # a file or a folder, absolute after loading
+    format: Literal["auto", "npz", "npy", "npy-dir", "pickle-list", "flat"] = "auto"
+    allow_pickle: bool = False  # object arrays / pickled lists load only when true
+    key_prefix: str = ""  # stripped from every source key when present
+    allow_nonfinite: bool = False  # NaN/Inf in source arrays are an error unless true
+
+
+class ModelSpec(_Strict):
+    target: str  # "pkg.module:attr" or "path/to/file.py:attr"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    allow_unsafe_load: bool = False  # a pickled nn.Module (torch.load without weights_only) only when true
+
+    @field_validator("target")
+    @classmethod
+    def _has_attr(cls, v: str) -> str:
+        if ":" not in v:
+            raise ValueError(f"model.target {v!r} must look like 'pkg.module:Class' or 'path/file.py:Class'")
+        return v
+
+
+class Rule(_Strict):
+    source: str | list[str] | None = None  # regex full-match on source keys; a list joins with concat
+    target: str  # target key; \1 etc. refer to the source match groups
+    transform: list[str | dict[str, Any]] = Field(default_factory=list)
+    concat: int | None = None  # axis to join a list source on
+
+    @field_validator("transform")
+    @classmethod
+    def _known_transforms(cls, v: list[str | dict[str, Any]]) -> list[str | dict[str, Any]]:
+        for item in v:
+            name = item if isinstance(item, str) else (next(iter(item)) if len(item) == 1 else None)
+            if name not in _TRANSFORM_NAMES:
+                raise ValueError(
+                    f"unknown transform {item!r}; use one of {sorted(_TRANSFORM_NAMES)}, "
+                    "written as a bare name or a one-key mapping such as {reshape: [2, 10]}"
+                )
+        return v
+
+    @model_validator(mode="after")
+    def _source_or_zeros(self) -> "Rule":
+        names = [t if isinstance(t, str) else next(iter(t)) for t in self.transform]
+        if self.source is None and "zeros" not in names:
+            raise ValueError(f"rule for {self.target!r} has no source; give `source:` or `transform: [zeros]`")
+        if isinstance(self.source, list) and self.concat is None and len(self.source) > 1:
+            raise ValueError(f"rule for {self.target!r} lists several sources; say how to join them with `concat: AXIS`")
+        return self
+
+
+class MappingSpec(_Strict):
+    strategy: Literal["auto", "name", "order", "shape"] = "auto"
+    preset: Literal["none", "keras", "tf", "flax"] = "none"
+    rules: list[Rule] = Field(default_factory=list)  # applied first, in order
+    ignore: list[str] = Field(default_factory=list)  # source keys to leave unused (regex)
+    allow_missing: list[str] = Field(default_factory=list)  # target keys that may keep their initial value (regex)
+
+    @field_validator("ignore", "allow_missing")
+    @classmethod
+    def _regexes_compile(cls, v: list[str]) -> list[str]:
+        for pat in v:
+            try:
+                re.compile(pat)
+            except re.error as exc:
+                raise ValueError(f"{pat!r} is not a valid regular expression: {exc}") from None
+        return v
+
+
+class ConvertSpec(_Strict):
+    dtype: Literal["keep", "float32", "float16", "bfloat16", "float64"] = "float32"
+    device: str = "cpu"  # cpu | cuda | cuda:N | mps
+
+    @field_validator("device")
+    @classmethod
+    def _device_form(cls, v: str) -> str:
+        if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", v):
+            raise ValueError(f"device {v!r} must be cpu, cuda, cuda:N or mps")
+        return v
+
+
+class InputSpec(_Strict):
+    shape: list[int]
+    dtype: Literal["float32", "float16", "bfloat16", "float64", "int64", "int32"] = "float32"
+    seed: int = 0
+
+
+class VerifySpec(_Strict):
+    input: InputSpec | Path | None = None  # generated from shape/dtype/seed, or a .npy/.npz of inputs
+    reference_output: Path | None = None  # without it only shapes and finiteness are checked
+    rtol: float = 1e-5
+    atol: float = 1e-6
+
+
+class ExportSpec(_Strict):
+    dir: Path
+    formats: list[Literal["safetensors", "pt"]] = Field(default_factory=lambda: ["safetensors"])
+
+    @field_validator("formats")
+    @classmethod
+    def _always_safetensors(cls, v: list[str]) -> list[str]:
+        return ["safetensors"] + sorted({f for f in v if f != "safetensors"})
+
+
+class Config(_Strict):
+    name: str
+    source: SourceSpec
+    model: ModelSpec
+    mapping: MappingSpec = Field(default_factory=MappingSpec)
+    convert: ConvertSpec = Field(default_factory=ConvertSpec)
+    verify: VerifySpec = Field(default_factory=VerifySpec)
+    export: ExportSpec
+
+    @field_validator("name")
+    @classmethod
+    def _name_form(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z0-9-]+", v):
+            raise ValueError(f"name {v!r} must match [a-z0-9-]+ (it names the outputs and the Prefect run)")
+        return v
+
+    def digest(self) -> str:
+        """sha256 of the config's canonical JSON (paths as written after resolution)."""
+        return hashlib.sha256(_canonical(self.model_dump(mode="json")).encode()).hexdigest()
+
+
+class BatchConfig(_Strict):
+    conversions: list[Path]
+    max_parallel: int = Field(default=2, ge=1)
+    task_runner: Literal["thread", "dask"] = "thread"
+    dask_address: str | None = None  # an existing scheduler, e.g. tcp://10.0.0.5:8786; None = local cluster
+    dask_workers: int = Field(default=2, ge=1)
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def section_digest(cfg: Config, *sections: str) -> str:
+    """sha256 of the named config sections only: what a stage reads decides its cache key."""
+    data = cfg.model_dump(mode="json")
+    return hashlib.sha256(_canonical({s: data[s] for s in sections}).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a raw config mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} must look like KEY=VALUE, e.g. convert.dtype=float16", key=item)
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {dotted}: `{part}` is not a section", key=dotted)
+            node = nxt
+        node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    def rel(p: Any) -> Any:
+        if isinstance(p, str) and p:
+            q = Path(p).expanduser()
+            return str(q if q.is_absolute() else (base / q).resolve())
+        return p
+
+    src = data.get("source")
+    if isinstance(src, dict) and "path" in src:
+        src["path"] = rel(src["path"])
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("target"), str):
+        mod, sep, attr = model["target"].rpartition(":")
+        if mod.endswith(".py"):
+            model["target"] = f"{rel(mod)}:{attr}"
+    ver = data.get("verify")
+    if isinstance(ver, dict):
+        if isinstance(ver.get("input"), str):
+            ver["input"] = rel(ver["input"])
+        if ver.get("reference_output"):
+            ver["reference_output"] = rel(ver["reference_output"])
+    exp = data.get("export")
+    if isinstance(exp, dict) and "dir" in exp:
+        exp["dir"] = rel(exp["dir"])
+    return data
+
+
+def _pydantic_to_config_error(exc: ValidationError, where: str) -> ConfigError:
+    lines = []
+    first_key = None
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"] if not isinstance(x, int) or True)
+        first_key = first_key or loc
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown key `{loc}` — remove it or check its spelling (see SPEC 'Config file')")
+        elif err["type"] == "missing":
+            lines.append(f"missing required key `{loc}`")
+        else:
+            lines.append(f"`{loc}`: {err['msg']} (got {err.get('input')!r})")
+    msg = f"{where} is not a valid config:\n  - " + "\n  - ".join(lines)
+    return ConfigError(msg, key=first_key, fix="correct the keys listed above")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist", key=str(path), fix="check the path")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}", key=str(path)) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level", key=str(path))
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read, override, resolve and validate a conversion config."""
+    path = Path(path).resolve()
+    data = apply_overrides(_read_yaml(path), list(overrides or []))
+    data = _resolve_paths(data, path.parent)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise _pydantic_to_config_error(exc, str(path)) from None
+
+
+def load_batch_config(path: str | Path, overrides: list[str] | None = None) -> BatchConfig:
+    """Read a batch config; conversion paths are relative to the batch file's folder, or the cwd."""
+    path = Path(path).resolve()
+    data = apply_overrides(_read_yaml(path), list(overrides or []))
+    convs = data.get("conversions")
+    if isinstance(convs, list):
+        resolved = []
+        for c in convs:
+            p = Path(str(c))
+            if not p.is_absolute():
+                cand = (path.parent / p)
+                p = cand if cand.exists() else (Path.cwd() / p)
+            resolved.append(str(p.resolve()))
+        data["conversions"] = resolved
+    try:
+        return BatchConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _pydantic_to_config_error(exc, str(path)) from None

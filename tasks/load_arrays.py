@@ -1,0 +1,533 @@
+"""Stage 1, ``load-arrays``: source spec → array table.
+
+Reads headers, not data: every array becomes a small :class:`ArrayRecord` (key, file, byte
+offset, shape, dtype with byte order, Fortran order, fingerprint). The bytes stay on disk and
+are memory-mapped later by :func:`open_array`, so a 20 GB checkpoint costs no RAM here.
+
+Supported sources (SPEC ``source.format``):
+
+- ``npy``: one ``.npy`` file holding one array (key = file stem);
+- ``flat``: one ``.npy`` holding a flat vector of all parameters (sliced by the mapping stage);
+- ``npy-dir``: a folder of ``.npy`` files, nested folders allowed (``dense/kernel.npy`` → key
+  ``dense/kernel``), in natural order (``layer_2`` before ``layer_10``);
+- ``npz``: an ``np.savez``/``np.savez_compressed`` archive; stored members are memory-mapped in
+  place (their data offset inside the zip), compressed ones are inflated on demand;
+- ``pickle-list``: ``np.save`` of ``model.get_weights()`` (an object array of arrays) or a
+  ``.pkl`` list/dict of arrays. Only with ``allow_pickle: true``, and then through a restricted
+  unpickler that can rebuild arrays and nothing else.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import struct
+import zipfile
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.errors import LoadError, Problem
+from tasks.fingerprint import blake3_bytes, blake3_region, cached_by_stat, file_fingerprint
+from tasks.safe_pickle import UnsafePickleError, safe_loads
+
+__all__ = ["ArrayRecord", "scan_source", "open_array", "read_table", "write_table", "detect_format"]
+
+# Refuse to inflate a compressed member beyond this many bytes per compressed byte: a zip bomb
+# declares a tiny compressed size and a huge file size. Real float weights compress ~1.1-3x.
+MAX_COMPRESSION_RATIO = 200
+MAX_MEMBER_BYTES = 1 << 40
+_MAX_HEADER = 1 << 20
+_PICKLE_SUFFIXES = (".pkl", ".pickle")
+# dtypes a parameter or buffer can have; anything else cannot be a tensor of a model
+_NUMERIC_KINDS = "fiub"
+_OPT_IN = "set `source.allow_pickle: true` in the config (or pass --allow-pickle) if you trust this file"
+
+
+@dataclass(frozen=True)
+class ArrayRecord:
+    """One source array, described without its bytes."""
+
+    key: str  # source key, after key_prefix is stripped
+    file: str  # absolute path of the file holding it
+    member: str | None  # npz member name, when in an archive
+    index: int | None  # position in a pickled list
+    offset: int  # byte offset of the data in ``file``; -1 when it cannot be memory-mapped
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype string with byte order, e.g. '<f4', '>f8'
+    fortran_order: bool
+    nbytes: int
+    fingerprint: str  # blake3 of dtype, shape and data bytes
+    n_nonfinite: int = 0  # NaN/Inf count (validate refuses them unless allowed)
+    absmax: float = 0.0  # largest |x| among finite values (dtype overflow check before casting)
+    absmin_nonzero: float = 0.0  # smallest nonzero |x| (underflow check); 0 when all zero
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def byte_order(self) -> str:
+        bo = np.dtype(self.dtype).byteorder
+        return {"<": "little", ">": "big", "|": "n/a", "=": "native"}[bo]
+
+
+# ---------------------------------------------------------------------------------------------
+# format detection
+
+
+def detect_format(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    if path.is_dir():
+        return "npy-dir"
+    if path.suffix in _PICKLE_SUFFIXES:
+        return "pickle-list"
+    with open(path, "rb") as fh:
+        head = fh.read(6)
+    if head[:4] == b"PK\x03\x04" or path.suffix == ".npz":
+        return "npz"
+    if head == b"\x93NUMPY":
+        with open(path, "rb") as fh:
+            shape, _, dtype, _ = _read_npy_header(fh, where=str(path))
+        return "pickle-list" if dtype.hasobject else "npy"
+    raise LoadError(
+        "cannot tell the format of this file (not .npy, .npz, pickle or a folder)",
+        key=str(path),
+        fix="set `source.format` to one of npz | npy | npy-dir | pickle-list | flat",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# headers
+
+
+def _read_npy_header(fh, *, where: str) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """Parse an .npy header at the file position; return shape, fortran, dtype, header length."""
+    start = fh.tell()
+    try:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh, max_header_size=_MAX_HEADER)
+        elif version in ((2, 0), (3, 0)):  # 3.0 differs only in allowing utf-8 field names
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh, max_header_size=_MAX_HEADER)
+        else:
+            raise ValueError(f"unsupported .npy format version {version}")
+    except Exception as exc:  # numpy raises ValueError, EOFError, SyntaxError… on garbage
+        raise LoadError(
+            f"not a valid .npy header: {exc}",
+            key=where,
+            fix="the file is truncated or not written by np.save; re-export it",
+        ) from None
+    if any((not isinstance(d, int)) or d < 0 for d in shape):
+        raise LoadError(f"header declares an invalid shape {shape}", key=where, fix="re-export the file")
+    return tuple(int(d) for d in shape), bool(fortran), dtype, fh.tell() - start
+
+
+def _check_dtype(dtype: np.dtype, where: str, problems: list[Problem]) -> None:
+    if dtype.kind not in _NUMERIC_KINDS:
+        kind = {"c": "complex", "U": "string", "S": "bytes", "M": "datetime", "m": "timedelta", "V": "void/struct", "O": "object"}.get(
+            dtype.kind, dtype.kind
+        )
+        problems.append(
+            Problem(
+                where,
+                f"has {kind} dtype {dtype.str}, which cannot be a model parameter",
+                expected="a real numeric dtype (float, int, bool)",
+                actual=dtype.str,
+                fix="convert the array to a float dtype before saving, or ignore this key with mapping.ignore",
+            )
+        )
+
+
+def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * dtype.itemsize
+
+
+# ---------------------------------------------------------------------------------------------
+# scanning each format
+
+
+def _scan_npy_file(path: Path, key: str, *, allow_pickle: bool, problems: list[Problem]) -> list[ArrayRecord]:
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        shape, fortran, dtype, hlen = _read_npy_header(fh, where=str(path))
+    if dtype.hasobject:
+        return _scan_pickled(path, allow_pickle=allow_pickle, payload_offset=hlen, problems=problems)
+    _check_dtype(dtype, key, problems)
+    nbytes = _nbytes(shape, dtype)
+    if hlen + nbytes > size:
+        raise LoadError(
+            f"file is truncated: the header declares shape {list(shape)} {dtype.str} "
+            f"({nbytes} bytes) but only {size - hlen} bytes follow it",
+            key=str(path),
+            expected=nbytes,
+            actual=size - hlen,
+            fix="re-copy or re-export the file; it was cut short",
+        )
+    info = cached_by_stat(path, f"array-info@{hlen}", lambda: _region_info(path, hlen, nbytes, dtype, shape))
+    return [ArrayRecord(key, str(path), None, None, hlen, shape, dtype.str, fortran, nbytes, **info)]
+
+
+def _stats(flat: np.ndarray, acc: dict[str, Any]) -> None:
+    """Fold one chunk's NaN/Inf count and finite |x| range into ``acc``."""
+    if flat.size == 0 or flat.dtype.kind not in "fc":
+        if flat.size and flat.dtype.kind in "iu":
+            a = np.abs(flat.astype(np.float64))
+            acc["absmax"] = max(acc["absmax"], float(a.max()))
+            nz = a[a > 0]
+            if nz.size:
+                acc["absmin_nonzero"] = float(nz.min()) if acc["absmin_nonzero"] == 0 else min(acc["absmin_nonzero"], float(nz.min()))
+        return
+    finite = np.isfinite(flat)
+    n_bad = int(flat.size - np.count_nonzero(finite))
+    acc["n_nonfinite"] += n_bad
+    a = np.abs(flat[finite] if n_bad else flat)
+    if a.size:
+        acc["absmax"] = max(acc["absmax"], float(a.max()))
+        nz = a[a > 0]
+        if nz.size:
+            m = float(nz.min())
+            acc["absmin_nonzero"] = m if acc["absmin_nonzero"] == 0 else min(acc["absmin_nonzero"], m)
+
+
+def _region_info(path: Path, offset: int, nbytes: int, dtype: np.dtype, shape: tuple[int, ...]) -> dict[str, Any]:
+    """Fingerprint and value statistics of an array stored at ``offset``, in one memory-mapped pass."""
+    acc: dict[str, Any] = {"n_nonfinite": 0, "absmax": 0.0, "absmin_nonzero": 0.0}
+    data_fp = blake3_region(path, offset, nbytes)
+    if nbytes:
+        mm = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(nbytes // dtype.itemsize,))
+        step = max(1, (8 << 20) // dtype.itemsize)
+        for i in range(0, mm.size, step):
+            _stats(mm[i : i + step], acc)
+        del mm
+    acc["fingerprint"] = blake3_bytes(f"{dtype.str}|{list(shape)}|".encode() + bytes.fromhex(data_fp))
+    return acc
+
+
+def _array_info(arr: np.ndarray) -> dict[str, Any]:
+    data = np.ascontiguousarray(arr)
+    acc: dict[str, Any] = {"n_nonfinite": 0, "absmax": 0.0, "absmin_nonzero": 0.0}
+    _stats(data.reshape(-1), acc)
+    raw = data.view(np.uint8).reshape(-1).data if data.size else b""
+    acc["fingerprint"] = blake3_bytes(f"{arr.dtype.str}|{list(arr.shape)}|".encode() + bytes.fromhex(blake3_bytes(raw)))
+    return acc
+
+
+_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
+
+
+def _member_data_offset(fh, info: zipfile.ZipInfo, where: str) -> int:
+    fh.seek(info.header_offset)
+    raw = fh.read(_LOCAL_HEADER.size)
+    if len(raw) != _LOCAL_HEADER.size or raw[:4] != b"PK\x03\x04":
+        raise LoadError("archive member has a corrupt local header", key=where, fix="re-create the .npz")
+    fields = _LOCAL_HEADER.unpack(raw)
+    return info.header_offset + _LOCAL_HEADER.size + fields[10] + fields[11]
+
+
+def _scan_npz(path: Path, *, allow_pickle: bool, problems: list[Problem]) -> list[ArrayRecord]:
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise LoadError(f"not a readable .npz (zip) archive: {exc}", key=str(path), fix="re-create it with np.savez") from None
+    records: list[ArrayRecord] = []
+    with zf, open(path, "rb") as fh:
+        infos = [i for i in zf.infolist() if not i.is_dir()]
+        names = [i.filename for i in infos]
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if dups:
+            raise LoadError(
+                f"archive holds duplicate member names {dups}: which one is meant is ambiguous",
+                key=str(path),
+                fix="re-create the archive with unique names",
+            )
+        size = path.stat().st_size
+        for info in infos:
+            where = f"{path}::{info.filename}"
+            key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            if info.compress_type == zipfile.ZIP_STORED:
+                data_start = _member_data_offset(fh, info, where)
+                if data_start + info.file_size > size:
+                    raise LoadError("archive member is truncated", key=where, expected=info.file_size, actual=max(0, size - data_start), fix="re-copy the file")
+                fh.seek(data_start)
+                shape, fortran, dtype, hlen = _read_npy_header(fh, where=where)
+                offset = data_start + hlen
+                if dtype.hasobject:
+                    records += _scan_pickled(path, allow_pickle=allow_pickle, member=info.filename, problems=problems)
+                    continue
+            else:
+                limit = max(info.compress_size, 1) * MAX_COMPRESSION_RATIO
+                if info.file_size > min(limit, MAX_MEMBER_BYTES) and info.file_size > (64 << 20):
+                    raise LoadError(
+                        f"compressed member would expand to {info.file_size} bytes from {info.compress_size} "
+                        f"(ratio > {MAX_COMPRESSION_RATIO}); refusing to inflate a likely zip bomb",
+                        key=where,
+                        fix="store weights uncompressed (np.savez) or check where this file came from",
+                    )
+                try:
+                    with zf.open(info) as mf:
+                        shape, fortran, dtype, hlen = _read_npy_header(mf, where=where)
+                except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+                    raise LoadError(f"archive member is corrupt: {exc}", key=where, fix="re-create the .npz") from None
+                offset = -1
+                if dtype.hasobject:
+                    records += _scan_pickled(path, allow_pickle=allow_pickle, member=info.filename, problems=problems)
+                    continue
+            _check_dtype(dtype, key, problems)
+            nbytes = _nbytes(shape, dtype)
+            if hlen + nbytes != info.file_size:
+                raise LoadError(
+                    f"archive member's header declares shape {list(shape)} {dtype.str} ({nbytes} bytes) "
+                    f"but the member holds {info.file_size - hlen} data bytes",
+                    key=where,
+                    expected=nbytes,
+                    actual=info.file_size - hlen,
+                    fix="re-create the .npz; this member is truncated or its header was edited",
+                )
+            minfo = cached_by_stat(
+                path,
+                f"npz-member-info:{info.filename}",
+                functools.partial(_member_info, path, zf_path=path, info=info, offset=offset, nbytes=nbytes, dtype=dtype, shape=shape, where=where),
+            )
+            records.append(ArrayRecord(key, str(path), info.filename, None, offset, shape, dtype.str, fortran, nbytes, **minfo))
+    return records
+
+
+def _member_info(path: Path, *, zf_path: Path, info: zipfile.ZipInfo, offset: int, nbytes: int, dtype: np.dtype, shape, where: str) -> dict[str, Any]:
+    if offset >= 0:
+        # stored member: check its CRC (a flipped bit must not pass silently), then hash in place
+        crc = _crc_region(path, offset - (info.file_size - nbytes), info.file_size)
+        if crc != info.CRC:
+            raise LoadError("archive member fails its CRC check: the bytes are corrupt", key=where, expected=f"{info.CRC:08x}", actual=f"{crc:08x}", fix="re-copy or re-create the file")
+        return _region_info(path, offset, nbytes, dtype, shape)
+    with zipfile.ZipFile(zf_path) as zf:
+        try:
+            with zf.open(info) as mf:
+                arr = np.lib.format.read_array(mf, allow_pickle=False)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
+            raise LoadError(f"archive member is corrupt: {exc}", key=where, fix="re-create the .npz") from None
+    return _array_info(arr)
+
+
+def _crc_region(path: Path, offset: int, length: int) -> int:
+    crc = 0
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        left = length
+        while left > 0:
+            chunk = fh.read(min(left, 16 << 20))
+            if not chunk:
+                break
+            crc = zlib.crc32(chunk, crc)
+            left -= len(chunk)
+    return crc & 0xFFFFFFFF
+
+
+def _natural_key(s: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def _scan_dir(path: Path, *, allow_pickle: bool, problems: list[Problem]) -> list[ArrayRecord]:
+    files = [p for p in path.rglob("*.npy") if p.is_file()]
+    if not files:
+        raise LoadError("folder holds no .npy files", key=str(path), fix="point source.path at the folder of .npy files, or set source.format")
+    files.sort(key=lambda p: _natural_key(p.relative_to(path).as_posix()))
+    records: list[ArrayRecord] = []
+    for f in files:
+        key = f.relative_to(path).as_posix()[: -len(".npy")]
+        records += _scan_npy_file(f, key, allow_pickle=allow_pickle, problems=problems)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# pickles
+
+
+def _pickle_payload(path: Path, member: str | None, payload_offset: int | None) -> bytes:
+    if member is not None:
+        with zipfile.ZipFile(path) as zf, zf.open(member) as mf:
+            _read_npy_header(mf, where=f"{path}::{member}")
+            return mf.read()
+    with open(path, "rb") as fh:
+        if payload_offset is not None:
+            fh.seek(payload_offset)
+        return fh.read()
+
+
+def _flatten_pickled(obj: Any, where: str) -> list[tuple[str, np.ndarray]]:
+    if isinstance(obj, np.ndarray) and obj.dtype.hasobject:
+        obj = list(obj.ravel()) if obj.ndim else [obj.item()]
+    if isinstance(obj, np.ndarray):
+        return [(str(i), np.asarray(a)) for i, a in enumerate(obj)] if obj.ndim > 0 else [("0", obj)]
+    if isinstance(obj, dict):
+        items = [(str(k), v) for k, v in obj.items()]
+    elif isinstance(obj, (list, tuple)):
+        items = [(str(i), v) for i, v in enumerate(obj)]
+    else:
+        raise LoadError(f"pickle holds a {type(obj).__name__}, not a list or dict of arrays", key=where, fix="save the weights as a list of arrays (np.save of model.get_weights())")
+    out = []
+    for k, v in items:
+        if not isinstance(v, np.ndarray):
+            try:
+                v = np.asarray(v)
+            except Exception:
+                raise LoadError(f"item {k} is a {type(v).__name__}, not an array", key=where) from None
+            if v.dtype.hasobject:
+                raise LoadError(f"item {k} is a nested object, not a numeric array", key=where, fix="save a flat list of arrays")
+        out.append((k, v))
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _load_pickled(path: str, member: str | None, payload_offset: int | None, mtime_ns: int) -> tuple[tuple[str, np.ndarray], ...]:
+    where = f"{path}::{member}" if member else path
+    data = _pickle_payload(Path(path), member, payload_offset)
+    try:
+        obj = safe_loads(data)
+    except UnsafePickleError as exc:
+        raise LoadError(
+            f"refused to unpickle: {exc}. Nothing from the file was run",
+            key=where,
+            fix="this file is not a plain pickle of arrays; do not load it, or re-export the weights as .npz",
+        ) from None
+    except Exception as exc:
+        raise LoadError(f"pickle is corrupt or truncated: {type(exc).__name__}: {exc}", key=where, fix="re-export the file") from None
+    return tuple(_flatten_pickled(obj, where))
+
+
+def _scan_pickled(path: Path, *, allow_pickle: bool, member: str | None = None, payload_offset: int | None = None, problems: list[Problem]) -> list[ArrayRecord]:
+    where = f"{path}::{member}" if member else str(path)
+    if not allow_pickle:
+        raise LoadError(
+            "holds pickled Python objects (an object array or a pickled list of arrays); "
+            "pickles can run code, so they load only when you opt in",
+            key=where,
+            fix=_OPT_IN,
+        )
+    items = _load_pickled(str(path), member, payload_offset, path.stat().st_mtime_ns)
+    records = []
+    prefix = (member[:-4] + "/" if member.endswith(".npy") else member + "/") if member else ""
+    for i, (k, arr) in enumerate(items):
+        _check_dtype(arr.dtype, f"{where}[{k}]", problems)
+        records.append(
+            ArrayRecord(prefix + k, str(path), member, i, -1, tuple(arr.shape), arr.dtype.str, bool(arr.flags.f_contiguous and not arr.flags.c_contiguous), arr.nbytes, **_array_info(arr))
+        )
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+
+
+def scan_source(path: str | Path, *, fmt: str = "auto", allow_pickle: bool = False, key_prefix: str = "") -> list[ArrayRecord]:
+    """Describe every array of a source (headers and fingerprints only), in source order."""
+    path = Path(path)
+    if not path.exists():
+        raise LoadError("source path does not exist", key=str(path), fix="check source.path (relative paths are relative to the config file)")
+    fmt = detect_format(path, fmt)
+    problems: list[Problem] = []
+    try:
+        if fmt == "npy-dir":
+            if not path.is_dir():
+                raise LoadError("format npy-dir needs a folder", key=str(path), fix="point source.path at a folder or change source.format")
+            records = _scan_dir(path, allow_pickle=allow_pickle, problems=problems)
+        elif path.is_dir():
+            raise LoadError(f"format {fmt} needs a file, got a folder", key=str(path), fix="set source.format: npy-dir")
+        elif fmt == "npz":
+            records = _scan_npz(path, allow_pickle=allow_pickle, problems=problems)
+        elif fmt in ("npy", "flat"):
+            records = _scan_npy_file(path, path.stem, allow_pickle=allow_pickle, problems=problems)
+            if fmt == "flat" and (len(records) != 1 or len(records[0].shape) != 1):
+                raise LoadError("format flat needs one 1-D vector", key=str(path), expected="1 array of shape (N,)", actual=[list(r.shape) for r in records], fix="set source.format: npy")
+        elif fmt == "pickle-list":
+            with open(path, "rb") as fh:
+                is_npy = fh.read(6) == b"\x93NUMPY"
+            if is_npy:
+                with open(path, "rb") as fh:
+                    _, _, dtype, hlen = _read_npy_header(fh, where=str(path))
+                if not dtype.hasobject:
+                    records = _scan_npy_file(path, path.stem, allow_pickle=allow_pickle, problems=problems)
+                else:
+                    records = _scan_pickled(path, allow_pickle=allow_pickle, payload_offset=hlen, problems=problems)
+            else:
+                records = _scan_pickled(path, allow_pickle=allow_pickle, problems=problems)
+        else:  # pragma: no cover - the config model restricts fmt
+            raise LoadError(f"unknown format {fmt}", key=str(path))
+    except PermissionError as exc:
+        raise LoadError(f"cannot read: {exc.strerror}", key=exc.filename or str(path), fix="check the file's permissions") from None
+    if problems:
+        raise LoadError(f"{len(problems)} array(s) cannot be model parameters", key=str(path), problems=problems, fix=problems[0]["fix"])
+    if key_prefix:
+        records = [r if not r.key.startswith(key_prefix) else _replace_key(r, r.key[len(key_prefix):]) for r in records]
+    keys = [r.key for r in records]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise LoadError(f"source keys are not unique after stripping key_prefix: {dup}", key=str(path), fix="change source.key_prefix")
+    return records
+
+
+def _replace_key(r: ArrayRecord, key: str) -> ArrayRecord:
+    d = asdict(r)
+    d["key"] = key
+    d["shape"] = tuple(d["shape"])
+    return ArrayRecord(**d)
+
+
+def open_array(rec: ArrayRecord) -> np.ndarray:
+    """The array's values: a read-only memory map where the format allows, else read once.
+
+    Pickled records were checked against ``allow_pickle`` by :func:`scan_source`; they are
+    re-read through the same restricted unpickler.
+    """
+    dtype = np.dtype(rec.dtype)
+    if rec.index is not None:
+        items = _load_pickled(rec.file, rec.member, _payload_offset(rec), os.stat(rec.file).st_mtime_ns)
+        return items[rec.index][1]
+    if rec.offset >= 0:
+        if rec.nbytes == 0:
+            return np.empty(rec.shape, dtype=dtype)
+        return np.memmap(rec.file, dtype=dtype, mode="r", offset=rec.offset, shape=rec.shape, order="F" if rec.fortran_order else "C")
+    with zipfile.ZipFile(rec.file) as zf, zf.open(rec.member) as mf:
+        return np.lib.format.read_array(mf, allow_pickle=False)
+
+
+def _payload_offset(rec: ArrayRecord) -> int | None:
+    if rec.member is not None:
+        return None
+    with open(rec.file, "rb") as fh:
+        if fh.read(6) != b"\x93NUMPY":
+            return None
+        fh.seek(0)
+        return _read_npy_header(fh, where=rec.file)[3]
+
+
+def write_table(records: list[ArrayRecord], path: Path) -> None:
+    from tasks.paths import atomic_write_text
+
+    atomic_write_text(path, json.dumps([asdict(r) for r in records], indent=1))
+
+
+def read_table(path: str | Path) -> list[ArrayRecord]:
+    out = []
+    for d in json.loads(Path(path).read_text()):
+        d["shape"] = tuple(d["shape"])
+        out.append(ArrayRecord(**d))
+    return out
+
+
+def source_files(records: list[ArrayRecord]) -> list[str]:
+    return sorted({r.file for r in records})
+
+
+def input_fingerprints(records: list[ArrayRecord]) -> list[dict[str, Any]]:
+    """path, bytes, sha256 per source file (the audit record's ``inputs``)."""
+    return [file_fingerprint(f) for f in source_files(records)]
