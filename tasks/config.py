@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from tasks.errors import ConfigError
 
@@ -152,6 +152,9 @@ class Config(_Strict):
     convert: ConvertSpec = Field(default_factory=ConvertSpec)
     verify: VerifySpec = Field(default_factory=VerifySpec)
     export: ExportSpec
+    # the config as written (after --set, before path resolution): what the digest covers, so
+    # the same config gives the same digest on every machine and in every folder
+    _raw: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -161,8 +164,8 @@ class Config(_Strict):
         return v
 
     def digest(self) -> str:
-        """sha256 of the config's canonical JSON (paths as written after resolution)."""
-        return hashlib.sha256(_canonical(self.model_dump(mode="json")).encode()).hexdigest()
+        """sha256 of the config's canonical JSON, as written (relative paths), with overrides applied."""
+        return hashlib.sha256(_canonical(self._raw or self.model_dump(mode="json")).encode()).hexdigest()
 
 
 class BatchConfig(_Strict):
@@ -271,11 +274,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read, override, resolve and validate a conversion config."""
     path = Path(path).resolve()
     data = apply_overrides(_read_yaml(path), list(overrides or []))
+    raw = json.loads(_canonical(data))
     data = _resolve_paths(data, path.parent)
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as exc:
         raise _pydantic_to_config_error(exc, str(path)) from None
+    cfg._raw = raw
+    return cfg
 
 
 def load_batch_config(path: str | Path, overrides: list[str] | None = None) -> BatchConfig:

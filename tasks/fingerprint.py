@@ -54,8 +54,10 @@ def sha256_file(path: str | Path) -> str:
 
 
 def stat_key(path: str | Path) -> dict[str, Any]:
+    # (device, inode, size, mtime_ns) identifies one version of one file; the path is left out
+    # so that a rename (a cache entry moved into place) does not force a re-hash.
     st = os.stat(path)
-    return {"path": str(Path(path).resolve()), "inode": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"dev": st.st_dev, "inode": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def cached_by_stat(path: str | Path, what: str, compute: Callable[[], Any], *, root: Path | None = None) -> Any:
@@ -70,7 +72,7 @@ def cached_by_stat(path: str | Path, what: str, compute: Callable[[], Any], *, r
     except (OSError, ValueError):
         pass
     value = compute()
-    if stat_key(path) == key:  # do not remember a value computed while the file was changing
+    if stat_key(path) == key and not os.environ.get("NP2TORCH_READ_ONLY"):  # skip a file that changed meanwhile
         try:
             atomic_write_text(entry, json.dumps({"what": what, "stat": key, "value": value}))
         except OSError:

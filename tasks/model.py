@@ -1,0 +1,165 @@
+"""Import and build the target model (SPEC ``model.target``), and describe its state dict.
+
+The model is built on the ``meta`` device wherever its constructor allows: the mapping stage
+needs only names, shapes and dtypes, and the convert stage loads real tensors with
+``load_state_dict(assign=True)``, so parameters are never allocated twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import hashlib
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tasks.errors import ModelError
+
+__all__ = ["TargetInfo", "import_target", "build_model", "describe_targets", "materialize_missing"]
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    key: str
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name without the "torch." prefix
+    is_buffer: bool
+    module: str  # owning module path ("" for the root)
+    module_type: str  # owning module's class name (Linear, Conv2d, BatchNorm2d, …)
+    tied_to: str | None = None  # first key sharing this tensor's storage (tied weights)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def is_float(self) -> bool:
+        return getattr(torch, self.dtype).is_floating_point
+
+
+def _import_file(path: Path) -> Any:
+    if not path.is_file():
+        raise ModelError("model file does not exist", key=str(path), fix="check model.target (paths are relative to the config file)")
+    name = "np2torch_user_model_" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ModelError("cannot import this file as a Python module", key=str(path))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(name, None)
+        raise ModelError(f"importing the model file failed: {type(exc).__name__}: {exc}", key=str(path), fix="fix the error in the model file") from None
+    return module
+
+
+def import_target(target: str, *, allow_unsafe_load: bool = False) -> Any:
+    """Resolve ``pkg.module:attr`` or ``path/file.py:attr`` (or a pickled ``.pt`` module) to an object."""
+    mod_name, _, attr = target.rpartition(":")
+    if target.endswith((".pt", ".pth")) or mod_name.endswith((".pt", ".pth")):
+        return _load_pickled_module(Path(mod_name if mod_name.endswith((".pt", ".pth")) else target), allow_unsafe_load)
+    if mod_name.endswith(".py"):
+        module = _import_file(Path(mod_name))
+    else:
+        try:
+            module = importlib.import_module(mod_name)
+        except Exception as exc:
+            raise ModelError(f"cannot import module {mod_name!r}: {type(exc).__name__}: {exc}", key=target,
+                             fix="check model.target: 'pkg.module:Class' must be importable, or use 'path/to/file.py:Class'") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            avail = sorted(n for n in dir(module) if not n.startswith("_"))[:20]
+            raise ModelError(f"{mod_name} has no attribute {attr!r}", key=target, expected=f"one of {avail}", actual=attr, fix="check the name after ':' in model.target")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _load_pickled_module(path: Path, allow_unsafe_load: bool) -> Any:
+    if not path.is_file():
+        raise ModelError("model file does not exist", key=str(path), fix="check model.target")
+    if not allow_unsafe_load:
+        raise ModelError(
+            "a pickled model architecture (torch.save of an nn.Module) can run arbitrary code when loaded; refused",
+            key=str(path),
+            fix="give the architecture as code ('path/to/file.py:Class'), or set model.allow_unsafe_load: true if you trust this file",
+        )
+    warnings.warn(f"loading pickled model {path} with weights_only=False: this runs code from the file", stacklevel=2)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ModelError(f"torch.load failed: {type(exc).__name__}: {exc}", key=str(path)) from None
+    if not isinstance(obj, nn.Module):
+        raise ModelError(f"file holds a {type(obj).__name__}, not an nn.Module", key=str(path), fix="point model.target at a model class instead")
+    return lambda **_: obj
+
+
+def build_model(target: str, kwargs: dict[str, Any] | None = None, *, device: str = "meta", allow_unsafe_load: bool = False) -> nn.Module:
+    """Instantiate the model; on ``meta`` when possible (no memory), else on the CPU."""
+    factory = import_target(target, allow_unsafe_load=allow_unsafe_load)
+    if not callable(factory):
+        raise ModelError(f"{target} is a {type(factory).__name__}, not a class or factory", key=target, fix="point model.target at an nn.Module class or a function returning one")
+    kwargs = dict(kwargs or {})
+
+    def make(dev: str) -> nn.Module:
+        torch.manual_seed(0)  # initial values of allowed-missing tensors are then reproducible
+        ctx = torch.device(dev) if dev == "meta" else contextlib.nullcontext()
+        with ctx:
+            return factory(**kwargs)
+
+    try:
+        model = make(device)
+    except Exception as exc:
+        if device == "meta":
+            try:  # some constructors compute on their tensors (e.g. .item()): build for real
+                model = make("cpu")
+            except Exception:
+                model = None
+        else:
+            model = None
+        if model is None:
+            raise ModelError(f"building the model failed: {type(exc).__name__}: {exc}", key=target, fix="check model.kwargs against the constructor's signature") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"{target} returned a {type(model).__name__}, not an nn.Module", key=target, fix="return an nn.Module from the factory")
+    return model
+
+
+def describe_targets(model: nn.Module) -> list[TargetInfo]:
+    """Every state-dict entry (parameters and persistent buffers) in registration order."""
+    owners: dict[str, tuple[str, str]] = {}
+    for mname, mod in model.named_modules():
+        for pname, _ in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            owners[f"{mname}.{pname}" if mname else pname] = (mname, type(mod).__name__)
+    buffers = {k for k, _ in model.named_buffers()}
+    seen: dict[int, str] = {}
+    out = []
+    for key, t in model.state_dict(keep_vars=True).items():
+        ident = id(t)
+        tied = seen.get(ident)
+        seen.setdefault(ident, key)
+        mname, mtype = owners.get(key, (key.rpartition(".")[0], "?"))
+        out.append(TargetInfo(key, tuple(t.shape), str(t.dtype).removeprefix("torch."), key in buffers, mname, mtype, tied))
+    return out
+
+
+def materialize_missing(model_target: str, kwargs: dict[str, Any], keys: list[str], *, allow_unsafe_load: bool = False) -> dict[str, torch.Tensor]:
+    """Initial values of the targets allowed to stay missing (seeded, so reproducible).
+
+    Builds the model on the CPU; only called when some target is allowed missing.
+    """
+    if not keys:
+        return {}
+    model = build_model(model_target, kwargs, device="cpu", allow_unsafe_load=allow_unsafe_load)
+    sd = model.state_dict()
+    return {k: sd[k].detach().clone() for k in keys}

@@ -1,0 +1,202 @@
+"""Stage 3, ``validate``: the manifest as a pandera-checked table; every failure at once.
+
+The schema is the contract between mapping and conversion: unique targets, every target mapped
+or allowed missing, every source used or ignored, shapes equal after the transform, numel
+consistent, dtypes castable and finite, values inside the target dtype's range. It runs with
+``lazy=True`` so the user sees the whole failure table, not the first problem.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pandera.pandas as pa
+
+from tasks.errors import Problem, ValidationError
+from tasks.manifest import COLUMNS
+
+__all__ = ["manifest_schema", "validate_manifest", "failure_table"]
+
+_RANGE = {  # largest finite value and smallest positive subnormal of each float target dtype
+    "float16": (65504.0, 2.0**-24),
+    "bfloat16": (3.3895313892515355e38, 9.183549615799121e-41),
+    "float32": (float(np.finfo(np.float32).max), float(np.finfo(np.float32).smallest_subnormal)),
+    "float64": (float(np.finfo(np.float64).max), float(np.finfo(np.float64).smallest_subnormal)),
+}
+_FIX = {
+    "status_missing": "add a mapping rule for it, or allow it with mapping.allow_missing if its initial value is fine",
+    "status_unused": "map it with a rule, or leave it out on purpose with mapping.ignore",
+    "shape": "fix the transform (e.g. transpose instead of reshape) or the model's constructor arguments",
+    "numel": "check the slice bounds / the source array",
+    "dtype": "the source dtype cannot become the target's; re-save the array or map it elsewhere",
+    "finite": "clean the source, or set source.allow_nonfinite: true if NaN/Inf is intended",
+    "overflow": "choose a wider convert.dtype (float32 or bfloat16), or rescale the weights",
+    "underflow": "choose convert.dtype float32/bfloat16, or accept with convert.dtype keep",
+    "unique": "two rules or matches claim the same target; make the rules more specific",
+}
+
+
+_ERRORS = {
+    "shape": "shape after the transform differs from the model's",
+    "numel": "numel differs from the product of target_shape",
+    "dtype": "source dtype cannot be cast to the target dtype",
+    "overflow": "values exceed the target dtype's range",
+    "underflow": "nonzero values would round to zero in the target dtype",
+    "finite": "source array holds NaN or Inf",
+    "unique": "target claimed more than once",
+    "status_missing": "target has no source",
+    "status_unused": "source array is not used",
+}
+_CHECK_BY_ERROR = {v: k for k, v in _ERRORS.items()}
+
+
+def _is_target(df: pd.DataFrame) -> pd.Series:
+    return df["target_key"].astype(str) != ""
+
+
+def _shape_ok(df: pd.DataFrame) -> pd.Series:
+    mapped = df["status"] == "mapped"
+    tied = df["how"] == "tied"
+    return ~mapped | tied | (df["result_shape"] == df["target_shape"])
+
+
+def _numel_ok(df: pd.DataFrame) -> pd.Series:
+    prods = df["target_shape"].map(lambda s: int(np.prod(json.loads(s), dtype=np.int64)))
+    return ~_is_target(df) | (prods == df["numel"].astype(np.int64))
+
+
+def _dtype_ok(df: pd.DataFrame) -> pd.Series:
+    def ok(row: pd.Series) -> bool:
+        if row["status"] != "mapped" or not row["source_dtype"]:
+            return True
+        src = np.dtype(row["source_dtype"])
+        if src.kind not in "fiub":
+            return False
+        tgt = row["target_dtype"]
+        if tgt in _RANGE:  # any real number can become a float
+            return True
+        if tgt.startswith(("int", "uint")) or tgt == "bool":
+            return src.kind in "iub" or float(row["absmax"]).is_integer()
+        return False
+
+    return df.apply(ok, axis=1) if len(df) else pd.Series([], dtype=bool)
+
+
+def _in_range(df: pd.DataFrame) -> pd.Series:
+    lim = df["target_dtype"].map(lambda d: _RANGE.get(d, (np.inf, 0.0))[0])
+    return (df["status"] != "mapped") | (df["absmax"].astype(float) <= lim)
+
+
+def _no_underflow(df: pd.DataFrame) -> pd.Series:
+    tiny = df["target_dtype"].map(lambda d: _RANGE.get(d, (np.inf, 0.0))[1])
+    a = df["absmin_nonzero"].astype(float)
+    # a nonzero value below half the smallest subnormal rounds to zero: information lost
+    return (df["status"] != "mapped") | (a == 0) | (a >= tiny / 2)
+
+
+def manifest_schema(*, allow_nonfinite: bool = False) -> pa.DataFrameSchema:
+    """The pandera schema every manifest must pass before any tensor is converted."""
+    checks = [
+        pa.Check(_shape_ok, name="shape", error=_ERRORS["shape"]),
+        pa.Check(_numel_ok, name="numel", error=_ERRORS["numel"]),
+        pa.Check(_dtype_ok, name="dtype", error=_ERRORS["dtype"]),
+        pa.Check(_in_range, name="overflow", error=_ERRORS["overflow"]),
+        pa.Check(_no_underflow, name="underflow", error=_ERRORS["underflow"]),
+    ]
+    if not allow_nonfinite:
+        checks.append(pa.Check(lambda df: (df["n_nonfinite"].astype(int) == 0) | (df["status"] == "ignored"), name="finite",
+                               error="source array holds NaN or Inf"))
+    return pa.DataFrameSchema(
+        {
+            "target_key": pa.Column(str, pa.Check(lambda s: ~s[s != ""].duplicated(keep=False).reindex(s.index, fill_value=False),
+                                                  name="unique", error=_ERRORS["unique"])),
+            "status": pa.Column(str, [
+                pa.Check.ne("missing", name="status_missing", error=_ERRORS["status_missing"]),
+                pa.Check.ne("unused", name="status_unused", error=_ERRORS["status_unused"]),
+                pa.Check.isin(["mapped", "zeros", "allowed_missing", "ignored", "missing", "unused"]),
+            ]),
+            "confidence": pa.Column(float, pa.Check.in_range(0.0, 1.0)),
+            "numel": pa.Column(int, pa.Check.ge(0)),
+            **{c: pa.Column(nullable=True, required=True) for c in COLUMNS if c not in ("target_key", "status", "confidence", "numel")},
+        },
+        checks=checks,
+        strict=True,
+        coerce=False,
+    )
+
+
+def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df["confidence"] = df["confidence"].astype(float)
+    df["numel"] = df["numel"].astype(np.int64)
+    for c in ("target_key", "status", "source_key", "target_dtype", "source_dtype", "result_shape", "target_shape", "how"):
+        df[c] = df[c].astype(str)
+    return df
+
+
+def failure_table(exc: pa.errors.SchemaErrors, df: pd.DataFrame) -> list[Problem]:
+    """One problem per (row, check), named by the row's target (or source) key."""
+    fc = exc.failure_cases
+    problems: list[Problem] = []
+    seen: set[tuple] = set()
+    for _, f in fc.iterrows():
+        check = str(f.get("check", ""))
+        name = _CHECK_BY_ERROR.get(check, check.split("(")[0].removeprefix("<Check ").removesuffix(">").strip())
+        idx = f.get("index")
+        if idx is None or (isinstance(idx, float) and np.isnan(idx)) or int(idx) not in df.index:
+            problems.append(Problem(str(f.get("column") or "manifest"), f"{check}: {f.get('failure_case')}"))
+            continue
+        row = df.loc[int(idx)]
+        key = row["target_key"] or row["source_key"]
+        if (key, name) in seen:
+            continue
+        seen.add((key, name))
+        problems.append(_problem_for(name, row, key))
+    return problems
+
+
+def _problem_for(name: str, row: pd.Series, key: str) -> Problem:
+    if name == "status_missing":
+        return Problem(key, f"target {list(json.loads(row['target_shape']))} has no source array" + (f" ({row['note']})" if row["note"] else ""),
+                       fix=_FIX[name])
+    if name == "status_unused":
+        return Problem(key, f"source array {row['source_shape']} is not used by any target" + (f" ({row['note']})" if row["note"] else ""),
+                       fix=_FIX[name])
+    if name == "shape":
+        return Problem(key, f"source {row['source_key']} {row['source_shape']} with transform [{row['transform']}] gives the wrong shape",
+                       expected=row["target_shape"], actual=row["result_shape"] or "(transform does not apply)", fix=_FIX[name])
+    if name == "finite":
+        return Problem(key, f"source {row['source_key'] or key} holds {row['n_nonfinite']} NaN/Inf value(s)", fix=_FIX[name])
+    if name == "overflow":
+        return Problem(key, f"source {row['source_key']} has |x| up to {float(row['absmax']):.6g}, beyond {row['target_dtype']}'s maximum {_RANGE[row['target_dtype']][0]:.6g}",
+                       expected=f"|x| ≤ {_RANGE[row['target_dtype']][0]:.6g}", actual=f"{float(row['absmax']):.6g}", fix=_FIX[name])
+    if name == "underflow":
+        return Problem(key, f"source {row['source_key']} has nonzero |x| down to {float(row['absmin_nonzero']):.3g}, which becomes 0 in {row['target_dtype']}",
+                       fix=_FIX[name])
+    if name == "dtype":
+        return Problem(key, f"source dtype {row['source_dtype']} cannot become {row['target_dtype']}", expected=row["target_dtype"], actual=row["source_dtype"], fix=_FIX[name])
+    if name == "numel":
+        return Problem(key, "numel is inconsistent with target_shape", expected=row["target_shape"], actual=row["numel"], fix=_FIX[name])
+    if name == "unique":
+        return Problem(key, "claimed by more than one source/rule", fix=_FIX[name])
+    return Problem(key, f"fails check {name}")
+
+
+def validate_manifest(rows: list[dict[str, Any]], *, allow_nonfinite: bool = False) -> list[dict[str, Any]]:
+    """Validate the manifest; raise :class:`ValidationError` with every failure, else return it."""
+    df = _frame(rows)
+    try:
+        manifest_schema(allow_nonfinite=allow_nonfinite).validate(df, lazy=True)
+    except pa.errors.SchemaErrors as exc:
+        problems = failure_table(exc, df)
+        problems.sort(key=lambda p: (list(df["target_key"]).index(p["key"]) if p["key"] in set(df["target_key"]) else len(df), p["reason"]))
+        raise ValidationError(
+            f"the manifest fails {len(problems)} check(s); nothing was converted",
+            key=problems[0]["key"] if problems else None,
+            problems=problems,
+            fix=problems[0]["fix"] if problems else None,
+        ) from None
+    return rows

@@ -1,0 +1,165 @@
+"""Stage 5, ``verify-forward-pass``: model + converted weights + verify spec → metrics.
+
+The model is rebuilt on ``meta`` and given the converted tensors as zero-copy views of the
+safetensors file on the configured device, then run in ``eval()`` under ``no_grad`` on the
+configured input. With a reference output the result is compared elementwise
+(``|out - ref| <= atol + rtol * |ref|``, NumPy's ``allclose``); without one, only output shapes
+and finiteness are checked. A forward pass that raises is a verify-stage error, not a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.config import InputSpec, VerifySpec
+from tasks.convert import check_device, load_into_model
+from tasks.errors import VerifyError
+from tasks.model import build_model, describe_targets
+from tasks.st_io import mmap_state_dict
+
+__all__ = ["make_inputs", "load_reference", "compare", "run_forward", "verify_forward_pass", "load_model_from_file"]
+
+
+def _load_arrays_file(path: Path, what: str) -> list[np.ndarray]:
+    if not path.is_file():
+        raise VerifyError(f"{what} file does not exist", key=str(path), fix=f"check verify.{what} (relative to the config file)")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                return [z[k] for k in z.files]
+        return [np.load(path, allow_pickle=False)]
+    except (ValueError, OSError, EOFError) as exc:
+        raise VerifyError(f"cannot read {what}: {exc}", key=str(path), fix="save it with np.save / np.savez (no pickles)") from None
+
+
+def make_inputs(spec: InputSpec | Path | None) -> list[np.ndarray]:
+    """The forward pass's positional inputs, generated reproducibly or read from a file."""
+    if spec is None:
+        raise VerifyError("no verify.input given", key="verify.input", fix="add verify.input: {shape: [...], dtype: float32, seed: 0} or a .npy path")
+    if isinstance(spec, Path):
+        return _load_arrays_file(spec, "input")
+    rng = np.random.default_rng(spec.seed)
+    if spec.dtype.startswith("int"):
+        return [rng.integers(0, 2, size=spec.shape).astype(spec.dtype)]
+    x = rng.standard_normal(spec.shape)
+    return [x.astype("float32" if spec.dtype == "bfloat16" else spec.dtype)]
+
+
+def load_reference(path: Path | None) -> list[np.ndarray] | None:
+    return None if path is None else _load_arrays_file(path, "reference_output")
+
+
+def _flatten_outputs(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _flatten_outputs(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _flatten_outputs(v)]
+    if hasattr(out, "to_tuple"):  # transformers ModelOutput
+        return _flatten_outputs(out.to_tuple())
+    return []
+
+
+def _model_float_dtype(model: nn.Module) -> torch.dtype | None:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def run_forward(model: nn.Module, inputs: list[np.ndarray], device: torch.device) -> list[np.ndarray]:
+    """Run the model once in eval mode; float inputs take the model's float dtype."""
+    fdt = _model_float_dtype(model)
+    xs = []
+    for x in inputs:
+        t = torch.from_numpy(np.ascontiguousarray(x))
+        if t.is_floating_point() and fdt is not None:
+            t = t.to(fdt)
+        xs.append(t.to(device))
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(*xs)
+    except Exception as exc:
+        shapes = [list(x.shape) for x in xs]
+        raise VerifyError(f"the forward pass raised {type(exc).__name__}: {exc}", key="forward", expected="the model to accept the verify input",
+                          actual=f"inputs of shape {shapes}", fix="check verify.input's shape and the model's forward (e.g. a missing Flatten)") from None
+    outs = _flatten_outputs(out)
+    if not outs:
+        raise VerifyError(f"forward returned {type(out).__name__}, with no tensors to check", key="forward", fix="return a tensor (or tuple/dict of tensors)")
+    return [o.detach().to("cpu", torch.float64).numpy() for o in outs]
+
+
+def compare(outputs: list[np.ndarray], refs: list[np.ndarray] | None, *, rtol: float, atol: float) -> dict[str, Any]:
+    """Elementwise comparison metrics; ``passed`` only when every output is within tolerance."""
+    metrics: dict[str, Any] = {
+        "n_outputs": len(outputs),
+        "output_shapes": [list(o.shape) for o in outputs],
+        "finite": bool(all(np.isfinite(o).all() for o in outputs)),
+        "rtol": rtol,
+        "atol": atol,
+        "reference": refs is not None,
+    }
+    problems = []
+    if not metrics["finite"]:
+        problems.append("output holds NaN/Inf")
+    if refs is None:
+        metrics.update(max_abs_error=None, max_rel_error=None, mismatched=None)
+    else:
+        if len(refs) != len(outputs):
+            problems.append(f"{len(outputs)} output(s) but {len(refs)} reference array(s)")
+        max_abs = max_rel = 0.0
+        mismatched = 0
+        for i, (o, r) in enumerate(zip(outputs, refs)):
+            r = np.asarray(r, dtype=np.float64)
+            if o.shape != r.shape:
+                problems.append(f"output {i} has shape {list(o.shape)}, reference {list(r.shape)}")
+                continue
+            diff = np.abs(o - r)
+            max_abs = max(max_abs, float(diff.max(initial=0.0)))
+            max_rel = max(max_rel, float((diff / np.maximum(np.abs(r), np.finfo(np.float64).tiny)).max(initial=0.0)))
+            mismatched += int((~(diff <= atol + rtol * np.abs(r))).sum())
+        metrics.update(max_abs_error=max_abs, max_rel_error=max_rel, mismatched=mismatched)
+        if mismatched:
+            problems.append(f"{mismatched} element(s) outside atol={atol} + rtol={rtol}·|ref| (max abs error {max_abs:.3g})")
+    metrics["passed"] = not problems
+    metrics["problems"] = problems
+    return metrics
+
+
+def load_model_from_file(model_target: str, model_kwargs: dict[str, Any], weights: Path, device: torch.device, *, allow_unsafe_load: bool = False) -> nn.Module:
+    """The model on ``device`` with the converted weights (zero-copy on the CPU)."""
+    model = build_model(model_target, model_kwargs, allow_unsafe_load=allow_unsafe_load)
+    state = mmap_state_dict(weights)
+    if device.type != "cpu":
+        state = {k: v.to(device) for k, v in state.items()}
+    return load_into_model(model, state, describe_targets(model))
+
+
+def verify_forward_pass(*, model_target: str, model_kwargs: dict[str, Any], weights: Path, spec: VerifySpec, device: str,
+                        allow_unsafe_load: bool = False) -> dict[str, Any]:
+    """Metrics of the forward pass against the reference; raises VerifyError when it fails."""
+    dev = check_device(device)
+    model = load_model_from_file(model_target, model_kwargs, weights, dev, allow_unsafe_load=allow_unsafe_load)
+    outputs = run_forward(model, make_inputs(spec.input), dev)
+    del model
+    metrics = compare(outputs, load_reference(spec.reference_output), rtol=spec.rtol, atol=spec.atol)
+    if not metrics["passed"]:
+        raise VerifyError("the converted model does not reproduce the reference: " + "; ".join(metrics["problems"]),
+                          key="verify.reference_output" if metrics["reference"] else "forward",
+                          expected=f"max abs error ≤ atol={spec.atol} + rtol={spec.rtol}·|ref|",
+                          actual=f"max abs error {metrics['max_abs_error']}" if metrics["reference"] else "non-finite output",
+                          fix="run `np2torch plan` and check low-confidence/unverified rows (layout: transpose vs reshape, flatten order); "
+                              "loosen verify.rtol/atol only if the error is float rounding")
+    return metrics
+
+
+def dumps(metrics: dict[str, Any]) -> str:
+    return json.dumps(metrics, sort_keys=True)
