@@ -39,9 +39,36 @@ def _print_table(rows: list[dict[str, Any]], columns: list[str], *, out=None) ->
 # commands
 
 
+def _quiet_expected_tracebacks() -> None:
+    """Prefect prints the traceback of a failed flow to the terminal; for a ConversionError the
+    message says everything (the traceback still reaches the Prefect API and UI)."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", ""):
+        for h in logging.getLogger(name).handlers:
+            if isinstance(h, PrefectConsoleHandler) and not getattr(h, "_np2torch_quiet", False):
+                orig = h.format
+
+                def fmt(record: logging.LogRecord, _orig=orig) -> str:
+                    if record.exc_info and isinstance(record.exc_info[1], ConversionError):
+                        saved = record.exc_info, record.exc_text
+                        record.exc_info, record.exc_text = None, None
+                        try:
+                            return _orig(record)
+                        finally:
+                            record.exc_info, record.exc_text = saved
+                    return _orig(record)
+
+                h.format = fmt  # type: ignore[method-assign]
+                h._np2torch_quiet = True  # type: ignore[attr-defined]
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from flows.convert import convert_config
 
+    _quiet_expected_tracebacks()
     record = convert_config(args.config, args.set, refresh=args.refresh)
     v = record.get("verification") or {}
     print(f"np2torch: {record['name']} converted ({record['status']}) in {record['seconds']:.2f}s")

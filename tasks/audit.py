@@ -42,7 +42,7 @@ def versions() -> dict[str, str]:
 def append_record(record: dict[str, Any], log: Path | None = None) -> Path:
     log = Path(log or audit_log_path())
     log.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
+    line = (json.dumps(record, default=str) + "\n").encode()  # keys in pipeline order
     with FileLock(str(log) + ".lock"):
         fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -64,7 +64,7 @@ def append_record(record: dict[str, Any], log: Path | None = None) -> Path:
 
 def write_report(record: dict[str, Any], out_dir: Path) -> Path:
     path = Path(out_dir) / "report.json"
-    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
     return path
 
 

@@ -73,8 +73,7 @@ class ArrayRecord:
 
     @property
     def byte_order(self) -> str:
-        bo = np.dtype(self.dtype).byteorder
-        return {"<": "little", ">": "big", "|": "n/a", "=": "native"}[bo]
+        return {"<": "little", ">": "big", "|": "n/a"}[np.dtype(self.dtype).str[0]]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -62,3 +62,107 @@ def copy_example(name: str, dest: Path) -> Path:
     """A private copy of one example's data folder (tests that modify inputs use it)."""
     shutil.copytree(EXAMPLES / name, dest / name)
     return dest / name
+
+
+def run_pipeline(cfg, *, refresh: bool = False) -> dict:
+    """The six stages as plain functions, in order (no Prefect): stage name → record."""
+    from tasks import stages
+
+    loaded = stages.load_arrays_stage(cfg, refresh=refresh)
+    mapped = stages.infer_mapping_stage(cfg, loaded, refresh=refresh)
+    validated = stages.validate_stage(cfg, mapped, refresh=refresh)
+    converted = stages.convert_stage(cfg, loaded, validated, refresh=refresh)
+    verified = stages.verify_stage(cfg, converted, refresh=refresh)
+    exported = stages.export_stage(cfg, loaded, validated, converted, verified, refresh=refresh)
+    return {"load-arrays": loaded, "infer-mapping": mapped, "validate": validated, "convert-to-device": converted,
+            "verify-forward-pass": verified, "export": exported}
+
+
+TINY_MODEL = '''
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):
+    """Linear(3, 4) → ReLU → Linear(4, 2), with a BatchNorm1d in between."""
+
+    def __init__(self, hidden: int = 4):
+        super().__init__()
+        self.fc1 = nn.Linear(3, hidden)
+        self.bn = nn.BatchNorm1d(hidden)
+        self.fc2 = nn.Linear(hidden, 2)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+
+class NoFlatten(nn.Module):
+    """A conv followed by a Linear with the Flatten forgotten (the seed's Example 2 bug)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.fc = nn.Linear(2 * 2 * 2, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv(x))
+
+
+def broken_factory():
+    raise RuntimeError("constructor exploded")
+'''
+
+
+def tiny_arrays(seed: int = 0) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return {
+        "fc1.weight": rng.standard_normal((4, 3)).astype("float32"),
+        "fc1.bias": rng.standard_normal(4).astype("float32"),
+        "bn.weight": (1 + 0.1 * rng.standard_normal(4)).astype("float32"),
+        "bn.bias": rng.standard_normal(4).astype("float32"),
+        "bn.running_mean": rng.standard_normal(4).astype("float32"),
+        "bn.running_var": (0.5 + rng.random(4)).astype("float32"),
+        "fc2.weight": rng.standard_normal((2, 4)).astype("float32"),
+        "fc2.bias": rng.standard_normal(2).astype("float32"),
+    }
+
+
+def tiny_reference(arrays: dict, x):
+    """The Tiny model's forward pass in NumPy (eval mode, eps=1e-5)."""
+    import numpy as np
+
+    h = x @ arrays["fc1.weight"].T + arrays["fc1.bias"]
+    h = (h - arrays["bn.running_mean"]) / np.sqrt(arrays["bn.running_var"] + 1e-5) * arrays["bn.weight"] + arrays["bn.bias"]
+    return np.maximum(h, 0) @ arrays["fc2.weight"].T + arrays["fc2.bias"]
+
+
+def write_tiny_case(tmp_path, arrays: dict | None = None, **config) -> "Path":
+    """A complete tiny conversion in tmp_path (model file, weights.npz, input, reference, config)."""
+    import numpy as np
+    import yaml
+
+    arrays = tiny_arrays() if arrays is None else arrays
+    (tmp_path / "tiny_model.py").write_text(TINY_MODEL)
+    np.savez(tmp_path / "weights.npz", **arrays)
+    x = np.random.default_rng(1).standard_normal((5, 3)).astype("float32")
+    np.save(tmp_path / "input.npy", x)
+    if set(tiny_arrays()) <= set(arrays) and all(arrays[k].shape == v.shape for k, v in tiny_arrays().items()):
+        np.save(tmp_path / "ref.npy", tiny_reference({k: v.astype("float64") for k, v in arrays.items()}, x.astype("float64")).astype("float32"))
+    cfg = {
+        "name": "tiny",
+        "source": {"path": "weights.npz"},
+        "model": {"target": "tiny_model.py:Tiny"},
+        "mapping": {"allow_missing": [".*num_batches_tracked"]},
+        "verify": {"input": "input.npy", "reference_output": "ref.npy", "rtol": 1e-5, "atol": 1e-6},
+        "export": {"dir": "out", "formats": ["safetensors", "pt"]},
+    }
+    for section, value in config.items():
+        if isinstance(value, dict) and isinstance(cfg.get(section), dict):
+            cfg[section] = {**cfg[section], **value}
+        else:
+            cfg[section] = value
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
