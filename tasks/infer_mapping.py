@@ -400,16 +400,17 @@ class _Mapper:
                 if pairs is None:
                     self.notes.append(f"structural alignment of {kind} layers stopped at source layer {scope!r} vs module {module!r}{suffix}")
                     if kind == "gru" and "bias" in leaves and len(self.records[leaves["bias"]].shape) == 1:
-                        self.problems_soft(leaves["bias"], "a GRU bias of shape (3u,) is Keras' reset_after=False GRU, which torch's nn.GRU "
-                                           "cannot express", fix="re-train or export the Keras GRU with reset_after=True")
+                        # order/shape matching would load it "successfully" and wrongly: stop here
+                        self.problems.append(Problem(
+                            leaves["bias"], "a GRU bias of shape (3u,) is Keras' reset_after=False GRU (reset gate applied before the "
+                            "recurrent matmul), which torch's nn.GRU cannot express", expected="bias of shape (2, 3u) (reset_after=True)",
+                            actual=list(self.records[leaves["bias"]].shape),
+                            fix="export the Keras model with GRU(reset_after=True) weights, or port the layer as a custom torch module"))
                     break
                 for target, c in pairs:
                     self.claim(target, c)
                     if not c.zeros:
                         self.used.add(c.sources[0])
-
-    def problems_soft(self, key: str, reason: str, *, fix: str) -> None:
-        self.notes.append(f"{key}: {reason} (fix: {fix})")
 
     # -- 4. order -------------------------------------------------------------------------------
     def match_order(self) -> None:
@@ -570,6 +571,9 @@ def infer_manifest(records: list[ArrayRecord], targets: list[TargetInfo], spec: 
         m.match_names()
     if strategy == "auto":
         m.match_structure()
+        if m.problems:
+            raise MappingError(m.problems[0]["reason"], key=m.problems[0]["key"], expected=m.problems[0]["expected"],
+                               actual=m.problems[0]["actual"], problems=m.problems, fix=m.problems[0]["fix"])
     if strategy in ("auto", "order"):
         m.match_order()
     if strategy in ("auto", "shape"):
