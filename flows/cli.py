@@ -19,12 +19,12 @@ from tasks.errors import ConfigError, ConversionError
 __all__ = ["main"]
 
 
-def _print_table(rows: list[dict[str, Any]], columns: list[str], *, out=None) -> None:
+def _print_table(rows: list[dict[str, Any]], columns: list[str], *, out=None, max_width: dict[str, int] | None = None) -> None:
     out = out or sys.stdout
     if not rows:
         print("(none)", file=out)
         return
-    widths = {c: min(60, max(len(c), *(len(str(r.get(c, ""))) for r in rows))) for c in columns}
+    widths = {c: min((max_width or {}).get(c, 60), max(len(c), *(len(str(r.get(c, ""))) for r in rows))) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns), file=out)
     print("  ".join("-" * widths[c] for c in columns), file=out)
     for r in rows:
@@ -114,7 +114,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                   "confidence": f"{float(r['confidence']):.2f}", "candidates": _candidates_cell(r), "status": _status_cell(r)}
                  for r in target_rows(rows)]
         print(f"Manifest for {cfg.name} ({len(trows)} targets, {len(unverified)} unverified):")
-        _print_table(trows, ["target_key", "source", "transform", "shape", "how", "confidence", "candidates", "status"])
+        _print_table(trows, ["target_key", "source", "transform", "shape", "how", "confidence", "candidates", "status"],
+                     max_width={"candidates": 160})
         unused = unused_rows(rows)
         print(f"\nUnused source keys ({len(unused)}):")
         _print_table(unused, ["source_key", "source_shape", "source_dtype", "status", "note"])

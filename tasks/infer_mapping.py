@@ -299,8 +299,8 @@ class _Mapper:
                 src = norm[t.key][0]
                 how, conf, spec = ("preset-name" if self.preset.name != "none" else "name"), 0.95, self.views[src].transform
             else:
-                hits = {k for k in free if k not in self.used and any(
-                    n.endswith("." + t.key) or t.key.endswith("." + n) for n in (self.views[k].name, *self.views[k].alt_names))}
+                hits = {k for k in free if k not in self.used and (_suffix_match(self.views[k].name, t.key) or any(
+                    _suffix_match(n, t.key) and _names_a_module(t.key) for n in self.views[k].alt_names))}
                 if len(hits) != 1:
                     continue
                 src = hits.pop()
@@ -542,6 +542,17 @@ class _Mapper:
             absmin_nonzero=min((r.absmin_nonzero for r in recs if r.absmin_nonzero > 0), default=0.0),
             sources=c.sources, transform_spec=c.spec, concat="" if c.concat is None else c.concat,
         )
+
+
+def _suffix_match(name: str, key: str) -> bool:
+    return name.endswith("." + key) or key.endswith("." + name)
+
+
+def _names_a_module(key: str) -> bool:
+    # a split layer number (dense_3 → dense.3) may only match a key that also names a module:
+    # "10.weight" would pair Keras' dense_10 with torch's 10th layer by number alone, and
+    # numbering offsets differ between frameworks (dense, dense_1 … vs 0, 1 …)
+    return any(not p.isdigit() for p in key.split(".")[:-1])
 
 
 def _concat_shape(parts: list[tuple[int, ...]], axis: int) -> tuple[int, ...]:
