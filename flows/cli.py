@@ -19,12 +19,12 @@ from tasks.errors import ConfigError, ConversionError
 __all__ = ["main"]
 
 
-def _print_table(rows: list[dict[str, Any]], columns: list[str], *, out=None) -> None:
+def _print_table(rows: list[dict[str, Any]], columns: list[str], *, out=None, max_width: dict[str, int] | None = None) -> None:
     out = out or sys.stdout
     if not rows:
         print("(none)", file=out)
         return
-    widths = {c: min(60, max(len(c), *(len(str(r.get(c, ""))) for r in rows))) for c in columns}
+    widths = {c: min((max_width or {}).get(c, 60), max(len(c), *(len(str(r.get(c, ""))) for r in rows))) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns), file=out)
     print("  ".join("-" * widths[c] for c in columns), file=out)
     for r in rows:
@@ -86,15 +86,35 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _plan_rows(config: str, overrides: list[str]) -> tuple[Any, list[dict[str, Any]]]:
-    from tasks import infer_mapping, load_arrays, model
+    from tasks import evidence, load_arrays
     from tasks.config import load_config
 
     cfg = load_config(config, overrides)
     src = cfg.source
     records = load_arrays.scan_source(src.path, fmt=src.format, allow_pickle=src.allow_pickle, key_prefix=src.key_prefix)
-    m = model.build_model(cfg.model.target, cfg.model.kwargs, allow_unsafe_load=cfg.model.allow_unsafe_load)
-    rows = infer_mapping.infer_manifest(records, model.describe_targets(m), cfg.mapping, convert_dtype=cfg.convert.dtype)
-    return cfg, rows
+    return cfg, evidence.build_manifest(cfg, records)  # what the mapping stage would produce, evidence included
+
+
+def _status_cell(r: dict[str, Any]) -> str:
+    if r["status"] != "mapped":
+        return r["status"]
+    return "mapped" if r["verified"] else "mapped, UNVERIFIED"
+
+
+def _candidates_cell(r: dict[str, Any]) -> str:
+    """``[transpose] 3e-08 (chosen) | [as-is] 1.2`` with evidence, else the plain list of layouts."""
+    cands = json.loads(r["candidates"])
+    if not cands:
+        return ""
+    ev = json.loads(r["evidence"] or "{}")
+    errors = ev.get("errors", {})
+    cells = []
+    for c in cands:
+        d = _desc(c)
+        e = errors.get(d)
+        mark = " (chosen)" if ev.get("chosen") == d else ""
+        cells.append(f"[{d}]" + (f" err {e:.2g}" if e is not None else "") + mark)
+    return " | ".join(cells)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -108,23 +128,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
         validate_manifest(rows, allow_nonfinite=cfg.source.allow_nonfinite)
     except ConversionError as exc:
         problem = exc
+    unverified = [r["target_key"] for r in target_rows(rows) if not r["verified"]]
     if args.format == "csv":
         sys.stdout.write(to_csv(rows))
     elif args.format == "json":
-        print(json.dumps({"name": cfg.name, "rows": rows, "valid": problem is None,
+        print(json.dumps({"name": cfg.name, "rows": rows, "valid": problem is None, "unverified": unverified,
+                          "unused": [r["source_key"] for r in unused_rows(rows) if r["status"] == "unused"],
                           "problems": problem.to_record()["problems"] if problem else []}, indent=2))
     else:
-        trows = []
-        for r in target_rows(rows):
-            cands = json.loads(r["candidates"])
-            trows.append({**r, "shape": r["target_shape"], "conf": f"{float(r['confidence']):.2f}",
-                          "candidates": " | ".join(cands and [_desc(c) for c in cands]) if cands else "",
-                          "verified": "yes" if r["verified"] else "NO"})
-        print(f"Manifest for {cfg.name} ({len(trows)} targets):")
-        _print_table(trows, ["target_key", "source_key", "transform", "shape", "target_dtype", "conf", "verified", "candidates", "status"])
+        trows = [{**r, "source": r["source_key"] or ("(" + r["tied_to"] + ")" if r["tied_to"] else ""), "shape": r["target_shape"],
+                  "transform": r["transform"] or ("as-is" if r["status"] == "mapped" and r["how"] != "tied" else ""),
+                  "confidence": f"{float(r['confidence']):.2f}", "candidates": _candidates_cell(r), "status": _status_cell(r)}
+                 for r in target_rows(rows)]
+        print(f"Manifest for {cfg.name} ({len(trows)} targets, {len(unverified)} unverified):")
+        _print_table(trows, ["target_key", "source", "transform", "shape", "how", "confidence", "candidates", "status"],
+                     max_width={"candidates": 160})
         unused = unused_rows(rows)
         print(f"\nUnused source keys ({len(unused)}):")
         _print_table(unused, ["source_key", "source_shape", "source_dtype", "status", "note"])
+        if unverified:
+            print(f"\n{len(unverified)} row(s) are unverified: several layouts fit their shapes. Give verify.reference_output "
+                  "(and verify.input) so np2torch can choose by evidence, or state the layout with a rule.")
     if problem is not None:
         print(f"\n{problem}", file=sys.stderr)
         return 1

@@ -35,7 +35,9 @@ __all__ = [
     "section_digest",
 ]
 
-_TRANSFORM_NAMES = {"transpose", "permute", "reshape", "flatten_nhwc_to_nchw", "slice", "zeros"}
+from tasks.transforms import TRANSFORMS as _TRANSFORMS  # noqa: E402  (one table: configs may name every transform)
+
+_TRANSFORM_NAMES = set(_TRANSFORMS)
 
 
 class _Strict(BaseModel):
@@ -130,6 +132,9 @@ class InputSpec(_Strict):
 class VerifySpec(_Strict):
     input: InputSpec | Path | None = None  # generated from shape/dtype/seed, or a .npy/.npz of inputs
     reference_output: Path | None = None  # without it only shapes and finiteness are checked
+    # optional .npz of the source model's intermediate outputs for the same input, keyed by the
+    # torch module path (e.g. conv1, encoder.layer.0): per-layer evidence and divergence localisation
+    reference_activations: Path | None = None
     rtol: float = 1e-5
     atol: float = 1e-6
 
@@ -233,8 +238,9 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     if isinstance(ver, dict):
         if isinstance(ver.get("input"), str):
             ver["input"] = rel(ver["input"])
-        if ver.get("reference_output"):
-            ver["reference_output"] = rel(ver["reference_output"])
+        for k in ("reference_output", "reference_activations"):
+            if ver.get(k):
+                ver[k] = rel(ver[k])
     exp = data.get("export")
     if isinstance(exp, dict) and "dir" in exp:
         exp["dir"] = rel(exp["dir"])

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tasks import cache, convert, export, infer_mapping, load_arrays, manifest, safe_pickle, st_io, transforms, validate, verify
+from tasks import cache, convert, evidence, export, infer_mapping, load_arrays, manifest, safe_pickle, st_io, transforms, validate, verify
 from tasks import model as model_mod
 from tasks import presets
 from tasks.config import Config
@@ -98,21 +98,24 @@ def model_fingerprint(cfg: Config) -> dict[str, Any]:
 
 
 def infer_mapping_stage(cfg: Config, loaded: dict[str, Any], *, refresh: bool = False) -> dict[str, Any]:
+    v = cfg.verify
+    # the evidence step reads the verify input and references: their content is part of the key
+    evidence_inputs = {"input": _file_part(v.input) if isinstance(v.input, Path) else v.model_dump(mode="json")["input"],
+                       "reference_output": _file_part(v.reference_output) if v.reference_output else None,
+                       "reference_activations": _file_part(v.reference_activations) if v.reference_activations else None,
+                       "rtol": v.rtol, "atol": v.atol}
     key = cache.stage_key(
-        "infer-mapping", prev=loaded["key"], code=cache.code_version(infer_mapping, presets, transforms, manifest, model_mod),
-        mapping=cfg.mapping.model_dump(mode="json"), model=model_fingerprint(cfg), dtype=cfg.convert.dtype,
+        "infer-mapping", prev=loaded["key"], code=cache.code_version(infer_mapping, evidence, presets, transforms, manifest, model_mod),
+        mapping=cfg.mapping.model_dump(mode="json"), model=model_fingerprint(cfg), dtype=cfg.convert.dtype, evidence=evidence_inputs,
     )
 
     def compute(work: Path) -> dict[str, Any]:
-        records = read_records(loaded)
-        m = model_mod.build_model(cfg.model.target, cfg.model.kwargs, allow_unsafe_load=cfg.model.allow_unsafe_load)
-        targets = model_mod.describe_targets(m)
-        rows = infer_mapping.infer_manifest(records, targets, cfg.mapping, convert_dtype=cfg.convert.dtype)
+        rows = evidence.build_manifest(cfg, read_records(loaded))
         manifest.write_manifest(rows, work / "manifest.json")
         counts: dict[str, int] = {}
         for r in rows:
             counts[r["status"]] = counts.get(r["status"], 0) + 1
-        return {"n_targets": len(targets), "status_counts": counts,
+        return {"n_targets": len(manifest.target_rows(rows)), "status_counts": counts,
                 "unverified": [r["target_key"] for r in rows if r["target_key"] and not r["verified"]]}
 
     rec = cache.run_cached("infer-mapping", key, compute, refresh=refresh)
@@ -173,7 +176,8 @@ def verify_stage(cfg: Config, converted: dict[str, Any], *, refresh: bool = Fals
     spec = v.model_dump(mode="json")
     spec["input"] = _file_part(v.input) if isinstance(v.input, Path) else spec["input"]
     spec["reference_output"] = _file_part(v.reference_output) if v.reference_output else None
-    key = cache.stage_key("verify-forward-pass", prev=converted["key"], code=cache.code_version(verify), verify=spec, device=cfg.convert.device)
+    spec["reference_activations"] = _file_part(v.reference_activations) if v.reference_activations else None
+    key = cache.stage_key("verify-forward-pass", prev=converted["key"], code=cache.code_version(verify, evidence), verify=spec, device=cfg.convert.device)
 
     def compute(work: Path) -> dict[str, Any]:
         metrics = verify.verify_forward_pass(model_target=cfg.model.target, model_kwargs=cfg.model.kwargs, weights=Path(converted["file"]),

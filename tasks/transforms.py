@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TRANSFORMS", "normalize", "apply", "apply_shape", "describe", "TransformError"]
+__all__ = ["TRANSFORMS", "normalize", "apply", "apply_shape", "describe", "layout_label", "TransformError"]
 
 Spec = list[Any]  # normalised: a list of [name, arg] pairs
 
@@ -89,6 +89,22 @@ def _index_shape(shape: tuple[int, ...], arg: int) -> tuple[int, ...]:
     return shape[1:]
 
 
+def _depthwise_shape(shape: tuple[int, ...], _: Any) -> tuple[int, ...]:
+    if len(shape) < 3:
+        raise TransformError(f"depthwise_to_grouped needs a (*spatial, C, multiplier) kernel, got {list(shape)}")
+    *spatial, c, mult = shape
+    return (c * mult, 1, *spatial)
+
+
+def _depthwise_apply(a: np.ndarray, _: Any) -> np.ndarray:
+    # Keras depthwise kernel (*S, C, M): output channel c*M + m uses kernel[..., c, m]. torch's
+    # groups=C conv weight is (C*M, 1, *S) with the same channel numbering (C order merge).
+    *spatial, c, mult = a.shape
+    nd = len(spatial)
+    merged = a.reshape(*spatial, c * mult)  # (*S, C*M)
+    return merged.transpose([nd, *range(nd)]).reshape(c * mult, 1, *spatial)
+
+
 @dataclass(frozen=True)
 class Transform:
     apply: Callable[[np.ndarray, Any], np.ndarray]
@@ -112,6 +128,8 @@ TRANSFORMS: dict[str, Transform] = {
                                 "reorder equal blocks along axis 0: gate order differs, Keras GRU (z, r, h) vs torch (r, z, n)"),
     "index": Transform(lambda a, i: a[int(i)], _index_shape,
                        "take one row of axis 0: Keras GRU reset_after bias (2, 3u) holds input and recurrent biases"),
+    "depthwise_to_grouped": Transform(_depthwise_apply, _depthwise_shape,
+                                      "Keras/TF depthwise kernel (H, W, C, mult) → torch Conv2d(groups=C) weight (C*mult, 1, H, W)"),
 }
 
 
@@ -144,6 +162,20 @@ def apply(a: np.ndarray, spec: Spec) -> np.ndarray:
     for name, arg in spec:
         a = TRANSFORMS[name].apply(a, arg)
     return a
+
+
+def layout_label(spec: Spec) -> str:
+    """The layout a spec stands for, without its sizes: ``slice=[0,20]; reshape=[2,10]; transpose`` → ``reshape; transpose``.
+
+    Candidates of different rows that share a label are the same convention (e.g. "the source
+    stores every kernel as (in, out)"), which is what the evidence step tries first, all at once.
+    """
+    parts = []
+    for name, arg in spec:
+        if name == "slice":
+            continue
+        parts.append(name if name in ("reshape", "flatten_nhwc_to_nchw") or arg is None else f"{name}={json.dumps(arg, separators=(',', ':'))}")
+    return "; ".join(parts) or "as-is"
 
 
 def describe(spec: Spec) -> str:

@@ -148,9 +148,21 @@ def verify_forward_pass(*, model_target: str, model_kwargs: dict[str, Any], weig
     """Metrics of the forward pass against the reference; raises VerifyError when it fails."""
     dev = check_device(device)
     model = load_model_from_file(model_target, model_kwargs, weights, dev, allow_unsafe_load=allow_unsafe_load)
-    outputs = run_forward(model, make_inputs(spec.input), dev)
-    del model
+    inputs = make_inputs(spec.input)
+    outputs = run_forward(model, inputs, dev)
     metrics = compare(outputs, load_reference(spec.reference_output), rtol=spec.rtol, atol=spec.atol)
+    if not metrics["passed"]:
+        from tasks.evidence import load_activations, localise
+
+        # localisation: the first layer whose output diverges (from reference activations when given)
+        where = localise(model, inputs, load_activations(spec.reference_activations), rtol=spec.rtol, atol=spec.atol, device=dev)
+        metrics["first_divergence"] = where
+        if where:
+            err = "" if where["max_abs_error"] is None else f", max abs error {where['max_abs_error']:.3g}"
+            metrics["problems"].append(f"first diverging layer: {where['module']} ({where['by']}{err})")
+        elif not spec.reference_activations:
+            metrics["problems"].append("give verify.reference_activations (module outputs of the source model) to localise the first diverging layer")
+    del model
     if not metrics["passed"]:
         raise VerifyError("the converted model does not reproduce the reference: " + "; ".join(metrics["problems"]),
                           key="verify.reference_output" if metrics["reference"] else "forward",
