@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import EXAMPLE_NAMES, example_config, run_pipeline
+from conftest import CONFIGS, example_config, run_pipeline
 from tasks.config import load_config
 from tasks.model import build_model
 
 
-@pytest.mark.parametrize("name", EXAMPLE_NAMES)
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.yaml")))
 def test_example_converts_and_reproduces_reference(name, example_data, out_dir):
     cfg = load_config(example_config(name), [f"export.dir={out_dir}"])
     recs = run_pipeline(cfg)
