@@ -46,6 +46,7 @@ def _call(t: Any, stage: str, attempts: dict[str, dict[str, Any]], *args: Any) -
     attempts[stage] = {"cached": prefect_cached, "seconds": round(seconds, 4), "attempts": n}
     rec = dict(state.result(raise_on_failure=True))  # raises the stage's own exception
     if prefect_cached:
+        get_run_logger().info("%s: cache hit (artifacts re-checked) in %.3fs", stage, seconds)
         # Prefect answered from its record (after the policy proved the artifacts intact):
         # nothing ran, so this run's timing and attempts replace the stored ones
         rec.update(_cached=True, _prefect_cached=True, _seconds=seconds, _attempts=0)
@@ -123,23 +124,34 @@ def _publish(cfg: Config, record: dict[str, Any], exc: BaseException | None) -> 
 
 
 def summary_markdown(record: dict[str, Any]) -> str:
-    lines = [f"# np2torch: {record['name']} — {record['status']}", ""]
+    """The run as the Prefect UI shows it: outcome, stages (cache hits), verification, files."""
+    stages_ = record.get("stages") or {}
+    hits = sum(1 for s in stages_.values() if s.get("cached"))
+    lines = [f"# np2torch: {record['name']} — {record['status']}", "",
+             f"Run `{record.get('run_id')}`, {record.get('started_at')} → {record.get('finished_at')}; "
+             f"config sha256 `{record.get('config_sha256')}`; cache hits {hits}/{len(stages_)}", ""]
     if record.get("error"):
         e = record["error"]
         lines += [f"**Failed in `{e.get('stage')}`**: {e.get('message')}", ""]
         if e.get("fix"):
             lines += [f"Fix: {e['fix']}", ""]
-    lines += ["| stage | cached | seconds | attempts |", "|---|---|---|---|"]
-    for name, s in record.get("stages", {}).items():
-        lines.append(f"| {name} | {'yes' if s.get('cached') else 'no'} | {s.get('seconds', '')} | {s.get('attempts', '')} |")
+    lines += ["| stage | cache | seconds | attempts |", "|---|---|---|---|"]
+    for name, s in stages_.items():
+        how = "failed" if s.get("failed") else ("hit" if s.get("cached") else "computed")
+        lines.append(f"| {name} | {how} | {s.get('seconds', '')} | {s.get('attempts', '')} |")
     v = record.get("verification")
     if v:
-        lines += ["", f"Verification: {'passed' if v['passed'] else 'FAILED'}; max abs error {v.get('max_abs_error')}, "
-                      f"max rel error {v.get('max_rel_error')} (rtol {v['rtol']}, atol {v['atol']})"]
-    if record.get("inputs"):
-        lines += ["", "| input | bytes | sha256 |", "|---|---|---|"] + [f"| {i['path']} | {i['bytes']} | `{i['sha256'][:16]}…` |" for i in record["inputs"]]
-    if record.get("outputs"):
-        lines += ["", "| output | bytes | sha256 |", "|---|---|---|"] + [f"| {o['path']} | {o['bytes']} | `{o['sha256'][:16]}…` |" for o in record["outputs"]]
+        if v.get("reference"):
+            lines += ["", f"Verification: {'passed' if v.get('passed', True) else 'FAILED'}; max abs error {v.get('max_abs_error')}, "
+                          f"max rel error {v.get('max_rel_error')} (rtol {v.get('rtol')}, atol {v.get('atol')})"]
+        else:
+            lines += ["", f"Verification: no reference output; output shapes {v.get('output_shapes')}, all finite: {v.get('finite')}"]
+    if record.get("mapping_sha256"):
+        lines += ["", f"Manifest sha256 `{record['mapping_sha256']}`"]
+    for title, files in (("input", record.get("inputs")), ("output", record.get("outputs"))):
+        if files:
+            lines += ["", f"| {title} | bytes | sha256 |", "|---|---|---|"]
+            lines += [f"| {f['path']} | {f['bytes']} | `{f['sha256']}` |" for f in files]
     return "\n".join(lines)
 
 
