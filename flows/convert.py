@@ -51,7 +51,8 @@ def _call(t: Any, stage: str, attempts: dict[str, dict[str, Any]], *args: Any) -
         # nothing ran, so this run's timing and attempts replace the stored ones
         rec.update(_cached=True, _prefect_cached=True, _seconds=seconds, _attempts=0)
     else:
-        rec["_attempts"] = n
+        # wall time of the task call (retries and Prefect's bookkeeping included), as for a hit
+        rec.update(_attempts=n, _compute_seconds=rec.get("_seconds"), _seconds=seconds)
     return rec
 
 

@@ -105,7 +105,7 @@ def run_cached(stage: str, key: str, compute: Callable[[Path], dict[str, Any]], 
                 out.update(_cached=True, _seconds=time.perf_counter() - t0, _entry=str(entry), _key=key)
                 return out
             if entry.exists():
-                log.warning("%s: cache entry %s failed its hash check; recomputing", stage, key[:12])
+                log.warning("%s: cache entry %s is not valid any more (an artifact or exported file changed); recomputing", stage, key[:12])
         work = base / f".{key}.{uuid.uuid4().hex[:8]}.tmp"
         work.mkdir(parents=True)
         try:
