@@ -185,21 +185,31 @@ def cmd_audit(args: argparse.Namespace) -> int:
     records = records[-args.last:] if args.last else records
     rows = []
     failing = 0
+    found: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
     for r in records:
-        hits = sum(1 for s in (r.get("stages") or {}).values() if s.get("cached"))
-        row = {"finished_at": r.get("finished_at", "")[:19], "name": r.get("name"), "status": r.get("status"),
-               "cache_hits": f"{hits}/{len(r.get('stages') or {})}", "outputs": len(r.get("outputs") or []), "run_id": (r.get("run_id") or "")[:8]}
+        stages = r.get("stages") or {}
+        hits = sum(1 for s in stages.values() if s.get("cached"))
+        row = {"when": (r.get("finished_at") or "")[:19].replace("T", " "), "name": r.get("name"), "status": r.get("status"),
+               "cache_hits": f"{hits}/{len(stages)}", "outputs": ", ".join(Path(o["path"]).name for o in r.get("outputs") or []) or "-",
+               "run_id": (r.get("run_id") or "")[:8]}
+        if r.get("status") == "failed" and r.get("error"):
+            row["status"] = f"failed in {r['error'].get('stage')}"
         if args.verify:
-            findings = verify_record(r)
+            findings = verify_record(r)  # re-reads every byte: the proof
+            found.append((r, findings))
             row["verify"] = "ok" if not findings else "; ".join(f"{f['kind'][:-1]} {f['path']} {f['problem']}" for f in findings)
             failing += bool(findings)
         rows.append(row)
-    cols = ["finished_at", "name", "status", "cache_hits", "outputs", "run_id"] + (["verify"] if args.verify else [])
+    cols = ["when", "name", "status", "cache_hits", "outputs", "run_id"] + (["verify"] if args.verify else [])
     _print_table(rows, cols)
     if bad:
         print(f"\nwarning: {bad} unreadable line(s) in the audit log were skipped", file=sys.stderr)
     if args.verify:
         print(f"\n{len(rows) - failing} record(s) verified, {failing} with changed or missing files")
+        for r, findings in found:
+            for f in findings:
+                detail = f" (recorded sha256 {f['expected'][:16]}…, now {f['actual'][:16]}…)" if f["problem"] == "changed" else ""
+                print(f"  {r.get('name')} {(r.get('run_id') or '')[:8]}: {f['kind'][:-1]} {f['path']} {f['problem']}{detail}", file=sys.stderr)
         return 1 if failing else 0
     return 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import logging
 import shutil
 import time
 import uuid
@@ -25,7 +26,9 @@ from filelock import FileLock
 from tasks.fingerprint import sha256_file, cached_by_stat
 from tasks.paths import atomic_write_text, cache_dir
 
-__all__ = ["stage_key", "code_version", "run_cached", "StageResult"]
+log = logging.getLogger(__name__)
+
+__all__ = ["stage_key", "code_version", "lookup", "run_cached", "StageResult"]
 
 
 def code_version(*objs: Any) -> str:
@@ -66,12 +69,29 @@ def _valid(entry: Path) -> dict[str, Any] | None:
     return rec
 
 
+def lookup(stage: str, key: str, *, root: Path | None = None,
+           still_valid: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any] | None:
+    """The stage's stored record if its entry exists and every artifact still hashes as recorded.
+
+    Read-only and lock-free: a ``None`` means "must be (re)computed" (missing, corrupt, edited,
+    or ``still_valid`` rejects it, e.g. exported files deleted since).
+    """
+    rec = _valid((root or cache_dir()) / stage / key)
+    if rec is None or (still_valid is not None and not still_valid(rec)):
+        return None
+    rec.pop("_artifacts", None)
+    return rec
+
+
 def run_cached(stage: str, key: str, compute: Callable[[Path], dict[str, Any]], *, refresh: bool = False,
                root: Path | None = None, still_valid: Callable[[dict[str, Any]], bool] | None = None) -> StageResult:
     """Return the stage's record from the cache, or compute it into a fresh entry.
 
     ``compute(workdir)`` writes its big artifacts into ``workdir`` and returns a small
-    JSON-serialisable record; the entry appears atomically (rename of a complete folder).
+    JSON-serialisable record; the entry appears atomically (rename of a complete folder), with
+    the sha256 of every artifact in its ``record.json`` so a later hit can prove it is intact.
+    The per-key lock is held from the lookup to the rename: two identical runs started at once
+    compute once, the second waits and then reuses the first one's entry (serializable).
     """
     base = (root or cache_dir()) / stage
     entry = base / key
@@ -79,14 +99,13 @@ def run_cached(stage: str, key: str, compute: Callable[[Path], dict[str, Any]], 
     t0 = time.perf_counter()
     with FileLock(str(base / f"{key}.lock")):
         if not refresh:
-            rec = _valid(entry)
-            if rec is not None and still_valid is not None and not still_valid(rec):
-                rec = None  # e.g. the exported files were deleted or edited since
+            rec = lookup(stage, key, root=root, still_valid=still_valid)
             if rec is not None:
-                rec.pop("_artifacts", None)
                 out = StageResult(rec)
                 out.update(_cached=True, _seconds=time.perf_counter() - t0, _entry=str(entry), _key=key)
                 return out
+            if entry.exists():
+                log.warning("%s: cache entry %s is not valid any more (an artifact or exported file changed); recomputing", stage, key[:12])
         work = base / f".{key}.{uuid.uuid4().hex[:8]}.tmp"
         work.mkdir(parents=True)
         try:
@@ -94,11 +113,15 @@ def run_cached(stage: str, key: str, compute: Callable[[Path], dict[str, Any]], 
             stored = dict(rec, _artifacts=_artifact_hashes(work))
             atomic_write_text(work / "record.json", json.dumps(stored, sort_keys=True, default=str))
             if entry.exists():
-                shutil.rmtree(entry, ignore_errors=True)
+                # move the old entry aside first: a crash between the two renames leaves no entry
+                # (recomputed next time), never a half-deleted one under the final name
+                trash = base / f".{key}.{uuid.uuid4().hex[:8]}.old"
+                entry.rename(trash)
+                shutil.rmtree(trash, ignore_errors=True)
             work.rename(entry)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
-    out = StageResult(rec)
+    out = StageResult(json.loads(json.dumps(rec, default=str)))  # what a later hit returns, exactly
     out.update(_cached=False, _seconds=time.perf_counter() - t0, _entry=str(entry), _key=key)
     return out

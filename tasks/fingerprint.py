@@ -12,6 +12,7 @@ import hashlib
 import json
 import mmap
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from tasks.paths import atomic_write_text, cache_dir
 __all__ = ["sha256_file", "blake3_bytes", "blake3_region", "stat_key", "cached_by_stat", "file_fingerprint"]
 
 _CHUNK = 16 << 20
+_RACY_NS = 2_000_000_000  # a stat is trusted only for files last modified more than this ago
 
 
 def blake3_bytes(data: bytes | memoryview) -> str:
@@ -72,7 +74,11 @@ def cached_by_stat(path: str | Path, what: str, compute: Callable[[], Any], *, r
     except (OSError, ValueError):
         pass
     value = compute()
-    if stat_key(path) == key and not os.environ.get("NP2TORCH_READ_ONLY"):  # skip a file that changed meanwhile
+    # Remember only files whose mtime is safely in the past ("racy git"): file timestamps tick
+    # coarsely (a few ms), so a file rewritten within the same tick as it was hashed would keep
+    # its (inode, size, mtime) and its stale hash would be trusted.
+    settled = time.time_ns() - key["mtime_ns"] > _RACY_NS
+    if settled and stat_key(path) == key and not os.environ.get("NP2TORCH_READ_ONLY"):  # skip a file that changed meanwhile
         try:
             atomic_write_text(entry, json.dumps({"what": what, "stat": key, "value": value}))
         except OSError:

@@ -18,8 +18,8 @@ from tasks import presets
 from tasks.config import Config
 from tasks.fingerprint import file_fingerprint, sha256_file, cached_by_stat
 
-__all__ = ["STAGES", "load_arrays_stage", "infer_mapping_stage", "validate_stage", "convert_stage", "verify_stage", "export_stage",
-           "source_files_of", "model_fingerprint", "read_records"]
+__all__ = ["STAGES", "KEYS", "STILL_VALID", "run_all", "load_arrays_stage", "infer_mapping_stage", "validate_stage", "convert_stage",
+           "verify_stage", "export_stage", "source_files_of", "model_fingerprint", "read_records", "content_digest"]
 
 STAGES = ["load-arrays", "infer-mapping", "validate", "convert-to-device", "verify-forward-pass", "export"]
 
@@ -49,19 +49,25 @@ def read_records(loaded: dict[str, Any]) -> list[load_arrays.ArrayRecord]:
     return out
 
 
-def load_arrays_stage(cfg: Config, *, refresh: bool = False) -> dict[str, Any]:
+def load_arrays_key(cfg: Config) -> str:
+    """Content key of load-arrays: source options + (relative name, sha256) of every source file."""
     root, files = source_files_of(cfg)
-    if not cfg.source.path.exists():
-        load_arrays.scan_source(cfg.source.path)  # raises the clear "does not exist" error
-    inputs = [file_fingerprint(f) for f in files]
     src = cfg.source
-    key = cache.stage_key(
+    return cache.stage_key(
         "load-arrays",
         code=cache.code_version(load_arrays, safe_pickle),
         source={"format": src.format, "allow_pickle": src.allow_pickle, "key_prefix": src.key_prefix, "is_dir": src.path.is_dir()},
         # names relative to the source root plus content: the same bytes at another path still hit
-        files=[[f.relative_to(root).as_posix(), i["sha256"]] for f, i in zip(files, inputs)],
+        files=[[f.relative_to(root).as_posix(), file_fingerprint(f)["sha256"]] for f in files],
     )
+
+
+def load_arrays_stage(cfg: Config, *, refresh: bool = False) -> dict[str, Any]:
+    root, files = source_files_of(cfg)
+    if not cfg.source.path.exists():
+        load_arrays.scan_source(cfg.source.path)  # raises the clear "does not exist" error
+    src = cfg.source
+    key = load_arrays_key(cfg)
 
     def compute(work: Path) -> dict[str, Any]:
         records = load_arrays.scan_source(src.path, fmt=src.format, allow_pickle=src.allow_pickle, key_prefix=src.key_prefix)
@@ -71,7 +77,8 @@ def load_arrays_stage(cfg: Config, *, refresh: bool = False) -> dict[str, Any]:
                 "source_fingerprint": hashlib.sha256(json.dumps([[r.key, r.fingerprint] for r in records]).encode()).hexdigest()}
 
     rec = cache.run_cached("load-arrays", key, compute, refresh=refresh)
-    return {**rec, "key": key, "root": str(root), "inputs": inputs}
+    # where the source lives now (not part of the key): the array table is rebased onto it
+    return {**rec, "key": key, "root": str(root), "inputs": [file_fingerprint(f) for f in files]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,17 +104,21 @@ def model_fingerprint(cfg: Config) -> dict[str, Any]:
     return {"module": Path(mod).name if path is not None else mod, "attr": attr, "sha256": fp, "kwargs": cfg.model.kwargs}
 
 
-def infer_mapping_stage(cfg: Config, loaded: dict[str, Any], *, refresh: bool = False) -> dict[str, Any]:
+def infer_mapping_key(cfg: Config, loaded: dict[str, Any]) -> str:
     v = cfg.verify
     # the evidence step reads the verify input and references: their content is part of the key
     evidence_inputs = {"input": _file_part(v.input) if isinstance(v.input, Path) else v.model_dump(mode="json")["input"],
                        "reference_output": _file_part(v.reference_output) if v.reference_output else None,
                        "reference_activations": _file_part(v.reference_activations) if v.reference_activations else None,
                        "rtol": v.rtol, "atol": v.atol}
-    key = cache.stage_key(
+    return cache.stage_key(
         "infer-mapping", prev=loaded["key"], code=cache.code_version(infer_mapping, evidence, presets, transforms, manifest, model_mod),
         mapping=cfg.mapping.model_dump(mode="json"), model=model_fingerprint(cfg), dtype=cfg.convert.dtype, evidence=evidence_inputs,
     )
+
+
+def infer_mapping_stage(cfg: Config, loaded: dict[str, Any], *, refresh: bool = False) -> dict[str, Any]:
+    key = infer_mapping_key(cfg, loaded)
 
     def compute(work: Path) -> dict[str, Any]:
         rows = evidence.build_manifest(cfg, read_records(loaded))
@@ -126,8 +137,12 @@ def infer_mapping_stage(cfg: Config, loaded: dict[str, Any], *, refresh: bool = 
 # 3. validate
 
 
+def validate_key(cfg: Config, mapped: dict[str, Any]) -> str:
+    return cache.stage_key("validate", prev=mapped["key"], code=cache.code_version(validate), allow_nonfinite=cfg.source.allow_nonfinite)
+
+
 def validate_stage(cfg: Config, mapped: dict[str, Any], *, refresh: bool = False) -> dict[str, Any]:
-    key = cache.stage_key("validate", prev=mapped["key"], code=cache.code_version(validate), allow_nonfinite=cfg.source.allow_nonfinite)
+    key = validate_key(cfg, mapped)
 
     def compute(work: Path) -> dict[str, Any]:
         rows = manifest.read_manifest(_entry(mapped, "manifest.json"))
@@ -145,9 +160,13 @@ def validate_stage(cfg: Config, mapped: dict[str, Any], *, refresh: bool = False
 # 4. convert-to-device
 
 
+def convert_key(cfg: Config, loaded: dict[str, Any], validated: dict[str, Any]) -> str:
+    return cache.stage_key("convert-to-device", prev=validated["key"], code=cache.code_version(convert, st_io, transforms),
+                           convert=cfg.convert.model_dump(mode="json"), model=model_fingerprint(cfg))
+
+
 def convert_stage(cfg: Config, loaded: dict[str, Any], validated: dict[str, Any], *, refresh: bool = False) -> dict[str, Any]:
-    key = cache.stage_key("convert-to-device", prev=validated["key"], code=cache.code_version(convert, st_io, transforms),
-                          convert=cfg.convert.model_dump(mode="json"), model=model_fingerprint(cfg))
+    key = convert_key(cfg, loaded, validated)
 
     def compute(work: Path) -> dict[str, Any]:
         rows = manifest.read_manifest(_entry(validated, "manifest.json"))
@@ -171,13 +190,23 @@ def _file_part(p: Any) -> Any:
     return p
 
 
-def verify_stage(cfg: Config, converted: dict[str, Any], *, refresh: bool = False) -> dict[str, Any]:
+def _verify_spec(cfg: Config) -> dict[str, Any]:
     v = cfg.verify
     spec = v.model_dump(mode="json")
     spec["input"] = _file_part(v.input) if isinstance(v.input, Path) else spec["input"]
     spec["reference_output"] = _file_part(v.reference_output) if v.reference_output else None
     spec["reference_activations"] = _file_part(v.reference_activations) if v.reference_activations else None
-    key = cache.stage_key("verify-forward-pass", prev=converted["key"], code=cache.code_version(verify, evidence), verify=spec, device=cfg.convert.device)
+    return spec
+
+
+def verify_key(cfg: Config, converted: dict[str, Any]) -> str:
+    return cache.stage_key("verify-forward-pass", prev=converted["key"], code=cache.code_version(verify, evidence), verify=_verify_spec(cfg),
+                           device=cfg.convert.device)
+
+
+def verify_stage(cfg: Config, converted: dict[str, Any], *, refresh: bool = False) -> dict[str, Any]:
+    v = cfg.verify
+    key = verify_key(cfg, converted)
 
     def compute(work: Path) -> dict[str, Any]:
         metrics = verify.verify_forward_pass(model_target=cfg.model.target, model_kwargs=cfg.model.kwargs, weights=Path(converted["file"]),
@@ -192,18 +221,46 @@ def verify_stage(cfg: Config, converted: dict[str, Any], *, refresh: bool = Fals
 # 6. export
 
 
+def content_digest(cfg: Config) -> str:
+    """sha256 of the config with every location replaced by the content it points to.
+
+    This is the digest written into ``model.safetensors``: the same conversion exported into
+    another folder, or run from a copied tree, gives byte-identical files. ``export.dir`` is
+    dropped (where the files go never changes them); the source, model file and verify files
+    are represented by their fingerprints.
+    """
+    data = cfg.model_dump(mode="json")
+    data["export"].pop("dir", None)
+    data["source"].pop("path", None)
+    data["model"]["target"] = model_fingerprint(cfg)
+    data["verify"] = _verify_spec(cfg)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
 def export_metadata(cfg: Config, loaded: dict[str, Any]) -> dict[str, str]:
     from tasks import __version__
 
-    return {"format": "pt", "np2torch_version": __version__, "config_sha256": cfg.digest(), "name": cfg.name,
+    return {"format": "pt", "np2torch_version": __version__, "config_sha256": content_digest(cfg), "name": cfg.name,
             "source_fingerprint": loaded["source_fingerprint"]}
+
+
+def export_key(cfg: Config, loaded: dict[str, Any], validated: dict[str, Any], converted: dict[str, Any], verified: dict[str, Any]) -> str:
+    return cache.stage_key("export", prev=verified["key"], code=cache.code_version(export, st_io), export=cfg.export.model_dump(mode="json"),
+                           metadata=export_metadata(cfg, loaded))
+
+
+def exports_intact(rec: dict[str, Any]) -> bool:
+    """An export entry is only a hit while the exported files still hash as recorded."""
+    try:
+        return all(Path(o["path"]).is_file() and file_fingerprint(o["path"])["sha256"] == o["sha256"] for o in rec["outputs"])
+    except (OSError, KeyError, TypeError):
+        return False
 
 
 def export_stage(cfg: Config, loaded: dict[str, Any], validated: dict[str, Any], converted: dict[str, Any], verified: dict[str, Any], *,
                  refresh: bool = False) -> dict[str, Any]:
     meta = export_metadata(cfg, loaded)
-    key = cache.stage_key("export", prev=verified["key"], code=cache.code_version(export, st_io), export=cfg.export.model_dump(mode="json"),
-                          metadata=meta)
+    key = export_key(cfg, loaded, validated, converted, verified)
 
     def compute(work: Path) -> dict[str, Any]:
         rows = manifest.read_manifest(_entry(validated, "manifest.json"))
@@ -211,11 +268,27 @@ def export_stage(cfg: Config, loaded: dict[str, Any], validated: dict[str, Any],
                                         out_dir=cfg.export.dir, formats=list(cfg.export.formats), metadata=meta)
         return {"outputs": outputs}
 
-    def still_valid(rec: dict[str, Any]) -> bool:
-        try:
-            return all(Path(o["path"]).is_file() and file_fingerprint(o["path"])["sha256"] == o["sha256"] for o in rec["outputs"])
-        except OSError:
-            return False
-
-    rec = cache.run_cached("export", key, compute, refresh=refresh, still_valid=still_valid)
+    rec = cache.run_cached("export", key, compute, refresh=refresh, still_valid=exports_intact)
     return {**rec, "key": key}
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage table: what the Prefect cache policy and plain callers use
+
+# stage name → key function (same positional arguments as the stage after ``cfg``)
+KEYS = {"load-arrays": load_arrays_key, "infer-mapping": infer_mapping_key, "validate": validate_key,
+        "convert-to-device": convert_key, "verify-forward-pass": verify_key, "export": export_key}
+# stage name → extra check a cache hit must pass besides its own artifacts' hashes
+STILL_VALID = {"export": exports_intact}
+
+
+def run_all(cfg: Config, *, refresh: bool = False) -> dict[str, dict[str, Any]]:
+    """The six stages in order without Prefect (tests, benchmarks): stage name → record."""
+    out: dict[str, dict[str, Any]] = {}
+    out["load-arrays"] = loaded = load_arrays_stage(cfg, refresh=refresh)
+    out["infer-mapping"] = mapped = infer_mapping_stage(cfg, loaded, refresh=refresh)
+    out["validate"] = validated = validate_stage(cfg, mapped, refresh=refresh)
+    out["convert-to-device"] = converted = convert_stage(cfg, loaded, validated, refresh=refresh)
+    out["verify-forward-pass"] = verified = verify_stage(cfg, converted, refresh=refresh)
+    out["export"] = export_stage(cfg, loaded, validated, converted, verified, refresh=refresh)
+    return out

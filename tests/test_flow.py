@@ -1,0 +1,116 @@
+"""End to end under the Prefect test harness: the flow's cache states, audit record and UI artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from tasks import audit, stages
+from tiny_conversion import flip_byte, make_tiny
+
+
+def _sha(p: str | Path) -> str:
+    return hashlib.sha256(Path(p).read_bytes()).hexdigest()
+
+
+def _task_states(run_id: str) -> dict[str, str]:
+    """Prefect's own view: stage name → final state name of its task run in this flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+
+
+def _artifact(key: str, run_id: str):  # noqa: ANN202 - prefect's Artifact
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]),
+                                                                     flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+    assert len(found) == 1, (key, found)
+    return found[0]
+
+
+def test_convert_flow_caches_audits_and_publishes(prefect_harness, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from flows.convert import convert_config
+
+    config = make_tiny(tmp_path / "conv")
+
+    # 1. first run: every stage computed; report.json is the audit record
+    first = convert_config(config)
+    assert first["status"] == "success"
+    assert not any(s["cached"] for s in first["stages"].values())
+    assert set(_task_states(first["run_id"]).values()) == {"Completed"}
+    report = json.loads((config.parent / "out" / "report.json").read_text())
+    assert report == json.loads(json.dumps(first, default=str))
+    assert audit.read_records()[0][-1]["run_id"] == first["run_id"]
+    for key in ("run_id", "name", "started_at", "finished_at", "status", "config_sha256", "inputs", "mapping_sha256", "outputs",
+                "verification", "stages", "versions", "error"):
+        assert key in first, key
+    assert first["verification"]["passed"] and first["verification"]["max_abs_error"] <= 1e-6
+    outputs = {o["path"]: o["sha256"] for o in first["outputs"]}
+    assert {p: _sha(p) for p in outputs} == outputs
+
+    # 2. rerun: Prefect answers every stage from its cache (state "Cached"), outputs unchanged
+    second = convert_config(config)
+    assert _task_states(second["run_id"]) == {s: "Cached" for s in stages.STAGES}
+    assert all(s["cached"] and s["attempts"] == 0 for s in second["stages"].values())
+    assert {o["path"]: o["sha256"] for o in second["outputs"]} == outputs
+
+    # 3. a corrupt cache entry is never trusted, even though Prefect holds a record for its key
+    entry = Path(second["stages"]["convert-to-device"]["key"])
+    artifact = next(Path(p) for p in (tmp_path / "np2torch-data" / "cache" / "convert-to-device").glob(f"{entry.name}/model.safetensors"))
+    flip_byte(artifact)
+    third = convert_config(config)
+    states = _task_states(third["run_id"])
+    assert states.pop("convert-to-device") == "Completed"
+    assert set(states.values()) == {"Cached"}
+    assert not third["stages"]["convert-to-device"]["cached"]
+    assert {o["path"]: o["sha256"] for o in third["outputs"]} == outputs
+
+    # 4. --refresh recomputes everything
+    fourth = convert_config(config, refresh=True)
+    assert set(_task_states(fourth["run_id"]).values()) == {"Completed"}
+    assert not any(s["cached"] for s in fourth["stages"].values())
+    assert {p: _sha(p) for p in outputs} == outputs
+
+    # 5. the UI: markdown summary (inputs, outputs with hashes, verification, cache hits) and the manifest table
+    md = _artifact("tiny-summary", second["run_id"])
+    assert md.type == "markdown"
+    assert "cache hits 6/6" in md.data and "| export | hit |" in md.data and "Verification: passed" in md.data
+    for sha in outputs.values():
+        assert sha in md.data
+    assert all(i["sha256"] in md.data for i in second["inputs"])
+    table = _artifact("tiny-manifest", second["run_id"])
+    rows = json.loads(table.data)
+    assert table.type == "table"
+    assert sorted(r["target_key"] for r in rows if r["target_key"]) == sorted(
+        f"fc{i}.{p}" for i in (1, 2, 3) for p in ("weight", "bias"))
+
+    # 6. a failed validation: failure table in the UI, failed record with the error in the log
+    from tasks.errors import ValidationError
+
+    with pytest.raises(ValidationError):
+        convert_config(config, ["model.kwargs.hidden=7", "name=tiny-bad"])
+    failed = audit.read_records()[0][-1]
+    assert failed["status"] == "failed" and failed["error"]["stage"] == "validate"
+    assert failed["stages"]["validate"]["failed"] and failed["stages"]["load-arrays"]["cached"]
+    bad_table = json.loads(_artifact("tiny-bad-validation-failures", failed["run_id"]).data)
+    assert {r["key"] for r in bad_table} >= {"fc1.weight", "fc1.bias", "fc2.weight"}
+    assert "Failed in `validate`" in _artifact("tiny-bad-summary", failed["run_id"]).data
+
+    # 7. the audit log proves the outputs until one is modified
+    assert main(["audit", "--verify"]) == 0
+    capsys.readouterr()
+    manifest_csv = next(p for p in outputs if p.endswith("manifest.csv"))
+    with open(manifest_csv, "a") as fh:
+        fh.write("extra,row\n")
+    assert main(["audit", "--verify"]) == 1
+    assert f"output {manifest_csv} changed" in capsys.readouterr().err
