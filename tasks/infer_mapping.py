@@ -315,6 +315,10 @@ class _Mapper:
                 spec, fits = [], True  # the name is right, the preset's layout guess is not (e.g. a torch-layout source)
             if fits:
                 self.claim(t.key, _Claim([src], spec, how, conf))
+            elif conf == 1.0:
+                # the very same key with another shape is a wrong checkpoint or wrong model kwargs,
+                # not a reason to look elsewhere: keep the pair so validate names the mismatch
+                self.claim(t.key, _Claim([src], spec, how, conf, note="same key, different shape"))
 
     # -- 3. structure ---------------------------------------------------------------------------
     def _source_layers(self) -> list[tuple[str, str, dict[str, str]]]:

@@ -114,7 +114,8 @@ class StageCachePolicy(CachePolicy):
         # Prefect record is per location; the content-addressed entry behind it is shared
         where = str(stages.source_files_of(args[0])[0]) if self.stage == "load-arrays" else None
         key = f"{self.stage}-{hash_objects(content_key, source, where, raise_on_failure=True)}"
-        if cache.lookup(self.stage, content_key, still_valid=stages.STILL_VALID.get(self.stage)) is None:
+        check = stages.STILL_VALID.get(self.stage)
+        if cache.lookup(self.stage, content_key, still_valid=(lambda r: check(args[0], r)) if check else None) is None:
             # missing, corrupt or edited: forget Prefect's record so the stage really reruns
             if not self.records_dir:
                 return None  # records stored elsewhere: no key rather than a stale hit

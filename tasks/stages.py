@@ -104,17 +104,31 @@ def model_fingerprint(cfg: Config) -> dict[str, Any]:
     return {"module": Path(mod).name if path is not None else mod, "attr": attr, "sha256": fp, "kwargs": cfg.model.kwargs}
 
 
-def infer_mapping_key(cfg: Config, loaded: dict[str, Any]) -> str:
+def _evidence_digest(cfg: Config) -> str:
+    """What the evidence step reads: the verify input, references and tolerances, by content."""
     v = cfg.verify
-    # the evidence step reads the verify input and references: their content is part of the key
-    evidence_inputs = {"input": _file_part(v.input) if isinstance(v.input, Path) else v.model_dump(mode="json")["input"],
-                       "reference_output": _file_part(v.reference_output) if v.reference_output else None,
-                       "reference_activations": _file_part(v.reference_activations) if v.reference_activations else None,
-                       "rtol": v.rtol, "atol": v.atol}
+    if v.reference_output is None and v.reference_activations is None:
+        return "no-reference"  # nothing to weigh candidates against: the input does not matter
+    inputs = {"input": _file_part(v.input) if isinstance(v.input, Path) else v.model_dump(mode="json")["input"],
+              "reference_output": _file_part(v.reference_output) if v.reference_output else None,
+              "reference_activations": _file_part(v.reference_activations) if v.reference_activations else None}
+    # rtol/atol are left out: evidence picks the candidate with the smallest error, which no
+    # tolerance changes; a manifest whose best candidate missed the tolerance was never cached.
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def infer_mapping_key(cfg: Config, loaded: dict[str, Any]) -> str:
+    # The verify files are deliberately not in the key: most manifests have no ambiguous row and
+    # must not rerun when verify.atol changes. A manifest that did depend on them (ambiguous rows,
+    # resolved or not) records their digest, and mapping_still_valid rejects it when they change.
     return cache.stage_key(
         "infer-mapping", prev=loaded["key"], code=cache.code_version(infer_mapping, evidence, presets, transforms, manifest, model_mod),
-        mapping=cfg.mapping.model_dump(mode="json"), model=model_fingerprint(cfg), dtype=cfg.convert.dtype, evidence=evidence_inputs,
+        mapping=cfg.mapping.model_dump(mode="json"), model=model_fingerprint(cfg), dtype=cfg.convert.dtype,
     )
+
+
+def mapping_still_valid(cfg: Config, rec: dict[str, Any]) -> bool:
+    return rec.get("evidence_digest") in (None, _evidence_digest(cfg))
 
 
 def infer_mapping_stage(cfg: Config, loaded: dict[str, Any], *, refresh: bool = False) -> dict[str, Any]:
@@ -126,10 +140,12 @@ def infer_mapping_stage(cfg: Config, loaded: dict[str, Any], *, refresh: bool = 
         counts: dict[str, int] = {}
         for r in rows:
             counts[r["status"]] = counts.get(r["status"], 0) + 1
+        ambiguous = any(r["target_key"] and (json.loads(r["candidates"]) or r["evidence"] not in ("", "{}")) for r in rows)
         return {"n_targets": len(manifest.target_rows(rows)), "status_counts": counts,
-                "unverified": [r["target_key"] for r in rows if r["target_key"] and not r["verified"]]}
+                "unverified": [r["target_key"] for r in rows if r["target_key"] and not r["verified"]],
+                "evidence_digest": _evidence_digest(cfg) if ambiguous else None}
 
-    rec = cache.run_cached("infer-mapping", key, compute, refresh=refresh)
+    rec = cache.run_cached("infer-mapping", key, compute, refresh=refresh, still_valid=lambda r: mapping_still_valid(cfg, r))
     return {**rec, "key": key}
 
 
@@ -249,7 +265,7 @@ def export_key(cfg: Config, loaded: dict[str, Any], validated: dict[str, Any], c
                            metadata=export_metadata(cfg, loaded))
 
 
-def exports_intact(rec: dict[str, Any]) -> bool:
+def exports_intact(cfg: Config, rec: dict[str, Any]) -> bool:
     """An export entry is only a hit while the exported files still hash as recorded."""
     try:
         return all(Path(o["path"]).is_file() and file_fingerprint(o["path"])["sha256"] == o["sha256"] for o in rec["outputs"])
@@ -268,7 +284,7 @@ def export_stage(cfg: Config, loaded: dict[str, Any], validated: dict[str, Any],
                                         out_dir=cfg.export.dir, formats=list(cfg.export.formats), metadata=meta)
         return {"outputs": outputs}
 
-    rec = cache.run_cached("export", key, compute, refresh=refresh, still_valid=exports_intact)
+    rec = cache.run_cached("export", key, compute, refresh=refresh, still_valid=lambda r: exports_intact(cfg, r))
     return {**rec, "key": key}
 
 
@@ -279,7 +295,8 @@ def export_stage(cfg: Config, loaded: dict[str, Any], validated: dict[str, Any],
 KEYS = {"load-arrays": load_arrays_key, "infer-mapping": infer_mapping_key, "validate": validate_key,
         "convert-to-device": convert_key, "verify-forward-pass": verify_key, "export": export_key}
 # stage name → extra check a cache hit must pass besides its own artifacts' hashes
-STILL_VALID = {"export": exports_intact}
+# (cfg, record) → bool
+STILL_VALID = {"infer-mapping": mapping_still_valid, "export": exports_intact}
 
 
 def run_all(cfg: Config, *, refresh: bool = False) -> dict[str, dict[str, Any]]:
