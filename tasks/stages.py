@@ -53,7 +53,7 @@ def load_arrays_stage(cfg: Config, *, refresh: bool = False) -> dict[str, Any]:
     root, files = source_files_of(cfg)
     if not cfg.source.path.exists():
         load_arrays.scan_source(cfg.source.path)  # raises the clear "does not exist" error
-    inputs = [file_fingerprint(f) for f in files]
+    inputs = load_arrays.fingerprint_files(files)  # one read per file: sha256 + what the scan needs
     src = cfg.source
     key = cache.stage_key(
         "load-arrays",
