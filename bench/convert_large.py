@@ -292,8 +292,7 @@ def report(root: Path, args: argparse.Namespace) -> None:
         go("np2torch CLI flow (Prefect)", [py, "-m", "flows.cli", "convert", str(root / "npy-dir.yaml")], env_for("cli"))
 
     results = {"machine": mach, "gen": gen, "rows": {k: v for k, v in rows.items()}}
-    (REPO / "data").mkdir(exist_ok=True)
-    Path(REPO / "data" / f"bench-results-{args.gb:g}gb.json").write_text(json.dumps(results, indent=1))
+    Path(REPO / "bench" / f"results-{args.gb:g}gb.json").write_text(json.dumps(results, indent=1))
     print()
     print(markdown(results))
 

@@ -56,7 +56,7 @@ def blake3_region(path: str | Path, offset: int, length: int) -> str:
 
 def sha256_file(path: str | Path) -> str:
     """sha256 of a whole file, streamed in chunks."""
-    return file_digests(path)[0]
+    return str(file_digests(path)[0])
 
 
 @dataclass
@@ -69,8 +69,8 @@ class Region:
     on_chunk: Callable[[memoryview], None] | None = None  # called with the range's bytes, in order, in pieces
 
 
-def file_digests(path: str | Path, regions: Sequence[Region] = ()) -> tuple[str, list[str | None]]:
-    """One read of ``path``: sha256 of the whole file and blake3 of each region (None if not asked).
+def file_digests(path: str | Path, regions: Sequence[Region] = (), *, sha256: bool = True) -> tuple[str | None, list[str | None]]:
+    """One read of ``path``: sha256 of the whole file (None if not asked) and blake3 of each region (None if not asked).
 
     The sha256 runs on a helper thread over the same buffers while this thread does the region
     work, so two cores are busy; memory stays at a few buffers whatever the file size.
@@ -85,7 +85,7 @@ def file_digests(path: str | Path, regions: Sequence[Region] = ()) -> tuple[str,
     with open(path, "rb", buffering=0) as fh, ThreadPoolExecutor(max_workers=1) as pool:
         k = 0
         while True:
-            if len(pending) == _PASS_BUFFERS:
+            if len(pending) == _PASS_BUFFERS or (pending and not sha256):
                 pending.popleft().result()  # the buffer about to be refilled has been hashed
             buf = bufs[k % _PASS_BUFFERS]
             k += 1
@@ -93,7 +93,8 @@ def file_digests(path: str | Path, regions: Sequence[Region] = ()) -> tuple[str,
             if not n:
                 break
             view = memoryview(buf)[:n]
-            pending.append(pool.submit(sha.update, view))
+            if sha256:
+                pending.append(pool.submit(sha.update, view))
             end = pos + n
             while lo < len(order) and regions[order[lo]].offset + regions[order[lo]].length <= pos:
                 lo += 1
@@ -114,7 +115,7 @@ def file_digests(path: str | Path, regions: Sequence[Region] = ()) -> tuple[str,
             f.result()
     if any(r.offset + r.length > pos for r in regions):
         raise OSError(f"{path} is shorter ({pos} bytes) than a region to hash")
-    return sha.hexdigest(), [h.hexdigest() if h is not None else None for h in hashers]
+    return sha.hexdigest() if sha256 else None, [h.hexdigest() if h is not None else None for h in hashers]
 
 
 def stat_key(path: str | Path) -> dict[str, Any]:

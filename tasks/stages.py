@@ -150,7 +150,8 @@ def convert_stage(cfg: Config, loaded: dict[str, Any], validated: dict[str, Any]
         rows = manifest.read_manifest(_entry(validated, "manifest.json"))
         res = convert.convert_to_device(rows, read_records(loaded), model_target=cfg.model.target, model_kwargs=cfg.model.kwargs,
                                         device=cfg.convert.device, out_path=work / "model.safetensors",
-                                        allow_unsafe_load=cfg.model.allow_unsafe_load)
+                                        # the export's header up front: export then links this file instead of copying it
+                                        metadata=export_metadata(cfg, loaded), allow_unsafe_load=cfg.model.allow_unsafe_load)
         res["path"] = "model.safetensors"
         return res
 

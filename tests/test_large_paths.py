@@ -102,7 +102,7 @@ def test_npy_dir_memory_mapped_bit_exact(tmp_path: Path, big_endian: bool, fortr
     records = {r.key: r for r in scan_source(src)}
     kernel = records["fc1/kernel"]
     assert kernel.offset > 0 and kernel.fortran_order == fortran
-    assert kernel.byte_order == ("big" if big_endian else "little")
+    assert (kernel.byte_order == "big") == big_endian and kernel.dtype[0] == (">" if big_endian else "<")
     view = open_array(kernel)
     assert isinstance(view, np.memmap), "a .npy must be memory-mapped, not read into RAM"
     assert np.array_equal(view, arrs["fc1/kernel"])
@@ -246,25 +246,53 @@ def test_mapped_safetensors_release_keeps_values(tmp_path: Path) -> None:
 def test_materialize_missing_builds_only_owning_modules(tmp_path: Path) -> None:
     from tasks.model import materialize_missing
 
-    (tmp_path / "bn.py").write_text('''
-import torch
+    (tmp_path / "huge.py").write_text('''
 from torch import nn
 
-BUILT = []
+ON = []  # the device of every Big weight that was initialised
+
+class Big(nn.Linear):
+    def reset_parameters(self):
+        ON.append(self.weight.device.type)
+        super().reset_parameters()
 
 class Huge(nn.Module):
     def __init__(self):
         super().__init__()
-        self.big = nn.Linear(4096, 4096)   # 64 MiB if built on the CPU
+        self.big = Big(4096, 4096)   # 64 MiB if built on the CPU
         self.bn = nn.BatchNorm1d(8)
-
-    def reset_parameters(self):
-        BUILT.append("root")
 ''')
-    vals = materialize_missing(f"{tmp_path / 'bn.py'}:Huge", {}, ["bn.num_batches_tracked", "bn.running_var", "bn.weight"])
+    target = f"{tmp_path / 'huge.py'}:Huge"
+    vals = materialize_missing(target, {}, ["bn.num_batches_tracked", "bn.running_var", "bn.weight"])
     assert vals["bn.num_batches_tracked"].item() == 0
     assert torch.equal(vals["bn.running_var"], torch.ones(8)) and torch.equal(vals["bn.weight"], torch.ones(8))
-    again = materialize_missing(f"{tmp_path / 'bn.py'}:Huge", {}, ["big.bias"])
-    again2 = materialize_missing(f"{tmp_path / 'bn.py'}:Huge", {}, ["big.bias"])
-    assert again["big.bias"].shape == (4096,) and torch.equal(again["big.bias"], again2["big.bias"])  # seeded: reproducible
-    assert again["big.bias"].abs().max() <= 1 / 64 + 1e-7  # Linear's init bound 1/sqrt(in_features)
+    import sys
+
+    built = next(m for n, m in sys.modules.items() if n.startswith("np2torch_user_model_") and hasattr(m, "Big"))
+    assert "cpu" not in built.ON, "the 64 MiB Linear must not be built to initialise a BatchNorm counter"
+    b1 = materialize_missing(target, {}, ["big.bias"])["big.bias"]
+    b2 = materialize_missing(target, {}, ["big.bias"])["big.bias"]
+    assert b1.shape == (4096,) and torch.equal(b1, b2)  # seeded: reproducible
+    assert float(b1.abs().max()) <= 1 / 64  # Linear's init bound 1/sqrt(in_features)
+
+
+def test_materialize_missing_falls_back_to_a_full_build(tmp_path: Path) -> None:
+    from tasks.model import materialize_missing
+
+    (tmp_path / "custom.py").write_text('''
+import torch
+from torch import nn
+
+class Scale(nn.Module):  # no reset_parameters: only __init__ knows the initial value
+    def __init__(self):
+        super().__init__()
+        self.s = nn.Parameter(torch.full((3,), 7.0))
+        self.register_buffer("steps", torch.tensor(5))
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = Scale()
+''')
+    vals = materialize_missing(f"{tmp_path / 'custom.py'}:Net", {}, ["scale.s", "scale.steps"])
+    assert torch.equal(vals["scale.s"], torch.full((3,), 7.0)) and vals["scale.steps"].item() == 5
