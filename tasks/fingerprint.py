@@ -76,7 +76,9 @@ def file_digests(path: str | Path, regions: Sequence[Region] = (), *, sha256: bo
     work, so two cores are busy; memory stays at a few buffers whatever the file size.
     """
     order = sorted(range(len(regions)), key=lambda i: regions[i].offset)
-    hashers = [blake3.blake3(max_threads=blake3.blake3.AUTO) if r.blake3 else None for r in regions]
+    # with the sha256 on the helper thread, one blake3 thread here keeps two cores busy, not oversubscribed
+    threads = 1 if sha256 else blake3.blake3.AUTO
+    hashers = [blake3.blake3(max_threads=threads) if r.blake3 else None for r in regions]
     sha = hashlib.sha256()
     bufs = [bytearray(_PASS_CHUNK) for _ in range(_PASS_BUFFERS)]
     pending: deque = deque()
@@ -85,7 +87,7 @@ def file_digests(path: str | Path, regions: Sequence[Region] = (), *, sha256: bo
     with open(path, "rb", buffering=0) as fh, ThreadPoolExecutor(max_workers=1) as pool:
         k = 0
         while True:
-            if len(pending) == _PASS_BUFFERS or (pending and not sha256):
+            if len(pending) == _PASS_BUFFERS:
                 pending.popleft().result()  # the buffer about to be refilled has been hashed
             buf = bufs[k % _PASS_BUFFERS]
             k += 1
