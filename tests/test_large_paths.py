@@ -296,3 +296,27 @@ class Net(nn.Module):
 ''')
     vals = materialize_missing(f"{tmp_path / 'custom.py'}:Net", {}, ["scale.s", "scale.steps"])
     assert torch.equal(vals["scale.s"], torch.full((3,), 7.0)) and vals["scale.steps"].item() == 5
+
+
+def test_export_links_or_copies_and_records_true_sha256(tmp_path: Path) -> None:
+    import hashlib
+
+    arrs = _keras_arrays(np.random.default_rng(7))
+    src = tmp_path / "weights.npz"
+    np.savez(src, **arrs)
+    cfg_path = _write_config(tmp_path, src, "npz")
+    first = _run_stages(cfg_path)
+    st = tmp_path / "out" / "model.safetensors"
+    sha = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()  # noqa: E731
+    assert {o["sha256"] for o in first["outputs"]} >= {sha(st)}
+    assert os.stat(st).st_nlink == 2, "headers equal: the converted file is linked into place, not copied"
+
+    # another verify tolerance: same converted tensors (cache hit), other config digest in the header
+    cfg = json.loads(cfg_path.read_text())
+    cfg["verify"]["rtol"] = 1e-3
+    cfg_path.write_text(json.dumps(cfg))
+    second = _run_stages(cfg_path)
+    assert os.stat(st).st_nlink == 1, "a different header is written as a new file"
+    assert {o["sha256"] for o in second["outputs"]} >= {sha(st)}
+    assert load_file(str(st)).keys() == _expected(arrs).keys()
+    _assert_bit_exact(tmp_path / "out", _expected(arrs))
