@@ -23,7 +23,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from tasks.fingerprint import sha256_file, cached_by_stat
+from tasks.fingerprint import cached_by_stat, remember, sha256_file
 from tasks.paths import atomic_write_text, cache_dir
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,16 @@ class StageResult(dict):
 def _artifact_hashes(d: Path) -> dict[str, str]:
     return {p.relative_to(d).as_posix(): cached_by_stat(p, "sha256", lambda p=p: sha256_file(p))
             for p in sorted(d.rglob("*")) if p.is_file() and p.name != "record.json"}
+
+
+def _own_artifact_hashes(d: Path) -> dict[str, str]:
+    """Hashes of the artifacts a stage just wrote, remembered as ours (no re-read on a hit)."""
+    out = {}
+    for p in sorted(d.rglob("*")):
+        if p.is_file() and p.name != "record.json":
+            out[p.relative_to(d).as_posix()] = h = cached_by_stat(p, "sha256", lambda p=p: sha256_file(p))
+            remember(p, "sha256", h, own=True)
+    return out
 
 
 def _valid(entry: Path) -> dict[str, Any] | None:
@@ -110,7 +120,7 @@ def run_cached(stage: str, key: str, compute: Callable[[Path], dict[str, Any]], 
         work.mkdir(parents=True)
         try:
             rec = compute(work)
-            stored = dict(rec, _artifacts=_artifact_hashes(work))
+            stored = dict(rec, _artifacts=_own_artifact_hashes(work))
             atomic_write_text(work / "record.json", json.dumps(stored, sort_keys=True, default=str))
             if entry.exists():
                 # move the old entry aside first: a crash between the two renames leaves no entry

@@ -2,17 +2,23 @@
 
 Each target tensor is read from its memory-mapped source, transformed (views where possible),
 cast once into a buffer the size of that one tensor and written at its offset in a safetensors
-file whose header was planned from the manifest. Peak memory is therefore about the largest
-tensor, not the model. The file is then loaded into the model (built on ``meta``) on the
+file whose header was planned from the manifest. Peak memory is therefore a few of the largest
+tensors, not the model: worker threads cast ahead (a bounded window), this thread writes in
+file order, feeding the file's sha256 as it goes (so the cache never re-reads the file to hash
+it) and asking the kernel to start writing back each tensor at once (so the final fsync has
+little left to wait for). The file is then loaded into the model (built on ``meta``) on the
 configured device with ``strict=True`` semantics: nothing missing, nothing unexpected, every
 shape equal, and tied weights still tied.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import json
 import os
 import warnings
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,11 +29,11 @@ from torch import nn
 
 from tasks import transforms as T
 from tasks.errors import ConvertError, Problem
-from tasks.fingerprint import blake3_bytes
+from tasks.fingerprint import blake3_bytes, remember
 from tasks.load_arrays import ArrayRecord, open_array
 from tasks.manifest import target_rows
 from tasks.model import TargetInfo, build_model, describe_targets, materialize_missing
-from tasks.st_io import mmap_state_dict, np_dtype_for, plan_header
+from tasks.st_io import MappedSafetensors, np_dtype_for, plan_header
 
 __all__ = ["source_tensor", "write_converted", "load_into_model", "check_device", "convert_to_device"]
 
@@ -77,6 +83,32 @@ def _cast_into(dst_dtype: str, src: np.ndarray) -> bytes | memoryview:
     return out_t.reshape(-1).view(torch.uint8).numpy().data if out_t.numel() else b""
 
 
+def _libc_sync_file_range():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+_SYNC_FILE_RANGE = _libc_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing these bytes to disk now, without waiting (Linux); fsync later waits for less."""
+    if _SYNC_FILE_RANGE is not None and length:
+        _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+def _pwrite_all(fd: int, buf: bytes | memoryview, offset: int) -> None:
+    view = memoryview(buf).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
 def write_converted(rows: list[dict[str, Any]], records: dict[str, ArrayRecord], out_path: Path, *,
                     missing_values: dict[str, torch.Tensor] | None = None, metadata: dict[str, str] | None = None,
                     workers: int = 2) -> dict[str, dict[str, Any]]:
@@ -90,8 +122,9 @@ def write_converted(rows: list[dict[str, Any]], records: dict[str, ArrayRecord],
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     info: dict[str, dict[str, Any]] = {}
+    sha = hashlib.sha256(header)  # the tensors follow the header back to back, in plan order
 
-    def one(row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    def cast(row: dict[str, Any]) -> tuple[str, bytes | memoryview, dict[str, Any]]:
         key = row["target_key"]
         src_row = by_key[row["tied_to"]] if row["how"] == "tied" else row
         try:
@@ -105,20 +138,32 @@ def write_converted(rows: list[dict[str, Any]], records: dict[str, ArrayRecord],
         a, b = offsets[key]
         if len(buf) != b - a:
             raise ConvertError("converted tensor has the wrong byte size", key=key, expected=b - a, actual=len(buf))
-        os.pwrite(fd, buf, a)
-        return key, {"dtype": row["target_dtype"], "shape": json.loads(row["target_shape"]), "blake3": blake3_bytes(buf), "offsets": [a, b]}
+        return key, buf, {"dtype": row["target_dtype"], "shape": json.loads(row["target_shape"]), "blake3": blake3_bytes(buf), "offsets": [a, b]}
+
+    def write(key: str, buf: bytes | memoryview, meta: dict[str, Any]) -> None:
+        a, b = offsets[key]
+        _pwrite_all(fd, buf, a)
+        sha.update(buf)
+        _start_writeback(fd, a, b - a)
+        info[key] = meta
 
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.ftruncate(fd, total)
-        os.pwrite(fd, header, 0)
+        _pwrite_all(fd, header, 0)
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for key, meta in pool.map(one, rows):
-                info[key] = meta
+            window: deque = deque()  # casts in flight, in file order; bounded so memory stays bounded
+            for row in rows:
+                window.append(pool.submit(cast, row))
+                if len(window) > max(1, workers):
+                    write(*window.popleft().result())
+            while window:
+                write(*window.popleft().result())
         os.fsync(fd)
         os.close(fd)
         fd = -1
         os.replace(tmp, out_path)
+        remember(out_path, "sha256", sha.hexdigest(), own=True)
     except BaseException:
         if fd >= 0:
             os.close(fd)
@@ -174,13 +219,54 @@ def convert_to_device(rows: list[dict[str, Any]], records: list[ArrayRecord], *,
     tensors = write_converted(rows, rec_by_key, out_path, missing_values=missing_values, metadata=metadata)
     model = build_model(model_target, model_kwargs, allow_unsafe_load=allow_unsafe_load)
     targets = describe_targets(model)
-    state = mmap_state_dict(out_path)
-    if dev.type != "cpu":
-        state = {k: v.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else v.to(dev) for k, v in state.items()}
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+    mapped = MappedSafetensors(out_path)
+    transfer: dict[str, Any] = {}
+    state = mapped.state
+    if dev.type == "cuda":
+        state, transfer = to_cuda_pinned(mapped, dev)
+    elif dev.type != "cpu":
+        state = {k: v.to(dev) for k, v in state.items()}
     load_into_model(model, state, targets)
     placed = {str(p.device) for p in model.state_dict().values()}
-    del model, state
+    del model, state, mapped
     return {"path": str(out_path), "bytes": out_path.stat().st_size, "device": str(dev), "placed_on": sorted(placed), "tensors": tensors,
-            "n_tensors": len(tensors)}
+            "n_tensors": len(tensors), **transfer}
+
+
+def to_cuda_pinned(mapped: MappedSafetensors, dev: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Copy every tensor to the GPU through two reused pinned buffers (bounded host memory).
+
+    Pinning the whole state dict would double its host footprint; here one buffer is filled
+    from the memory map while the other's asynchronous copy runs.
+    """
+    import time
+
+    sizes = [t.numel() * t.element_size() for t in mapped.state.values()]
+    biggest = max(sizes, default=0)
+    staging = [torch.empty(biggest, dtype=torch.uint8, pin_memory=True) for _ in range(2)] if biggest else []
+    done = [torch.cuda.Event(), torch.cuda.Event()]
+    used = [False, False]
+    stream = torch.cuda.Stream(dev)
+    out: dict[str, torch.Tensor] = {}
+    t0 = time.perf_counter()
+    for i, (k, t) in enumerate(mapped.state.items()):
+        n = t.numel() * t.element_size()
+        if n == 0:
+            out[k] = torch.empty(t.shape, dtype=t.dtype, device=dev)
+            continue
+        j = i % 2
+        if used[j]:
+            done[j].synchronize()  # the copy that last read this buffer has finished
+        host = staging[j][:n]
+        host.copy_(t.reshape(-1).view(torch.uint8))
+        mapped.release([k])
+        with torch.cuda.stream(stream):
+            gpu = torch.empty(n, dtype=torch.uint8, device=dev)
+            gpu.copy_(host, non_blocking=True)
+            done[j].record(stream)
+        used[j] = True
+        out[k] = gpu.view(t.dtype).view(t.shape)
+    stream.synchronize()
+    seconds = time.perf_counter() - t0
+    total = sum(sizes)
+    return out, {"h2d_seconds": round(seconds, 4), "h2d_gb_per_s": round(total / 1e9 / seconds, 3) if seconds > 0 else None}

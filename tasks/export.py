@@ -1,12 +1,17 @@
 """Stage 6, ``export``: converted tensors → ``model.safetensors`` (+ ``model.pt``), ``manifest.csv``.
 
-The safetensors file is rewritten with its final ``__metadata__`` (config digest, source
-fingerprint, np2torch version: no paths or timestamps, so reruns are byte-identical) by
-copying the converted data in the kernel (``copy_file_range``), not through Python. Every file
-is written under a temporary name and renamed, so a killed run never leaves a partial file
-under a final name and the previous export survives until the new one is complete. Before
-success is reported, the exported file is re-read and every tensor checked against the
-converted one (dtype, shape, bytes).
+The safetensors file carries its final ``__metadata__`` (config digest, source fingerprint,
+np2torch version: no paths or timestamps, so reruns are byte-identical). When the converted
+file already has exactly that header it *is* the export: it is hard-linked into place (no data
+written; a copy where links are impossible). Otherwise the header is rewritten and the data
+copied in the kernel (``copy_file_range``), not through Python. Every file appears under a
+temporary name and is renamed, so a killed run never leaves a partial file under a final name
+and the previous export survives until the new one is complete. Before success is reported,
+the exported file is re-read once, streaming: every tensor's blake3 is checked against the
+converted one (and the file's sha256 computed in the same read, for the audit record).
+
+Memory stays at a few read buffers whatever the model size; only ``model.pt`` (``torch.save``
+of the memory-mapped tensors) touches every page of the model while it is written.
 """
 
 from __future__ import annotations
@@ -21,10 +26,10 @@ import torch
 from safetensors import safe_open
 
 from tasks.errors import ExportError
-from tasks.fingerprint import blake3_bytes, file_fingerprint
+from tasks.fingerprint import Region, file_digests, file_fingerprint, peek, remember, stat_key
 from tasks.manifest import to_csv
 from tasks.paths import atomic_writer
-from tasks.st_io import ST_DTYPES, mmap_state_dict, plan_header, read_header
+from tasks.st_io import ST_DTYPES, MappedSafetensors, plan_header, read_header
 
 __all__ = ["write_safetensors_with_metadata", "check_export", "export_outputs"]
 
@@ -47,16 +52,44 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
         done += k
 
 
-def write_safetensors_with_metadata(src: Path, dst: Path, metadata: dict[str, str]) -> None:
-    """Write ``src``'s tensors to ``dst`` (atomically) with a new ``__metadata__``."""
+def write_safetensors_with_metadata(src: Path, dst: Path, metadata: dict[str, str]) -> bool:
+    """Write ``src``'s tensors to ``dst`` (atomically) with a new ``__metadata__``; True if linked, not copied."""
     header, base = read_header(src)
     tensors = [(k, _torch_name(v["dtype"]), tuple(v["shape"])) for k, v in sorted(header.items(), key=_by_offset) if k != "__metadata__"]
     new_header, _ = plan_header(tensors, metadata)
+    with open(src, "rb") as sf:
+        same = sf.read(base) == new_header
+    if same and _link_into_place(src, dst):
+        return True
     size = src.stat().st_size - base
     with atomic_writer(dst, "wb") as fh, open(src, "rb") as sf:
         fh.write(new_header)
         fh.flush()
         _copy_range(sf.fileno(), fh.fileno(), base, size)
+    return False
+
+
+def _link_into_place(src: Path, dst: Path) -> bool:
+    """Hard-link ``src`` as ``dst`` (atomically); False where the file system cannot.
+
+    The two names then share one inode: replacing either name later (as every writer here does)
+    leaves the other intact, and the cache re-hashes an entry whose file changed.
+    """
+    sha = peek(src, "sha256")
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(src, tmp)
+    except OSError:
+        return False
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if sha is not None:
+        remember(dst, "sha256", sha, own=True)  # a link changes the inode's ctime, not its bytes
+    return True
 
 
 def _by_offset(item: tuple[str, Any]) -> int:
@@ -68,8 +101,14 @@ def _torch_name(code: str) -> str:
     return next(k for k, v in ST_DTYPES.items() if v == code)
 
 
-def check_export(path: Path, tensors: dict[str, dict[str, Any]]) -> None:
-    """Re-read ``path`` and check every tensor against what the convert stage produced."""
+def check_export(path: Path, tensors: dict[str, dict[str, Any]], *, reread: bool = True) -> None:
+    """Re-read ``path`` once and check every tensor against what the convert stage produced.
+
+    The same read yields the file's sha256 (remembered for the audit record) unless the stat
+    cache already knows it. Without ``reread`` (the file is the converted file itself, linked),
+    the header is checked and the bytes are trusted when the stat cache holds the sha256 the
+    convert stage computed while writing them, for this very version of the file.
+    """
     problems = []
     try:
         with safe_open(str(path), framework="pt") as f:  # the reference parser must accept it
@@ -79,17 +118,24 @@ def check_export(path: Path, tensors: dict[str, dict[str, Any]]) -> None:
         raise ExportError(f"the written file does not parse as safetensors: {exc}", key=str(path), fix="rerun with --refresh") from None
     if keys != set(tensors):
         raise ExportError("exported keys differ from the converted ones", key=str(path), expected=sorted(tensors)[:10], actual=sorted(keys)[:10])
-    with open(path, "rb") as fh:
-        for k, info in tensors.items():
-            h = header[k]
-            if h["dtype"] != ST_DTYPES[info["dtype"]] or h["shape"] != list(info["shape"]):
-                problems.append(k)
-                continue
-            a, b = h["data_offsets"]
-            if blake3_bytes(os.pread(fh.fileno(), b - a, base + a)) != info["blake3"]:
-                problems.append(k)
+    names = []
+    for k, info in tensors.items():
+        h = header[k]
+        if h["dtype"] != ST_DTYPES[info["dtype"]] or h["shape"] != list(info["shape"]):
+            problems.append(k)
+        else:
+            names.append(k)
+    version = stat_key(path)
+    known_sha = peek(path, "sha256")
+    if not reread and known_sha is not None and not problems:
+        return
+    regions = [Region(base + header[k]["data_offsets"][0], header[k]["data_offsets"][1] - header[k]["data_offsets"][0]) for k in names]
+    sha, digests = file_digests(path, regions, sha256=known_sha is None)
+    problems += [k for k, d in zip(names, digests) if d != tensors[k]["blake3"]]
     if problems:
         raise ExportError(f"{len(problems)} exported tensor(s) differ from the converted ones", key=problems[0], fix="the disk may be faulty; rerun with --refresh")
+    if known_sha is None and stat_key(path) == version:
+        remember(path, "sha256", sha, own=True)  # np2torch wrote it and just re-read every byte
 
 
 def export_outputs(*, converted: Path, tensors: dict[str, dict[str, Any]], manifest_rows: list[dict[str, Any]], out_dir: Path,
@@ -105,15 +151,13 @@ def export_outputs(*, converted: Path, tensors: dict[str, dict[str, Any]], manif
     outputs = []
     try:
         st = out_dir / "model.safetensors"
-        write_safetensors_with_metadata(converted, st, metadata)
-        check_export(st, tensors)
+        linked = write_safetensors_with_metadata(converted, st, metadata)
+        check_export(st, tensors, reread=not linked)
         outputs.append(st)
         if "pt" in formats:
             pt = out_dir / "model.pt"
-            state = mmap_state_dict(converted)
-            with atomic_writer(pt, "wb") as fh:
-                torch.save(state, fh)
-            del state
+            with MappedSafetensors(converted) as mapped, atomic_writer(pt, "wb") as fh:
+                torch.save(mapped.state, fh)
             outputs.append(pt)
         mf = out_dir / "manifest.csv"
         with atomic_writer(mf, "w") as fh:
@@ -126,7 +170,10 @@ def export_outputs(*, converted: Path, tensors: dict[str, dict[str, Any]], manif
         if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
             raise ExportError(f"cannot write: {exc.strerror}", key=str(exc.filename or out_dir), fix="choose a writable export.dir") from None
         raise
-    return [file_fingerprint(p) for p in outputs]
+    fps = [file_fingerprint(p) for p in outputs]
+    for fp in fps:  # written and hashed by np2torch just now: a rerun need not read them again
+        remember(fp["path"], "sha256", fp["sha256"], own=True)
+    return fps
 
 
 def dumps(obj: Any) -> str:

@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 
 from tasks.errors import LoadError, Problem
-from tasks.fingerprint import blake3_bytes, blake3_region, cached_by_stat, file_fingerprint
+from tasks.fingerprint import Region, blake3_bytes, cached_by_stat, file_digests, file_fingerprint, peek, remember, stat_key
 from tasks.safe_pickle import UnsafePickleError, safe_loads
 
-__all__ = ["ArrayRecord", "scan_source", "open_array", "read_table", "write_table", "detect_format"]
+__all__ = ["ArrayRecord", "scan_source", "open_array", "read_table", "write_table", "detect_format", "fingerprint_files"]
 
 # Refuse to inflate a compressed member beyond this many bytes per compressed byte: a zip bomb
 # declares a tiny compressed size and a huge file size. Real float weights compress ~1.1-3x.
@@ -47,6 +47,10 @@ _PICKLE_SUFFIXES = (".pkl", ".pickle")
 # dtypes a parameter or buffer can have; anything else cannot be a tensor of a model
 _NUMERIC_KINDS = "fiub"
 _OPT_IN = "set `source.allow_pickle: true` in the config (or pass --allow-pickle) if you trust this file"
+# value statistics are folded over pieces of this many bytes: small enough to stay in L2 cache
+# across the few passes each piece needs
+_STATS_CHUNK = 1 << 20
+_UINT_OF_SIZE = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,8 @@ def _scan_npy_file(path: Path, key: str, *, allow_pickle: bool, problems: list[P
 
 def _stats(flat: np.ndarray, acc: dict[str, Any]) -> None:
     """Fold one chunk's NaN/Inf count and finite |x| range into ``acc``."""
+    if flat.size and flat.dtype.kind == "f" and flat.dtype.itemsize in _UINT_OF_SIZE and _stats_finite_float(flat, acc):
+        return
     if flat.size == 0 or flat.dtype.kind not in "fc":
         if flat.size and flat.dtype.kind in "iu":
             a = np.abs(flat.astype(np.float64))
@@ -198,18 +204,70 @@ def _stats(flat: np.ndarray, acc: dict[str, Any]) -> None:
             acc["absmin_nonzero"] = m if acc["absmin_nonzero"] == 0 else min(acc["absmin_nonzero"], m)
 
 
+def _stats_finite_float(flat: np.ndarray, acc: dict[str, Any]) -> bool:
+    """The fast path for an all-finite float chunk (False, having done nothing, otherwise).
+
+    Four passes over cache-resident data and no masks: max and min (NaN propagates into them,
+    so finiteness falls out), then the bit patterns with the sign cleared, whose unsigned
+    integer order is the order of |x|: minus one wraps zero to the top, so their minimum plus
+    one is the smallest nonzero |x|.
+    """
+    a = flat if flat.dtype.isnative else flat.astype(flat.dtype.newbyteorder("="))
+    hi, lo = a.max(), a.min()
+    if not (np.isfinite(hi) and np.isfinite(lo)):
+        return False
+    utype = _UINT_OF_SIZE[a.dtype.itemsize]
+    bits = np.bitwise_and(a.view(utype), utype(np.iinfo(utype).max >> 1))
+    bits -= utype(1)
+    smallest = bits.min() + utype(1)  # wraps back to 0 when every value is zero
+    acc["absmax"] = max(acc["absmax"], float(max(abs(hi), abs(lo))))
+    if smallest:
+        m = float(np.array([smallest], dtype=utype).view(a.dtype)[0])
+        acc["absmin_nonzero"] = m if acc["absmin_nonzero"] == 0 else min(acc["absmin_nonzero"], m)
+    return True
+
+
+class _StatsFeed:
+    """Value statistics of an array whose bytes stream past in pieces of any size."""
+
+    def __init__(self, dtype: np.dtype) -> None:
+        self.dtype = dtype
+        self.acc: dict[str, Any] = {"n_nonfinite": 0, "absmax": 0.0, "absmin_nonzero": 0.0}
+        self._rest = b""  # a value split between two pieces
+        self._step = max(1, _STATS_CHUNK // dtype.itemsize)
+
+    def __call__(self, piece: memoryview) -> None:
+        size = self.dtype.itemsize
+        if self._rest:
+            need = size - len(self._rest)
+            self._rest += bytes(piece[:need])
+            piece = piece[need:]
+            if len(self._rest) < size:
+                return
+            _stats(np.frombuffer(self._rest, dtype=self.dtype), self.acc)
+            self._rest = b""
+        n = len(piece) // size
+        if n:
+            arr = np.frombuffer(piece, dtype=self.dtype, count=n)
+            for i in range(0, n, self._step):
+                _stats(arr[i : i + self._step], self.acc)
+        self._rest = bytes(piece[n * size :])
+
+
 def _region_info(path: Path, offset: int, nbytes: int, dtype: np.dtype, shape: tuple[int, ...]) -> dict[str, Any]:
-    """Fingerprint and value statistics of an array stored at ``offset``, in one memory-mapped pass."""
-    acc: dict[str, Any] = {"n_nonfinite": 0, "absmax": 0.0, "absmin_nonzero": 0.0}
-    data_fp = blake3_region(path, offset, nbytes)
-    if nbytes:
-        mm = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(nbytes // dtype.itemsize,))
-        step = max(1, (8 << 20) // dtype.itemsize)
-        for i in range(0, mm.size, step):
-            _stats(mm[i : i + step], acc)
-        del mm
-    acc["fingerprint"] = blake3_bytes(f"{dtype.str}|{list(shape)}|".encode() + bytes.fromhex(data_fp))
-    return acc
+    """Fingerprint and value statistics of an array stored at ``offset``, in one read of the file.
+
+    The same pass yields the file's sha256, which is remembered for the audit record's inputs.
+    """
+    version = stat_key(path)
+    feed = _StatsFeed(dtype)
+    sha, (data_fp,) = file_digests(path, [Region(offset, nbytes, on_chunk=feed)])
+    remember(path, "sha256", sha, version=version)
+    return _info(feed, dtype, shape, data_fp)
+
+
+def _info(feed: _StatsFeed, dtype: np.dtype, shape: tuple[int, ...], data_fp: str) -> dict[str, Any]:
+    return {**feed.acc, "fingerprint": blake3_bytes(f"{dtype.str}|{list(shape)}|".encode() + bytes.fromhex(data_fp))}
 
 
 def _array_info(arr: np.ndarray) -> dict[str, Any]:
@@ -250,6 +308,7 @@ def _scan_npz(path: Path, *, allow_pickle: bool, problems: list[Problem]) -> lis
                 fix="re-create the archive with unique names",
             )
         size = path.stat().st_size
+        _prime_npz(path, fh, infos, size)
         for info in infos:
             where = f"{path}::{info.filename}"
             key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
@@ -299,6 +358,43 @@ def _scan_npz(path: Path, *, allow_pickle: bool, problems: list[Problem]) -> lis
             )
             records.append(ArrayRecord(key, str(path), info.filename, None, offset, shape, dtype.str, fortran, nbytes, **minfo))
     return records
+
+
+def _prime_npz(path: Path, fh, infos: list[zipfile.ZipInfo], size: int) -> None:
+    """Hash and check every stored member in one read of the archive (with the file's sha256).
+
+    Fills the stat cache that the per-member loop of :func:`_scan_npz` reads; a member that
+    looks wrong in any way is left out, so that the loop reports it exactly as it would have.
+    """
+    todo = []
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED or peek(path, f"npz-member-info:{info.filename}") is not None:
+            continue
+        try:
+            data_start = _member_data_offset(fh, info, str(path))
+            fh.seek(data_start)
+            shape, _, dtype, hlen = _read_npy_header(fh, where=str(path))
+        except LoadError:
+            continue
+        nbytes = _nbytes(shape, dtype)
+        if dtype.hasobject or dtype.kind not in _NUMERIC_KINDS or hlen + nbytes != info.file_size or data_start + info.file_size > size:
+            continue
+        todo.append((info, data_start, data_start + hlen, nbytes, dtype, shape))
+    if not todo:
+        return
+    version = stat_key(path)
+    regions, feeds, crcs = [], [], []
+    for info, data_start, offset, nbytes, dtype, _ in todo:
+        crc = [0]
+        crcs.append(crc)
+        feeds.append(_StatsFeed(dtype))
+        regions.append(Region(data_start, info.file_size, blake3=False, on_chunk=lambda piece, crc=crc: crc.__setitem__(0, zlib.crc32(piece, crc[0]))))
+        regions.append(Region(offset, nbytes, on_chunk=feeds[-1]))
+    sha, digests = file_digests(path, regions)
+    remember(path, "sha256", sha, version=version)
+    for i, (info, _, _, _, dtype, shape) in enumerate(todo):
+        if crcs[i][0] & 0xFFFFFFFF == info.CRC:
+            remember(path, f"npz-member-info:{info.filename}", _info(feeds[i], dtype, shape, digests[2 * i + 1]), version=version)
 
 
 def _member_info(path: Path, *, zf_path: Path, info: zipfile.ZipInfo, offset: int, nbytes: int, dtype: np.dtype, shape, where: str) -> dict[str, Any]:
@@ -525,6 +621,35 @@ def read_table(path: str | Path) -> list[ArrayRecord]:
 
 def source_files(records: list[ArrayRecord]) -> list[str]:
     return sorted({r.file for r in records})
+
+
+def fingerprint_files(paths: list[Path] | list[str]) -> list[dict[str, Any]]:
+    """path, bytes, sha256 per source file, each file read once.
+
+    For a ``.npy`` or ``.npz`` the same read also computes what :func:`scan_source` needs (array
+    fingerprints, value statistics, CRCs) into the stat cache, so the scan reads nothing again.
+    Anything unusual about a file is left for :func:`scan_source` to report.
+    """
+    for p in map(Path, paths):
+        try:
+            _prime_file(p)
+        except (LoadError, OSError, ValueError, zipfile.BadZipFile):
+            pass
+    return [file_fingerprint(p) for p in paths]
+
+
+def _prime_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        head = fh.read(6)
+        if head == b"\x93NUMPY":
+            fh.seek(0)
+            shape, _, dtype, hlen = _read_npy_header(fh, where=str(path))
+            if dtype.hasobject or dtype.kind not in _NUMERIC_KINDS or hlen + _nbytes(shape, dtype) > path.stat().st_size:
+                return
+            cached_by_stat(path, f"array-info@{hlen}", lambda: _region_info(path, hlen, _nbytes(shape, dtype), dtype, shape))
+        elif head[:4] == b"PK\x03\x04":
+            with zipfile.ZipFile(path) as zf:
+                _prime_npz(path, fh, [i for i in zf.infolist() if not i.is_dir()], path.stat().st_size)
 
 
 def input_fingerprints(records: list[ArrayRecord]) -> list[dict[str, Any]]:

@@ -156,10 +156,48 @@ def describe_targets(model: nn.Module) -> list[TargetInfo]:
 def materialize_missing(model_target: str, kwargs: dict[str, Any], keys: list[str], *, allow_unsafe_load: bool = False) -> dict[str, torch.Tensor]:
     """Initial values of the targets allowed to stay missing (seeded, so reproducible).
 
-    Builds the model on the CPU; only called when some target is allowed missing.
+    Only the submodules that own those tensors are materialised (``to_empty`` on the CPU, then
+    their own ``reset_parameters``), each seeded from its name, so a 20 GB model whose
+    ``num_batches_tracked`` counters may stay missing never exists on the CPU. When an owner
+    cannot initialise itself that way, the whole model is built on the CPU instead.
     """
     if not keys:
         return {}
+    model = build_model(model_target, kwargs, allow_unsafe_load=allow_unsafe_load)
+    values = _materialize_owners(model, keys)
+    if values is not None:
+        return values
     model = build_model(model_target, kwargs, device="cpu", allow_unsafe_load=allow_unsafe_load)
     sd = model.state_dict()
     return {k: sd[k].detach().clone() for k in keys}
+
+
+def _materialize_owners(model: nn.Module, keys: list[str]) -> dict[str, torch.Tensor] | None:
+    """The keys' values from their owners alone, or None when some owner cannot do it."""
+    sd = model.state_dict(keep_vars=True)
+    owners: dict[str, list[str]] = {}
+    for k in keys:
+        if k not in sd:
+            return None
+        owners.setdefault(k.rpartition(".")[0], []).append(k)
+    out: dict[str, torch.Tensor] = {}
+    for path, ks in owners.items():
+        mod = model.get_submodule(path) if path else model
+        if not all(sd[k].is_meta for k in ks):  # the model was built for real: its values are the initial ones
+            out.update({k: sd[k].detach().clone() for k in ks})
+            continue
+        reset = getattr(mod, "reset_parameters", None)
+        if not callable(reset) or path == "":
+            return None  # only the constructor knows these initial values
+        mod.to_empty(device="cpu", recurse=False)
+        torch.manual_seed(int.from_bytes(hashlib.sha256(path.encode()).digest()[:4], "little"))
+        try:
+            with torch.no_grad():
+                reset()
+        except Exception:
+            return None
+        msd = model.state_dict(keep_vars=True)
+        if any(msd[k].is_meta for k in ks):
+            return None
+        out.update({k: msd[k].detach().clone() for k in ks})
+    return out

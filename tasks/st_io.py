@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["ST_DTYPES", "TORCH_DTYPES", "plan_header", "read_header", "mmap_state_dict", "np_dtype_for"]
+__all__ = ["ST_DTYPES", "TORCH_DTYPES", "plan_header", "read_header", "mmap_state_dict", "MappedSafetensors", "np_dtype_for"]
 
 # torch dtype name → safetensors dtype code
 ST_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64", "int64": "I64", "int32": "I32",
@@ -68,21 +68,55 @@ def read_header(path: str | Path) -> tuple[dict[str, Any], int]:
 
 def mmap_state_dict(path: str | Path, *, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """Zero-copy tensors over a read-only memory map of a safetensors file (CPU)."""
-    header, base = read_header(path)
-    with open(path, "rb") as fh:
-        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    wanted = set(keys) if keys is not None else None
-    out: dict[str, torch.Tensor] = {}
-    import warnings
+    return MappedSafetensors(path, keys=keys).state
 
-    for name, info in header.items():
-        if name == "__metadata__" or (wanted is not None and name not in wanted):
-            continue
-        a, b = info["data_offsets"]
-        dtype = TORCH_DTYPES[info["dtype"]]
-        count = (b - a) // _ITEMSIZE[info["dtype"]]
-        with warnings.catch_warnings():  # the buffer is read-only; tensors are never written in place
-            warnings.simplefilter("ignore", UserWarning)
-            t = torch.frombuffer(mm, dtype=dtype, count=count, offset=base + a) if count else torch.empty(0, dtype=dtype)
-        out[name] = t.view(info["shape"])
-    return out
+
+class MappedSafetensors:
+    """A safetensors file as zero-copy CPU tensors over one read-only memory map.
+
+    Pages a tensor touched count in this process's RSS until the map goes away; ``release``
+    drops them (``MADV_DONTNEED``: the pages stay in the page cache and fault back in, same
+    bytes, if read again), so a pass over a model larger than RAM needs one layer resident.
+    """
+
+    def __init__(self, path: str | Path, *, keys: Iterable[str] | None = None) -> None:
+        header, base = read_header(path)
+        with open(path, "rb") as fh:
+            self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        self.ranges: dict[str, tuple[int, int]] = {}
+        self.state = self._tensors(header, base, set(keys) if keys is not None else None)
+
+    def release(self, keys: Iterable[str]) -> None:
+        """Drop these tensors' pages from the process (their values stay readable)."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        for k in keys:
+            a, b = self.ranges.get(k, (0, 0))
+            start = a - a % page  # a page shared with a neighbour is dropped too: it refaults if needed
+            if b > start:
+                self._mm.madvise(mmap.MADV_DONTNEED, start, b - start)
+
+    def __enter__(self) -> "MappedSafetensors":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.state = {}  # the map closes when the last tensor over it is gone
+
+    def _tensors(self, header: dict[str, Any], base: int, wanted: set[str] | None) -> dict[str, torch.Tensor]:
+        mm = self._mm
+        out: dict[str, torch.Tensor] = {}
+        import warnings
+
+        for name, info in header.items():
+            if name == "__metadata__" or (wanted is not None and name not in wanted):
+                continue
+            a, b = info["data_offsets"]
+            dtype = TORCH_DTYPES[info["dtype"]]
+            count = (b - a) // _ITEMSIZE[info["dtype"]]
+            with warnings.catch_warnings():  # the buffer is read-only; tensors are never written in place
+                warnings.simplefilter("ignore", UserWarning)
+                t = torch.frombuffer(mm, dtype=dtype, count=count, offset=base + a) if count else torch.empty(0, dtype=dtype)
+            out[name] = t.view(info["shape"])
+            self.ranges[name] = (base + a, base + b)
+        return out

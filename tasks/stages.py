@@ -58,7 +58,8 @@ def load_arrays_key(cfg: Config) -> str:
         code=cache.code_version(load_arrays, safe_pickle),
         source={"format": src.format, "allow_pickle": src.allow_pickle, "key_prefix": src.key_prefix, "is_dir": src.path.is_dir()},
         # names relative to the source root plus content: the same bytes at another path still hit
-        files=[[f.relative_to(root).as_posix(), file_fingerprint(f)["sha256"]] for f in files],
+        # one read per file: sha256 plus what the scan needs, remembered in the stat cache
+        files=[[f.relative_to(root).as_posix(), i["sha256"]] for f, i in zip(files, load_arrays.fingerprint_files(files))],
     )
 
 
@@ -188,7 +189,8 @@ def convert_stage(cfg: Config, loaded: dict[str, Any], validated: dict[str, Any]
         rows = manifest.read_manifest(_entry(validated, "manifest.json"))
         res = convert.convert_to_device(rows, read_records(loaded), model_target=cfg.model.target, model_kwargs=cfg.model.kwargs,
                                         device=cfg.convert.device, out_path=work / "model.safetensors",
-                                        allow_unsafe_load=cfg.model.allow_unsafe_load)
+                                        # the export's header up front: export then links this file instead of copying it
+                                        metadata=export_metadata(cfg, loaded), allow_unsafe_load=cfg.model.allow_unsafe_load)
         res["path"] = "model.safetensors"
         return res
 

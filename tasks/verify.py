@@ -21,7 +21,7 @@ from tasks.config import InputSpec, VerifySpec
 from tasks.convert import check_device, load_into_model
 from tasks.errors import VerifyError
 from tasks.model import build_model, describe_targets
-from tasks.st_io import mmap_state_dict
+from tasks.st_io import MappedSafetensors
 
 __all__ = ["make_inputs", "load_reference", "compare", "run_forward", "verify_forward_pass", "load_model_from_file"]
 
@@ -134,20 +134,39 @@ def compare(outputs: list[np.ndarray], refs: list[np.ndarray] | None, *, rtol: f
     return metrics
 
 
-def load_model_from_file(model_target: str, model_kwargs: dict[str, Any], weights: Path, device: torch.device, *, allow_unsafe_load: bool = False) -> nn.Module:
-    """The model on ``device`` with the converted weights (zero-copy on the CPU)."""
+def load_model_from_file(model_target: str, model_kwargs: dict[str, Any], weights: Path, device: torch.device, *, allow_unsafe_load: bool = False,
+                         stream_pages: bool = False) -> nn.Module:
+    """The model on ``device`` with the converted weights (zero-copy on the CPU).
+
+    With ``stream_pages`` (CPU), each module's weights leave this process's resident memory once
+    its forward has run, so a forward pass over a model bigger than RAM keeps about one layer
+    resident; the values are re-read from the page cache if a module runs again.
+    """
     model = build_model(model_target, model_kwargs, allow_unsafe_load=allow_unsafe_load)
-    state = mmap_state_dict(weights)
+    mapped = MappedSafetensors(weights)
+    state = mapped.state
     if device.type != "cpu":
         state = {k: v.to(device) for k, v in state.items()}
-    return load_into_model(model, state, describe_targets(model))
+        mapped.release(list(mapped.ranges))
+    model = load_into_model(model, state, describe_targets(model))
+    if stream_pages and device.type == "cpu":
+        _release_after_forward(model, mapped)
+    return model
+
+
+def _release_after_forward(model: nn.Module, mapped: MappedSafetensors) -> None:
+    for name, mod in model.named_modules():
+        own = [f"{name}.{k}" if name else k for k, _ in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))]
+        own = [k for k in own if k in mapped.ranges]
+        if own:
+            mod.register_forward_hook(lambda _m, _i, _o, keys=tuple(own): mapped.release(keys))
 
 
 def verify_forward_pass(*, model_target: str, model_kwargs: dict[str, Any], weights: Path, spec: VerifySpec, device: str,
                         allow_unsafe_load: bool = False) -> dict[str, Any]:
     """Metrics of the forward pass against the reference; raises VerifyError when it fails."""
     dev = check_device(device)
-    model = load_model_from_file(model_target, model_kwargs, weights, dev, allow_unsafe_load=allow_unsafe_load)
+    model = load_model_from_file(model_target, model_kwargs, weights, dev, allow_unsafe_load=allow_unsafe_load, stream_pages=True)
     inputs = make_inputs(spec.input)
     outputs = run_forward(model, inputs, dev)
     metrics = compare(outputs, load_reference(spec.reference_output), rtol=spec.rtol, atol=spec.atol)
