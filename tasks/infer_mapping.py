@@ -309,6 +309,8 @@ class _Mapper:
         except T.TransformError as exc:
             result, note = (), f"transform does not fit: {exc}"
         src_dtype = recs[0].dtype
+        tdt = self._row_dtype(t, src_dtype, convert_dtype)
+        out_of_range = [r.n_out_of_range.get(tdt, [0, 0]) for r in recs]
         cands = [T.describe(a) for a in (c.candidates or [])]
         return new_row(
             target_key=t.key, source_key=" + ".join(c.sources), transform=T.describe(c.spec),
@@ -319,6 +321,7 @@ class _Mapper:
             verified=not cands, candidates=c.candidates or [], how=c.how, note=note,
             n_nonfinite=sum(r.n_nonfinite for r in recs), absmax=max(r.absmax for r in recs),
             absmin_nonzero=min((r.absmin_nonzero for r in recs if r.absmin_nonzero > 0), default=0.0),
+            n_overflow=sum(o for o, _ in out_of_range), n_underflow=sum(u for _, u in out_of_range),
             sources=c.sources, transform_spec=c.spec, concat="" if c.concat is None else c.concat,
         )
 

@@ -26,7 +26,7 @@ import re
 import struct
 import zipfile
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,16 @@ _PICKLE_SUFFIXES = (".pkl", ".pickle")
 # dtypes a parameter or buffer can have; anything else cannot be a tensor of a model
 _NUMERIC_KINDS = "fiub"
 _OPT_IN = "set `source.allow_pickle: true` in the config (or pass --allow-pickle) if you trust this file"
+# Largest finite value and smallest positive subnormal of each float dtype a source may be cast
+# to. A value above the first becomes inf; a nonzero value at or below half the second becomes 0.
+FLOAT_LIMITS: dict[str, tuple[float, float]] = {
+    "float16": (65504.0, 2.0**-24),
+    "bfloat16": (3.3895313892515355e38, 2.0**-133),
+    "float32": (float(np.finfo(np.float32).max), float(np.finfo(np.float32).smallest_subnormal)),
+}
+# Keys end up in tables, CSV files and terminals: a control character (ESC, newline) in one is
+# hostile or broken, never a parameter name.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,9 @@ class ArrayRecord:
     n_nonfinite: int = 0  # NaN/Inf count (validate refuses them unless allowed)
     absmax: float = 0.0  # largest |x| among finite values (dtype overflow check before casting)
     absmin_nonzero: float = 0.0  # smallest nonzero |x| (underflow check); 0 when all zero
+    # per float dtype of FLOAT_LIMITS: [count that overflows, count of nonzeros that underflow to 0];
+    # only dtypes with a nonzero count are listed
+    n_out_of_range: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def numel(self) -> int:
@@ -118,6 +131,8 @@ def _read_npy_header(fh, *, where: str) -> tuple[tuple[int, ...], bool, np.dtype
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh, max_header_size=_MAX_HEADER)
         else:
             raise ValueError(f"unsupported .npy format version {version}")
+    except (zipfile.BadZipFile, zlib.error) as exc:  # reading an archive member checks its CRC/stream
+        raise LoadError(f"archive member is corrupt: {exc}", key=where, fix="re-copy or re-create the .npz") from None
     except Exception as exc:  # numpy raises ValueError, EOFError, SyntaxError… on garbage
         raise LoadError(
             f"not a valid .npy header: {exc}",
@@ -173,7 +188,7 @@ def _scan_npy_file(path: Path, key: str, *, allow_pickle: bool, problems: list[P
             actual=size - hlen,
             fix="re-copy or re-export the file; it was cut short",
         )
-    info = cached_by_stat(path, f"array-info@{hlen}", lambda: _region_info(path, hlen, nbytes, dtype, shape))
+    info = cached_by_stat(path, f"array-info2@{hlen}", lambda: _region_info(path, hlen, nbytes, dtype, shape))
     return [ArrayRecord(key, str(path), None, None, hlen, shape, dtype.str, fortran, nbytes, **info)]
 
 
@@ -186,6 +201,7 @@ def _stats(flat: np.ndarray, acc: dict[str, Any]) -> None:
             nz = a[a > 0]
             if nz.size:
                 acc["absmin_nonzero"] = float(nz.min()) if acc["absmin_nonzero"] == 0 else min(acc["absmin_nonzero"], float(nz.min()))
+                _count_out_of_range(a, float(a.max()), float(nz.min()), acc)
         return
     finite = np.isfinite(flat)
     n_bad = int(flat.size - np.count_nonzero(finite))
@@ -197,6 +213,22 @@ def _stats(flat: np.ndarray, acc: dict[str, Any]) -> None:
         if nz.size:
             m = float(nz.min())
             acc["absmin_nonzero"] = m if acc["absmin_nonzero"] == 0 else min(acc["absmin_nonzero"], m)
+            _count_out_of_range(a, float(a.max()), m, acc)
+
+
+def _count_out_of_range(a: np.ndarray, hi: float, lo: float, acc: dict[str, Any]) -> None:
+    """Add the chunk's overflow/underflow counts per FLOAT_LIMITS dtype (``a`` is finite |x|).
+
+    Counted only when the chunk's range crosses a limit, so ordinary weights cost two compares.
+    """
+    for name, (big, tiny) in FLOAT_LIMITS.items():
+        if hi <= big and lo > tiny / 2:
+            continue
+        over = int(np.count_nonzero(a > big)) if hi > big else 0
+        under = int(np.count_nonzero((a > 0) & (a <= tiny / 2))) if lo <= tiny / 2 else 0
+        if over or under:
+            o, u = acc.setdefault("n_out_of_range", {}).get(name, [0, 0])
+            acc["n_out_of_range"][name] = [o + over, u + under]
 
 
 def _region_info(path: Path, offset: int, nbytes: int, dtype: np.dtype, shape: tuple[int, ...]) -> dict[str, Any]:
@@ -243,6 +275,10 @@ def _scan_npz(path: Path, *, allow_pickle: bool, problems: list[Problem]) -> lis
     with zf, open(path, "rb") as fh:
         infos = [i for i in zf.infolist() if not i.is_dir()]
         names = [i.filename for i in infos]
+        odd = [n for n in names if _CONTROL.search(n)]
+        if odd:  # checked first: every later message names the member, and must not carry an ESC to the terminal
+            raise LoadError(f"member name {odd[0]!r} contains control characters; refusing to use it as a parameter name", key=str(path),
+                            actual=[repr(n) for n in odd[:10]], fix="re-create the archive with printable member names")
         dups = sorted({n for n in names if names.count(n) > 1})
         if dups:
             raise LoadError(
@@ -259,7 +295,15 @@ def _scan_npz(path: Path, *, allow_pickle: bool, problems: list[Problem]) -> lis
                 if data_start + info.file_size > size:
                     raise LoadError("archive member is truncated", key=where, expected=info.file_size, actual=max(0, size - data_start), fix="re-copy the file")
                 fh.seek(data_start)
-                shape, fortran, dtype, hlen = _read_npy_header(fh, where=where)
+                try:
+                    shape, fortran, dtype, hlen = _read_npy_header(fh, where=where)
+                except LoadError:
+                    # a flipped bit in the header is corruption of the archive, not a foreign file
+                    crc = _crc_region(path, data_start, info.file_size)
+                    if crc != info.CRC:
+                        raise LoadError("archive member fails its CRC check: the bytes are corrupt", key=where, expected=f"{info.CRC:08x}",
+                                        actual=f"{crc:08x}", fix="re-copy or re-create the file") from None
+                    raise
                 offset = data_start + hlen
                 if dtype.hasobject:
                     records += _scan_pickled(path, allow_pickle=allow_pickle, member=info.filename, problems=problems)
@@ -295,7 +339,7 @@ def _scan_npz(path: Path, *, allow_pickle: bool, problems: list[Problem]) -> lis
                 )
             minfo = cached_by_stat(
                 path,
-                f"npz-member-info:{info.filename}",
+                f"npz-member-info2:{info.filename}",
                 functools.partial(_member_info, path, zf_path=path, info=info, offset=offset, nbytes=nbytes, dtype=dtype, shape=shape, where=where),
             )
             records.append(ArrayRecord(key, str(path), info.filename, None, offset, shape, dtype.str, fortran, nbytes, **minfo))
@@ -466,6 +510,10 @@ def scan_source(path: str | Path, *, fmt: str = "auto", allow_pickle: bool = Fal
         raise LoadError(f"cannot read: {exc.strerror}", key=exc.filename or str(path), fix="check the file's permissions") from None
     if problems:
         raise LoadError(f"{len(problems)} array(s) cannot be model parameters", key=str(path), problems=problems, fix=problems[0]["fix"])
+    bad = [r.key for r in records if _CONTROL.search(r.key)]
+    if bad:
+        raise LoadError(f"key {bad[0]!r} contains control characters; refusing to use it as a parameter name", key=str(path),
+                        actual=[repr(k) for k in bad[:10]], fix="rename the array (member or file name) to printable characters")
     if key_prefix:
         records = [r if not r.key.startswith(key_prefix) else _replace_key(r, r.key[len(key_prefix):]) for r in records]
     keys = [r.key for r in records]

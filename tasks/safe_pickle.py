@@ -22,13 +22,13 @@ _ALLOWED: frozenset[tuple[str, str]] = frozenset(
         ("numpy._core.multiarray", "_reconstruct"),  # NumPy 2.x
         ("numpy.core.multiarray", "scalar"),  # NumPy scalars (np.float32(1.0))
         ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),  # protocol-5 pickles: frombuffer(bytes).reshape, data only
+        ("numpy._core.numeric", "_frombuffer"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
-        ("numpy.dtypes", "Float32DType"),
-        ("numpy.dtypes", "Float64DType"),
-        ("numpy.dtypes", "Float16DType"),
-        ("numpy.dtypes", "Int64DType"),
-        ("numpy.dtypes", "Int32DType"),
+        *(("numpy.dtypes", f"{k}DType") for k in ("Bool", "Float16", "Float32", "Float64", "LongDouble", "Int8", "Int16", "Int32",
+                                                  "Int64", "UInt8", "UInt16", "UInt32", "UInt64", "Byte", "UByte", "Short",
+                                                  "UShort", "Int", "UInt", "Long", "ULong", "LongLong", "ULongLong")),
         ("collections", "OrderedDict"),  # state dicts
         ("_codecs", "encode"),  # protocol-2 pickles of bytes go through codecs.encode(str, 'latin1')
     }
