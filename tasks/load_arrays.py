@@ -258,6 +258,8 @@ _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
 
 
 def _member_data_offset(fh, info: zipfile.ZipInfo, where: str) -> int:
+    if info.header_offset < 0:  # a corrupt directory entry (zipfile does not check it)
+        raise LoadError("archive member has a corrupt directory entry (negative offset)", key=where, fix="re-create the .npz")
     fh.seek(info.header_offset)
     raw = fh.read(_LOCAL_HEADER.size)
     if len(raw) != _LOCAL_HEADER.size or raw[:4] != b"PK\x03\x04":

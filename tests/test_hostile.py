@@ -836,3 +836,50 @@ def test_read_only_export_folder_chmod(tmp_path, capsys):
             _export(_converted(tmp_path, 1.0), out, "x")
     finally:
         out.chmod(0o755)
+
+
+class _Reduce:
+    """Pickles as ``func(*args)`` followed by ``BUILD state``: lets a test write any reduce pickle."""
+
+    def __init__(self, func, args, state=None):
+        self.r = (func, args) if state is None else (func, args, state)
+
+    def __reduce__(self):
+        return self.r
+
+
+_RECON = np._core.multiarray._reconstruct
+
+
+@pytest.mark.parametrize(
+    ("payload", "cause"),
+    [
+        # a float64 dtype flagged as holding object pointers: NumPy would dereference the floats
+        (_Reduce(np.dtype, ("f8", False, True), (3, "<", None, None, None, -1, -1, 63)), "a dtype state (3, '<', None, None, None, -1, -1, 63) that changes more than the byte order"),
+        # an object array declaring 10^10 elements: NumPy would allocate (and zero) 80 GB first
+        (_Reduce(_RECON, (np.ndarray, (0,), b"b"), (1, (10**10,), np.dtype("O"), False, [])), "an object array of 10000000000 elements with 0 items"),
+        (_Reduce(_RECON, (np.ndarray, (10**10,), np.dtype("O"))), "an array placeholder (10000000000,)"),
+        (_Reduce(np.ndarray, ((10**10,), "O")), "pickle calls ndarray, which is not allowed"),
+        (_Reduce(_RECON, (np.ndarray, (0,), b"b"), (1, (10**6,), np.dtype("f4"), False, b"\0" * 8)), "array data of 8 bytes for shape (1000000,) float32"),
+        (_Reduce(np.dtype, ("V8", False, True)), "pickle holds an unsupported dtype dtype('V8'), which NumPy never writes for a plain array"),
+    ],
+    ids=["dtype-flags", "object-array-bomb", "placeholder-bomb", "ndarray-call", "short-data", "void-dtype"],
+)
+def test_pickle_numpy_gadgets_refused(tmp_path, capsys, payload, cause):
+    """Allowed NumPy globals used with hostile arguments or state: refused before NumPy sees them."""
+    p = tmp_path / "w.pkl"
+    p.write_bytes(pickle.dumps([np.ones(2, np.float32), payload], protocol=2))
+    rc, err = cli(capsys, "inspect", p, "--allow-pickle")
+    assert rc == 1
+    assert f"[load-arrays] `{p}`: refused to unpickle: " in err and cause in err
+    assert np.dtype("f8").flags == 0 and float(np.ones(3).sum()) == 3.0  # NumPy's own state is intact
+
+
+def test_pickle_cannot_mutate_numpy_singletons(tmp_path):
+    """``np.dtype(..., copy=False)`` is the process-wide float64; a BUILD on it must not touch it."""
+    p = tmp_path / "w.pkl"
+    payload = _Reduce(np.dtype, ("f8", False, False), (3, ">", None, None, None, -1, -1, 0))
+    p.write_bytes(pickle.dumps({"a": np.ones(2), "dt": payload}, protocol=2))
+    with pytest.raises(LoadError, match="refused to unpickle|is a dtype, not an array|not a numeric array"):
+        scan_source(p, allow_pickle=True)
+    assert np.dtype("f8").byteorder == "=" and np.dtype(np.float64).str == "<f8"
