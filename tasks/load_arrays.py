@@ -265,13 +265,20 @@ def _member_data_offset(fh, info: zipfile.ZipInfo, where: str) -> int:
     if len(raw) != _LOCAL_HEADER.size or raw[:4] != b"PK\x03\x04":
         raise LoadError("archive member has a corrupt local header", key=where, fix="re-create the .npz")
     fields = _LOCAL_HEADER.unpack(raw)
+    name = fh.read(fields[10])
+    # as zipfile does when it opens a member: the local name must be the directory's name
+    if name.decode("utf-8" if fields[3] & 0x800 else "cp437", errors="replace") != info.orig_filename:
+        raise LoadError("archive member's local header names another file than its directory entry", key=where,
+                        expected=info.orig_filename, actual=name.decode("utf-8", errors="replace"), fix="re-create the .npz")
     return info.header_offset + _LOCAL_HEADER.size + fields[10] + fields[11]
 
 
 def _scan_npz(path: Path, *, allow_pickle: bool, problems: list[Problem]) -> list[ArrayRecord]:
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - zipfile raises BadZipFile, NotImplementedError, ValueError… on garbage
+        if isinstance(exc, PermissionError):
+            raise
         raise LoadError(f"not a readable .npz (zip) archive: {exc}", key=str(path), fix="re-create it with np.savez") from None
     records: list[ArrayRecord] = []
     with zf, open(path, "rb") as fh:
@@ -291,6 +298,9 @@ def _scan_npz(path: Path, *, allow_pickle: bool, problems: list[Problem]) -> lis
         size = path.stat().st_size
         for info in infos:
             where = f"{path}::{info.filename}"
+            if info.flag_bits & 0x61:  # bit 0 encrypted, 5 patched data, 6 strong encryption
+                raise LoadError("archive member is encrypted or patched; only plain members can be read", key=where,
+                                fix="re-create the archive with np.savez / np.savez_compressed")
             key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
             if info.compress_type == zipfile.ZIP_STORED:
                 data_start = _member_data_offset(fh, info, where)
@@ -322,8 +332,8 @@ def _scan_npz(path: Path, *, allow_pickle: bool, problems: list[Problem]) -> lis
                 try:
                     with zf.open(info) as mf:
                         shape, fortran, dtype, hlen = _read_npy_header(mf, where=where)
-                except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
-                    raise LoadError(f"archive member is corrupt: {exc}", key=where, fix="re-create the .npz") from None
+                except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as exc:
+                    raise LoadError(f"archive member is corrupt or unsupported: {exc}", key=where, fix="re-create the .npz") from None
                 offset = -1
                 if dtype.hasobject:
                     records += _scan_pickled(path, allow_pickle=allow_pickle, member=info.filename, problems=problems)
@@ -359,7 +369,7 @@ def _member_info(path: Path, *, zf_path: Path, info: zipfile.ZipInfo, offset: in
         try:
             with zf.open(info) as mf:
                 arr = np.lib.format.read_array(mf, allow_pickle=False)
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError, RuntimeError) as exc:
             raise LoadError(f"archive member is corrupt: {exc}", key=where, fix="re-create the .npz") from None
     return _array_info(arr)
 

@@ -128,15 +128,15 @@ def mutated(draw, seeds: list[bytes]) -> bytes:
     return bytes(data)
 
 
-def _reference(raw: bytes, suffix: str) -> dict[str, np.ndarray] | None:
-    """What NumPy itself reads from these bytes (no pickles), or None when it cannot."""
+def _reference(raw: bytes, suffix: str) -> dict[str, np.ndarray] | Exception:
+    """What NumPy itself reads from these bytes (no pickles), or why it cannot."""
     try:
         if suffix == ".npz":  # what np.load does after its magic check (zipfile also accepts a prefix before the archive)
             with zipfile.ZipFile(io.BytesIO(raw)) as zf:
                 return {n.removesuffix(".npy"): np.lib.format.read_array(zf.open(n), allow_pickle=False) for n in zf.namelist()}
         return {"w": np.load(io.BytesIO(raw), allow_pickle=False)}
-    except Exception:  # noqa: BLE001 - any failure means "NumPy cannot read it"
-        return None
+    except Exception as exc:  # noqa: BLE001 - any failure means "NumPy cannot read it"
+        return exc
 
 
 def _read_with_np2torch(path: Path) -> dict[str, np.ndarray]:
@@ -159,7 +159,7 @@ def _check(tmp_path: Path, raw: bytes, suffix: str) -> None:
     if suffix == ".npy":  # one array, keyed by the file stem
         got = {"w": got.pop(path.stem)}
     ref = _reference(raw, suffix)
-    assert ref is not None, f"np2torch read {sorted(got)} from bytes NumPy cannot read"
+    assert not isinstance(ref, Exception), f"np2torch read {sorted(got)} from bytes NumPy cannot read: {ref!r}"
     assert sorted(got) == sorted(ref)
     for k, a in got.items():
         b = ref[k]
