@@ -555,6 +555,10 @@ def open_array(rec: ArrayRecord) -> np.ndarray:
     if rec.offset >= 0:
         if rec.nbytes == 0:
             return np.empty(rec.shape, dtype=dtype)
+        size = os.stat(rec.file).st_size
+        if rec.offset + rec.nbytes > size:  # touching a mapping past the end of a file is SIGBUS, not an error
+            raise LoadError("file is shorter than when it was scanned (it changed or was cut short)", key=f"{rec.file}::{rec.key}",
+                            expected=rec.offset + rec.nbytes, actual=size, fix="rerun with --refresh")
         return np.memmap(rec.file, dtype=dtype, mode="r", offset=rec.offset, shape=rec.shape, order="F" if rec.fortran_order else "C")
     with zipfile.ZipFile(rec.file) as zf, zf.open(rec.member) as mf:
         return np.lib.format.read_array(mf, allow_pickle=False)

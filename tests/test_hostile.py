@@ -883,3 +883,35 @@ def test_pickle_cannot_mutate_numpy_singletons(tmp_path):
     with pytest.raises(LoadError, match="refused to unpickle|is a dtype, not an array|not a numeric array"):
         scan_source(p, allow_pickle=True)
     assert np.dtype("f8").byteorder == "=" and np.dtype(np.float64).str == "<f8"
+
+
+@pytest.mark.parametrize("what", ["input", "reference_output"])
+def test_broken_verify_files_are_named(tmp_path, what):
+    """The verify stage's own inputs go through the same reader: a bad file is a verify-stage error."""
+    from tasks.config import VerifySpec
+    from tasks.verify import load_reference, make_inputs
+
+    bomb = tmp_path / f"{what}.npy"
+    bomb.write_bytes(_huge_shape_npy((1 << 20, 1 << 20)))
+    read = (lambda p: make_inputs(p)) if what == "input" else load_reference
+    with pytest.raises(VerifyError, match=rf"^\[verify-forward-pass\] `{bomb}`: cannot read verify\.{what}: file is truncated: the header declares "
+                                          r"shape \[1048576, 1048576\] <f4 \(4398046511104 bytes\) but only 16 bytes follow it"):
+        read(bomb)
+    notzip = tmp_path / f"{what}.npz"
+    notzip.write_bytes(b"garbage" * 20)
+    with pytest.raises(VerifyError, match=rf"`{notzip}`: cannot read verify\.{what}: not a readable .npz \(zip\) archive"):
+        read(notzip)
+    be = tmp_path / f"{what}-be.npy"
+    np.save(be, np.arange(6, dtype=">f4").reshape(2, 3))
+    np.testing.assert_array_equal(read(be)[0], np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert VerifySpec(input=be).input == be
+
+
+def test_source_file_cut_after_scan_is_an_error_not_sigbus(tmp_path):
+    p = tmp_path / "w.npy"
+    np.save(p, np.ones((64, 64), np.float32))
+    (rec,) = scan_source(p)
+    with open(p, "r+b") as fh:
+        fh.truncate(200)
+    with pytest.raises(LoadError, match=r"file is shorter than when it was scanned"):
+        open_array(rec)
