@@ -287,7 +287,7 @@ def _scan_npz(path: Path, *, allow_pickle: bool, problems: list[Problem]) -> lis
         odd = [n for n in names if _CONTROL.search(n)]
         if odd:  # checked first: every later message names the member, and must not carry an ESC to the terminal
             raise LoadError(f"member name {odd[0]!r} contains control characters; refusing to use it as a parameter name", key=str(path),
-                            actual=[repr(n) for n in odd[:10]], fix="re-create the archive with printable member names")
+                            fix="re-create the archive with printable member names")
         dups = sorted({n for n in names if names.count(n) > 1})
         if dups:
             raise LoadError(
@@ -525,7 +525,7 @@ def scan_source(path: str | Path, *, fmt: str = "auto", allow_pickle: bool = Fal
     bad = [r.key for r in records if _CONTROL.search(r.key)]
     if bad:
         raise LoadError(f"key {bad[0]!r} contains control characters; refusing to use it as a parameter name", key=str(path),
-                        actual=[repr(k) for k in bad[:10]], fix="rename the array (member or file name) to printable characters")
+                        fix="rename the array (member or file name) to printable characters")
     if key_prefix:
         records = [r if not r.key.startswith(key_prefix) else _replace_key(r, r.key[len(key_prefix):]) for r in records]
     keys = [r.key for r in records]

@@ -915,3 +915,25 @@ def test_source_file_cut_after_scan_is_an_error_not_sigbus(tmp_path):
         fh.truncate(200)
     with pytest.raises(LoadError, match=r"file is shorter than when it was scanned"):
         open_array(rec)
+
+
+def test_pickled_dict_key_with_control_characters(tmp_path, capsys):
+    p = tmp_path / "w.pkl"
+    p.write_bytes(pickle.dumps({"fc.weight\x1b[2J": np.ones((2, 3), np.float32)}))
+    rc, err = cli(capsys, "inspect", p, "--allow-pickle")
+    assert rc == 1
+    assert f"[load-arrays] `{p}`: key 'fc.weight\\x1b[2J' contains control characters; refusing to use it as a parameter name" in err
+    assert "\x1b" not in err
+
+
+def test_npz_encrypted_member(tmp_path, capsys):
+    p = tmp_path / "weights.npz"
+    np.savez(p, **tiny_weights())
+    raw = bytearray(p.read_bytes())
+    lh, cd = raw.index(b"PK\x03\x04"), raw.index(b"PK\x01\x02")
+    raw[lh + 6] |= 0x01  # general purpose flag bit 0: encrypted
+    raw[cd + 8] |= 0x01
+    p.write_bytes(bytes(raw))
+    rc, err = cli(capsys, "inspect", p)
+    assert rc == 1
+    assert f"[load-arrays] `{p}::fc.weight.npy`: archive member is encrypted or patched; only plain members can be read" in err
