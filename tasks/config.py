@@ -232,7 +232,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     model = data.get("model")
     if isinstance(model, dict) and isinstance(model.get("target"), str):
         mod, sep, attr = model["target"].rpartition(":")
-        if mod.endswith(".py"):
+        if mod.endswith((".py", ".pt", ".pth")):  # a file: relative to the config, like every other path
             model["target"] = f"{rel(mod)}:{attr}"
     ver = data.get("verify")
     if isinstance(ver, dict):

@@ -4,11 +4,16 @@ The safetensors file carries its final ``__metadata__`` (config digest, source f
 np2torch version: no paths or timestamps, so reruns are byte-identical). When the converted
 file already has exactly that header it *is* the export: it is hard-linked into place (no data
 written; a copy where links are impossible). Otherwise the header is rewritten and the data
-copied in the kernel (``copy_file_range``), not through Python. Every file appears under a
-temporary name and is renamed, so a killed run never leaves a partial file under a final name
-and the previous export survives until the new one is complete. Before success is reported,
-the exported file is re-read once, streaming: every tensor's blake3 is checked against the
-converted one (and the file's sha256 computed in the same read, for the audit record).
+copied in the kernel (``copy_file_range``), not through Python.
+
+Every file is first written, fsynced and checked under a hidden staging name in the export
+folder; only when all of them are complete are they renamed over the final names. A full
+disk, an error or ``kill -9`` therefore never leaves a partial file under a final name, and the
+previous export stays byte-identical until the new one is complete (the renames themselves
+take microseconds). Staging files of a killed run are removed by the next export into the same
+folder. Before a file is published, the staged safetensors is re-read once, streaming: every
+tensor's blake3 is checked against the converted one (and the file's sha256 computed in the
+same read, for the audit record).
 
 Memory stays at a few read buffers whatever the model size; only ``model.pt`` (``torch.save``
 of the memory-mapped tensors) touches every page of the model while it is written.
@@ -16,9 +21,14 @@ of the memory-mapped tensors) touches every page of the model while it is writte
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import json
 import os
+import re
+import secrets
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +44,9 @@ from tasks.st_io import ST_DTYPES, MappedSafetensors, plan_header, read_header
 __all__ = ["write_safetensors_with_metadata", "check_export", "export_outputs"]
 
 _COPY_CHUNK = 64 << 20
+# ".np2torch.<host>.<pid>.<token>.<final name>" (and atomic_writer's "." + that + ".XXXX.tmp")
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_STAGED = re.compile(r"^\.+np2torch\.(?P<host>[0-9a-f]{8})\.(?P<pid>\d+)\.")
 
 
 def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
@@ -138,6 +151,41 @@ def check_export(path: Path, tensors: dict[str, dict[str, Any]], *, reread: bool
         remember(path, "sha256", sha, own=True)  # np2torch wrote it and just re-read every byte
 
 
+def _staging_path(out_dir: Path, final: str) -> Path:
+    return out_dir / f".np2torch.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.{final}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clear_dead_staging(out_dir: Path) -> None:
+    """Remove staging files left by a killed export on this host (a live one's are kept)."""
+    for p in out_dir.iterdir():
+        m = _STAGED.match(p.name)
+        if m and m["host"] == _HOST and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def _publish(staged: list[tuple[Path, Path]], out_dir: Path) -> None:
+    """Rename every complete staged file over its final name, then make the renames durable."""
+    for tmp, final in staged:
+        os.replace(tmp, final)
+    with contextlib.suppress(OSError):
+        fd = os.open(out_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def export_outputs(*, converted: Path, tensors: dict[str, dict[str, Any]], manifest_rows: list[dict[str, Any]], out_dir: Path,
                    formats: list[str], metadata: dict[str, str]) -> list[dict[str, Any]]:
     """Write the export files into ``out_dir``; return path/bytes/sha256 for each."""
@@ -149,31 +197,46 @@ def export_outputs(*, converted: Path, tensors: dict[str, dict[str, Any]], manif
     except OSError as exc:
         raise ExportError(f"cannot write to the export folder: {exc.strerror}", key=str(out_dir), fix="choose a writable export.dir (--set export.dir=...)") from None
     outputs = []
+    staged: list[tuple[Path, Path]] = []
+
+    def stage(name: str) -> Path:
+        staged.append((_staging_path(out_dir, name), out_dir / name))
+        outputs.append(out_dir / name)
+        return staged[-1][0]
+
     try:
-        st = out_dir / "model.safetensors"
+        _clear_dead_staging(out_dir)
+        st = stage("model.safetensors")
         linked = write_safetensors_with_metadata(converted, st, metadata)
         check_export(st, tensors, reread=not linked)
-        outputs.append(st)
         if "pt" in formats:
-            pt = out_dir / "model.pt"
-            with MappedSafetensors(converted) as mapped, atomic_writer(pt, "wb") as fh:
+            with MappedSafetensors(converted) as mapped, atomic_writer(stage("model.pt"), "wb") as fh:
                 torch.save(mapped.state, fh)
-            outputs.append(pt)
-        mf = out_dir / "manifest.csv"
-        with atomic_writer(mf, "w") as fh:
+        with atomic_writer(stage("manifest.csv"), "w") as fh:
             fh.write(to_csv(manifest_rows))
-        outputs.append(mf)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ExportError("the disk is full; the previous export (if any) is untouched", key=str(out_dir),
-                              fix="free space or choose another export.dir, then rerun") from None
-        if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-            raise ExportError(f"cannot write: {exc.strerror}", key=str(exc.filename or out_dir), fix="choose a writable export.dir") from None
+        _publish(staged, out_dir)
+    except BaseException as exc:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        if isinstance(exc, OSError) and (err := _export_error(exc, out_dir)) is not None:
+            raise err from None
         raise
     fps = [file_fingerprint(p) for p in outputs]
     for fp in fps:  # written and hashed by np2torch just now: a rerun need not read them again
         remember(fp["path"], "sha256", fp["sha256"], own=True)
     return fps
+
+
+def _export_error(exc: OSError, out_dir: Path) -> ExportError | None:
+    """The user-facing error for a write that failed for a reason the user can fix; None otherwise."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ExportError("the disk is full; the previous export (if any) is untouched", key=str(out_dir),
+                           fix="free space or choose another export.dir, then rerun")
+    if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return ExportError(f"cannot write: {exc.strerror}; the previous export (if any) is untouched", key=str(exc.filename or out_dir),
+                           fix="choose a writable export.dir")
+    return None
 
 
 def dumps(obj: Any) -> str:

@@ -535,6 +535,8 @@ class _Mapper:
         if c.candidates:
             note = (note + "; " if note else "") + f"{len(c.candidates)} layouts fit the shapes: unverified until a reference output decides"
         src_dtype = recs[0].dtype
+        tdt = target_dtype_for(t, src_dtype, convert_dtype)
+        out_of_range = [r.n_out_of_range.get(tdt, [0, 0]) for r in recs]
         return new_row(
             target_key=t.key, source_key=" + ".join(c.sources), transform=T.describe(c.spec),
             source_shape=[list(r.shape) for r in recs] if len(recs) > 1 else list(recs[0].shape),
@@ -544,6 +546,7 @@ class _Mapper:
             verified=not c.candidates, candidates=c.candidates, how=c.how, note=note,
             n_nonfinite=sum(r.n_nonfinite for r in recs), absmax=max(r.absmax for r in recs),
             absmin_nonzero=min((r.absmin_nonzero for r in recs if r.absmin_nonzero > 0), default=0.0),
+            n_overflow=sum(o for o, _ in out_of_range), n_underflow=sum(u for _, u in out_of_range),
             sources=c.sources, transform_spec=c.spec, concat="" if c.concat is None else c.concat,
         )
 

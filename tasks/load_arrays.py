@@ -26,7 +26,7 @@ import re
 import struct
 import zipfile
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,16 @@ _OPT_IN = "set `source.allow_pickle: true` in the config (or pass --allow-pickle
 # across the few passes each piece needs
 _STATS_CHUNK = 1 << 20
 _UINT_OF_SIZE = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+# Largest finite value and smallest positive subnormal of each float dtype a source may be cast
+# to. A value above the first becomes inf; a nonzero value at or below half the second becomes 0.
+FLOAT_LIMITS: dict[str, tuple[float, float]] = {
+    "float16": (65504.0, 2.0**-24),
+    "bfloat16": (3.3895313892515355e38, 2.0**-133),
+    "float32": (float(np.finfo(np.float32).max), float(np.finfo(np.float32).smallest_subnormal)),
+}
+# Keys end up in tables, CSV files and terminals: a control character (ESC, newline) in one is
+# hostile or broken, never a parameter name.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,9 @@ class ArrayRecord:
     n_nonfinite: int = 0  # NaN/Inf count (validate refuses them unless allowed)
     absmax: float = 0.0  # largest |x| among finite values (dtype overflow check before casting)
     absmin_nonzero: float = 0.0  # smallest nonzero |x| (underflow check); 0 when all zero
+    # per float dtype of FLOAT_LIMITS: [count that overflows, count of nonzeros that underflow to 0];
+    # only dtypes with a nonzero count are listed
+    n_out_of_range: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def numel(self) -> int:
@@ -121,6 +134,8 @@ def _read_npy_header(fh, *, where: str) -> tuple[tuple[int, ...], bool, np.dtype
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh, max_header_size=_MAX_HEADER)
         else:
             raise ValueError(f"unsupported .npy format version {version}")
+    except (zipfile.BadZipFile, zlib.error) as exc:  # reading an archive member checks its CRC/stream
+        raise LoadError(f"archive member is corrupt: {exc}", key=where, fix="re-copy or re-create the .npz") from None
     except Exception as exc:  # numpy raises ValueError, EOFError, SyntaxError… on garbage
         raise LoadError(
             f"not a valid .npy header: {exc}",
@@ -176,7 +191,7 @@ def _scan_npy_file(path: Path, key: str, *, allow_pickle: bool, problems: list[P
             actual=size - hlen,
             fix="re-copy or re-export the file; it was cut short",
         )
-    info = cached_by_stat(path, f"array-info@{hlen}", lambda: _region_info(path, hlen, nbytes, dtype, shape))
+    info = cached_by_stat(path, f"array-info2@{hlen}", lambda: _region_info(path, hlen, nbytes, dtype, shape))
     return [ArrayRecord(key, str(path), None, None, hlen, shape, dtype.str, fortran, nbytes, **info)]
 
 
@@ -191,6 +206,7 @@ def _stats(flat: np.ndarray, acc: dict[str, Any]) -> None:
             nz = a[a > 0]
             if nz.size:
                 acc["absmin_nonzero"] = float(nz.min()) if acc["absmin_nonzero"] == 0 else min(acc["absmin_nonzero"], float(nz.min()))
+                _count_out_of_range(a, float(a.max()), float(nz.min()), acc)
         return
     finite = np.isfinite(flat)
     n_bad = int(flat.size - np.count_nonzero(finite))
@@ -202,6 +218,22 @@ def _stats(flat: np.ndarray, acc: dict[str, Any]) -> None:
         if nz.size:
             m = float(nz.min())
             acc["absmin_nonzero"] = m if acc["absmin_nonzero"] == 0 else min(acc["absmin_nonzero"], m)
+            _count_out_of_range(a, float(a.max()), m, acc)
+
+
+def _count_out_of_range(a: np.ndarray, hi: float, lo: float, acc: dict[str, Any]) -> None:
+    """Add the chunk's overflow/underflow counts per FLOAT_LIMITS dtype (``a`` is finite |x|).
+
+    Counted only when the chunk's range crosses a limit, so ordinary weights cost two compares.
+    """
+    for name, (big, tiny) in FLOAT_LIMITS.items():
+        if hi <= big and lo > tiny / 2:
+            continue
+        over = int(np.count_nonzero(a > big)) if hi > big else 0
+        under = int(np.count_nonzero((a > 0) & (a <= tiny / 2))) if lo <= tiny / 2 else 0
+        if over or under:
+            o, u = acc.setdefault("n_out_of_range", {}).get(name, [0, 0])
+            acc["n_out_of_range"][name] = [o + over, u + under]
 
 
 def _stats_finite_float(flat: np.ndarray, acc: dict[str, Any]) -> bool:
@@ -220,9 +252,12 @@ def _stats_finite_float(flat: np.ndarray, acc: dict[str, Any]) -> bool:
     bits = np.bitwise_and(a.view(utype), utype(np.iinfo(utype).max >> 1))
     bits -= utype(1)
     smallest = bits.min() + utype(1)  # wraps back to 0 when every value is zero
-    acc["absmax"] = max(acc["absmax"], float(max(abs(hi), abs(lo))))
+    big = float(max(abs(hi), abs(lo)))
+    m = float(np.array([smallest], dtype=utype).view(a.dtype)[0]) if smallest else 0.0
+    if any(big > top or 0 < m <= tiny / 2 for top, tiny in FLOAT_LIMITS.values()):
+        return False  # values a cast would lose: the slow path counts them per dtype
+    acc["absmax"] = max(acc["absmax"], big)
     if smallest:
-        m = float(np.array([smallest], dtype=utype).view(a.dtype)[0])
         acc["absmin_nonzero"] = m if acc["absmin_nonzero"] == 0 else min(acc["absmin_nonzero"], m)
     return True
 
@@ -283,23 +318,36 @@ _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
 
 
 def _member_data_offset(fh, info: zipfile.ZipInfo, where: str) -> int:
+    if info.header_offset < 0:  # a corrupt directory entry (zipfile does not check it)
+        raise LoadError("archive member has a corrupt directory entry (negative offset)", key=where, fix="re-create the .npz")
     fh.seek(info.header_offset)
     raw = fh.read(_LOCAL_HEADER.size)
     if len(raw) != _LOCAL_HEADER.size or raw[:4] != b"PK\x03\x04":
         raise LoadError("archive member has a corrupt local header", key=where, fix="re-create the .npz")
     fields = _LOCAL_HEADER.unpack(raw)
+    name = fh.read(fields[10])
+    # as zipfile does when it opens a member: the local name must be the directory's name
+    if name.decode("utf-8" if fields[3] & 0x800 else "cp437", errors="replace") != info.orig_filename:
+        raise LoadError("archive member's local header names another file than its directory entry", key=where,
+                        expected=info.orig_filename, actual=name.decode("utf-8", errors="replace"), fix="re-create the .npz")
     return info.header_offset + _LOCAL_HEADER.size + fields[10] + fields[11]
 
 
 def _scan_npz(path: Path, *, allow_pickle: bool, problems: list[Problem]) -> list[ArrayRecord]:
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - zipfile raises BadZipFile, NotImplementedError, ValueError… on garbage
+        if isinstance(exc, PermissionError):
+            raise
         raise LoadError(f"not a readable .npz (zip) archive: {exc}", key=str(path), fix="re-create it with np.savez") from None
     records: list[ArrayRecord] = []
     with zf, open(path, "rb") as fh:
         infos = [i for i in zf.infolist() if not i.is_dir()]
         names = [i.filename for i in infos]
+        odd = [n for n in names if _CONTROL.search(n)]
+        if odd:  # checked first: every later message names the member, and must not carry an ESC to the terminal
+            raise LoadError(f"member name {odd[0]!r} contains control characters; refusing to use it as a parameter name", key=str(path),
+                            fix="re-create the archive with printable member names")
         dups = sorted({n for n in names if names.count(n) > 1})
         if dups:
             raise LoadError(
@@ -311,13 +359,24 @@ def _scan_npz(path: Path, *, allow_pickle: bool, problems: list[Problem]) -> lis
         _prime_npz(path, fh, infos, size)
         for info in infos:
             where = f"{path}::{info.filename}"
+            if info.flag_bits & 0x61:  # bit 0 encrypted, 5 patched data, 6 strong encryption
+                raise LoadError("archive member is encrypted or patched; only plain members can be read", key=where,
+                                fix="re-create the archive with np.savez / np.savez_compressed")
             key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
             if info.compress_type == zipfile.ZIP_STORED:
                 data_start = _member_data_offset(fh, info, where)
                 if data_start + info.file_size > size:
                     raise LoadError("archive member is truncated", key=where, expected=info.file_size, actual=max(0, size - data_start), fix="re-copy the file")
                 fh.seek(data_start)
-                shape, fortran, dtype, hlen = _read_npy_header(fh, where=where)
+                try:
+                    shape, fortran, dtype, hlen = _read_npy_header(fh, where=where)
+                except LoadError:
+                    # a flipped bit in the header is corruption of the archive, not a foreign file
+                    crc = _crc_region(path, data_start, info.file_size)
+                    if crc != info.CRC:
+                        raise LoadError("archive member fails its CRC check: the bytes are corrupt", key=where, expected=f"{info.CRC:08x}",
+                                        actual=f"{crc:08x}", fix="re-copy or re-create the file") from None
+                    raise
                 offset = data_start + hlen
                 if dtype.hasobject:
                     records += _scan_pickled(path, allow_pickle=allow_pickle, member=info.filename, problems=problems)
@@ -334,8 +393,8 @@ def _scan_npz(path: Path, *, allow_pickle: bool, problems: list[Problem]) -> lis
                 try:
                     with zf.open(info) as mf:
                         shape, fortran, dtype, hlen = _read_npy_header(mf, where=where)
-                except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
-                    raise LoadError(f"archive member is corrupt: {exc}", key=where, fix="re-create the .npz") from None
+                except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as exc:
+                    raise LoadError(f"archive member is corrupt or unsupported: {exc}", key=where, fix="re-create the .npz") from None
                 offset = -1
                 if dtype.hasobject:
                     records += _scan_pickled(path, allow_pickle=allow_pickle, member=info.filename, problems=problems)
@@ -353,7 +412,7 @@ def _scan_npz(path: Path, *, allow_pickle: bool, problems: list[Problem]) -> lis
                 )
             minfo = cached_by_stat(
                 path,
-                f"npz-member-info:{info.filename}",
+                f"npz-member-info2:{info.filename}",
                 functools.partial(_member_info, path, zf_path=path, info=info, offset=offset, nbytes=nbytes, dtype=dtype, shape=shape, where=where),
             )
             records.append(ArrayRecord(key, str(path), info.filename, None, offset, shape, dtype.str, fortran, nbytes, **minfo))
@@ -368,7 +427,7 @@ def _prime_npz(path: Path, fh, infos: list[zipfile.ZipInfo], size: int) -> None:
     """
     todo = []
     for info in infos:
-        if info.compress_type != zipfile.ZIP_STORED or peek(path, f"npz-member-info:{info.filename}") is not None:
+        if info.compress_type != zipfile.ZIP_STORED or peek(path, f"npz-member-info2:{info.filename}") is not None:
             continue
         try:
             data_start = _member_data_offset(fh, info, str(path))
@@ -394,7 +453,7 @@ def _prime_npz(path: Path, fh, infos: list[zipfile.ZipInfo], size: int) -> None:
     remember(path, "sha256", sha, version=version)
     for i, (info, _, _, _, dtype, shape) in enumerate(todo):
         if crcs[i][0] & 0xFFFFFFFF == info.CRC:
-            remember(path, f"npz-member-info:{info.filename}", _info(feeds[i], dtype, shape, digests[2 * i + 1]), version=version)
+            remember(path, f"npz-member-info2:{info.filename}", _info(feeds[i], dtype, shape, digests[2 * i + 1]), version=version)
 
 
 def _member_info(path: Path, *, zf_path: Path, info: zipfile.ZipInfo, offset: int, nbytes: int, dtype: np.dtype, shape, where: str) -> dict[str, Any]:
@@ -408,7 +467,7 @@ def _member_info(path: Path, *, zf_path: Path, info: zipfile.ZipInfo, offset: in
         try:
             with zf.open(info) as mf:
                 arr = np.lib.format.read_array(mf, allow_pickle=False)
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError, RuntimeError) as exc:
             raise LoadError(f"archive member is corrupt: {exc}", key=where, fix="re-create the .npz") from None
     return _array_info(arr)
 
@@ -561,6 +620,10 @@ def scan_source(path: str | Path, *, fmt: str = "auto", allow_pickle: bool = Fal
         raise LoadError(f"cannot read: {exc.strerror}", key=exc.filename or str(path), fix="check the file's permissions") from None
     if problems:
         raise LoadError(f"{len(problems)} array(s) cannot be model parameters", key=str(path), problems=problems, fix=problems[0]["fix"])
+    bad = [r.key for r in records if _CONTROL.search(r.key)]
+    if bad:
+        raise LoadError(f"key {bad[0]!r} contains control characters; refusing to use it as a parameter name", key=str(path),
+                        fix="rename the array (member or file name) to printable characters")
     if key_prefix:
         records = [r if not r.key.startswith(key_prefix) else _replace_key(r, r.key[len(key_prefix):]) for r in records]
     keys = [r.key for r in records]
@@ -590,6 +653,10 @@ def open_array(rec: ArrayRecord) -> np.ndarray:
     if rec.offset >= 0:
         if rec.nbytes == 0:
             return np.empty(rec.shape, dtype=dtype)
+        size = os.stat(rec.file).st_size
+        if rec.offset + rec.nbytes > size:  # touching a mapping past the end of a file is SIGBUS, not an error
+            raise LoadError("file is shorter than when it was scanned (it changed or was cut short)", key=f"{rec.file}::{rec.key}",
+                            expected=rec.offset + rec.nbytes, actual=size, fix="rerun with --refresh")
         return np.memmap(rec.file, dtype=dtype, mode="r", offset=rec.offset, shape=rec.shape, order="F" if rec.fortran_order else "C")
     with zipfile.ZipFile(rec.file) as zf, zf.open(rec.member) as mf:
         return np.lib.format.read_array(mf, allow_pickle=False)
@@ -646,7 +713,7 @@ def _prime_file(path: Path) -> None:
             shape, _, dtype, hlen = _read_npy_header(fh, where=str(path))
             if dtype.hasobject or dtype.kind not in _NUMERIC_KINDS or hlen + _nbytes(shape, dtype) > path.stat().st_size:
                 return
-            cached_by_stat(path, f"array-info@{hlen}", lambda: _region_info(path, hlen, _nbytes(shape, dtype), dtype, shape))
+            cached_by_stat(path, f"array-info2@{hlen}", lambda: _region_info(path, hlen, _nbytes(shape, dtype), dtype, shape))
         elif head[:4] == b"PK\x03\x04":
             with zipfile.ZipFile(path) as zf:
                 _prime_npz(path, fh, [i for i in zf.infolist() if not i.is_dir()], path.stat().st_size)

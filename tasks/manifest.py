@@ -38,6 +38,8 @@ COLUMNS = [
     "n_nonfinite",
     "absmax",
     "absmin_nonzero",
+    "n_overflow",  # source values beyond target_dtype's range (they would become inf)
+    "n_underflow",  # nonzero source values that would become 0 in target_dtype
     "sources",  # JSON list of source keys (machine form of source_key)
     "transform_spec",  # JSON list of [name, arg] (machine form of transform)
     "concat",  # axis to join several sources on, or ""
@@ -50,7 +52,7 @@ STATUSES = ("mapped", "zeros", "allowed_missing", "missing", "unused", "ignored"
 def new_row(**kw: Any) -> dict[str, Any]:
     row: dict[str, Any] = {c: "" for c in COLUMNS}
     row.update(confidence=0.0, verified=True, candidates="[]", evidence="{}", numel=0, n_nonfinite=0, absmax=0.0,
-               absmin_nonzero=0.0, sources="[]", transform_spec="[]", source_shape="[]", target_shape="[]", result_shape="[]")
+               absmin_nonzero=0.0, n_overflow=0, n_underflow=0, sources="[]", transform_spec="[]", source_shape="[]", target_shape="[]", result_shape="[]")
     for k, v in kw.items():
         if k not in row:
             raise KeyError(k)

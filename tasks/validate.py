@@ -16,14 +16,13 @@ import pandas as pd
 import pandera.pandas as pa
 
 from tasks.errors import Problem, ValidationError
+from tasks.load_arrays import FLOAT_LIMITS
 from tasks.manifest import COLUMNS
 
 __all__ = ["manifest_schema", "validate_manifest", "failure_table"]
 
 _RANGE = {  # largest finite value and smallest positive subnormal of each float target dtype
-    "float16": (65504.0, 2.0**-24),
-    "bfloat16": (3.3895313892515355e38, 9.183549615799121e-41),
-    "float32": (float(np.finfo(np.float32).max), float(np.finfo(np.float32).smallest_subnormal)),
+    **FLOAT_LIMITS,
     "float64": (float(np.finfo(np.float64).max), float(np.finfo(np.float64).smallest_subnormal)),
 }
 _FIX = {
@@ -93,8 +92,8 @@ def _in_range(df: pd.DataFrame) -> pd.Series:
 def _no_underflow(df: pd.DataFrame) -> pd.Series:
     tiny = df["target_dtype"].map(lambda d: _RANGE.get(d, (np.inf, 0.0))[1])
     a = df["absmin_nonzero"].astype(float)
-    # a nonzero value below half the smallest subnormal rounds to zero: information lost
-    return (df["status"] != "mapped") | (a == 0) | (a >= tiny / 2)
+    # a nonzero value at or below half the smallest subnormal rounds to zero (ties go to even, 0)
+    return (df["status"] != "mapped") | (a == 0) | (a > tiny / 2)
 
 
 def manifest_schema(*, allow_nonfinite: bool = False) -> pa.DataFrameSchema:
@@ -132,6 +131,8 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=COLUMNS)
     df["confidence"] = df["confidence"].astype(float)
     df["numel"] = df["numel"].astype(np.int64)
+    for c in ("n_overflow", "n_underflow"):
+        df[c] = df[c].replace("", 0).fillna(0).astype(np.int64)
     for c in ("target_key", "status", "source_key", "target_dtype", "source_dtype", "result_shape", "target_shape", "how"):
         df[c] = df[c].astype(str)
     return df
@@ -171,11 +172,14 @@ def _problem_for(name: str, row: pd.Series, key: str) -> Problem:
     if name == "finite":
         return Problem(key, f"source {row['source_key'] or key} holds {row['n_nonfinite']} NaN/Inf value(s)", fix=_FIX[name])
     if name == "overflow":
-        return Problem(key, f"source {row['source_key']} has |x| up to {float(row['absmax']):.6g}, beyond {row['target_dtype']}'s maximum {_RANGE[row['target_dtype']][0]:.6g}",
-                       expected=f"|x| ≤ {_RANGE[row['target_dtype']][0]:.6g}", actual=f"{float(row['absmax']):.6g}", fix=_FIX[name])
+        big, n = _RANGE[row["target_dtype"]][0], int(row["n_overflow"])
+        return Problem(key, f"{_count(n, 'value(s)')} of source {row['source_key']} exceed {row['target_dtype']}'s maximum {big:.6g} "
+                            f"(largest |x| {float(row['absmax']):.6g})",
+                       expected=f"|x| ≤ {big:.6g}", actual=f"{_count(n, 'value(s)')} beyond it", fix=_FIX[name])
     if name == "underflow":
-        return Problem(key, f"source {row['source_key']} has nonzero |x| down to {float(row['absmin_nonzero']):.3g}, which becomes 0 in {row['target_dtype']}",
-                       fix=_FIX[name])
+        n = int(row["n_underflow"])
+        return Problem(key, f"{_count(n, 'nonzero value(s)')} of source {row['source_key']} become 0 in {row['target_dtype']} "
+                            f"(smallest |x| {float(row['absmin_nonzero']):.3g})", fix=_FIX[name])
     if name == "dtype":
         return Problem(key, f"source dtype {row['source_dtype']} cannot become {row['target_dtype']}", expected=row["target_dtype"], actual=row["source_dtype"], fix=_FIX[name])
     if name == "numel":
@@ -183,6 +187,10 @@ def _problem_for(name: str, row: pd.Series, key: str) -> Problem:
     if name == "unique":
         return Problem(key, "claimed by more than one source/rule", fix=_FIX[name])
     return Problem(key, f"fails check {name}")
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" if n else what.replace("(s)", "s")  # 0: a manifest made before counts were recorded
 
 
 def validate_manifest(rows: list[dict[str, Any]], *, allow_nonfinite: bool = False) -> list[dict[str, Any]]:

@@ -19,7 +19,8 @@ from torch import nn
 
 from tasks.config import InputSpec, VerifySpec
 from tasks.convert import check_device, load_into_model
-from tasks.errors import VerifyError
+from tasks.errors import LoadError, VerifyError
+from tasks.load_arrays import open_array, scan_source
 from tasks.model import build_model, describe_targets
 from tasks.st_io import MappedSafetensors
 
@@ -29,13 +30,12 @@ __all__ = ["make_inputs", "load_reference", "compare", "run_forward", "verify_fo
 def _load_arrays_file(path: Path, what: str) -> list[np.ndarray]:
     if not path.is_file():
         raise VerifyError(f"{what} file does not exist", key=str(path), fix=f"check verify.{what} (relative to the config file)")
+    # through the source reader: the same checks (truncation, zip bombs, no pickles) as the weights
     try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                return [z[k] for k in z.files]
-        return [np.load(path, allow_pickle=False)]
-    except (ValueError, OSError, EOFError) as exc:
-        raise VerifyError(f"cannot read {what}: {exc}", key=str(path), fix="save it with np.save / np.savez (no pickles)") from None
+        return [np.asarray(open_array(r)) for r in scan_source(path, fmt="npz" if path.suffix == ".npz" else "npy")]
+    except LoadError as exc:
+        raise VerifyError(f"cannot read verify.{what}: {exc.message}", key=exc.key or str(path), expected=exc.expected, actual=exc.actual,
+                          fix="save it with np.save / np.savez (numeric arrays, no pickles)", problems=exc.problems) from None
 
 
 def make_inputs(spec: InputSpec | Path | None) -> list[np.ndarray]:
@@ -79,7 +79,7 @@ def run_forward(model: nn.Module, inputs: list[np.ndarray], device: torch.device
     fdt = _model_float_dtype(model)
     xs = []
     for x in inputs:
-        t = torch.from_numpy(np.ascontiguousarray(x))
+        t = torch.from_numpy(np.array(x, dtype=x.dtype.newbyteorder("="), order="C"))  # native, writable copy (inputs are small)
         if t.is_floating_point() and fdt is not None:
             t = t.to(fdt)
         xs.append(t.to(device))

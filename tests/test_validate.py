@@ -57,5 +57,5 @@ def test_float16_overflow_named_before_casting(tmp_path):
     arrays = {k: v.astype(np.float64) for k, v in tiny_arrays().items()}
     arrays["fc1.weight"][0, 0] = 1e6
     _, rows = _rows(write_tiny_case(tmp_path, arrays=arrays), ["convert.dtype=float16"])
-    with pytest.raises(ValidationError, match=r"`fc1.weight`: source fc1.weight has \|x\| up to 1e\+06, beyond float16's maximum 65504"):
+    with pytest.raises(ValidationError, match=r"`fc1.weight`: 1 value\(s\) of source fc1.weight exceed float16's maximum 65504 \(largest \|x\| 1e\+06\)"):
         validate_manifest(rows)
