@@ -206,7 +206,14 @@ def _progress_line(done: int, total: int, row: dict[str, Any]) -> str:
             f"in {row['seconds']:.2f}s (cache {row['cache_hits']})")
 
 
-@flow(name="np2torch-batch", validate_parameters=False)
+def _batch_run_name() -> str:
+    """``batch-<batch file stem>`` for every run, scheduled, triggered from the UI or from the CLI."""
+    from prefect.runtime import flow_run
+
+    return f"batch-{Path(str(flow_run.parameters.get('batch_config', 'batch'))).stem}"
+
+
+@flow(name="np2torch-batch", flow_run_name=_batch_run_name, validate_parameters=False)
 def batch_flow(batch_config: str, overrides: list[str] | None = None, dask: str | None = None, refresh: bool = False) -> list[dict[str, Any]]:
     """Convert every model of a batch config, each in its own child flow run; publish a summary.
 
@@ -275,8 +282,7 @@ def run_batch(batch_config: str | Path, overrides: list[str] | None = None, *, d
     path = Path(batch_config).resolve()
     plan_batch(load_batch_config(path, overrides or []))  # config errors surface before Prefect starts
     try:
-        rows = batch_flow.with_options(flow_run_name=f"batch-{path.stem}")(batch_config=str(path), overrides=list(overrides or []), dask=dask,
-                                                                            refresh=refresh)
+        rows = batch_flow(batch_config=str(path), overrides=list(overrides or []), dask=dask, refresh=refresh)
         return rows, None
     except BatchError as exc:
         return exc.rows, exc

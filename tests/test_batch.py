@@ -209,22 +209,22 @@ def test_dask_local_cluster_gives_identical_outputs(tmp_path: Path, example_data
     from distributed import Client, LocalCluster
 
     names = ["mlp", "seed-flat", "seed-pickled", "keras-cnn"]
-
-    def batch_for(tag: str) -> Path:
-        return write_batch(tmp_path / f"{tag}.yaml", [write_conversion(n, tmp_path / f"cfg-{tag}", tmp_path / f"out-{tag}") for n in names],
-                           max_parallel=2)
+    out = tmp_path / "out"
+    # one set of configs for both runs: the config digest is part of the safetensors metadata
+    batch = write_batch(tmp_path / "four.yaml", [write_conversion(n, tmp_path / "cfg", out) for n in names], max_parallel=2)
 
     t0 = time.perf_counter()
-    rows_thread, failure = run_batch(batch_for("thread"))
+    rows_thread, failure = run_batch(batch)
     t_thread = time.perf_counter() - t0
     assert failure is None
+    out.rename(tmp_path / "out-thread")
 
     # a fresh cache for the Dask run, so that its workers compute every stage themselves; the
     # worker processes inherit this environment
     monkeypatch.setenv("NP2TORCH_CACHE_DIR", str(tmp_path / "cache-dask"))
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, Client(cluster) as client:
         t0 = time.perf_counter()
-        rows_dask, failure = run_batch(batch_for("dask"), dask=cluster.scheduler_address)
+        rows_dask, failure = run_batch(batch, dask=cluster.scheduler_address)
         t_dask = time.perf_counter() - t0
         assert failure is None
         # the conversions ran in the worker processes, on this checkout's code
@@ -237,4 +237,4 @@ def test_dask_local_cluster_gives_identical_outputs(tmp_path: Path, example_data
     assert all(r["cache_hits"] == "0/6" for r in rows_dask)
     for name in names:
         for f in ("model.safetensors", "manifest.csv"):
-            assert _sha256(tmp_path / "out-dask" / name / f) == _sha256(tmp_path / "out-thread" / name / f), (name, f)
+            assert _sha256(out / name / f) == _sha256(tmp_path / "out-thread" / name / f), (name, f)
