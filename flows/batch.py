@@ -233,14 +233,18 @@ def batch_flow(batch_config: str, overrides: list[str] | None = None, dask: str 
     # 1. submit at most max_parallel conversions; 2. as each finishes, record it and submit the next
     with _api_url_for_workers(use_dask), runner:
         queue = list(jobs)
-        pending: list[PrefectFuture] = []
+        pending: dict[PrefectFuture, dict[str, str]] = {}
         while queue or pending:
             while queue and len(pending) < bc.max_parallel:
                 job = queue.pop(0)
-                pending.append(runner.submit(convert_one, parameters={**job, "overrides": [], "refresh": refresh}))
-            finished = next(as_completed(pending))
-            pending.remove(finished)
-            row = finished.result()
+                pending[runner.submit(convert_one, parameters={**job, "overrides": [], "refresh": refresh})] = job
+            finished = next(as_completed(list(pending)))
+            job = pending.pop(finished)
+            try:
+                row = finished.result()
+            except Exception as exc:  # the task itself died (e.g. a Dask worker was lost): still only this conversion
+                logger.error("conversion %s crashed: %s: %s", job["name"], type(exc).__name__, exc)
+                row = summary_row(job["name"], {}, status="failed", flow_run_id=None, error=f"{type(exc).__name__}: {exc}")
             rows[row["name"]] = row
             update_progress_artifact(artifact_id=progress_id, progress=100.0 * len(rows) / total)
             line = _progress_line(len(rows), total, row)

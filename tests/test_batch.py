@@ -200,6 +200,24 @@ def test_batch_reuses_the_cache_on_a_second_run(tmp_path: Path, example_data: Pa
     assert third[0]["cache_hits"] == "0/6"
 
 
+def test_a_crashed_conversion_task_is_reported_and_the_batch_goes_on(tmp_path: Path, example_data: Path, prefect_harness,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not a conversion failure but the task around it dying (as when a Dask worker is lost)."""
+    import flows.batch
+
+    def unreadable(flow_run_id: str | None) -> dict:
+        raise OSError("audit log unreadable")
+
+    monkeypatch.setattr(flows.batch, "_failed_record", unreadable)  # only consulted for a failed conversion
+    cfg, out = tmp_path / "cfg", tmp_path / "out"
+    batch = write_batch(tmp_path / "b.yaml", [write_conversion("mlp", cfg, out, name="mlp-broken", kwargs={"hidden": 17}),
+                                              write_conversion("mlp", cfg, out)], max_parallel=1)
+    rows, failure = run_batch(batch)
+    assert isinstance(failure, BatchError) and str(failure).startswith("[batch] 1 of 2 conversion(s) failed: mlp-broken")
+    assert rows[0]["status"] == "failed" and "audit log unreadable" in rows[0]["error"]
+    assert rows[1]["status"] == "success" and (out / "mlp" / "model.safetensors").is_file()
+
+
 @pytest.mark.slow
 def test_dask_local_cluster_gives_identical_outputs(tmp_path: Path, example_data: Path, prefect_harness,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
