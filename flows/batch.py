@@ -1,0 +1,309 @@
+"""The ``batch`` flow: many conversions, one parent flow run, one child flow run per conversion.
+
+The parent reads the batch config, picks the task runner it asks for (a thread pool, or Dask:
+a local cluster or an existing scheduler), and keeps at most ``max_parallel`` conversions in
+flight. Each conversion is a ``convert-one`` task that calls :func:`flows.convert.convert_flow`,
+so each becomes a real child flow run of the batch, named after the conversion, wherever the
+task runs (a thread here, or a Dask worker process on another machine). A conversion's failure
+is recorded and never stops the others; at the end the batch publishes one table row per
+conversion and fails, naming the failed ones, if any did.
+
+Only small records travel between the parent and the workers: config paths in, the audit
+record's summary out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture, as_completed
+from prefect.logging import get_run_logger
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from flows.convert import convert_flow
+from tasks import audit
+from tasks.config import BatchConfig, load_batch_config, load_config
+from tasks.errors import ConfigError, ConversionError
+
+__all__ = ["batch_flow", "run_batch", "run_batch_cli", "BatchError", "SUMMARY_COLUMNS", "make_task_runner", "plan_batch"]
+
+SUMMARY_COLUMNS = ["name", "status", "seconds", "cache_hits", "verification", "outputs", "error", "flow_run_id"]
+
+
+class BatchError(ConversionError):
+    """One or more conversions of a batch failed (exit status 1); ``rows`` holds the summary."""
+
+    stage = "batch"
+
+    def __init__(self, message: str, *, rows: list[dict[str, Any]] | None = None, **kwargs: Any):
+        super().__init__(message, **kwargs)
+        self.rows = list(rows or [])
+
+    def __reduce__(self):  # the summary rows must survive pickling like the other fields
+        return (_rebuild_batch_error, (self.message, self.fix, self.rows))
+
+
+def _rebuild_batch_error(message: str, fix: str | None, rows: list[dict[str, Any]]) -> BatchError:
+    return BatchError(message, fix=fix, rows=rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# planning (no Prefect): which conversions, under which names
+
+
+def plan_batch(bc: BatchConfig) -> list[dict[str, str]]:
+    """One job per conversion: its config path and the name its child flow run gets.
+
+    A config that does not load still gets a job (named after its file), so that its failure is
+    reported as that conversion's failure rather than stopping the batch. Two conversions that
+    would write the same outputs are a config error of the batch itself.
+    """
+    jobs: list[dict[str, str]] = []
+    seen_names: dict[str, str] = {}
+    seen_dirs: dict[str, str] = {}
+    for path in bc.conversions:
+        try:
+            cfg = load_config(path)
+            name, export_dir = cfg.name, str(cfg.export.dir)
+        except ConfigError:
+            name, export_dir = Path(path).stem, ""
+        if name in seen_names:
+            raise ConfigError(f"conversions {seen_names[name]} and {path} are both named {name!r}", key="conversions",
+                              fix="give every conversion of a batch its own `name:` (it names its outputs and its flow run)")
+        if export_dir and export_dir in seen_dirs:
+            raise ConfigError(f"conversions {seen_dirs[export_dir]} and {path} both export to {export_dir}", key="conversions",
+                              fix="give every conversion of a batch its own `export.dir`")
+        seen_names[name] = str(path)
+        if export_dir:
+            seen_dirs[export_dir] = str(path)
+        jobs.append({"name": name, "config_path": str(path)})
+    return jobs
+
+
+def make_task_runner(bc: BatchConfig, dask: str | None = None) -> TaskRunner:
+    """The runner the batch asks for; ``dask`` ("local" or a scheduler address) overrides the config."""
+    use_dask = dask is not None or bc.task_runner == "dask"
+    if not use_dask:
+        return ThreadPoolTaskRunner(max_workers=bc.max_parallel)
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:  # an optional dependency: say how to get it
+        raise ConfigError("the Dask task runner needs prefect-dask", key="task_runner", expected="prefect-dask installed",
+                          actual="not installed", fix="pip install 'np2torch[dask]' (prefect-dask and dask[distributed])") from None
+    address = dask if dask not in (None, "local") else bc.dask_address
+    if address:
+        return DaskTaskRunner(address=address)
+    # one thread per worker process: a conversion already uses every core torch gives it, and a
+    # process per conversion keeps one model's memory from another's
+    return DaskTaskRunner(cluster_kwargs={"n_workers": bc.dask_workers, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None})
+
+
+# ---------------------------------------------------------------------------------------------
+# one conversion, as a task that runs the child flow
+
+
+def _failed_record(flow_run_id: str | None) -> dict[str, Any]:
+    """The audit record the child flow wrote for this run (it writes one on failure too)."""
+    if not flow_run_id:
+        return {}
+    records, _ = audit.read_records()
+    for r in reversed(records):
+        if r.get("run_id") == flow_run_id:
+            return r
+    return {}
+
+
+def summary_row(name: str, record: dict[str, Any], *, status: str, flow_run_id: str | None, error: str = "",
+                seconds: float | None = None) -> dict[str, Any]:
+    """One row of the batch table from a conversion's audit record."""
+    stages = record.get("stages") or {}
+    v = record.get("verification") or {}
+    if not v:
+        verification = "—"
+    elif v.get("reference"):
+        verification = (f"{'passed' if v.get('passed') else 'FAILED'} (max abs {v.get('max_abs_error', 0):.3g}, "
+                        f"max rel {v.get('max_rel_error', 0):.3g})")
+    else:
+        verification = f"{'passed' if v.get('passed') else 'FAILED'} (shapes and finiteness; no reference)"
+    outputs = record.get("outputs") or []
+    return {
+        "name": name,
+        "status": status,
+        "seconds": round(float(record.get("seconds", seconds or 0.0)), 3),
+        "cache_hits": f"{sum(1 for s in stages.values() if s.get('cached'))}/{len(stages)}",
+        "verification": verification,
+        "outputs": _outputs_text([o["path"] for o in outputs]),
+        "error": error,
+        "flow_run_id": flow_run_id or "",
+    }
+
+
+def _outputs_text(paths: list[str]) -> str:
+    """``DIR/{a, b}``: the export folder once, then the file names."""
+    if not paths:
+        return ""
+    parents = {str(Path(p).parent) for p in paths}
+    if len(parents) > 1:
+        return ", ".join(paths)
+    return f"{parents.pop()}/{{{', '.join(Path(p).name for p in paths)}}}"
+
+
+@task(name="convert-one", task_run_name="convert-{name}", cache_policy=NO_CACHE, persist_result=False)
+def convert_one(config_path: str, name: str, overrides: list[str] | None = None, refresh: bool = False) -> dict[str, Any]:
+    """Run one conversion as a child flow run named after it; return its summary row, never raise."""
+    t0 = time.perf_counter()
+    state = convert_flow.with_options(flow_run_name=name)(config_path=config_path, overrides=list(overrides or []), refresh=refresh,
+                                                          return_state=True)
+    flow_run_id = str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None
+    if state.is_completed():
+        return summary_row(name, state.result(), status="success", flow_run_id=flow_run_id)
+    record = _failed_record(flow_run_id)
+    err = record.get("error") or {}
+    message = err.get("message") or state.message or state.name
+    if err.get("key"):
+        message = f"`{err['key']}`: {message}"
+    if err.get("stage"):
+        message = f"[{err['stage']}] {message}"
+    get_run_logger().error("conversion %s failed: %s", name, message)
+    return summary_row(name, record, status="failed", flow_run_id=flow_run_id, error=message, seconds=time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the parent flow
+
+
+@contextlib.contextmanager
+def _api_url_for_workers(use_dask: bool) -> Iterator[None]:
+    """Make the API address explicit so that Dask worker processes report to this server.
+
+    Without ``PREFECT_API_URL`` this process talks to a temporary server it started itself; the
+    task's serialized settings carry the address to the workers only if it is a setting.
+    """
+    from prefect.context import FlowRunContext
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    ctx = FlowRunContext.get()
+    if not use_dask or PREFECT_API_URL.value() or ctx is None or ctx.client is None:
+        yield
+        return
+    with temporary_settings(updates={PREFECT_API_URL: str(ctx.client.api_url).rstrip("/")}):
+        yield
+
+
+def _progress_line(done: int, total: int, row: dict[str, Any]) -> str:
+    width = 20
+    filled = round(width * done / total) if total else width
+    return (f"np2torch batch [{'#' * filled}{'.' * (width - filled)}] {done}/{total}  {row['name']}: {row['status']} "
+            f"in {row['seconds']:.2f}s (cache {row['cache_hits']})")
+
+
+def _batch_run_name() -> str:
+    """``batch-<batch file stem>`` for every run, scheduled, triggered from the UI or from the CLI."""
+    from prefect.runtime import flow_run
+
+    return f"batch-{Path(str(flow_run.parameters.get('batch_config', 'batch'))).stem}"
+
+
+@flow(name="np2torch-batch", flow_run_name=_batch_run_name, validate_parameters=False)
+def batch_flow(batch_config: str, overrides: list[str] | None = None, dask: str | None = None, refresh: bool = False) -> list[dict[str, Any]]:
+    """Convert every model of a batch config, each in its own child flow run; publish a summary.
+
+    ``dask``: None runs as the batch config says; "local" starts a local Dask cluster; an
+    address (tcp://host:8786) uses that scheduler.
+    """
+    logger = get_run_logger()
+    bc = load_batch_config(batch_config, overrides or [])
+    jobs = plan_batch(bc)
+    total = len(jobs)
+    runner = make_task_runner(bc, dask)
+    use_dask = type(runner).__name__ == "DaskTaskRunner"
+    logger.info("batch of %d conversion(s) on %s, at most %d at a time", total, type(runner).__name__, bc.max_parallel)
+    progress_id = create_progress_artifact(progress=0.0, key="np2torch-batch-progress",
+                                           description=f"np2torch batch {Path(batch_config).name}: conversions finished")
+    rows: dict[str, dict[str, Any]] = {}
+    # 1. submit at most max_parallel conversions; 2. as each finishes, record it and submit the next
+    with _api_url_for_workers(use_dask), runner:
+        queue = list(jobs)
+        pending: dict[PrefectFuture, dict[str, str]] = {}
+        while queue or pending:
+            while queue and len(pending) < bc.max_parallel:
+                job = queue.pop(0)
+                pending[runner.submit(convert_one, parameters={**job, "overrides": [], "refresh": refresh})] = job
+            finished = next(as_completed(list(pending)))
+            job = pending.pop(finished)
+            try:
+                row = finished.result()
+            except Exception as exc:  # the task itself died (e.g. a Dask worker was lost): still only this conversion
+                logger.error("conversion %s crashed: %s: %s", job["name"], type(exc).__name__, exc)
+                row = summary_row(job["name"], {}, status="failed", flow_run_id=None, error=f"{type(exc).__name__}: {exc}")
+            rows[row["name"]] = row
+            update_progress_artifact(artifact_id=progress_id, progress=100.0 * len(rows) / total)
+            line = _progress_line(len(rows), total, row)
+            print(line, file=sys.stderr, flush=True)
+            logger.info(line)
+    ordered = [rows[j["name"]] for j in jobs]  # the batch file's order, not completion order
+    # 3. one row per conversion, and a short summary
+    create_table_artifact(key="np2torch-batch-summary", table=ordered,
+                          description=f"np2torch batch {Path(batch_config).name}: one row per conversion")
+    failed = [r["name"] for r in ordered if r["status"] != "success"]
+    create_markdown_artifact(key="np2torch-batch-report", markdown=_report_markdown(batch_config, ordered, failed),
+                             description="np2torch batch outcome")
+    if failed:
+        raise BatchError(f"{len(failed)} of {total} conversion(s) failed: {', '.join(failed)}", rows=ordered,
+                         fix="see each failed conversion's child flow run (or `np2torch audit`) for its stage, key and fix")
+    return ordered
+
+
+def _report_markdown(batch_config: str, rows: list[dict[str, Any]], failed: list[str]) -> str:
+    head = f"# np2torch batch {Path(batch_config).name}: {len(rows) - len(failed)} of {len(rows)} succeeded"
+    lines = [head, ""]
+    if failed:
+        lines += [f"**Failed:** {', '.join(failed)}", ""]
+    lines += ["| conversion | status | seconds | cache hits | verification |", "|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['status']} | {r['seconds']} | {r['cache_hits']} | {r['verification']} |" for r in rows]
+    errors = [r for r in rows if r["error"]]
+    if errors:
+        lines += ["", "## Errors", ""] + [f"- **{r['name']}**: {r['error']}" for r in errors]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# entry points
+
+
+def run_batch(batch_config: str | Path, overrides: list[str] | None = None, *, dask: str | None = None,
+              refresh: bool = False) -> tuple[list[dict[str, Any]], BatchError | None]:
+    """Validate the batch config, run the flow; return its rows and the failure, if any."""
+    path = Path(batch_config).resolve()
+    plan_batch(load_batch_config(path, overrides or []))  # config errors surface before Prefect starts
+    try:
+        rows = batch_flow(batch_config=str(path), overrides=list(overrides or []), dask=dask, refresh=refresh)
+        return rows, None
+    except BatchError as exc:
+        return exc.rows, exc
+
+
+def run_batch_cli(args: Any) -> int:
+    """``np2torch batch``: print the summary table; exit 1 naming the failed conversions."""
+    from flows.cli import _print_table
+
+    rows, failure = run_batch(args.batch_config, args.set, dask=args.dask, refresh=args.refresh)
+    print()
+    _print_table(rows, ["name", "status", "seconds", "cache_hits", "verification", "outputs"])
+    if failure is not None:
+        for r in rows:
+            if r["error"]:
+                print(f"\n{r['name']}: {r['error']}", file=sys.stderr)
+        print(f"\nnp2torch: error: {failure}", file=sys.stderr)
+        return failure.exit_code
+    print(f"\n{len(rows)} conversion(s) succeeded")
+    return 0

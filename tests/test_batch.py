@@ -1,0 +1,258 @@
+"""``np2torch batch``: parent and child flow runs, max_parallel, failures, artifacts, Dask."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import re
+import sys
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+
+from flows.batch import BatchError, make_task_runner, plan_batch, run_batch, summary_row
+from flows.cli import main
+from flows.serve import build_deployment, check_cron
+from tasks.config import load_batch_config, load_config
+from tasks.errors import ConfigError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from batch_support import REPO, write_batch, write_conversion  # noqa: E402
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# plain logic (no Prefect)
+
+
+def test_plan_names_jobs_after_their_conversions_and_keeps_broken_ones(tmp_path: Path, example_data: Path) -> None:
+    a = write_conversion("mlp", tmp_path / "cfg", tmp_path / "out")
+    b = write_conversion("keras-cnn", tmp_path / "cfg", tmp_path / "out")
+    broken = tmp_path / "cfg" / "typo.yaml"
+    broken.write_text("name: typo\nsourse: {}\n")
+    jobs = plan_batch(load_batch_config(write_batch(tmp_path / "b.yaml", [a, broken, b])))
+    assert [j["name"] for j in jobs] == ["mlp", "typo", "keras-cnn"]  # the file's order; a broken config is its own failure
+    assert jobs[0]["config_path"] == str(a.resolve())
+
+
+def test_plan_rejects_two_conversions_with_one_name(tmp_path: Path, example_data: Path) -> None:
+    a = write_conversion("mlp", tmp_path / "one", tmp_path / "out1")
+    b = write_conversion("mlp", tmp_path / "two", tmp_path / "out2")
+    with pytest.raises(ConfigError, match=r"both named 'mlp'.*\n.*Fix: give every conversion of a batch its own `name:`"):
+        plan_batch(load_batch_config(write_batch(tmp_path / "b.yaml", [a, b])))
+
+
+def test_plan_rejects_two_conversions_writing_one_folder(tmp_path: Path, example_data: Path) -> None:
+    a = write_conversion("mlp", tmp_path / "cfg", tmp_path / "out")
+    b = write_conversion("keras-cnn", tmp_path / "cfg", tmp_path / "out")
+    b.write_text(b.read_text().replace(str(tmp_path / "out" / "keras-cnn"), str(tmp_path / "out" / "mlp")))
+    with pytest.raises(ConfigError, match=r"both export to .*out/mlp"):
+        plan_batch(load_batch_config(write_batch(tmp_path / "b.yaml", [a, b])))
+
+
+def test_bundled_batch_config_lists_every_example(example_data: Path) -> None:
+    jobs = plan_batch(load_batch_config(REPO / "configs" / "batch.yaml"))
+    assert [j["name"] for j in jobs] == ["mlp", "seed-flat", "seed-layers", "seed-pickled", "keras-cnn"]
+
+
+def test_task_runner_follows_config_and_cli(tmp_path: Path, example_data: Path) -> None:
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    a = write_conversion("mlp", tmp_path / "cfg", tmp_path / "out")
+    bc = load_batch_config(write_batch(tmp_path / "b.yaml", [a], max_parallel=3, dask_workers=4))
+    thread = make_task_runner(bc)
+    assert isinstance(thread, ThreadPoolTaskRunner) and thread._max_workers == 3
+    local = make_task_runner(bc, "local")
+    assert isinstance(local, DaskTaskRunner) and local.address is None
+    assert local.cluster_kwargs["n_workers"] == 4 and local.cluster_kwargs["processes"] is True
+    remote = make_task_runner(bc, "tcp://10.0.0.5:8786")
+    assert isinstance(remote, DaskTaskRunner) and remote.address == "tcp://10.0.0.5:8786"
+    from_config = make_task_runner(load_batch_config(write_batch(tmp_path / "c.yaml", [a], task_runner="dask", dask_address="tcp://h:1")))
+    assert isinstance(from_config, DaskTaskRunner) and from_config.address == "tcp://h:1"
+
+
+def test_what_travels_to_dask_workers_pickles(tmp_path: Path, example_data: Path) -> None:
+    """Configs (pydantic, with the private raw copy the digest covers) and batch errors survive pickling."""
+    import cloudpickle
+
+    cfg = load_config(write_conversion("keras-cnn", tmp_path / "cfg", tmp_path / "out"))
+    for dumps in (pickle.dumps, cloudpickle.dumps):
+        back = pickle.loads(dumps(cfg))
+        assert back == cfg and back.digest() == cfg.digest() and back._raw == cfg._raw
+    err = pickle.loads(pickle.dumps(BatchError("1 of 2 conversion(s) failed: x", rows=[{"name": "x"}], fix="see x")))
+    assert err.rows == [{"name": "x"}] and "Fix: see x" in str(err)
+
+
+def test_summary_row_reads_an_audit_record() -> None:
+    record = {"seconds": 1.23456, "stages": {"load-arrays": {"cached": True}, "export": {"cached": False}},
+              "verification": {"passed": True, "reference": True, "max_abs_error": 1.5e-7, "max_rel_error": 2e-6},
+              "outputs": [{"path": "/o/m/model.safetensors"}, {"path": "/o/m/manifest.csv"}]}
+    row = summary_row("m", record, status="success", flow_run_id="abc")
+    assert row == {"name": "m", "status": "success", "seconds": 1.235, "cache_hits": "1/2",
+                   "verification": "passed (max abs 1.5e-07, max rel 2e-06)", "outputs": "/o/m/{model.safetensors, manifest.csv}",
+                   "error": "", "flow_run_id": "abc"}
+
+
+def test_serve_checks_cron_and_batch_before_prefect(tmp_path: Path, example_data: Path) -> None:
+    with pytest.raises(ConfigError, match=r"(?s)`--cron`: 'every night' is not a valid cron schedule \(expected five fields.*Fix: quote it"):
+        check_cron("every night")
+    a = write_conversion("mlp", tmp_path / "cfg", tmp_path / "out")
+    batch = write_batch(tmp_path / "nightly.yaml", [a])
+    dep = build_deployment(batch, cron="0 2 * * *")
+    assert dep.name == "nightly" and dep.entrypoint == "flows.batch.batch_flow"
+    assert dep.parameters == {"batch_config": str(batch.resolve())}
+    assert [s.schedule.cron for s in dep.schedules] == ["0 2 * * *"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("conversions: []\nmax_paralel: 2\n")
+    assert main(["serve", str(bad), "--cron", "0 2 * * *"]) == 2
+
+
+def test_prefect_yaml_declares_the_nightly_batch_on_a_process_pool() -> None:
+    import yaml
+    from prefect.flows import load_flow_from_entrypoint
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    (dep,) = spec["deployments"]
+    assert dep["work_pool"]["name"] == "np2torch-process"
+    check_cron(dep["schedules"][0]["cron"])
+    assert (REPO / dep["parameters"]["batch_config"]).is_file()
+    flow_obj = load_flow_from_entrypoint(str(REPO / dep["entrypoint"]))
+    assert flow_obj.name == "np2torch-batch"
+    assert set(dep["parameters"]) <= set(flow_obj.parameters.properties)
+
+
+def test_cli_rejects_a_bad_batch_config_with_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("conversions: []\nmax_parallel: 0\n")
+    assert main(["batch", str(bad)]) == 2
+    assert "max_parallel" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# flows under the Prefect test harness
+
+
+def test_batch_runs_children_in_parallel_and_survives_a_failure(tmp_path: Path, example_data: Path, prefect_harness,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from prefect.artifacts import Artifact
+    from prefect.client.orchestration import get_client
+
+    cfg, out = tmp_path / "cfg", tmp_path / "out"
+    convs = [write_conversion("mlp", cfg, out), write_conversion("mlp", cfg, out, name="mlp-broken", kwargs={"hidden": 17}),
+             write_conversion("keras-cnn", cfg, out)]
+    batch = write_batch(tmp_path / "three.yaml", convs, max_parallel=2)
+
+    code = main(["batch", str(batch)])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "np2torch: error: [batch] 1 of 3 conversion(s) failed: mlp-broken" in captured.err
+    assert "np2torch batch [####################] 3/3" in captured.err  # the terminal progress line
+    assert re.search(r"^keras-cnn +success +[0-9.]+ +0/6 +passed", captured.out, re.M)
+    assert re.search(r"^mlp-broken +failed ", captured.out, re.M)
+    assert "mlp-broken: [validate] `fc1.weight`: the manifest fails" in captured.err  # its own message, stage and key
+    # the others converted and verified despite the failure
+    for name in ("mlp", "keras-cnn"):
+        assert (out / name / "model.safetensors").is_file() and (out / name / "report.json").is_file()
+    assert not (out / "mlp-broken").exists()
+
+    rows = Artifact.get("np2torch-batch-summary").data
+    rows = json.loads(rows) if isinstance(rows, str) else rows
+    by_name = {r["name"]: r for r in rows}
+    assert [r["name"] for r in rows] == ["mlp", "mlp-broken", "keras-cnn"]
+    assert by_name["mlp"]["status"] == "success" and by_name["keras-cnn"]["cache_hits"] == "0/6"
+    assert by_name["mlp"]["verification"].startswith("passed (max abs")
+    assert "model.safetensors" in by_name["keras-cnn"]["outputs"]
+    assert by_name["mlp-broken"]["status"] == "failed" and "fc1.weight" in by_name["mlp-broken"]["error"]
+
+    with get_client(sync_client=True) as client:
+        children = {r["name"]: client.read_flow_run(UUID(r["flow_run_id"])) for r in rows}
+        parents = set()
+        for name, child in children.items():
+            assert child.name == name  # each child flow run is named after its conversion
+            assert child.parent_task_run_id is not None
+            parents.add(client.read_task_run(child.parent_task_run_id).flow_run_id)
+        (parent_id,) = parents  # all children of one parent run
+        parent = client.read_flow_run(parent_id)
+        assert parent.name == "batch-three" and parent.state.is_failed()
+        assert children["mlp"].state.is_completed() and children["keras-cnn"].state.is_completed()
+        assert children["mlp-broken"].state.is_failed()
+        # never more than max_parallel children at once
+        spans = sorted((c.start_time, c.end_time) for c in children.values())
+        overlap = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
+        assert overlap <= 2
+        progress = [a for a in client.read_artifacts() if a.type == "progress" and a.flow_run_id == parent_id]
+        assert [float(a.data) for a in progress] == [100.0]
+
+
+def test_batch_reuses_the_cache_on_a_second_run(tmp_path: Path, example_data: Path, prefect_harness) -> None:
+    batch = write_batch(tmp_path / "b.yaml", [write_conversion("mlp", tmp_path / "cfg", tmp_path / "out")])
+    first, failure = run_batch(batch)
+    assert failure is None and first[0]["cache_hits"] == "0/6"
+    second, _ = run_batch(batch)
+    assert second[0]["cache_hits"] == "6/6" and second[0]["outputs"] == first[0]["outputs"]
+    third, _ = run_batch(batch, refresh=True)
+    assert third[0]["cache_hits"] == "0/6"
+
+
+def test_a_crashed_conversion_task_is_reported_and_the_batch_goes_on(tmp_path: Path, example_data: Path, prefect_harness,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not a conversion failure but the task around it dying (as when a Dask worker is lost)."""
+    import flows.batch
+
+    def unreadable(flow_run_id: str | None) -> dict:
+        raise OSError("audit log unreadable")
+
+    monkeypatch.setattr(flows.batch, "_failed_record", unreadable)  # only consulted for a failed conversion
+    cfg, out = tmp_path / "cfg", tmp_path / "out"
+    batch = write_batch(tmp_path / "b.yaml", [write_conversion("mlp", cfg, out, name="mlp-broken", kwargs={"hidden": 17}),
+                                              write_conversion("mlp", cfg, out)], max_parallel=1)
+    rows, failure = run_batch(batch)
+    assert isinstance(failure, BatchError) and str(failure).startswith("[batch] 1 of 2 conversion(s) failed: mlp-broken")
+    assert rows[0]["status"] == "failed" and "audit log unreadable" in rows[0]["error"]
+    assert rows[1]["status"] == "success" and (out / "mlp" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_dask_local_cluster_gives_identical_outputs(tmp_path: Path, example_data: Path, prefect_harness,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two Dask worker processes convert four examples; every output file equals the thread-pool run's."""
+    import time
+
+    from distributed import Client, LocalCluster
+
+    names = ["mlp", "seed-flat", "seed-pickled", "keras-cnn"]
+    out = tmp_path / "out"
+    # one set of configs for both runs: the config digest is part of the safetensors metadata
+    batch = write_batch(tmp_path / "four.yaml", [write_conversion(n, tmp_path / "cfg", out) for n in names], max_parallel=2)
+
+    t0 = time.perf_counter()
+    rows_thread, failure = run_batch(batch)
+    t_thread = time.perf_counter() - t0
+    assert failure is None
+    out.rename(tmp_path / "out-thread")
+
+    # a fresh cache for the Dask run, so that its workers compute every stage themselves; the
+    # worker processes inherit this environment
+    monkeypatch.setenv("NP2TORCH_CACHE_DIR", str(tmp_path / "cache-dask"))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, Client(cluster) as client:
+        t0 = time.perf_counter()
+        rows_dask, failure = run_batch(batch, dask=cluster.scheduler_address)
+        t_dask = time.perf_counter() - t0
+        assert failure is None
+        # the conversions ran in the worker processes, on this checkout's code
+        ran = client.run(lambda: (sys.modules["flows.convert"].__file__ if "flows.convert" in sys.modules else None))
+    assert len(ran) == 2 and any(ran.values())
+    assert {f for f in ran.values() if f} == {str(REPO / "flows" / "convert.py")}
+    print(f"\nthread pool: {t_thread:.1f}s, Dask LocalCluster(2 processes): {t_dask:.1f}s (cluster start excluded)")
+
+    assert [r["status"] for r in rows_dask] == ["success"] * len(names)
+    assert all(r["cache_hits"] == "0/6" for r in rows_dask)
+    for name in names:
+        for f in ("model.safetensors", "manifest.csv"):
+            assert _sha256(out / name / f) == _sha256(tmp_path / "out-thread" / name / f), (name, f)
