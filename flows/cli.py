@@ -285,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     # Prefect's anonymous usage heartbeat only adds noise ("database is locked") to a CLI run
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # the temporary API server can take longer than Prefect's 20 s default on a busy 2-core box
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-step set-up on a fresh machine: a virtual environment in .venv, the CPU build of torch
-# first (so nothing pulls a multi-GB CUDA build), then np2torch with its test extras, then the
-# bundled example data. Safe to rerun.
+# first (so nothing pulls a multi-GB CUDA build), then np2torch with its test extras, the
+# bundled example data, and (as root, where apt exists) Debian's Chromium for the UI test.
+# Safe to rerun.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -12,4 +13,12 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[dev]"
 .venv/bin/python data/make_examples.py
+# The browser test drives Debian's Chromium through Playwright (never a downloaded browser).
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "note: /usr/bin/chromium is missing; the browser test will be skipped (apt-get install chromium)"
+  fi
+fi
 echo "np2torch is set up. Activate it with: source .venv/bin/activate"

@@ -16,6 +16,7 @@ EXAMPLE_NAMES = ["mlp", "seed-flat", "seed-layers", "seed-pickled", "keras-cnn"]
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 @pytest.fixture(autouse=True)
