@@ -251,7 +251,8 @@ def _stats_finite_float(flat: np.ndarray, acc: dict[str, Any]) -> bool:
     utype = _UINT_OF_SIZE[a.dtype.itemsize]
     bits = np.bitwise_and(a.view(utype), utype(np.iinfo(utype).max >> 1))
     bits -= utype(1)
-    smallest = bits.min() + utype(1)  # wraps back to 0 when every value is zero
+    with np.errstate(over="ignore"):
+        smallest = bits.min() + utype(1)  # wraps back to 0 when every value is zero
     big = float(max(abs(hi), abs(lo)))
     m = float(np.array([smallest], dtype=utype).view(a.dtype)[0]) if smallest else 0.0
     if any(big > top or 0 < m <= tiny / 2 for top, tiny in FLOAT_LIMITS.values()):
