@@ -412,7 +412,10 @@ def build_manifest(cfg: Any, records: list[ArrayRecord]) -> list[dict[str, Any]]
 
     m = model_mod.build_model(cfg.model.target, cfg.model.kwargs, allow_unsafe_load=cfg.model.allow_unsafe_load)
     targets = model_mod.describe_targets(m)
-    flatten = probe_flatten(m, cfg.verify.input) if cfg.verify.input is not None else None
+    # a flatten that feeds a Linear only exists after spatial layers; skip the meta forward
+    # otherwise (on meta, decomposed ops like LayerNorm still cost ~0.5 s each for big layers)
+    spatial = any(k in type(mod).__name__ for mod in m.modules() for k in ("Conv", "Pool", "Upsample"))
+    flatten = probe_flatten(m, cfg.verify.input) if cfg.verify.input is not None and spatial else None
     rows = infer_mapping.infer_manifest(records, targets, cfg.mapping, convert_dtype=cfg.convert.dtype, flatten=flatten)
     v = cfg.verify
     if v.input is None or (v.reference_output is None and v.reference_activations is None):
