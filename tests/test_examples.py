@@ -62,3 +62,15 @@ def test_seed_flat_blind_reshape_would_be_garbage(example_data, out_dir):
     flat = np.load(example_data / "seed-flat" / "params.npy")
     np.testing.assert_array_equal(w, flat[:20].reshape(2, 10).T)
     assert not np.array_equal(w, flat[:20].reshape(10, 2))
+
+
+def test_exported_files_get_the_usual_mode_not_mkstemps_0600(example_data, out_dir):
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    cfg = load_config(example_config("mlp"), [f"export.dir={out_dir}"])
+    run_pipeline(cfg)
+    for name in ("model.safetensors", "model.pt", "manifest.csv"):
+        mode = os.stat(out_dir / name).st_mode & 0o777
+        assert mode & 0o044 == 0o044 & ~umask, f"{name} is {oct(mode)}: others cannot read it"
