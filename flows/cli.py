@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import ConfigError, ConversionError
+from tasks.errors import ConversionError
 
 __all__ = ["main"]
 

@@ -7,7 +7,6 @@ publishes the manifest table and a summary to the Prefect UI.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -192,7 +191,3 @@ def convert_config(config_path: str | Path, overrides: list[str] | None = None, 
     cfg = load_config(config_path, overrides or [])  # config errors surface before Prefect starts
     return convert_flow.with_options(flow_run_name=cfg.name)(config_path=str(Path(config_path).resolve()), overrides=list(overrides or []),
                                                              refresh=refresh)
-
-
-def dumps(record: dict[str, Any]) -> str:
-    return json.dumps(record, indent=2, sort_keys=True, default=str)

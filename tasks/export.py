@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import os
 import re
 import secrets
@@ -237,7 +236,3 @@ def _export_error(exc: OSError, out_dir: Path) -> ExportError | None:
         return ExportError(f"cannot write: {exc.strerror}; the previous export (if any) is untouched", key=str(exc.filename or out_dir),
                            fix="choose a writable export.dir")
     return None
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True)

@@ -9,7 +9,6 @@ and finiteness are checked. A forward pass that raises is a verify-stage error, 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +189,3 @@ def verify_forward_pass(*, model_target: str, model_kwargs: dict[str, Any], weig
                           fix="run `np2torch plan` and check low-confidence/unverified rows (layout: transpose vs reshape, flatten order); "
                               "loosen verify.rtol/atol only if the error is float rounding")
     return metrics
-
-
-def dumps(metrics: dict[str, Any]) -> str:
-    return json.dumps(metrics, sort_keys=True)

@@ -67,16 +67,9 @@ def copy_example(name: str, dest: Path) -> Path:
 
 def run_pipeline(cfg, *, refresh: bool = False) -> dict:
     """The six stages as plain functions, in order (no Prefect): stage name → record."""
-    from tasks import stages
+    from tasks.stages import run_all
 
-    loaded = stages.load_arrays_stage(cfg, refresh=refresh)
-    mapped = stages.infer_mapping_stage(cfg, loaded, refresh=refresh)
-    validated = stages.validate_stage(cfg, mapped, refresh=refresh)
-    converted = stages.convert_stage(cfg, loaded, validated, refresh=refresh)
-    verified = stages.verify_stage(cfg, converted, refresh=refresh)
-    exported = stages.export_stage(cfg, loaded, validated, converted, verified, refresh=refresh)
-    return {"load-arrays": loaded, "infer-mapping": mapped, "validate": validated, "convert-to-device": converted,
-            "verify-forward-pass": verified, "export": exported}
+    return run_all(cfg, refresh=refresh)
 
 
 TINY_MODEL = '''

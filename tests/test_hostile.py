@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from flows.cli import main
 from tasks import export as export_mod
-from tasks.errors import ExportError, LoadError, ModelError, VerifyError
+from tasks.errors import ExportError, LoadError, VerifyError
 from tasks.fingerprint import blake3_bytes
 from tasks.load_arrays import open_array, scan_source
 from tasks.manifest import new_row
@@ -503,7 +503,7 @@ def test_overflow_names_key_and_count(tmp_path, capsys, target):
     rc, err = cli(capsys, "plan", write_config(tmp_path, _npz(tmp_path, w)), "--set", f"convert.dtype={target}")
     assert rc == 1
     limit = {"float16": "65504", "bfloat16": "3.38953e+38"}[target]
-    assert f"[validate] `fc.weight`: the manifest fails 1 check(s); nothing was converted" in err
+    assert "[validate] `fc.weight`: the manifest fails 1 check(s); nothing was converted" in err
     assert f"`fc.weight`: 3 value(s) of source fc.weight exceed {target}'s maximum {limit} (largest |x| {3 * big:.6g})" in err
     assert "fix: choose a wider convert.dtype" in err
 

@@ -8,9 +8,7 @@ unchanged file is never re-read to be re-hashed, yet a changed one is always not
 from __future__ import annotations
 
 import json
-import mmap
 import os
-import zipfile
 from pathlib import Path
 
 import numpy as np
