@@ -116,3 +116,65 @@ def test_convert_flow_caches_audits_and_publishes(prefect_harness, tmp_path: Pat
         fh.write("extra,row\n")
     assert main(["audit", "--verify"]) == 1
     assert f"output {manifest_csv} changed" in capsys.readouterr().err
+
+
+SLOW_MODEL = '''
+import time
+import torch
+from torch import nn
+
+
+class SlowMLP(nn.Module):
+    """Builds slowly (like a big model's constructor), so two runs overlap in the mapping stage."""
+
+    def __init__(self):
+        super().__init__()
+        time.sleep(3.0)
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+'''
+
+
+def test_two_identical_flows_at_once_compute_each_stage_once(prefect_harness, tmp_path: Path) -> None:
+    """Two conversions of the same config started together: the stage lock makes the second
+    wait for the first and reuse its entries, so every stage is computed exactly once."""
+    import threading
+
+    import numpy as np
+    import yaml
+
+    from flows.convert import convert_config
+
+    rng = np.random.default_rng(3)
+    (tmp_path / "slow_model.py").write_text(SLOW_MODEL)
+    np.savez(tmp_path / "w.npz", **{"fc1.weight": rng.standard_normal((6, 4)).astype("float32"), "fc1.bias": np.zeros(6, "float32"),
+                                    "fc2.weight": rng.standard_normal((3, 6)).astype("float32"), "fc2.bias": np.zeros(3, "float32")})
+    cfg = tmp_path / "slow.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "slow", "source": {"path": "w.npz"}, "model": {"target": "slow_model.py:SlowMLP"},
+                                   "mapping": {"strategy": "name"}, "verify": {"input": {"shape": [2, 4]}},
+                                   "export": {"dir": "out"}}))
+    records: list[dict] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def run() -> None:
+        try:
+            start.wait(30)
+            records.append(convert_config(cfg))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    assert [r["status"] for r in records] == ["success", "success"]
+    for stage in stages.STAGES:
+        computed = [not r["stages"][stage]["cached"] for r in records]
+        assert sum(computed) == 1, (stage, [r["stages"][stage] for r in records])
+    assert records[0]["outputs"] == records[1]["outputs"]
