@@ -59,33 +59,58 @@ def _rebuild_batch_error(message: str, fix: str | None, rows: list[dict[str, Any
 # planning (no Prefect): which conversions, under which names
 
 
-def plan_batch(bc: BatchConfig) -> list[dict[str, str]]:
-    """One job per conversion: its config path and the name its child flow run gets.
+def plan_batch(bc: BatchConfig) -> list[dict[str, Any]]:
+    """One job per conversion: its config path, its overrides and the name its child flow run gets.
 
-    A config that does not load still gets a job (named after its file), so that its failure is
-    reported as that conversion's failure rather than stopping the batch. Two conversions that
-    would write the same outputs are a config error of the batch itself.
+    A conversion's overrides are the batch's ``set`` then the entry's own, applied as
+    ``np2torch convert --set`` applies them (relative paths resolve against the conversion
+    config's folder). Each conversion is loaded with its overrides here, so that overrides that
+    break a good config are a config error of the batch, naming the entry, before anything runs.
+    A config that does not load by itself still gets a job (named after its file, or the
+    entry's ``name=``), so that its failure is reported as that conversion's failure rather
+    than stopping the batch. Two conversions that would write the same outputs, after their
+    overrides, are a config error of the batch itself.
     """
-    jobs: list[dict[str, str]] = []
+    jobs: list[dict[str, Any]] = []
     seen_names: dict[str, str] = {}
     seen_dirs: dict[str, str] = {}
-    for path in bc.conversions:
+    for i, entry in enumerate(bc.conversions):
+        path, overrides = entry.config, [*bc.overrides, *entry.overrides]
+        label = f"conversions[{i}] ({path})"
         try:
-            cfg = load_config(path)
+            cfg = load_config(path, overrides)
             name, export_dir = cfg.name, str(cfg.export.dir)
-        except ConfigError:
-            name, export_dir = Path(path).stem, ""
+        except ConfigError as exc:
+            if overrides and _loads(path):  # the config is fine: its overrides broke it
+                raise ConfigError(f"{label} with set {overrides}: {exc.message}", key=f"conversions[{i}]",
+                                  fix="correct the batch's or the entry's `set:` (KEY=VALUE, as `np2torch convert --set`)") from None
+            name, export_dir = _name_override(overrides) or Path(path).stem, ""
         if name in seen_names:
-            raise ConfigError(f"conversions {seen_names[name]} and {path} are both named {name!r}", key="conversions",
-                              fix="give every conversion of a batch its own `name:` (it names its outputs and its flow run)")
+            raise ConfigError(f"{seen_names[name]} and {label} are both named {name!r}", key="conversions",
+                              fix="give every conversion of a batch its own `name:` (it names its outputs and its flow run), "
+                                  "e.g. set: [name=OTHER] on one entry")
         if export_dir and export_dir in seen_dirs:
-            raise ConfigError(f"conversions {seen_dirs[export_dir]} and {path} both export to {export_dir}", key="conversions",
-                              fix="give every conversion of a batch its own `export.dir`")
-        seen_names[name] = str(path)
+            raise ConfigError(f"{seen_dirs[export_dir]} and {label} both export to {export_dir}", key="conversions",
+                              fix="give every conversion of a batch its own `export.dir`, e.g. set: [export.dir=OTHER] on one entry")
+        seen_names[name] = label
         if export_dir:
-            seen_dirs[export_dir] = str(path)
-        jobs.append({"name": name, "config_path": str(path)})
+            seen_dirs[export_dir] = label
+        jobs.append({"name": name, "config_path": str(path), "overrides": overrides})
     return jobs
+
+
+def _loads(path: Path) -> bool:
+    try:
+        load_config(path)
+        return True
+    except ConfigError:
+        return False
+
+
+def _name_override(overrides: list[str]) -> str | None:
+    """The last ``name=`` of the overrides: a broken config's job keeps the name its entry gives it."""
+    names = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "name"]
+    return names[-1] if names else None
 
 
 def make_task_runner(bc: BatchConfig, dask: str | None = None) -> TaskRunner:
@@ -233,11 +258,11 @@ def batch_flow(batch_config: str, overrides: list[str] | None = None, dask: str 
     # 1. submit at most max_parallel conversions; 2. as each finishes, record it and submit the next
     with _api_url_for_workers(use_dask), runner:
         queue = list(jobs)
-        pending: dict[PrefectFuture, dict[str, str]] = {}
+        pending: dict[PrefectFuture, dict[str, Any]] = {}
         while queue or pending:
             while queue and len(pending) < bc.max_parallel:
                 job = queue.pop(0)
-                pending[runner.submit(convert_one, parameters={**job, "overrides": [], "refresh": refresh})] = job
+                pending[runner.submit(convert_one, parameters={**job, "refresh": refresh})] = job
             finished = next(as_completed(list(pending)))
             job = pending.pop(finished)
             try:

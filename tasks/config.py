@@ -29,6 +29,7 @@ __all__ = [
     "InputSpec",
     "ExportSpec",
     "BatchConfig",
+    "BatchEntry",
     "load_config",
     "load_batch_config",
     "apply_overrides",
@@ -173,12 +174,42 @@ class Config(_Strict):
         return hashlib.sha256(_canonical(self._raw or self.model_dump(mode="json")).encode()).hexdigest()
 
 
+def _check_overrides(v: list[str]) -> list[str]:
+    for item in v:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise ValueError(f"{item!r} must look like KEY=VALUE, e.g. convert.dtype=float16")
+    return v
+
+
+class BatchEntry(_Strict):
+    """One conversion of a batch: its config, and ``--set`` overrides applied to it (after the batch's)."""
+
+    config: Path
+    overrides: list[str] = Field(default_factory=list, alias="set")
+
+    _overrides_form = field_validator("overrides")(classmethod(lambda cls, v: _check_overrides(v)))
+
+
 class BatchConfig(_Strict):
-    conversions: list[Path]
+    """A batch: ``conversions`` are config paths or ``{config: PATH, set: [KEY=VALUE, ...]}``;
+    ``set`` applies to every conversion, before the conversion's own."""
+
+    conversions: list[BatchEntry]
+    overrides: list[str] = Field(default_factory=list, alias="set")
     max_parallel: int = Field(default=2, ge=1)
     task_runner: Literal["thread", "dask"] = "thread"
     dask_address: str | None = None  # an existing scheduler, e.g. tcp://10.0.0.5:8786; None = local cluster
     dask_workers: int = Field(default=2, ge=1)
+
+    _overrides_form = field_validator("overrides")(classmethod(lambda cls, v: _check_overrides(v)))
+
+    @field_validator("conversions", mode="before")
+    @classmethod
+    def _paths_are_entries(cls, v: Any) -> Any:
+        """A bare path is an entry without overrides."""
+        if isinstance(v, list):
+            return [{"config": c} if isinstance(c, (str, Path)) else c for c in v]
+        return v
 
 
 def _canonical(obj: Any) -> str:
@@ -290,19 +321,32 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return cfg
 
 
+_ENTRY_FIX = ("write each conversion as a config path or as {config: PATH, set: [KEY=VALUE, ...]} "
+              "(the same KEY=VALUE as `np2torch convert --set`)")
+
+
 def load_batch_config(path: str | Path, overrides: list[str] | None = None) -> BatchConfig:
     """Read a batch config; conversion paths are relative to the batch file's folder, or the cwd."""
     path = Path(path).resolve()
     data = apply_overrides(_read_yaml(path), list(overrides or []))
     convs = data.get("conversions")
     if isinstance(convs, list):
-        resolved = []
-        for c in convs:
-            p = Path(str(c))
+        resolved: list[Any] = []
+        for i, c in enumerate(convs):
+            entry = {"config": c} if isinstance(c, str) else c
+            label = f"conversions[{i}]" + (f" ({entry['config']})" if isinstance(entry, dict) and entry.get("config") else "")
+            try:  # each entry on its own, so that an error names it
+                if not isinstance(entry, dict):
+                    raise ConfigError(f"{path} {label} is {entry!r}, not a config path or a mapping", key=f"conversions[{i}]")
+                BatchEntry.model_validate(entry)
+            except (ValidationError, ConfigError) as exc:
+                msg = _pydantic_to_config_error(exc, f"{path} {label}").message if isinstance(exc, ValidationError) else exc.message
+                raise ConfigError(msg, key=f"conversions[{i}]", fix=_ENTRY_FIX) from None
+            p = Path(str(entry["config"])).expanduser()
             if not p.is_absolute():
-                cand = (path.parent / p)
+                cand = path.parent / p
                 p = cand if cand.exists() else (Path.cwd() / p)
-            resolved.append(str(p.resolve()))
+            resolved.append({**entry, "config": str(p.resolve())})
         data["conversions"] = resolved
     try:
         return BatchConfig.model_validate(data)

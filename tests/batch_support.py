@@ -29,7 +29,9 @@ def write_conversion(example: str, dest: Path, out_root: Path, *, name: str | No
     return path
 
 
-def write_batch(path: Path, conversions: list[Path], **settings: Any) -> Path:
+def write_batch(path: Path, conversions: list[Path | dict[str, Any]], **settings: Any) -> Path:
+    """A batch file; a conversion is a config path or an entry mapping ({config: PATH, set: [...]})."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump({"conversions": [str(c) for c in conversions], **settings}, sort_keys=False))
+    entries = [c if isinstance(c, dict) else str(c) for c in conversions]
+    path.write_text(yaml.safe_dump({"conversions": entries, **settings}, sort_keys=False))
     return path

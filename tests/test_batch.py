@@ -57,7 +57,83 @@ def test_plan_rejects_two_conversions_writing_one_folder(tmp_path: Path, example
 
 def test_bundled_batch_config_lists_every_example(example_data: Path) -> None:
     jobs = plan_batch(load_batch_config(REPO / "configs" / "batch.yaml"))
-    assert [j["name"] for j in jobs] == ["mlp", "seed-flat", "seed-layers", "seed-pickled", "keras-cnn"]
+    assert [j["name"] for j in jobs] == ["mlp", "seed-flat", "seed-layers", "seed-pickled", "keras-cnn", "mlp-fp16"]
+    # the float16 entry: the MLP's config once more, under its own name and next to the others' outputs
+    fp16 = load_config(jobs[-1]["config_path"], jobs[-1]["overrides"])
+    assert Path(jobs[-1]["config_path"]) == REPO / "configs" / "examples" / "mlp.yaml"
+    assert fp16.convert.dtype == "float16" and (fp16.verify.atol, fp16.verify.rtol) == (1e-2, 1e-2)
+    assert fp16.export.dir == REPO / "data" / "out" / "mlp-fp16"
+    assert load_config(jobs[0]["config_path"]).export.dir == REPO / "data" / "out" / "mlp"
+
+
+def test_entry_overrides_apply_after_the_batch_wide_ones_as_convert_set_does(tmp_path: Path, example_data: Path) -> None:
+    a = write_conversion("mlp", tmp_path / "cfg", tmp_path / "out")
+    entry = {"config": str(a), "set": ["name=mlp-fp16", "convert.dtype=float16", "export.dir=fp16"]}
+    batch = write_batch(tmp_path / "b.yaml", [a, entry], set=["convert.dtype=bfloat16", "verify.atol=1e-3"])
+    bc = load_batch_config(batch)
+    assert [c.config for c in bc.conversions] == [a.resolve(), a.resolve()]
+    jobs = plan_batch(bc)
+    assert jobs == [
+        {"name": "mlp", "config_path": str(a.resolve()), "overrides": ["convert.dtype=bfloat16", "verify.atol=1e-3"]},
+        {"name": "mlp-fp16", "config_path": str(a.resolve()),
+         "overrides": ["convert.dtype=bfloat16", "verify.atol=1e-3", "name=mlp-fp16", "convert.dtype=float16", "export.dir=fp16"]},
+    ]
+    plain, fp16 = (load_config(j["config_path"], j["overrides"]) for j in jobs)
+    assert (plain.convert.dtype, plain.verify.atol, plain.export.dir) == ("bfloat16", 1e-3, tmp_path / "out" / "mlp")
+    # the entry's own value wins; a relative path resolves against the conversion config's folder
+    assert (fp16.convert.dtype, fp16.verify.atol, fp16.export.dir) == ("float16", 1e-3, tmp_path / "cfg" / "fp16")
+    # what the child flow gets is exactly `np2torch convert CONFIG --set ...`: same config, same digest
+    assert fp16.digest() == load_config(a, jobs[1]["overrides"]).digest() != plain.digest()
+
+
+def test_overrides_that_repeat_a_name_or_folder_are_rejected(tmp_path: Path, example_data: Path) -> None:
+    a = write_conversion("mlp", tmp_path / "cfg", tmp_path / "out")
+    same_name = write_batch(tmp_path / "n.yaml", [a, {"config": str(a), "set": ["convert.dtype=float16"]}])
+    with pytest.raises(ConfigError, match=r"conversions\[0\] \(.*mlp.yaml\) and conversions\[1\] \(.*mlp.yaml\) are both named 'mlp'"):
+        plan_batch(load_batch_config(same_name))
+    same_dir = write_batch(tmp_path / "d.yaml", [a, {"config": str(a), "set": ["name=mlp-fp16"]}])
+    with pytest.raises(ConfigError, match=r"conversions\[1\] .* both export to .*out/mlp\n.*Fix: .*export.dir"):
+        plan_batch(load_batch_config(same_dir))
+    # a whole-batch override that names every conversion alike is caught the same way
+    b = write_conversion("keras-cnn", tmp_path / "cfg", tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"both named 'x'"):
+        plan_batch(load_batch_config(write_batch(tmp_path / "w.yaml", [a, b], set=["name=x"])))
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ({"set": ["name=x"], "sett": ["convert.dtype=float16"]}, r"conversions\[1\] \(.*mlp.yaml\) is not a valid config:\n  - unknown key `sett`"),
+    ({"set": ["convert.dtype"]}, r"conversions\[1\] \(.*mlp.yaml\).*\n.*'convert.dtype' must look like KEY=VALUE"),
+    ({"set": ["name=x", "convert.dtyp=float16"]}, r"conversions\[1\] \(.*mlp.yaml\) with set \['name=x', 'convert.dtyp=float16'\]: "
+                                                   r"(?s:.*)unknown key `convert.dtyp`"),
+    ({"set": ["name=x", "convert.dtype=float8"]}, r"conversions\[1\] \(.*mlp.yaml\) with set .*(?s:.*)`convert.dtype`: Input should be"),
+])
+def test_a_bad_entry_or_override_names_the_entry_and_exits_2(tmp_path: Path, example_data: Path, capsys: pytest.CaptureFixture[str],
+                                                            entry: dict, message: str) -> None:
+    a = write_conversion("mlp", tmp_path / "cfg", tmp_path / "out")
+    batch = write_batch(tmp_path / "b.yaml", [a, {"config": str(a), **entry}])
+    with pytest.raises(ConfigError, match=message):
+        plan_batch(load_batch_config(batch))
+    assert main(["batch", str(batch)]) == 2  # before Prefect starts: no flow run, no outputs
+    err = capsys.readouterr().err
+    assert "conversions[1]" in err and not (tmp_path / "out").exists()
+
+
+def test_a_bad_batch_wide_override_is_a_batch_error(tmp_path: Path, example_data: Path) -> None:
+    a = write_conversion("mlp", tmp_path / "cfg", tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"`set`: Value error, 'fp16' must look like KEY=VALUE"):
+        load_batch_config(write_batch(tmp_path / "b.yaml", [a], set=["fp16"]))
+    with pytest.raises(ConfigError, match=r"conversions\[0\] \(.*mlp.yaml\) with set \['verify.atoll=1'\]"):
+        plan_batch(load_batch_config(write_batch(tmp_path / "c.yaml", [a], set=["verify.atoll=1"])))
+
+
+def test_a_broken_config_with_overrides_is_still_its_own_failure(tmp_path: Path, example_data: Path) -> None:
+    """Overrides are blamed only when the config loads without them."""
+    broken = tmp_path / "cfg" / "typo.yaml"
+    broken.parent.mkdir(parents=True)
+    broken.write_text("name: typo\nsourse: {}\n")
+    jobs = plan_batch(load_batch_config(write_batch(tmp_path / "b.yaml", [broken, {"config": str(broken), "set": ["name=typo-2"]}])))
+    assert [j["name"] for j in jobs] == ["typo", "typo-2"]
+    assert jobs[1]["overrides"] == ["name=typo-2"]
 
 
 def test_task_runner_follows_config_and_cli(tmp_path: Path, example_data: Path) -> None:
@@ -188,6 +264,26 @@ def test_batch_runs_children_in_parallel_and_survives_a_failure(tmp_path: Path, 
         assert overlap <= 2
         progress = [a for a in client.read_artifacts() if a.type == "progress" and a.flow_run_id == parent_id]
         assert [float(a.data) for a in progress] == [100.0]
+
+
+def test_an_entry_runs_the_same_config_again_with_its_overrides(tmp_path: Path, example_data: Path, prefect_harness) -> None:
+    from prefect.client.orchestration import get_client
+    from safetensors import safe_open
+
+    a = write_conversion("mlp", tmp_path / "cfg", tmp_path / "out")
+    fp16 = {"config": str(a), "set": ["name=mlp-fp16", "convert.dtype=float16", "verify.atol=1e-2", "verify.rtol=1e-2",
+                                      "export.dir=../out/mlp-fp16"]}
+    rows, failure = run_batch(write_batch(tmp_path / "b.yaml", [a, fp16]))
+    assert failure is None and [(r["name"], r["status"]) for r in rows] == [("mlp", "success"), ("mlp-fp16", "success")]
+    dtypes = {}
+    for name in ("mlp", "mlp-fp16"):
+        with safe_open(str(tmp_path / "out" / name / "model.safetensors"), "pt") as f:
+            dtypes[name] = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes == {"mlp": {"F32"}, "mlp-fp16": {"F16"}}
+    report = json.loads((tmp_path / "out" / "mlp-fp16" / "report.json").read_text())
+    assert report["config"]["name"] == "mlp-fp16"
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(UUID(rows[1]["flow_run_id"])).name == "mlp-fp16"
 
 
 def test_batch_reuses_the_cache_on_a_second_run(tmp_path: Path, example_data: Path, prefect_harness) -> None:
