@@ -157,3 +157,19 @@ def depthwise_conv2d_nhwc(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray | 
             out += x[:, i:i + oh, j:j + ow, :, None] * kernel[i, j]
     out = out.reshape(n, oh, ow, c * m)
     return out if bias is None else out + bias
+
+
+def separable_conv2d_nhwc(x: np.ndarray, depthwise_kernel: np.ndarray, pointwise_kernel: np.ndarray,
+                          bias: np.ndarray | None = None) -> np.ndarray:
+    """Keras SeparableConv2D, padding='valid': depthwise (kh, kw, C, mult), then pointwise (1, 1, C*mult, O) + bias."""
+    return conv2d_nhwc(depthwise_conv2d_nhwc(x, depthwise_kernel), pointwise_kernel, bias)
+
+
+def bidirectional_keras(x: np.ndarray, forward, backward) -> np.ndarray:
+    """Keras Bidirectional(layer, merge_mode='concat', return_sequences=True).
+
+    ``forward``/``backward`` map (N, T, F) → (N, T, u). The backward layer reads the sequence
+    reversed and its outputs are reversed back, so step t of both halves belongs to input step t.
+    """
+    x = np.asarray(x, np.float64)
+    return np.concatenate([forward(x), backward(x[:, ::-1])[:, ::-1]], axis=-1)

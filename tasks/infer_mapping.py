@@ -7,7 +7,8 @@ Order of evidence, strongest first (each target is taken by the first that claim
    ``weight``, ``layer_0``→``layer.0`` …, 0.95), then a unique suffix match (0.85);
 3. structure: source keys grouped into layers by scope, each layer's kind read from its leaves
    and shapes (Dense, Conv, BatchNorm, LSTM …, :mod:`tasks.presets`), aligned with the model's
-   modules of the same kind in registration order, every shape checked (0.8);
+   modules of the same kind in registration order, every shape checked (0.8); a separable conv
+   is two layers (depthwise, pointwise); Bidirectional ``backward_*`` layers fill ``*_reverse``;
 4. ``order``: remaining sources in source order against remaining targets in registration
    order; a source larger than the target (a flat vector, one file per layer) is sliced by
    ``numel`` with every boundary checked (0.5–0.7);
@@ -328,10 +329,11 @@ class _Mapper:
             v = self.views[k]
             groups.setdefault(v.scope, {})[v.src_leaf] = k
         layers = []
-        for scope, leaves in groups.items():
-            kind = P.source_layer_kind({leaf: self.records[k].shape for leaf, k in leaves.items()}, scope)
-            if kind is not None:
-                layers.append((scope, kind, leaves))
+        for group_scope, group in groups.items():
+            for scope, leaves in P.split_separable(group_scope, group):
+                kind = P.source_layer_kind({leaf: self.records[k].shape for leaf, k in leaves.items()}, scope)
+                if kind is not None:
+                    layers.append((scope, kind, leaves))
         free = self.free_sources()
         if len(layers) > 1 and free == sorted(free):
             # keys arrive sorted (TF checkpoints, h5): file order says nothing; layer numbers do
@@ -399,22 +401,33 @@ class _Mapper:
         for kind in dict.fromkeys(k for _, k, _ in layers):
             src = [(s, leaves) for s, k, leaves in layers if k == kind]
             tgt = [(m, suf) for m, k, suf in slots if k in compatible.get(kind, {kind})]
-            for (scope, leaves), (module, suffix) in zip(src, tgt):
-                pairs = self._pair(kind, leaves, module, suffix)
-                if pairs is None:
-                    self.notes.append(f"structural alignment of {kind} layers stopped at source layer {scope!r} vs module {module!r}{suffix}")
-                    if kind == "gru" and "bias" in leaves and len(self.records[leaves["bias"]].shape) == 1:
-                        # order/shape matching would load it "successfully" and wrongly: stop here
-                        self.problems.append(Problem(
-                            leaves["bias"], "a GRU bias of shape (3u,) is Keras' reset_after=False GRU (reset gate applied before the "
-                            "recurrent matmul), which torch's nn.GRU cannot express", expected="bias of shape (2, 3u) (reset_after=True)",
-                            actual=list(self.records[leaves["bias"]].shape),
-                            fix="export the Keras model with GRU(reset_after=True) weights, or port the layer as a custom torch module"))
-                    break
-                for target, c in pairs:
-                    self.claim(target, c)
-                    if not c.zeros:
-                        self.used.add(c.sources[0])
+            if kind in P.RECURRENT:
+                # Bidirectional: backward_* layers fill the *_reverse slots, whatever the key order
+                # (sorted keys put backward_lstm before forward_lstm)
+                for backward in (False, True):
+                    self._align(kind, [x for x in src if P.is_backward_scope(x[0]) == backward],
+                                [x for x in tgt if x[1].endswith("_reverse") == backward])
+            else:
+                self._align(kind, src, tgt)
+
+    def _align(self, kind: str, src: list[tuple[str, dict[str, str]]], tgt: list[tuple[str, str]]) -> None:
+        """Pair source layers with model slots of one kind in order, stopping at the first misfit."""
+        for (scope, leaves), (module, suffix) in zip(src, tgt):
+            pairs = self._pair(kind, leaves, module, suffix)
+            if pairs is None:
+                self.notes.append(f"structural alignment of {kind} layers stopped at source layer {scope!r} vs module {module!r}{suffix}")
+                if kind == "gru" and "bias" in leaves and len(self.records[leaves["bias"]].shape) == 1:
+                    # order/shape matching would load it "successfully" and wrongly: stop here
+                    self.problems.append(Problem(
+                        leaves["bias"], "a GRU bias of shape (3u,) is Keras' reset_after=False GRU (reset gate applied before the "
+                        "recurrent matmul), which torch's nn.GRU cannot express", expected="bias of shape (2, 3u) (reset_after=True)",
+                        actual=list(self.records[leaves["bias"]].shape),
+                        fix="export the Keras model with GRU(reset_after=True) weights, or port the layer as a custom torch module"))
+                break
+            for target, c in pairs:
+                self.claim(target, c)
+                if not c.zeros:
+                    self.used.add(c.sources[0])
 
     # -- 4. order -------------------------------------------------------------------------------
     def match_order(self) -> None:

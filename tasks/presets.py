@@ -13,9 +13,11 @@ Conventions covered (keras / tf / flax):
   torch ``fc.3`` / ``layer.3``: numbers are read, never trusted as indices, because their
   offsets differ: Keras starts at ``dense`` then ``dense_1``, Flax at ``Dense_0``);
 - layouts: Dense ``(in, out)``; Conv1D/2D/3D channels-last ``(*S, I, O)``; depthwise
-  ``(*S, C, mult)``; transposed ``(*S, O, I)``; Embedding ``(vocab, dim)`` (same as torch);
+  ``(*S, C, mult)``; separable = depthwise ``(*S, C, mult)`` + pointwise ``(1…, C*mult, O)`` (two
+  torch convs, :func:`split_separable`); transposed ``(*S, O, I)``; Embedding ``(vocab, dim)`` (same as torch);
   LSTM/GRU ``kernel (in, G*u)`` / ``recurrent_kernel (u, G*u)`` / ``bias`` (gate order and
-  bias layout per :data:`RECURRENT`).
+  bias layout per :data:`RECURRENT`); Bidirectional ``forward_*`` / ``backward_*`` scopes (torch
+  ``*_l0`` / ``*_l0_reverse``, :func:`is_backward_scope`); stacked ``lstm``, ``lstm_1`` (``*_l0``, ``*_l1``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 __all__ = ["Preset", "PRESETS", "SourceView", "view", "LayerKind", "source_layer_kind", "TORCH_KINDS", "LEAF_ROLES", "RECURRENT",
-           "natural_key", "layer_leaf_transform"]
+           "natural_key", "layer_leaf_transform",
+           "split_separable", "is_backward_scope"]
 
 Shape = tuple[int, ...]
 
@@ -46,6 +49,9 @@ _CHANNELS_LAST_KERNELS: dict[tuple[str, int], tuple[list, str]] = {
     ("kernel", 5): _why([["permute", [4, 3, 0, 1, 2]]], "Conv3D kernel (D, H, W, I, O) → Conv3d weight (O, I, D, H, W)"),
     ("depthwise_kernel", 4): _why([["depthwise_to_grouped", None]], "DepthwiseConv2D (H, W, C, mult) → Conv2d(groups=C) (C*mult, 1, H, W)"),
     ("depthwise_kernel", 3): _why([["depthwise_to_grouped", None]], "DepthwiseConv1D (W, C, mult) → Conv1d(groups=C) (C*mult, 1, W)"),
+    ("pointwise_kernel", 4): _why([["permute", [3, 2, 0, 1]]], "SeparableConv2D pointwise kernel (1, 1, C*mult, O) → the 1×1 Conv2d "
+                                  "weight (O, C*mult, 1, 1) after the depthwise one"),
+    ("pointwise_kernel", 3): _why([["permute", [2, 1, 0]]], "SeparableConv1D pointwise kernel (1, C*mult, O) → Conv1d (O, C*mult, 1)"),
     ("recurrent_kernel", 2): _why([["transpose", None]], "LSTM/GRU recurrent kernel (u, G*u) → weight_hh (G*u, u)"),
 }
 
@@ -201,6 +207,25 @@ SOURCE_KINDS: list[LayerKind] = [
 ]
 
 
+def split_separable(scope: str, leaves: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
+    """A Keras SeparableConv layer is two torch convs: the depthwise one (no bias), then the 1×1
+    pointwise one, which takes the layer's bias. Other layers pass through unchanged."""
+    if "depthwise_kernel" not in leaves or "pointwise_kernel" not in leaves:
+        return [(scope, leaves)]
+    rest = {k: v for k, v in leaves.items() if k not in ("depthwise_kernel", "pointwise_kernel")}
+    return [(f"{scope}.depthwise" if scope else "depthwise", {"depthwise_kernel": leaves["depthwise_kernel"]}),
+            (f"{scope}.pointwise" if scope else "pointwise", {"pointwise_kernel": leaves["pointwise_kernel"], **rest})]
+
+
+# Keras Bidirectional scopes its two copies of the layer 'forward_<name>' and 'backward_<name>'
+_BACKWARD_SCOPE = re.compile(r"(^|\.)backward_[^.]*")
+
+
+def is_backward_scope(scope: str) -> bool:
+    """True for the backward half of a Keras Bidirectional layer (torch's ``*_reverse`` slot)."""
+    return bool(_BACKWARD_SCOPE.search(scope))
+
+
 def source_layer_kind(leaves: dict[str, Shape], scope: str) -> str | None:
     for k in SOURCE_KINDS:
         if k.test(leaves, scope):
@@ -223,7 +248,7 @@ _TORCH_LEAVES = {"weight": "weight", "bias": "bias"}
 
 LEAF_ROLES: dict[str, dict[str, str]] = {
     "dense": {"kernel": "weight", "weights": "weight", "bias": "bias", "biases": "bias", **_TORCH_LEAVES},
-    "conv": {"kernel": "weight", "weights": "weight", "depthwise_kernel": "weight", "bias": "bias", "biases": "bias", **_TORCH_LEAVES},
+    "conv": {"kernel": "weight", "weights": "weight", "depthwise_kernel": "weight", "pointwise_kernel": "weight", "bias": "bias", "biases": "bias", **_TORCH_LEAVES},
     "conv_transpose": {"kernel": "weight", "bias": "bias"},
     "batchnorm": {"gamma": "weight", "scale": "weight", "beta": "bias", "bias": "bias", "moving_mean": "running_mean", "mean": "running_mean",
                   "moving_variance": "running_var", "var": "running_var", "weight": "weight", "running_mean": "running_mean",
@@ -274,6 +299,6 @@ def layer_leaf_transform(kind: str, src_leaf: str, shape: Shape, preset: Preset)
     spec = preset.layout(src_leaf, len(shape))
     if not spec and src_leaf in ("kernel", "weights"):
         spec = PRESETS["keras"].layout("kernel", len(shape))
-    if not spec and src_leaf == "depthwise_kernel":
-        spec = PRESETS["keras"].layout("depthwise_kernel", len(shape))
+    if not spec and src_leaf in ("depthwise_kernel", "pointwise_kernel"):
+        spec = PRESETS["keras"].layout(src_leaf, len(shape))
     return spec

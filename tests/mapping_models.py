@@ -189,3 +189,40 @@ class DepthwiseNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dw(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class SeparableNet(nn.Module):
+    """Keras: SeparableConv2D(out, 3, depth_multiplier=mult) on channels-last input: a depthwise conv
+    (no bias) followed by a 1×1 pointwise conv (with the layer's bias)."""
+
+    def __init__(self, ch: int = 3, mult: int = 2, out: int = 4):
+        super().__init__()
+        self.depthwise = nn.Conv2d(ch, ch * mult, 3, groups=ch, bias=False)
+        self.pointwise = nn.Conv2d(ch * mult, out, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pointwise(self.depthwise(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+
+
+class BiLSTMNet(nn.Module):
+    """Keras: Bidirectional(LSTM(u, return_sequences=True)) (merge_mode='concat') → Dense(out)."""
+
+    def __init__(self, n_in: int = 3, units: int = 5, n_out: int = 2):
+        super().__init__()
+        self.rnn = nn.LSTM(n_in, units, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(2 * units, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0])
+
+
+class StackedLSTMNet(nn.Module):
+    """Keras: LSTM(u, return_sequences=True) → LSTM(u, return_sequences=True) → Dense(out)."""
+
+    def __init__(self, n_in: int = 3, units: int = 5, n_out: int = 2):
+        super().__init__()
+        self.rnn = nn.LSTM(n_in, units, num_layers=2, batch_first=True)
+        self.head = nn.Linear(units, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0])

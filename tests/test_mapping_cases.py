@@ -418,3 +418,123 @@ def test_keras_depthwise_conv_into_grouped_conv(tmp_path: Path) -> None:
     case = run_case(tmp_path, "depthwise", p, f"{MODELS}:DepthwiseNet", {}, {"preset": "keras"}, x, ref)
     assert case["metrics"]["passed"] and case["metrics"]["max_abs_error"] < 1e-5
     assert case["rows"]["dw.weight"]["transform"] == "depthwise_to_grouped"
+
+
+# ---------------------------------------------------------------------------------------------
+# separable convolution: one Keras layer, two torch modules
+
+
+def _separable(rng: np.random.Generator, out: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    p = {"separable_conv2d/bias:0": _init(rng, (out,), 0.1), "separable_conv2d/depthwise_kernel:0": _init(rng, (3, 3, 3, 2)),
+         "separable_conv2d/pointwise_kernel:0": _init(rng, (1, 1, 6, out))}  # sorted, as a TF checkpoint lists them
+    x = rng.standard_normal((2, 5, 5, 3)).astype(np.float32)
+    ref = ops.separable_conv2d_nhwc(x, *(p[f"separable_conv2d/{k}:0"] for k in ("depthwise_kernel", "pointwise_kernel", "bias")))
+    return p, x, ref
+
+
+def test_keras_separable_conv_into_depthwise_and_pointwise_convs(tmp_path: Path) -> None:
+    p, x, ref = _separable(np.random.default_rng(9), 4)
+    case = run_case(tmp_path, "separable", p, f"{MODELS}:SeparableNet", {"out": 4}, {"preset": "keras"}, x, ref)
+    rows = case["rows"]
+    assert case["metrics"]["passed"] and case["metrics"]["max_abs_error"] < 1e-5
+    assert rows["depthwise.weight"]["source_key"] == "separable_conv2d/depthwise_kernel:0"
+    assert rows["depthwise.weight"]["transform"] == "depthwise_to_grouped"
+    assert rows["pointwise.weight"]["source_key"] == "separable_conv2d/pointwise_kernel:0"
+    assert rows["pointwise.weight"]["transform"] == "permute=[3,2,0,1]" and rows["pointwise.weight"]["verified"]
+    assert rows["pointwise.bias"]["source_key"] == "separable_conv2d/bias:0"
+
+
+def test_keras_separable_square_pointwise_is_resolved_by_the_reference(tmp_path: Path) -> None:
+    # C*mult == out: the 1×1 pointwise kernel (1, 1, 6, 6) fits torch's (6, 6, 1, 1) two ways
+    p, x, ref = _separable(np.random.default_rng(9), 6)
+    case = run_case(tmp_path, "separable-square", p, f"{MODELS}:SeparableNet", {"out": 6}, {"preset": "keras"}, x, ref)
+    assert case["metrics"]["passed"] and case["metrics"]["max_abs_error"] < 1e-5
+    pw = case["rows"]["pointwise.weight"]
+    ev = evidence(pw)
+    assert pw["verified"] and pw["transform"] == "permute=[3,2,0,1]" and ev["chosen"] == "permute=[3,2,0,1]"
+    assert ev["errors"]["permute=[3,2,0,1]"] < 1e-5 < 1e-2 < ev["errors"]["permute=[2,3,0,1]"]  # I/O swapped: wrong
+    noref = run_case(tmp_path, "separable-square-noref", p, f"{MODELS}:SeparableNet", {"out": 6}, {"preset": "keras"}, x, None,
+                     until="mapping")
+    assert not noref["rows"]["pointwise.weight"]["verified"] and noref["mapped"]["unverified"] == ["pointwise.weight"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bidirectional and stacked LSTMs
+
+
+def _lstm_layer(rng: np.random.Generator, scope: str, n_in: int, u: int) -> dict[str, np.ndarray]:
+    return {f"{scope}/lstm_cell/kernel:0": _init(rng, (n_in, 4 * u)), f"{scope}/lstm_cell/recurrent_kernel:0": _init(rng, (u, 4 * u)),
+            f"{scope}/lstm_cell/bias:0": _init(rng, (4 * u,))}
+
+
+def _lstm_ref(p: dict[str, np.ndarray], scope: str):
+    return lambda t: ops.lstm_keras(t, *(p[f"{scope}/lstm_cell/{k}:0"] for k in ("kernel", "recurrent_kernel", "bias")))
+
+
+def _bilstm(rng: np.random.Generator) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    # n_in == units: forward and backward weights have the same shapes, only the names tell them apart
+    p = {**_lstm_layer(rng, "bidirectional/forward_lstm", 5, 5), **_lstm_layer(rng, "bidirectional/backward_lstm", 5, 5),
+         "dense/kernel:0": _init(rng, (10, 2)), "dense/bias:0": _init(rng, (2,))}
+    x = rng.standard_normal((2, 4, 5)).astype(np.float32)
+    h = ops.bidirectional_keras(x, _lstm_ref(p, "bidirectional/forward_lstm"), _lstm_ref(p, "bidirectional/backward_lstm"))
+    return p, x, ops.dense(h, p["dense/kernel:0"], p["dense/bias:0"])
+
+
+@pytest.mark.parametrize("order", ["sorted", "file"])
+def test_keras_bidirectional_lstm_into_bidirectional_torch_lstm(tmp_path: Path, order: str) -> None:
+    p, x, ref = _bilstm(np.random.default_rng(10))
+    if order == "sorted":  # a TF checkpoint lists backward_lstm before forward_lstm
+        p = dict(sorted(p.items()))
+    case = run_case(tmp_path, f"bilstm-{order}", p, f"{MODELS}:BiLSTMNet", {"n_in": 5}, {"preset": "keras"}, x, ref)
+    rows = case["rows"]
+    assert case["metrics"]["passed"] and case["metrics"]["max_abs_error"] < 1e-5
+    for suffix, direction in (("_l0", "forward"), ("_l0_reverse", "backward")):
+        scope = f"bidirectional/{direction}_lstm/lstm_cell"
+        assert rows[f"rnn.weight_ih{suffix}"]["source_key"] == f"{scope}/kernel:0"
+        assert rows[f"rnn.weight_hh{suffix}"]["source_key"] == f"{scope}/recurrent_kernel:0"
+        assert rows[f"rnn.bias_ih{suffix}"]["source_key"] == f"{scope}/bias:0"
+        assert rows[f"rnn.bias_hh{suffix}"]["status"] == "zeros"
+
+
+def test_keras_bidirectional_lstm_directions_swapped_fails_verification(tmp_path: Path) -> None:
+    # the wrong choice (directions swapped, every shape still fits) is caught by the reference
+    p, x, ref = _bilstm(np.random.default_rng(10))
+    swap = {"forward": "_l0_reverse", "backward": "_l0"}
+    rules = [{"source": rf"bidirectional/{d}_lstm/lstm_cell/{src}:0", "target": f"rnn.{tgt}{swap[d]}", "transform": tf}
+             for d in swap for src, tgt, tf in (("kernel", "weight_ih", ["transpose"]), ("recurrent_kernel", "weight_hh", ["transpose"]),
+                                                ("bias", "bias_ih", []))]
+    rules.append({"target": r"rnn\.bias_hh_l0(_reverse)?", "transform": ["zeros"]})
+    with pytest.raises(VerifyError, match=r"does not reproduce the reference.*max abs error"):
+        run_case(tmp_path, "bilstm-swapped", p, f"{MODELS}:BiLSTMNet", {"n_in": 5}, {"preset": "keras", "rules": rules}, x, ref)
+
+
+def _stacked(rng: np.random.Generator, names: tuple[str, str]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    # n_in == units: both layers' kernels have the same shapes, only the layer numbers give the order
+    p = {**_lstm_layer(rng, names[0], 5, 5), **_lstm_layer(rng, names[1], 5, 5),
+         "dense/kernel:0": _init(rng, (5, 2)), "dense/bias:0": _init(rng, (2,))}
+    x = rng.standard_normal((2, 4, 5)).astype(np.float32)
+    h = _lstm_ref(p, names[1])(_lstm_ref(p, names[0])(x))
+    return dict(sorted(p.items())), x, ops.dense(h, p["dense/kernel:0"], p["dense/bias:0"])
+
+
+@pytest.mark.parametrize("names", [("lstm", "lstm_1"), ("lstm_9", "lstm_10")], ids=["lstm-lstm_1", "lstm_9-lstm_10"])
+def test_keras_stacked_lstms_into_two_layer_torch_lstm(tmp_path: Path, names: tuple[str, str]) -> None:
+    p, x, ref = _stacked(np.random.default_rng(11), names)
+    case = run_case(tmp_path, f"stacked-{names[1].replace('_', '-')}", p, f"{MODELS}:StackedLSTMNet", {"n_in": 5}, {"preset": "keras"}, x, ref)
+    rows = case["rows"]
+    assert case["metrics"]["passed"] and case["metrics"]["max_abs_error"] < 1e-5
+    for layer, scope in enumerate(names):
+        assert rows[f"rnn.weight_ih_l{layer}"]["source_key"] == f"{scope}/lstm_cell/kernel:0"
+        assert rows[f"rnn.weight_hh_l{layer}"]["source_key"] == f"{scope}/lstm_cell/recurrent_kernel:0"
+        assert rows[f"rnn.bias_hh_l{layer}"]["status"] == "zeros"
+
+
+def test_keras_stacked_lstms_in_the_wrong_order_fail_verification(tmp_path: Path) -> None:
+    p, x, ref = _stacked(np.random.default_rng(11), ("lstm", "lstm_1"))
+    rules = [{"source": rf"{scope}/lstm_cell/{src}:0", "target": f"rnn.{tgt}_l{layer}", "transform": tf}
+             for scope, layer in (("lstm", 1), ("lstm_1", 0))
+             for src, tgt, tf in (("kernel", "weight_ih", ["transpose"]), ("recurrent_kernel", "weight_hh", ["transpose"]),
+                                  ("bias", "bias_ih", []))]
+    rules.append({"target": r"rnn\.bias_hh_l[01]", "transform": ["zeros"]})
+    with pytest.raises(VerifyError, match=r"does not reproduce the reference.*max abs error"):
+        run_case(tmp_path, "stacked-swapped", p, f"{MODELS}:StackedLSTMNet", {"n_in": 5}, {"preset": "keras", "rules": rules}, x, ref)
