@@ -161,15 +161,21 @@ def _huge_shape_npy(shape: tuple[int, ...]) -> bytes:
     return buf.getvalue() + b"\0" * 16
 
 
-def test_npy_header_larger_than_file_allocates_nothing(tmp_path, capsys):
-    p = tmp_path / "w.npy"
-    p.write_bytes(_huge_shape_npy((1 << 20, 1 << 20)))  # 4 TiB declared, 16 bytes present
+def _inspect_traced(capsys, p):
+    """``np2torch inspect p`` with Python allocations traced: exit code, stderr, peak bytes."""
     tracemalloc.start()
     try:
         rc, err = cli(capsys, "inspect", p)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
+    return rc, err, peak
+
+
+def test_npy_header_larger_than_file_allocates_nothing(tmp_path, capsys):
+    p = tmp_path / "w.npy"
+    p.write_bytes(_huge_shape_npy((1 << 20, 1 << 20)))  # 4 TiB declared, 16 bytes present
+    rc, err, peak = _inspect_traced(capsys, p)
     assert rc == 1
     assert f"[load-arrays] `{p}`: file is truncated: the header declares shape [1048576, 1048576] <f4 (4398046511104 bytes) but only 16 bytes follow it" in err
     assert peak < 8 << 20, f"reading a 4 TiB header allocated {peak} bytes"
@@ -374,12 +380,7 @@ def test_zip_bomb_real_highly_compressible_member(tmp_path, capsys):
     with zipfile.ZipFile(p) as zf:
         info = zf.getinfo("fc.weight.npy")
     assert info.file_size / info.compress_size > 200
-    tracemalloc.start()
-    try:
-        rc, err = cli(capsys, "inspect", p)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    rc, err, peak = _inspect_traced(capsys, p)
     assert rc == 1
     assert f"compressed member would expand to {info.file_size} bytes from {info.compress_size} (ratio > 200); refusing to inflate a likely zip bomb" in err
     assert peak < 8 << 20
