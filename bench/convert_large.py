@@ -162,8 +162,8 @@ def role_plain(root: Path, n_blocks: int, out: Path) -> dict:
 def role_stages(config: Path, export_only: bool) -> dict:
     """np2torch's six stages as plain functions; per-stage seconds and peak RSS so far."""
     t0 = time.perf_counter()
-    from tasks import stages
-    from tasks.config import load_config
+    from np2torch.tasks import stages
+    from np2torch.tasks.config import load_config
 
     def maxrss() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -292,7 +292,7 @@ def report(root: Path, args: argparse.Namespace) -> None:
     if not args.skip_cli:
         # a loaded machine can take longer than Prefect's default 20 s to start its temporary server
         cli_env = {**env_for("cli"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
-        go("np2torch CLI flow (Prefect)", [py, "-m", "flows.cli", "convert", str(root / "npy-dir.yaml")], cli_env)
+        go("np2torch CLI flow (Prefect)", [py, "-m", "np2torch.flows.cli", "convert", str(root / "npy-dir.yaml")], cli_env)
 
     results = {"machine": mach, "gen": gen, "rows": {k: v for k, v in rows.items()}}
     Path(REPO / "bench" / f"results-{args.gb:g}gb.json").write_text(json.dumps(results, indent=1))

@@ -2,7 +2,7 @@
 
 The parent reads the batch config, picks the task runner it asks for (a thread pool, or Dask:
 a local cluster or an existing scheduler), and keeps at most ``max_parallel`` conversions in
-flight. Each conversion is a ``convert-one`` task that calls :func:`flows.convert.convert_flow`,
+flight. Each conversion is a ``convert-one`` task that calls :func:`np2torch.flows.convert.convert_flow`,
 so each becomes a real child flow run of the batch, named after the conversion, wherever the
 task runs (a thread here, or a Dask worker process on another machine). A conversion's failure
 is recorded and never stops the others; at the end the batch publishes one table row per
@@ -28,10 +28,10 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.logging import get_run_logger
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows.convert import convert_flow
-from tasks import audit
-from tasks.config import BatchConfig, load_batch_config, load_config
-from tasks.errors import ConfigError, ConversionError
+from np2torch.flows.convert import convert_flow
+from np2torch.tasks import audit
+from np2torch.tasks.config import BatchConfig, load_batch_config, load_config
+from np2torch.tasks.errors import ConfigError, ConversionError
 
 __all__ = ["batch_flow", "run_batch", "run_batch_cli", "BatchError", "SUMMARY_COLUMNS", "make_task_runner", "plan_batch"]
 
@@ -319,7 +319,7 @@ def run_batch(batch_config: str | Path, overrides: list[str] | None = None, *, d
 
 def run_batch_cli(args: Any) -> int:
     """``np2torch batch``: print the summary table; exit 1 naming the failed conversions."""
-    from flows.cli import _print_table
+    from np2torch.flows.cli import _print_table
 
     rows, failure = run_batch(args.batch_config, args.set, dask=args.dask, refresh=args.refresh)
     print()

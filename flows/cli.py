@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import ConversionError
+from np2torch.tasks.errors import ConversionError
 
 __all__ = ["main"]
 
@@ -66,7 +66,7 @@ def _quiet_expected_tracebacks() -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from flows.convert import convert_config
+    from np2torch.flows.convert import convert_config
 
     _quiet_expected_tracebacks()
     record = convert_config(args.config, args.set, refresh=args.refresh)
@@ -86,8 +86,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _plan_rows(config: str, overrides: list[str]) -> tuple[Any, list[dict[str, Any]]]:
-    from tasks import evidence, load_arrays
-    from tasks.config import load_config
+    from np2torch.tasks import evidence, load_arrays
+    from np2torch.tasks.config import load_config
 
     cfg = load_config(config, overrides)
     src = cfg.source
@@ -118,8 +118,8 @@ def _candidates_cell(r: dict[str, Any]) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from tasks.manifest import target_rows, to_csv, unused_rows
-    from tasks.validate import validate_manifest
+    from np2torch.tasks.manifest import target_rows, to_csv, unused_rows
+    from np2torch.tasks.validate import validate_manifest
 
     os.environ["NP2TORCH_READ_ONLY"] = "1"  # plan writes nothing, not even the stat cache
     cfg, rows = _plan_rows(args.config, args.set)
@@ -156,13 +156,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _desc(spec: list) -> str:
-    from tasks.transforms import describe
+    from np2torch.tasks.transforms import describe
 
     return describe(spec) or "as-is"
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from tasks.load_arrays import scan_source
+    from np2torch.tasks.load_arrays import scan_source
 
     os.environ["NP2TORCH_READ_ONLY"] = "1"
     records = scan_source(Path(args.path), fmt=args.format, allow_pickle=args.allow_pickle)
@@ -179,7 +179,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from tasks.audit import read_records, verify_record
+    from np2torch.tasks.audit import read_records, verify_record
 
     records, bad = read_records(Path(args.log) if args.log else None)
     records = records[-args.last:] if args.last else records
@@ -215,13 +215,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from flows.batch import run_batch_cli
+    from np2torch.flows.batch import run_batch_cli
 
     return run_batch_cli(args)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from flows.serve import serve_cli
+    from np2torch.flows.serve import serve_cli
 
     return serve_cli(args)
 

@@ -15,11 +15,11 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
-from tasks import audit, manifest
-from tasks.config import Config, load_config
-from tasks.errors import ConversionError, ValidationError
-from tasks.prefect_tasks import attempts_of, configured_tasks
-from tasks.stages import STAGES
+from np2torch.tasks import audit, manifest
+from np2torch.tasks.config import Config, load_config
+from np2torch.tasks.errors import ConversionError, ValidationError
+from np2torch.tasks.prefect_tasks import attempts_of, configured_tasks
+from np2torch.tasks.stages import STAGES
 
 __all__ = ["convert_flow", "run_conversion", "convert_config"]
 

@@ -1,6 +1,6 @@
 """``np2torch serve``: a scheduled batch deployment, visible and runnable from the Prefect UI.
 
-``serve`` registers a deployment of :func:`flows.batch.batch_flow` with a cron schedule and
+``serve`` registers a deployment of :func:`np2torch.flows.batch.batch_flow` with a cron schedule and
 then runs its scheduled (or UI-/CLI-triggered) runs in this process until stopped. The same
 nightly batch can instead be deployed to a process work pool from ``prefect.yaml``
 (``prefect deploy``), where any worker of the pool picks its runs up.
@@ -13,9 +13,9 @@ from typing import Any
 
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
-from flows.batch import batch_flow, plan_batch
-from tasks.config import load_batch_config
-from tasks.errors import ConfigError
+from np2torch.flows.batch import batch_flow, plan_batch
+from np2torch.tasks.config import load_batch_config
+from np2torch.tasks.errors import ConfigError
 
 __all__ = ["build_deployment", "check_cron", "serve_cli"]
 
@@ -37,7 +37,7 @@ def build_deployment(batch_config: str | Path, *, cron: str, name: str | None = 
     path = Path(batch_config).resolve()
     plan_batch(load_batch_config(path))  # a broken batch file fails here, not at 02:00
     check_cron(cron)
-    # a module entrypoint: the runs load `flows.batch` from the installed package, whatever the cwd
+    # a module entrypoint: the runs load `np2torch.flows.batch` from the installed package, whatever the cwd
     return batch_flow.to_deployment(name=name or path.stem, cron=cron, parameters={"batch_config": str(path)},
                                     description=f"np2torch batch over {path} ({cron}, UTC)", tags=["np2torch", "batch"],
                                     entrypoint_type=EntrypointType.MODULE_PATH)

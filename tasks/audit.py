@@ -20,8 +20,8 @@ from typing import Any
 
 from filelock import FileLock
 
-from tasks.fingerprint import sha256_file
-from tasks.paths import atomic_write_text, audit_log_path
+from np2torch.tasks.fingerprint import sha256_file
+from np2torch.tasks.paths import atomic_write_text, audit_log_path
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def versions() -> dict[str, str]:
     import prefect
     import torch
 
-    from tasks import __version__
+    from np2torch.tasks import __version__
 
     return {"np2torch": __version__, "python": platform.python_version(), "numpy": numpy.__version__, "torch": torch.__version__,
             "prefect": prefect.__version__, "pandera": pandera.__version__}

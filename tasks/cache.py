@@ -23,8 +23,8 @@ from typing import Any
 
 from filelock import FileLock
 
-from tasks.fingerprint import cached_by_stat, remember, sha256_file
-from tasks.paths import atomic_write_text, cache_dir
+from np2torch.tasks.fingerprint import cached_by_stat, remember, sha256_file
+from np2torch.tasks.paths import atomic_write_text, cache_dir
 
 log = logging.getLogger(__name__)
 

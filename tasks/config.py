@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from tasks.errors import ConfigError
+from np2torch.tasks.errors import ConfigError
 
 __all__ = [
     "Config",
@@ -36,7 +36,7 @@ __all__ = [
     "section_digest",
 ]
 
-from tasks.transforms import TRANSFORMS as _TRANSFORMS  # noqa: E402  (one table: configs may name every transform)
+from np2torch.tasks.transforms import TRANSFORMS as _TRANSFORMS  # noqa: E402  (one table: configs may name every transform)
 
 _TRANSFORM_NAMES = set(_TRANSFORMS)
 

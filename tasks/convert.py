@@ -28,13 +28,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks import transforms as T
-from tasks.errors import ConvertError, Problem
-from tasks.fingerprint import blake3_bytes, remember
-from tasks.load_arrays import ArrayRecord, open_array
-from tasks.manifest import target_rows
-from tasks.model import TargetInfo, build_model, describe_targets, materialize_missing
-from tasks.st_io import MappedSafetensors, np_dtype_for, plan_header
+from np2torch.tasks import transforms as T
+from np2torch.tasks.errors import ConvertError, Problem
+from np2torch.tasks.fingerprint import blake3_bytes, remember
+from np2torch.tasks.load_arrays import ArrayRecord, open_array
+from np2torch.tasks.manifest import target_rows
+from np2torch.tasks.model import TargetInfo, build_model, describe_targets, materialize_missing
+from np2torch.tasks.st_io import MappedSafetensors, np_dtype_for, plan_header
 
 __all__ = ["source_tensor", "write_converted", "load_into_model", "check_device", "convert_to_device"]
 

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks import transforms as T
-from tasks.errors import MappingError, Problem, VerifyError
-from tasks.load_arrays import ArrayRecord
+from np2torch.tasks import transforms as T
+from np2torch.tasks.errors import MappingError, Problem, VerifyError
+from np2torch.tasks.load_arrays import ArrayRecord
 
 __all__ = ["probe_flatten", "resolve", "localise", "load_activations", "build_manifest", "compare_activation"]
 
@@ -45,7 +45,7 @@ _MAX_COMBOS_PER_MODULE = 16  # candidates are tried per module; a product over o
 
 
 def _input_shapes(spec: Any) -> list[tuple[tuple[int, ...], str]] | None:
-    from tasks.config import InputSpec
+    from np2torch.tasks.config import InputSpec
 
     if isinstance(spec, InputSpec):
         return [(tuple(spec.shape), spec.dtype)]
@@ -183,7 +183,7 @@ def localise(model: nn.Module, inputs: list[np.ndarray], activations: dict[str, 
     With reference activations, a module diverges when its output is outside ``atol + rtol·|ref|``
     of its reference; without them, when its output holds NaN/Inf.
     """
-    from tasks.verify import run_forward
+    from np2torch.tasks.verify import run_forward
 
     rec = _Recorder(model, set(activations) if activations else None)
     try:
@@ -216,7 +216,7 @@ class _Trial:
 
     def __init__(self, rows: list[dict[str, Any]], records: list[ArrayRecord], model: nn.Module, inputs: list[np.ndarray],
                  refs: list[np.ndarray] | None, activations: dict[str, np.ndarray]):
-        from tasks.convert import source_tensor
+        from np2torch.tasks.convert import source_tensor
 
         self.source_tensor = source_tensor
         self.recs = {r.key: r for r in records}
@@ -241,7 +241,7 @@ class _Trial:
             self.sd[row["target_key"]].copy_(torch.from_numpy(np.array(self.source_tensor(r, self.recs), dtype=np.float64)))
 
     def run(self) -> tuple[float, bool, dict[str, np.ndarray]]:
-        from tasks.verify import compare, run_forward
+        from np2torch.tasks.verify import compare, run_forward
 
         self.recorder.reset()
         outs = run_forward(self.model, self.inputs, torch.device("cpu"))
@@ -407,8 +407,8 @@ def _rule_hint(row: dict[str, Any], cands: list[list]) -> str:
 
 def build_manifest(cfg: Any, records: list[ArrayRecord]) -> list[dict[str, Any]]:
     """Manifest for ``cfg`` from the array table: names/structure/order, then evidence for ambiguous rows."""
-    from tasks import infer_mapping, model as model_mod
-    from tasks.verify import load_reference, make_inputs
+    from np2torch.tasks import infer_mapping, model as model_mod
+    from np2torch.tasks.verify import load_reference, make_inputs
 
     m = model_mod.build_model(cfg.model.target, cfg.model.kwargs, allow_unsafe_load=cfg.model.allow_unsafe_load)
     targets = model_mod.describe_targets(m)

@@ -34,11 +34,11 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from tasks.errors import ExportError
-from tasks.fingerprint import Region, file_digests, file_fingerprint, peek, remember, stat_key
-from tasks.manifest import to_csv
-from tasks.paths import atomic_writer
-from tasks.st_io import ST_DTYPES, MappedSafetensors, plan_header, read_header
+from np2torch.tasks.errors import ExportError
+from np2torch.tasks.fingerprint import Region, file_digests, file_fingerprint, peek, remember, stat_key
+from np2torch.tasks.manifest import to_csv
+from np2torch.tasks.paths import atomic_writer
+from np2torch.tasks.st_io import ST_DTYPES, MappedSafetensors, plan_header, read_header
 
 __all__ = ["write_safetensors_with_metadata", "check_export", "export_outputs"]
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import blake3
 
-from tasks.paths import atomic_write_text, cache_dir
+from np2torch.tasks.paths import atomic_write_text, cache_dir
 
 __all__ = ["sha256_file", "blake3_bytes", "blake3_region", "stat_key", "cached_by_stat", "remember", "peek", "file_fingerprint",
            "Region", "file_digests"]

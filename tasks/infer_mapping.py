@@ -6,7 +6,7 @@ Order of evidence, strongest first (each target is taken by the first that claim
 2. names: exact (1.0), then normalised through the preset (``/``→``.``, ``:0``, ``kernel``→
    ``weight``, ``layer_0``→``layer.0`` …, 0.95), then a unique suffix match (0.85);
 3. structure: source keys grouped into layers by scope, each layer's kind read from its leaves
-   and shapes (Dense, Conv, BatchNorm, LSTM …, :mod:`tasks.presets`), aligned with the model's
+   and shapes (Dense, Conv, BatchNorm, LSTM …, :mod:`np2torch.tasks.presets`), aligned with the model's
    modules of the same kind in registration order, every shape checked (0.8); a separable conv
    is two layers (depthwise, pointwise); Bidirectional ``backward_*`` layers fill ``*_reverse``;
 4. ``order``: remaining sources in source order against remaining targets in registration
@@ -17,7 +17,7 @@ Order of evidence, strongest first (each target is taken by the first that claim
 Then every row's layout is questioned: when more than one known layout gives the target shape
 (a square kernel, a 1×1 conv with as many inputs as outputs, a flat slice, a Linear after a
 channels-first flatten), the row lists them in ``candidates`` (its own choice first), its
-confidence is capped and it is marked unverified until :mod:`tasks.evidence` picks one with a
+confidence is capped and it is marked unverified until :mod:`np2torch.tasks.evidence` picks one with a
 reference output. Nothing is dropped silently: targets nobody claims are ``missing`` (or
 ``allowed_missing``), sources nobody uses are ``unused`` (or ``ignored``).
 """
@@ -31,13 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from tasks import presets as P
-from tasks import transforms as T
-from tasks.config import MappingSpec, Rule
-from tasks.errors import MappingError, Problem
-from tasks.load_arrays import ArrayRecord
-from tasks.manifest import new_row
-from tasks.model import TargetInfo
+from np2torch.tasks import presets as P
+from np2torch.tasks import transforms as T
+from np2torch.tasks.config import MappingSpec, Rule
+from np2torch.tasks.errors import MappingError, Problem
+from np2torch.tasks.load_arrays import ArrayRecord
+from np2torch.tasks.manifest import new_row
+from np2torch.tasks.model import TargetInfo
 
 __all__ = ["infer_manifest", "target_dtype_for", "layout_candidates", "flatten_heuristic", "AMBIGUOUS_CONFIDENCE"]
 
@@ -117,7 +117,7 @@ def flatten_heuristic(targets: Sequence[TargetInfo]) -> dict[str, list[int]]:
 
     Used when no shape probe ran (no verify input): a Linear whose in_features is a multiple
     (>1) of the channel count of the conv/norm module registered just before it. The exact
-    ``[C, H, W]`` comes from :func:`tasks.evidence.probe_flatten` when an input is known.
+    ``[C, H, W]`` comes from :func:`np2torch.tasks.evidence.probe_flatten` when an input is known.
     """
     out: dict[str, list[int]] = {}
     channels = 0
@@ -590,7 +590,7 @@ def infer_manifest(records: list[ArrayRecord], targets: list[TargetInfo], spec: 
     """Build the manifest rows (targets in model order, then unused sources in source order).
 
     ``flatten`` maps Linear modules that read a channels-first flatten to its ``[C, H, W]``
-    (from :func:`tasks.evidence.probe_flatten`); without it a registration-order heuristic
+    (from :func:`np2torch.tasks.evidence.probe_flatten`); without it a registration-order heuristic
     (:func:`flatten_heuristic`) stands in.
     """
     m = _Mapper(records, targets, spec)

@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from tasks.errors import LoadError, Problem
-from tasks.fingerprint import Region, blake3_bytes, cached_by_stat, file_digests, file_fingerprint, peek, remember, stat_key
-from tasks.safe_pickle import UnsafePickleError, safe_loads
+from np2torch.tasks.errors import LoadError, Problem
+from np2torch.tasks.fingerprint import Region, blake3_bytes, cached_by_stat, file_digests, file_fingerprint, peek, remember, stat_key
+from np2torch.tasks.safe_pickle import UnsafePickleError, safe_loads
 
 __all__ = ["ArrayRecord", "scan_source", "open_array", "read_table", "write_table", "detect_format", "fingerprint_files"]
 
@@ -674,7 +674,7 @@ def _payload_offset(rec: ArrayRecord) -> int | None:
 
 
 def write_table(records: list[ArrayRecord], path: Path) -> None:
-    from tasks.paths import atomic_write_text
+    from np2torch.tasks.paths import atomic_write_text
 
     atomic_write_text(path, json.dumps([asdict(r) for r in records], indent=1))
 

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tasks.paths import atomic_write_text
+from np2torch.tasks.paths import atomic_write_text
 
 __all__ = ["COLUMNS", "STATUSES", "new_row", "write_manifest", "read_manifest", "to_csv", "target_rows", "unused_rows"]
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tasks.errors import ModelError
+from np2torch.tasks.errors import ModelError
 
 __all__ = ["TargetInfo", "import_target", "build_model", "describe_targets", "materialize_missing"]
 

@@ -1,6 +1,6 @@
-"""Thin Prefect ``@task`` wrappers over :mod:`tasks.stages`: names, caching, retries, logging.
+"""Thin Prefect ``@task`` wrappers over :mod:`np2torch.tasks.stages`: names, caching, retries, logging.
 
-Caching. Each task's cache key is the stage's content key (:mod:`tasks.stages` ``KEYS``) plus
+Caching. Each task's cache key is the stage's content key (:mod:`np2torch.tasks.stages` ``KEYS``) plus
 the task's own source (``TASK_SOURCE``), never its inputs: the inputs are a config and small
 records, and hashing them would tie the key to paths. Results persist as small JSON records in
 local storage under the cache dir; the big artifacts stay in the stage's own cache entry. The
@@ -32,10 +32,10 @@ from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 from prefect.utilities.hashing import hash_objects
 
-from tasks import cache, stages
-from tasks.config import Config
-from tasks.errors import ConversionError, TransientIOError
-from tasks.paths import cache_dir
+from np2torch.tasks import cache, stages
+from np2torch.tasks.config import Config
+from np2torch.tasks.errors import ConversionError, TransientIOError
+from np2torch.tasks.paths import cache_dir
 
 __all__ = ["is_transient", "StageCachePolicy", "configured_tasks", "attempts_of", "RETRIES", "BACKOFF_FACTOR", "JITTER_FACTOR",
            "load_arrays_task", "infer_mapping_task", "validate_task", "convert_task", "verify_task", "export_task"]

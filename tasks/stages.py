@@ -1,7 +1,7 @@
 """The six stages as plain functions: config + the previous stage's record → this stage's record.
 
 Each computes its content key from exactly what it depends on, then runs the stage through the
-content-addressed cache (:mod:`tasks.cache`). Records are small JSON dicts (paths, shapes,
+content-addressed cache (:mod:`np2torch.tasks.cache`). Records are small JSON dicts (paths, shapes,
 fingerprints, metrics); arrays and tensors never leave the stage that made them.
 """
 
@@ -12,11 +12,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tasks import cache, convert, evidence, export, infer_mapping, load_arrays, manifest, safe_pickle, st_io, transforms, validate, verify
-from tasks import model as model_mod
-from tasks import presets
-from tasks.config import Config
-from tasks.fingerprint import file_fingerprint, sha256_file, cached_by_stat
+from np2torch.tasks import cache, convert, evidence, export, infer_mapping, load_arrays, manifest, safe_pickle, st_io, transforms, validate, verify
+from np2torch.tasks import model as model_mod
+from np2torch.tasks import presets
+from np2torch.tasks.config import Config
+from np2torch.tasks.fingerprint import file_fingerprint, sha256_file, cached_by_stat
 
 __all__ = ["STAGES", "KEYS", "STILL_VALID", "run_all", "load_arrays_stage", "infer_mapping_stage", "validate_stage", "convert_stage",
            "verify_stage", "export_stage", "source_files_of", "model_fingerprint", "read_records", "content_digest"]
@@ -256,7 +256,7 @@ def content_digest(cfg: Config) -> str:
 
 
 def export_metadata(cfg: Config, loaded: dict[str, Any]) -> dict[str, str]:
-    from tasks import __version__
+    from np2torch.tasks import __version__
 
     return {"format": "pt", "np2torch_version": __version__, "config_sha256": content_digest(cfg), "name": cfg.name,
             "source_fingerprint": loaded["source_fingerprint"]}

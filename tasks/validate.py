@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 
-from tasks.errors import Problem, ValidationError
-from tasks.load_arrays import FLOAT_LIMITS
-from tasks.manifest import COLUMNS
+from np2torch.tasks.errors import Problem, ValidationError
+from np2torch.tasks.load_arrays import FLOAT_LIMITS
+from np2torch.tasks.manifest import COLUMNS
 
 __all__ = ["manifest_schema", "validate_manifest", "failure_table"]
 

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.config import InputSpec, VerifySpec
-from tasks.convert import check_device, load_into_model
-from tasks.errors import LoadError, VerifyError
-from tasks.load_arrays import open_array, scan_source
-from tasks.model import build_model, describe_targets
-from tasks.st_io import MappedSafetensors
+from np2torch.tasks.config import InputSpec, VerifySpec
+from np2torch.tasks.convert import check_device, load_into_model
+from np2torch.tasks.errors import LoadError, VerifyError
+from np2torch.tasks.load_arrays import open_array, scan_source
+from np2torch.tasks.model import build_model, describe_targets
+from np2torch.tasks.st_io import MappedSafetensors
 
 __all__ = ["make_inputs", "load_reference", "compare", "run_forward", "verify_forward_pass", "load_model_from_file"]
 
@@ -170,7 +170,7 @@ def verify_forward_pass(*, model_target: str, model_kwargs: dict[str, Any], weig
     outputs = run_forward(model, inputs, dev)
     metrics = compare(outputs, load_reference(spec.reference_output), rtol=spec.rtol, atol=spec.atol)
     if not metrics["passed"]:
-        from tasks.evidence import load_activations, localise
+        from np2torch.tasks.evidence import load_activations, localise
 
         # localisation: the first layer whose output diverges (from reference activations when given)
         where = localise(model, inputs, load_activations(spec.reference_activations), rtol=spec.rtol, atol=spec.atol, device=dev)

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from tasks.config import load_config
+from np2torch.tasks.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "examples"

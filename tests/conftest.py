@@ -67,7 +67,7 @@ def copy_example(name: str, dest: Path) -> Path:
 
 def run_pipeline(cfg, *, refresh: bool = False) -> dict:
     """The six stages as plain functions, in order (no Prefect): stage name → record."""
-    from tasks.stages import run_all
+    from np2torch.tasks.stages import run_all
 
     return run_all(cfg, refresh=refresh)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
-from tasks import audit, stages
-from tasks.config import load_config
+from np2torch.flows.cli import main
+from np2torch.tasks import audit, stages
+from np2torch.tasks.config import load_config
 from tiny_conversion import flip_byte, make_tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def test_a_malformed_complete_line_is_skipped_and_reported(isolated_data: Path, 
 
 _WRITER = """
 import sys
-from tasks.audit import append_record
+from np2torch.tasks.audit import append_record
 i = 0
 while True:
     append_record({"name": f"run-{i}", "status": "success", "padding": "x" * 200_000})

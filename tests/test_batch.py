@@ -12,11 +12,11 @@ from uuid import UUID
 
 import pytest
 
-from flows.batch import BatchError, make_task_runner, plan_batch, run_batch, summary_row
-from flows.cli import main
-from flows.serve import build_deployment, check_cron
-from tasks.config import load_batch_config, load_config
-from tasks.errors import ConfigError
+from np2torch.flows.batch import BatchError, make_task_runner, plan_batch, run_batch, summary_row
+from np2torch.flows.cli import main
+from np2torch.flows.serve import build_deployment, check_cron
+from np2torch.tasks.config import load_batch_config, load_config
+from np2torch.tasks.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from batch_support import REPO, write_batch, write_conversion  # noqa: E402
@@ -181,7 +181,7 @@ def test_serve_checks_cron_and_batch_before_prefect(tmp_path: Path, example_data
     a = write_conversion("mlp", tmp_path / "cfg", tmp_path / "out")
     batch = write_batch(tmp_path / "nightly.yaml", [a])
     dep = build_deployment(batch, cron="0 2 * * *")
-    assert dep.name == "nightly" and dep.entrypoint == "flows.batch.batch_flow"
+    assert dep.name == "nightly" and dep.entrypoint == "np2torch.flows.batch.batch_flow"
     assert dep.parameters == {"batch_config": str(batch.resolve())}
     assert [s.schedule.cron for s in dep.schedules] == ["0 2 * * *"]
     bad = tmp_path / "bad.yaml"
@@ -299,12 +299,12 @@ def test_batch_reuses_the_cache_on_a_second_run(tmp_path: Path, example_data: Pa
 def test_a_crashed_conversion_task_is_reported_and_the_batch_goes_on(tmp_path: Path, example_data: Path, prefect_harness,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Not a conversion failure but the task around it dying (as when a Dask worker is lost)."""
-    import flows.batch
+    import np2torch.flows.batch as batch_mod
 
     def unreadable(flow_run_id: str | None) -> dict:
         raise OSError("audit log unreadable")
 
-    monkeypatch.setattr(flows.batch, "_failed_record", unreadable)  # only consulted for a failed conversion
+    monkeypatch.setattr(batch_mod, "_failed_record", unreadable)  # only consulted for a failed conversion
     cfg, out = tmp_path / "cfg", tmp_path / "out"
     batch = write_batch(tmp_path / "b.yaml", [write_conversion("mlp", cfg, out, name="mlp-broken", kwargs={"hidden": 17}),
                                               write_conversion("mlp", cfg, out)], max_parallel=1)
@@ -342,7 +342,7 @@ def test_dask_local_cluster_gives_identical_outputs(tmp_path: Path, example_data
         t_dask = time.perf_counter() - t0
         assert failure is None
         # the conversions ran in the worker processes, on this checkout's code
-        ran = client.run(lambda: (sys.modules["flows.convert"].__file__ if "flows.convert" in sys.modules else None))
+        ran = client.run(lambda: (sys.modules["np2torch.flows.convert"].__file__ if "np2torch.flows.convert" in sys.modules else None))
     assert len(ran) == 2 and any(ran.values())
     assert {f for f in ran.values() if f} == {str(REPO / "flows" / "convert.py")}
     print(f"\nthread pool: {t_thread:.1f}s, Dask LocalCluster(2 processes): {t_dask:.1f}s (cluster start excluded)")

@@ -1,6 +1,6 @@
 """The content-addressed stage cache: what reruns, what hits, what is never trusted.
 
-These call the plain stages (:func:`tasks.stages.run_all`); the Prefect layer on top of the
+These call the plain stages (:func:`np2torch.tasks.stages.run_all`); the Prefect layer on top of the
 same keys is covered in test_flow.py.
 """
 
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import cache, stages
-from tasks.config import load_config
+from np2torch.tasks import cache, stages
+from np2torch.tasks.config import load_config
 from tiny_conversion import cached_stage_in_process, flip_byte, make_tiny
 
 ALL = stages.STAGES

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, example_config, tiny_arrays, write_tiny_case
-from flows.cli import main
+from np2torch.flows.cli import main
 
 NP2TORCH = shutil.which("np2torch") or str(REPO / ".venv" / "bin" / "np2torch")
 
@@ -128,5 +128,5 @@ def test_expected_failure_prints_no_traceback_as_typed(tmp_path):
 
 
 def test_module_entry_point():
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run([sys.executable, "-m", "np2torch.flows.cli", "--help"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0 and "convert" in r.stdout

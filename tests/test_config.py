@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import write_tiny_case
-from tasks.config import load_config
-from tasks.errors import ConfigError
+from np2torch.tasks.config import load_config
+from np2torch.tasks.errors import ConfigError
 
 
 def test_relative_paths_resolve_against_the_config_folder(tmp_path):

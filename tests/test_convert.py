@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_pipeline, tiny_arrays, write_tiny_case
-from tasks import stages
-from tasks.config import load_config
-from tasks.convert import check_device, load_into_model
-from tasks.errors import ConvertError
-from tasks.model import build_model, describe_targets
+from np2torch.tasks import stages
+from np2torch.tasks.config import load_config
+from np2torch.tasks.convert import check_device, load_into_model
+from np2torch.tasks.errors import ConvertError
+from np2torch.tasks.model import build_model, describe_targets
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import CONFIGS, example_config, run_pipeline
-from tasks.config import load_config
-from tasks.model import build_model
+from np2torch.tasks.config import load_config
+from np2torch.tasks.model import build_model
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.yaml")))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
-from tasks import audit, stages
+from np2torch.flows.cli import main
+from np2torch.tasks import audit, stages
 from tiny_conversion import flip_byte, make_tiny
 
 
@@ -39,7 +39,7 @@ def _artifact(key: str, run_id: str):  # noqa: ANN202 - prefect's Artifact
 
 
 def test_convert_flow_caches_audits_and_publishes(prefect_harness, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from flows.convert import convert_config
+    from np2torch.flows.convert import convert_config
 
     config = make_tiny(tmp_path / "conv")
 
@@ -97,7 +97,7 @@ def test_convert_flow_caches_audits_and_publishes(prefect_harness, tmp_path: Pat
         f"fc{i}.{p}" for i in (1, 2, 3) for p in ("weight", "bias"))
 
     # 6. a failed validation: failure table in the UI, failed record with the error in the log
-    from tasks.errors import ValidationError
+    from np2torch.tasks.errors import ValidationError
 
     with pytest.raises(ValidationError):
         convert_config(config, ["model.kwargs.hidden=7", "name=tiny-bad"])
@@ -146,7 +146,7 @@ def test_two_identical_flows_at_once_compute_each_stage_once(prefect_harness, tm
     import numpy as np
     import yaml
 
-    from flows.convert import convert_config
+    from np2torch.flows.convert import convert_config
 
     rng = np.random.default_rng(3)
     (tmp_path / "slow_model.py").write_text(SLOW_MODEL)

@@ -31,8 +31,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis import given
 
-from tasks.errors import LoadError
-from tasks.load_arrays import open_array, scan_source
+from np2torch.tasks.errors import LoadError
+from np2torch.tasks.load_arrays import open_array, scan_source
 
 settings.register_profile("ci", max_examples=150, deadline=None, derandomize=True, print_blob=True,
                           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

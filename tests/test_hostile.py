@@ -28,12 +28,12 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from flows.cli import main
-from tasks import export as export_mod
-from tasks.errors import ExportError, LoadError, VerifyError
-from tasks.fingerprint import blake3_bytes
-from tasks.load_arrays import open_array, scan_source
-from tasks.manifest import new_row
+from np2torch.flows.cli import main
+from np2torch.tasks import export as export_mod
+from np2torch.tasks.errors import ExportError, LoadError, VerifyError
+from np2torch.tasks.fingerprint import blake3_bytes
+from np2torch.tasks.load_arrays import open_array, scan_source
+from np2torch.tasks.manifest import new_row
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -583,10 +583,10 @@ def test_model_constructor_raises(tmp_path, capsys):
 
 
 def test_forward_pass_raises(tmp_path):
-    from tasks.verify import run_forward
+    from np2torch.tasks.verify import run_forward
 
     (tmp_path / "model.py").write_text(MODEL_PY)
-    from tasks.model import build_model
+    from np2torch.tasks.model import build_model
 
     m = build_model(f"{tmp_path / 'model.py'}:BadForward", device="cpu")
     with pytest.raises(VerifyError, match=r"^\[verify-forward-pass\] `forward`: the forward pass raised RuntimeError: forward exploded on purpose "
@@ -759,8 +759,8 @@ _KILL_SCRIPT = r'''
 import json, os, sys, time
 from pathlib import Path
 import torch
-import tasks.export as ex
-from tasks.manifest import new_row
+import np2torch.tasks.export as ex
+from np2torch.tasks.manifest import new_row
 
 ready, where, conv, info, out = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), json.loads(sys.argv[4]), Path(sys.argv[5])
 
@@ -889,8 +889,8 @@ def test_pickle_cannot_mutate_numpy_singletons(tmp_path):
 @pytest.mark.parametrize("what", ["input", "reference_output"])
 def test_broken_verify_files_are_named(tmp_path, what):
     """The verify stage's own inputs go through the same reader: a bad file is a verify-stage error."""
-    from tasks.config import VerifySpec
-    from tasks.verify import load_reference, make_inputs
+    from np2torch.tasks.config import VerifySpec
+    from np2torch.tasks.verify import load_reference, make_inputs
 
     bomb = tmp_path / f"{what}.npy"
     bomb.write_bytes(_huge_shape_npy((1 << 20, 1 << 20)))

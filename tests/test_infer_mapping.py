@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from tasks import evidence, presets as P, transforms as T
-from tasks.config import MappingSpec
-from tasks.errors import MappingError
-from tasks.infer_mapping import flatten_heuristic, infer_manifest, layout_candidates
-from tasks.load_arrays import scan_source
-from tasks.model import describe_targets
+from np2torch.tasks import evidence, presets as P, transforms as T
+from np2torch.tasks.config import MappingSpec
+from np2torch.tasks.errors import MappingError
+from np2torch.tasks.infer_mapping import flatten_heuristic, infer_manifest, layout_candidates
+from np2torch.tasks.load_arrays import scan_source
+from np2torch.tasks.model import describe_targets
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,8 +128,8 @@ def test_flat_slice_into_matrix_lists_both_orders() -> None:
 
 
 def test_flatten_heuristic_and_probe_agree_on_the_keras_cnn() -> None:
-    from tasks.config import InputSpec
-    from tasks.model import build_model
+    from np2torch.tasks.config import InputSpec
+    from np2torch.tasks.model import build_model
 
     m = build_model(f"{REPO}/configs/models/keras_cnn.py:KerasCNN", {"in_channels": 1, "image_size": 28, "num_classes": 10})
     assert flatten_heuristic(describe_targets(m)) == {"fc1": [16, 11, 11]}
@@ -148,7 +148,7 @@ def test_probe_sees_non_square_maps() -> None:
 
     with torch.device("meta"):
         m = Net()
-    from tasks.config import InputSpec
+    from np2torch.tasks.config import InputSpec
 
     assert evidence.probe_flatten(m, InputSpec(shape=[1, 3, 6, 8])) == {"fc": [4, 4, 6]}
 
@@ -206,7 +206,7 @@ def test_unused_and_missing_are_reported(tmp_path: Path) -> None:
 
 
 def test_config_rules_accept_every_table_transform() -> None:
-    from tasks.config import Rule
+    from np2torch.tasks.config import Rule
 
     r = Rule(source="x", target="y", transform=[{"reorder_chunks": [1, 0, 2]}, {"index": 0}, "depthwise_to_grouped"])
     assert T.normalize(r.transform)[0] == ["reorder_chunks", [1, 0, 2]]
@@ -217,7 +217,7 @@ def test_config_rules_accept_every_table_transform() -> None:
 
 
 def test_plan_table_csv_and_json(example_data: Path, capsys: pytest.CaptureFixture) -> None:
-    from flows.cli import main
+    from np2torch.flows.cli import main
 
     cfg = str(REPO / "configs" / "examples" / "keras-cnn-auto.yaml")
     assert main(["plan", cfg]) == 0
@@ -236,7 +236,7 @@ def test_plan_table_csv_and_json(example_data: Path, capsys: pytest.CaptureFixtu
 
 
 def test_plan_lists_unverified_rows_without_reference(example_data: Path, capsys: pytest.CaptureFixture) -> None:
-    from flows.cli import main
+    from np2torch.flows.cli import main
 
     cfg = str(REPO / "configs" / "examples" / "keras-cnn-auto.yaml")
     assert main(["plan", cfg, "--set", "verify.reference_output=", "--format", "json"]) == 0

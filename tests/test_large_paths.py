@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tasks import fingerprint, load_arrays, stages
-from tasks.config import load_config
-from tasks.load_arrays import open_array, scan_source
-from tasks.st_io import MappedSafetensors
+from np2torch.tasks import fingerprint, load_arrays, stages
+from np2torch.tasks.config import load_config
+from np2torch.tasks.load_arrays import open_array, scan_source
+from np2torch.tasks.st_io import MappedSafetensors
 
 MODEL = '''
 import torch
@@ -254,7 +254,7 @@ def test_mapped_safetensors_release_keeps_values(tmp_path: Path) -> None:
 
 
 def test_materialize_missing_builds_only_owning_modules(tmp_path: Path) -> None:
-    from tasks.model import materialize_missing
+    from np2torch.tasks.model import materialize_missing
 
     (tmp_path / "huge.py").write_text('''
 from torch import nn
@@ -287,7 +287,7 @@ class Huge(nn.Module):
 
 
 def test_materialize_missing_falls_back_to_a_full_build(tmp_path: Path) -> None:
-    from tasks.model import materialize_missing
+    from np2torch.tasks.model import materialize_missing
 
     (tmp_path / "custom.py").write_text('''
 import torch

@@ -8,8 +8,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from tasks.errors import LoadError
-from tasks.load_arrays import detect_format, open_array, scan_source
+from np2torch.tasks.errors import LoadError
+from np2torch.tasks.load_arrays import detect_format, open_array, scan_source
 
 
 def test_single_npy_records_header_offset_and_memory_maps(tmp_path):

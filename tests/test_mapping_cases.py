@@ -20,9 +20,9 @@ import pytest
 import torch
 import yaml
 
-from tasks import manifest, stages
-from tasks.config import load_config
-from tasks.errors import MappingError, VerifyError
+from np2torch.tasks import manifest, stages
+from np2torch.tasks.config import load_config
+from np2torch.tasks.errors import MappingError, VerifyError
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "data"))
@@ -322,7 +322,7 @@ def test_vit_block_separate_qkv_into_fused_weight_by_rules(tmp_path: Path) -> No
 
 
 def test_vit_concat_on_the_wrong_axis_fails_validation(tmp_path: Path) -> None:
-    from tasks.errors import ValidationError
+    from np2torch.tasks.errors import ValidationError
 
     rng = np.random.default_rng(5)
     p = {f"blocks_0/attn/{n}/kernel": _init(rng, (8, 8)) for n in ("query", "key", "value")}
@@ -339,7 +339,7 @@ def test_vit_concat_on_the_wrong_axis_fails_validation(tmp_path: Path) -> None:
 
 
 def test_tied_embeddings_share_storage_after_loading_the_export(tmp_path: Path) -> None:
-    from tasks.verify import load_model_from_file
+    from np2torch.tasks.verify import load_model_from_file
 
     rng = np.random.default_rng(6)
     vocab, d = 11, 6

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import audit, load_arrays, prefect_tasks
-from tasks.errors import LoadError, TransientIOError
+from np2torch.tasks import audit, load_arrays, prefect_tasks
+from np2torch.tasks.errors import LoadError, TransientIOError
 from tiny_conversion import make_tiny
 
 
@@ -62,7 +62,7 @@ def _last_record() -> dict:
 
 def test_a_reader_that_fails_twice_is_retried_and_counted(prefect_harness, fast_retries, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows.convert import convert_config
+    from np2torch.flows.convert import convert_config
 
     real = load_arrays.scan_source
     failures = {"left": 2}
@@ -86,8 +86,8 @@ def test_a_reader_that_fails_twice_is_retried_and_counted(prefect_harness, fast_
 
 
 def test_a_deterministic_failure_fails_once(prefect_harness, fast_retries, tmp_path: Path) -> None:
-    from flows.convert import convert_config
-    from tasks.errors import ConversionError
+    from np2torch.flows.convert import convert_config
+    from np2torch.tasks.errors import ConversionError
 
     # the model is built with a hidden size the saved arrays do not have: shape mismatch
     with pytest.raises(ConversionError, match=r"(?s)\[validate\] `fc1.weight`: the manifest fails 5 check\(s\).*"
@@ -102,8 +102,8 @@ def test_a_deterministic_failure_fails_once(prefect_harness, fast_retries, tmp_p
 
 def test_a_write_that_keeps_failing_is_retried_then_fails_with_every_attempt_counted(
         prefect_harness, fast_retries, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows.convert import convert_config
-    from tasks import export
+    from np2torch.flows.convert import convert_config
+    from np2torch.tasks import export
 
     calls = {"n": 0}
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from conftest import tiny_arrays, write_tiny_case
-from tasks import infer_mapping, load_arrays, model
-from tasks.config import load_config
-from tasks.errors import ValidationError
-from tasks.validate import validate_manifest
+from np2torch.tasks import infer_mapping, load_arrays, model
+from np2torch.tasks.config import load_config
+from np2torch.tasks.errors import ValidationError
+from np2torch.tasks.validate import validate_manifest
 
 
 def _rows(path, overrides=()):

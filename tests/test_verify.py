@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import run_pipeline, write_tiny_case
-from tasks.config import InputSpec, load_config
-from tasks.errors import VerifyError
-from tasks.verify import compare, make_inputs
+from np2torch.tasks.config import InputSpec, load_config
+from np2torch.tasks.errors import VerifyError
+from np2torch.tasks.verify import compare, make_inputs
 
 
 def test_compare_metrics_and_tolerances():

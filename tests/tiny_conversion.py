@@ -55,7 +55,7 @@ def cached_stage_in_process(data_dir: str, calls: str, barrier, out) -> None:  #
     import time
 
     os.environ["NP2TORCH_DATA_DIR"] = data_dir
-    from tasks import cache
+    from np2torch.tasks import cache
 
     def compute(work: Path) -> dict:
         with open(calls, "a") as fh:
