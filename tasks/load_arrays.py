@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from np2torch.tasks.dtypes import FLOAT_LIMITS
 from np2torch.tasks.errors import LoadError, Problem
 from np2torch.tasks.fingerprint import Region, blake3_bytes, cached_by_stat, file_digests, file_fingerprint, peek, remember, stat_key
 from np2torch.tasks.safe_pickle import UnsafePickleError, safe_loads
@@ -51,13 +52,6 @@ _OPT_IN = "set `source.allow_pickle: true` in the config (or pass --allow-pickle
 # across the few passes each piece needs
 _STATS_CHUNK = 1 << 20
 _UINT_OF_SIZE = {2: np.uint16, 4: np.uint32, 8: np.uint64}
-# Largest finite value and smallest positive subnormal of each float dtype a source may be cast
-# to. A value above the first becomes inf; a nonzero value at or below half the second becomes 0.
-FLOAT_LIMITS: dict[str, tuple[float, float]] = {
-    "float16": (65504.0, 2.0**-24),
-    "bfloat16": (3.3895313892515355e38, 2.0**-133),
-    "float32": (float(np.finfo(np.float32).max), float(np.finfo(np.float32).smallest_subnormal)),
-}
 # Keys end up in tables, CSV files and terminals: a control character (ESC, newline) in one is
 # hostile or broken, never a parameter name.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
