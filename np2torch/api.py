@@ -199,14 +199,19 @@ def _clone(model: nn.Module, device: Any) -> nn.Module:
     import torch
     from torch import nn
 
+    def moved(t: Any) -> Any:
+        if device.type == "meta":
+            return torch.empty_like(t, device="meta")
+        # a model built on meta has no values to copy: zeros (the stages overwrite every loaded tensor)
+        return torch.zeros_like(t, device=device) if t.device.type == "meta" else t.detach().to(device, copy=True)
+
     persistent = {id(t) for t in model.state_dict(keep_vars=True).values()}
     memo: dict[int, Any] = {}
     for p in model.parameters():
-        data = torch.empty_like(p, device="meta") if device.type == "meta" else p.detach().to(device, copy=True)
-        memo[id(p)] = nn.Parameter(data, requires_grad=p.requires_grad)
+        memo[id(p)] = nn.Parameter(moved(p), requires_grad=p.requires_grad)
     for b in model.buffers():
         if id(b) in persistent:
-            memo[id(b)] = torch.empty_like(b, device="meta") if device.type == "meta" else b.detach().to(device, copy=True)
+            memo[id(b)] = moved(b)
     return copy.deepcopy(model, memo)
 
 
