@@ -63,7 +63,7 @@ def _candidates_cell(r: dict[str, Any]) -> str:
         d = _desc(c)
         e = errors.get(d)
         mark = " (chosen)" if ev.get("chosen") == d else ""
-        cells.append(f"[{d}]" + (f" err {e:.2g}" if e is not None else "") + mark)
+        cells.append(f"[{d}]" + (f" err {fmt3(e)}" if e is not None else "") + mark)
     return " | ".join(cells)
 
 
@@ -125,7 +125,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     total = sum(r["nbytes"] for r in rows)
-    table = [{**r, "MB": f"{r['nbytes'] / 1e6:.3f}", "absmax": f"{r['absmax']:.4g}", "fingerprint": r["fingerprint"][:12]} for r in rows]
+    table = [{**r, "MB": f"{r['nbytes'] / 1e6:.3f}", "absmax": fmt3(r["absmax"]), "fingerprint": r["fingerprint"][:12]} for r in rows]
     print_table(table, ["key", "shape", "dtype", "byte_order", "order", "MB", "nonfinite", "absmax", "file", "offset", "fingerprint"])
     print(f"\n{len(rows)} arrays, {total / 1e6:.3f} MB")
     return 0

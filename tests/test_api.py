@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pydoc
 import sys
 from pathlib import Path
@@ -249,3 +250,33 @@ def test_convert_as_a_prefect_flow_run(prefect_harness, example_data, tmp_path, 
     assert result.stages["verify-forward-pass"].attempts >= 1
     captured = capfd.readouterr()
     assert "database is locked" not in captured.err + captured.out
+
+
+def _readme_api_blocks() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Python API"):text.index("\n## ", text.index("## Python API") + 3)]
+    return [b.split("\n", 1)[1] for b in section.split("```python")[1:] for b in [b[: b.index("```")]]]
+
+
+@pytest.mark.slow
+def test_readme_python_api_example_runs(example_data, tmp_path):
+    """The README's notebook example, as written, in a copy of the repository's configs and data."""
+    import shutil
+    import subprocess
+
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    shutil.copytree(example_data, tmp_path / "data" / "examples")
+    blocks = _readme_api_blocks()
+    assert len(blocks) == 2 and "np2torch.load_into(" in blocks[0] and "np2torch.convert(" in blocks[1]
+    # a notebook shows the last expression of a cell; print it so the test can read it
+    checks = ("\nassert manifest.unverified == [] and manifest.verification['passed'], manifest\n"
+              "print('CELL1', manifest)\n")
+    checks2 = ("\nassert result.status == 'success' and result.files['model.safetensors'].is_file()\n"
+               "assert plan.attrs['valid'] and len(df) == 16\nprint('CELL2', result.stages['export'])\n")
+    env = {**os.environ, "NP2TORCH_DATA_DIR": str(tmp_path / "data")}
+    r = subprocess.run([sys.executable, "-c", blocks[0] + checks + blocks[1] + checks2], cwd=tmp_path, capture_output=True, text=True,
+                       env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "CELL1 <Manifest: 10 targets, 0 unverified, 0 unused source keys, verified: max abs error" in r.stdout
+    assert "CELL2 StageTiming(" in r.stdout
+    assert "database is locked" not in r.stderr
