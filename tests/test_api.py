@@ -277,6 +277,6 @@ def test_readme_python_api_example_runs(example_data, tmp_path):
     r = subprocess.run([sys.executable, "-c", blocks[0] + checks + blocks[1] + checks2], cwd=tmp_path, capture_output=True, text=True,
                        env=env, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    assert "CELL1 <Manifest: 10 targets, 0 unverified, 0 unused source keys, verified: max abs error" in r.stdout
+    assert "CELL1 <Manifest: 18 targets, 0 unverified, 0 unused source keys, verified: max abs error" in r.stdout
     assert "CELL2 StageTiming(" in r.stdout
     assert "database is locked" not in r.stderr
