@@ -174,9 +174,15 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from np2torch.flows.serve import serve_cli
+    from prefect import serve
 
-    return serve_cli(args)
+    from np2torch.flows.serve import batch_flow, build_deployment
+
+    deployment = build_deployment(args.batch_config, cron=args.cron, name=args.name)  # checked before Prefect starts serving
+    print(f"np2torch: serving deployment '{batch_flow.name}/{deployment.name}' on cron {args.cron!r} (UTC). "
+          f"Trigger a run now with: prefect deployment run '{batch_flow.name}/{deployment.name}'")
+    serve(deployment)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------

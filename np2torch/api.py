@@ -338,8 +338,9 @@ def load_into(model: nn.Module, source: str | Path, *, preset: str | None = None
             ``meta`` gets real tensors).
         source: a ``.npz``, ``.npy``, a folder of ``.npy`` files, a pickled ``get_weights()`` list
             (with ``allow_pickle=True``) or a flat vector.
-        preset: naming and layout conventions of the source: ``"keras"``, ``"tf"``, ``"flax"`` or
-            None (kernels transposed, ``gamma``/``beta``/``moving_mean`` → ``weight``/``bias``/…).
+        preset: naming and layout conventions of the source: ``"keras"`` / ``"tf"`` (kernels
+            transposed or HWIO → OIHW, ``gamma``/``beta``/``moving_mean`` → ``weight``/``bias``/…),
+            ``"flax"``, or None (names as in PyTorch).
         strategy: ``"auto"`` (rules, names, structure, order, shapes), ``"name"``, ``"order"`` or ``"shape"``.
         rules: mapping rules applied first, as in the config:
             ``{"source": r"dense_(\\d+)/kernel", "target": r"fc\\1.weight", "transform": ["transpose"]}``.
@@ -350,6 +351,10 @@ def load_into(model: nn.Module, source: str | Path, *, preset: str | None = None
         dtype: cast floating tensors to this dtype (``torch.float16``, ``"bfloat16"`` …); None keeps the model's.
         device: move the model there (``"cuda"``, ``"cuda:1"``, ``"mps"``); None keeps it where it is.
         ignore / allow_missing: regexes of source keys to leave unused / target keys that keep their value.
+        rtol, atol: the reference tolerance (default 1e-5, 1e-6; float32 models compared with a
+            float64 NumPy reference often need ``atol=1e-5``).
+        source_format, allow_pickle, key_prefix, allow_nonfinite: as ``source.format``,
+            ``source.allow_pickle``, ``source.key_prefix`` and ``source.allow_nonfinite`` in a config.
 
     Returns:
         ``(model, manifest)``: the same model object, loaded, and its :class:`Manifest`

@@ -84,6 +84,13 @@ def test_load_into_without_reference_leaves_ambiguous_rows_unverified(keras_case
     assert "unverified" in repr(manifest)
 
 
+def test_load_into_with_inputs_only_checks_shapes_and_finiteness(keras_case):
+    path, _, x, _ = keras_case
+    _, manifest = np2torch.load_into(seed_model(), path, preset="keras", reference=(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), None))
+    v = manifest.verification
+    assert v["passed"] and not v["reference"] and v["output_shapes"] == [[4, 10]] and v["finite"]
+
+
 def test_load_into_casts_dtype(keras_case):
     path, _, x, y = keras_case
     model, manifest = np2torch.load_into(seed_model(), path, preset="keras", reference=(x.transpose(0, 3, 1, 2), y), dtype=torch.float64)
