@@ -372,4 +372,4 @@ def load_batch_config(path: str | Path, overrides: list[str] | None = None) -> B
     try:
         return BatchConfig.model_validate(data)
     except ValidationError as exc:
-        raise _pydantic_to_config_error(exc, str(path)) from None
+        raise _pydantic_to_config_error(exc, str(path), list(overrides or [])) from None
