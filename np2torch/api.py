@@ -88,7 +88,9 @@ class Manifest:
 
         from np2torch.tasks.manifest import COLUMNS
 
-        return pd.DataFrame([{c: getattr(r, c) for c in COLUMNS} for r in self.rows], columns=COLUMNS)
+        cells = [r.cells() for r in self.rows]
+        extra = [c for c in dict.fromkeys(k for row in cells for k in row) if c not in COLUMNS]
+        return pd.DataFrame(cells, columns=[*COLUMNS, *extra])
 
     def to_csv(self) -> str:
         """The manifest as ``manifest.csv`` holds it."""
@@ -393,7 +395,8 @@ def load_into(model: nn.Module, source: str | Path, *, preset: str | None = None
         metrics = None
         if cfg.verify.input is not None:  # 5. verify-forward-pass, on a clone loaded from that file
             metrics = verify_forward_pass(model_target=target, model_kwargs={}, weights=weights, spec=cfg.verify, device=cfg.convert.device)
-        _fill(model, weights, rows, dtype=None if dtype is None else getattr(torch, cfg.convert.dtype), device=dev)
+        cast = None if dtype is None or cfg.convert.dtype == "keep" else getattr(torch, cfg.convert.dtype)
+        _fill(model, weights, rows, dtype=cast, device=dev)
     return model, Manifest.from_dicts(rows, verification=metrics)
 
 

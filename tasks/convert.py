@@ -26,14 +26,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from np2torch.tasks import transforms as T
-from np2torch.tasks.errors import ConvertError, Problem
+from np2torch.tasks.errors import ConvertError
 from np2torch.tasks.fingerprint import blake3_bytes, remember
 from np2torch.tasks.load_arrays import ArrayRecord, open_array
 from np2torch.tasks.manifest import target_rows
-from np2torch.tasks.model import TargetInfo, build_model, describe_targets, materialize_missing
+from np2torch.tasks.model import build_model, describe_targets, materialize_missing
 from np2torch.tasks.st_io import MappedSafetensors, np_dtype_for, plan_header
 from np2torch.tasks.state_dict import check_device, load_into_model  # noqa: F401  (re-exported: tests and callers use them here)
 

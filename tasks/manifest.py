@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -124,19 +124,27 @@ class ManifestRow:
     transform_spec: list
     concat: Any  # axis, or ""
     tied_to: str
+    extra: dict[str, Any] = field(default_factory=dict)  # columns this class does not name yet, as stored
 
     @classmethod
     def from_dict(cls, row: dict[str, Any]) -> ManifestRow:
         """The typed row of a stored manifest row (the dict form :func:`read_manifest` returns)."""
-        kw = {f.name: row.get(f.name, "") for f in fields(cls)}
+        names = {f.name for f in fields(cls)} - {"extra"}
+        kw: dict[str, Any] = {n: row.get(n, "") for n in names}
         for c in _JSON_COLUMNS:
             v = kw[c]
             kw[c] = json.loads(v) if isinstance(v, str) and v else (v if v != "" else ([] if c != "evidence" else {}))
-        return cls(**kw)
+        return cls(**kw, extra={k: v for k, v in row.items() if k not in names})
 
     def to_dict(self) -> dict[str, Any]:
         """The stored form: list and dict cells JSON-encoded, as :func:`new_row` writes them."""
         d = asdict(self)
+        extra = d.pop("extra")
         for c in _JSON_COLUMNS:
             d[c] = json.dumps(d[c], separators=(",", ":"))
-        return d
+        return {**d, **extra}
+
+    def cells(self) -> dict[str, Any]:
+        """Every column with JSON decoded (what a DataFrame of the manifest holds)."""
+        d = asdict(self)
+        return {**d.pop("extra"), **d}
