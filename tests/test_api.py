@@ -98,6 +98,14 @@ def test_load_into_casts_dtype(keras_case):
     assert set(manifest.df.target_dtype) == {"float64"}
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_load_into_moves_the_model_to_cuda(keras_case):
+    path, w, x, y = keras_case
+    model, manifest = np2torch.load_into(seed_model(), path, preset="keras", reference=(x.transpose(0, 3, 1, 2), y), device="cuda")
+    assert {p.device.type for p in model.parameters()} == {"cuda"} and manifest.verification["passed"]
+    np.testing.assert_array_equal(model[5].bias.cpu().detach().numpy(), w["dense_1/bias"])
+
+
 def test_load_into_a_model_built_on_meta(keras_case):
     path, w, x, y = keras_case
     with torch.device("meta"):
