@@ -427,29 +427,54 @@ def _fill(model: nn.Module, weights: Path, rows: list[dict[str, Any]], *, dtype:
 # plan and inspect: tables, nothing written
 
 
+def _validated(rows: list[dict[str, Any]], allow_nonfinite: bool) -> ConversionError | None:
+    from np2torch.tasks.validate import validate_manifest
+
+    try:
+        validate_manifest(rows, allow_nonfinite=allow_nonfinite)
+    except ConversionError as exc:
+        return exc
+    return None
+
+
 def plan_rows(config: str | Path, overrides: Sequence[str] = ()) -> tuple[Config, list[dict[str, Any]], ConversionError | None]:
     """The config, the manifest rows it would use, and the validate stage's verdict (None: valid).
 
     The stored (dict) form of :func:`plan`, without pandas for the table; ``np2torch plan`` prints it.
     """
     from np2torch.tasks.config import load_config
-    from np2torch.tasks.validate import validate_manifest
 
     cfg = load_config(config, list(overrides))
     with _read_only():
         _, rows = _manifest_rows(cfg)
-    try:
-        validate_manifest(rows, allow_nonfinite=cfg.source.allow_nonfinite)
-        problem = None
-    except ConversionError as exc:
-        problem = exc
-    return cfg, rows, problem
+    return cfg, rows, _validated(rows, cfg.source.allow_nonfinite)
 
 
-def plan(config: str | Path, *, overrides: Sequence[str] = ()) -> pd.DataFrame:
+# load_into's options and their defaults: plan(model, source, ...) takes the same
+_LOAD_OPTIONS: dict[str, Any] = {"preset": None, "strategy": "auto", "rules": (), "ignore": (), "allow_missing": (), "reference": None,
+                                 "dtype": None, "device": None, "source_format": "auto", "allow_pickle": False, "key_prefix": "",
+                                 "allow_nonfinite": False, "rtol": 1e-5, "atol": 1e-6}
+
+
+def _instance_plan_rows(model: nn.Module, source: str | Path, options: dict[str, Any]) -> tuple[list[dict[str, Any]], ConversionError | None]:
+    unknown = sorted(set(options) - set(_LOAD_OPTIONS))
+    if unknown:
+        raise TypeError(f"plan() got unexpected option(s) {unknown}; it takes load_into's: {sorted(_LOAD_OPTIONS)}")
+    opts = {**_LOAD_OPTIONS, **options}
+    with tempfile.TemporaryDirectory(prefix="np2torch-plan-") as tmp, _read_only(), _registered(model) as target:
+        cfg = _instance_config(model, source, target, Path(tmp), **opts)
+        _, rows = _manifest_rows(cfg)
+    return rows, _validated(rows, opts["allow_nonfinite"])
+
+
+def plan(config: str | Path | nn.Module, source: str | Path | None = None, *, overrides: Sequence[str] = (), **load_options: Any) -> pd.DataFrame:
     """The manifest a conversion would use, one row per target tensor then one per unused source key.
 
-    Runs load-arrays and infer-mapping (evidence included) and the validate checks; writes nothing.
+    ``plan(config_path, overrides=[...])`` plans a config file's conversion;
+    ``plan(model, source, preset=..., reference=...)`` plans what :func:`load_into` would do
+    with the same options, without touching the model. Runs load-arrays and infer-mapping
+    (evidence included) and the validate checks; writes nothing.
+
     A manifest that fails validation is still returned: ``df.attrs["valid"]`` is False and
     ``df.attrs["problems"]`` lists every failure (key, reason, expected, actual, fix).
     ``df.attrs["unverified"]`` names the rows whose layout is a guess.
@@ -459,10 +484,19 @@ def plan(config: str | Path, *, overrides: Sequence[str] = ()) -> pd.DataFrame:
         df = np2torch.plan("configs/examples/keras-cnn.yaml", overrides=["convert.dtype=float16"])
         df[df.status != "mapped"]
     """
-    cfg, rows, problem = plan_rows(config, overrides)
-    m = Manifest.from_dicts(rows, name=cfg.name)
+    if isinstance(config, (str, Path)):
+        if source is not None or load_options:
+            raise TypeError("plan(config_path) takes only overrides=; pass a model instance to plan load_into's options")
+        cfg, rows, problem = plan_rows(config, overrides)
+        name = cfg.name
+    else:
+        if source is None:
+            raise TypeError("plan(model, source, ...): give the source file or folder of the weights")
+        rows, problem = _instance_plan_rows(config, source, load_options)
+        name = type(config).__name__
+    m = Manifest.from_dicts(rows, name=name)
     df = m.df
-    df.attrs.update(name=cfg.name, valid=problem is None, unverified=m.unverified,
+    df.attrs.update(name=name, valid=problem is None, unverified=m.unverified,
                     problems=[dict(p) for p in problem.problems] if problem is not None and problem.problems
                     else ([{"key": problem.key, "reason": problem.message}] if problem is not None else []))
     return df

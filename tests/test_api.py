@@ -198,6 +198,18 @@ def test_plan_returns_the_manifest_dataframe_and_writes_nothing(example_data, is
     assert not isolated_data.exists()
 
 
+def test_plan_of_a_model_instance_touches_nothing(keras_case):
+    path, *_ = keras_case
+    model = seed_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    df = np2torch.plan(model, path, preset="keras")
+    assert df.attrs["valid"] and df.attrs["unverified"] == ["3.weight"]  # the Linear after the flatten: no reference given
+    assert list(df.loc[df.target_key != "", "source_key"][:2]) == ["conv2d/kernel", "conv2d/bias"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(TypeError, match="unexpected option"):
+        np2torch.plan(model, path, presett="keras")
+
+
 def test_plan_of_a_failing_config_lists_every_problem(tmp_path):
     arrays = tiny_arrays()
     del arrays["fc2.bias"], arrays["bn.bias"]
