@@ -97,7 +97,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             cols[4:4] = ["how"]
             cols.insert(-1, "candidates")
         print(f"Manifest for {cfg.name} ({len(trows)} targets, {len(unverified)} unverified):")
-        print_table(trows, cols, max_width={"candidates": 160}, total_width=width)
+        # keys give way before the transform: a cut transform would hide what the row does
+        print_table(trows, cols, max_width={"candidates": 160, "transform": 80}, total_width=width, shrink_first=["source", "target_key"])
         unused = unused_rows(rows)
         print(f"\nUnused source keys ({len(unused)}):")
         print_table(unused, ["source_key", "source_shape", "source_dtype", "status", "note"], total_width=width)
