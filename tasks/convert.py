@@ -20,6 +20,7 @@ import os
 import queue
 import warnings
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from np2torch.tasks.fingerprint import blake3_bytes, remember
 from np2torch.tasks.load_arrays import ArrayRecord, open_array
 from np2torch.tasks.manifest import target_rows
 from np2torch.tasks.model import TargetInfo, build_model, describe_targets, materialize_missing
+from np2torch.tasks.progress import track
 from np2torch.tasks.st_io import MappedSafetensors, np_dtype_for, plan_header
 
 __all__ = ["source_tensor", "write_converted", "load_into_model", "check_device", "convert_to_device"]
@@ -140,8 +142,11 @@ def _pwrite_all(fd: int, buf: bytes | memoryview, offset: int) -> None:
 
 def write_converted(rows: list[dict[str, Any]], records: dict[str, ArrayRecord], out_path: Path, *,
                     missing_values: dict[str, torch.Tensor] | None = None, metadata: dict[str, str] | None = None,
-                    workers: int = 2) -> dict[str, dict[str, Any]]:
-    """Write every target of the manifest into ``out_path`` (safetensors); return per-tensor info."""
+                    workers: int = 2, progress: Callable[[int], None] | None = None) -> dict[str, dict[str, Any]]:
+    """Write every target of the manifest into ``out_path`` (safetensors); return per-tensor info.
+
+    ``progress`` is called with the bytes of each tensor once it is written.
+    """
     rows = target_rows(rows)
     by_key = {r["target_key"]: r for r in rows}
     missing_values = missing_values or {}
@@ -185,6 +190,8 @@ def write_converted(rows: list[dict[str, Any]], records: dict[str, ArrayRecord],
         info[key] = meta
         del buf
         buffers.put(scratch)
+        if progress is not None:
+            progress(b - a)
 
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -209,6 +216,11 @@ def write_converted(rows: list[dict[str, Any]], records: dict[str, ArrayRecord],
         tmp.unlink(missing_ok=True)
         raise
     return {k: info[k] for k, _, _ in plan}
+
+
+def _target_bytes(row: dict[str, Any]) -> int:
+    itemsize = torch.empty(0, dtype=getattr(torch, row["target_dtype"])).element_size()
+    return int(np.prod(json.loads(row["target_shape"]), dtype=np.int64)) * itemsize
 
 
 def load_into_model(model: nn.Module, state: dict[str, torch.Tensor], targets: list[TargetInfo]) -> nn.Module:
@@ -249,13 +261,20 @@ def load_into_model(model: nn.Module, state: dict[str, torch.Tensor], targets: l
 
 
 def convert_to_device(rows: list[dict[str, Any]], records: list[ArrayRecord], *, model_target: str, model_kwargs: dict[str, Any],
-                      device: str, out_path: Path, metadata: dict[str, str] | None = None, allow_unsafe_load: bool = False) -> dict[str, Any]:
-    """Write the converted tensors and prove they load strictly into the model on ``device``."""
+                      device: str, out_path: Path, metadata: dict[str, str] | None = None, allow_unsafe_load: bool = False,
+                      progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Write the converted tensors and prove they load strictly into the model on ``device``.
+
+    ``progress`` gets the bytes written, tensor by tensor (a terminal bar and the run's UI
+    progress artifact follow the same count, see :mod:`np2torch.tasks.progress`).
+    """
     dev = check_device(device)
     rec_by_key = {r.key: r for r in records}
     missing_keys = [r["target_key"] for r in target_rows(rows) if r["status"] == "allowed_missing"]
     missing_values = materialize_missing(model_target, model_kwargs, missing_keys, allow_unsafe_load=allow_unsafe_load)
-    tensors = write_converted(rows, rec_by_key, out_path, missing_values=missing_values, metadata=metadata)
+    total = sum(_target_bytes(r) for r in target_rows(rows))
+    with track("convert-to-device", "convert-to-device", total, unit="B", progress=progress) as cb:
+        tensors = write_converted(rows, rec_by_key, out_path, missing_values=missing_values, metadata=metadata, progress=cb)
     model = build_model(model_target, model_kwargs, allow_unsafe_load=allow_unsafe_load)
     targets = describe_targets(model)
     mapped = MappedSafetensors(out_path)
