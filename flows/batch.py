@@ -300,7 +300,9 @@ def batch_flow(batch_config: str, overrides: list[str] | None = None, dask: str 
             rows[row["name"]] = row
             update_progress_artifact(artifact_id=progress_id, progress=100.0 * len(rows) / total,
                                      description=f"np2torch batch {Path(batch_config).name}: {len(rows)} of {total} conversions finished")
-            logger.info(_progress_line(len(rows), total, row))  # once: the console handler prints it, the API keeps it
+            # once, on the terminal: a log line too would be printed a second time by Prefect's console
+            # handler; the UI has the progress artifact above and each child run's own state
+            print(_progress_line(len(rows), total, row), file=sys.stderr, flush=True)
     ordered = [rows[j["name"]] for j in jobs]  # the batch file's order, not completion order
     # 3. one row per conversion, and a short summary
     create_table_artifact(key="np2torch-batch-summary", table=ordered,

@@ -10,8 +10,8 @@ are shared with an export folder. Pruning never removes an entry that a current 
 
 - every stage entry of the latest successful audit record per export folder whose outputs
   are still on disk (so rerunning that conversion stays a cache hit), and
-- every entry holding a file whose inode is one of those exported files (deleting that name
-  would free nothing and lose the cache), and
+- every entry holding a file whose inode is one of those exported files, or that has another
+  name at all (deleting this name would free nothing and lose the cache), and
 - every entry whose lock is held right now (a run is using it).
 
 Removing one name of a hard link never changes the other, so no prune can alter an exported
@@ -121,7 +121,9 @@ def protected(entries: list[Entry], *, log: Path | None = None) -> dict[tuple[st
             if s.get("key"):
                 keep[(stage, s["key"])] = f"used by the current export in {folder} ({r.get('name')})"
     for e in entries:
-        if (e.stage, e.key) not in keep and e.inodes & export_inodes:
+        # a file with another name is an export's hard link (found by its inode, or by its link
+        # count when the audit log does not know the export): deleting this name frees nothing
+        if (e.stage, e.key) not in keep and (e.inodes & export_inodes or e.shared_bytes):
             keep[(e.stage, e.key)] = "holds a file an export links to"
     return keep
 

@@ -170,7 +170,7 @@ def test_summary_row_reads_an_audit_record() -> None:
               "verification": {"passed": True, "reference": True, "max_abs_error": 1.5e-7, "max_rel_error": 2e-6},
               "outputs": [{"path": "/o/m/model.safetensors"}, {"path": "/o/m/manifest.csv"}]}
     row = summary_row("m", record, status="success", flow_run_id="abc")
-    assert row == {"name": "m", "status": "success", "seconds": 1.235, "cache_hits": "1/2",
+    assert row == {"name": "m", "status": "success", "seconds": 1.23, "cache_hits": "1/2",
                    "verification": "passed (max abs 1.5e-07, max rel 2e-06)", "outputs": "/o/m/{model.safetensors, manifest.csv}",
                    "error": "", "flow_run_id": "abc"}
 
@@ -255,7 +255,7 @@ def test_batch_runs_children_in_parallel_and_survives_a_failure(tmp_path: Path, 
             parents.add(client.read_task_run(child.parent_task_run_id).flow_run_id)
         (parent_id,) = parents  # all children of one parent run
         parent = client.read_flow_run(parent_id)
-        assert parent.name == "batch-three" and parent.state.is_failed()
+        assert parent.name == "three.yaml: 3 conversions" and parent.state.is_failed()
         assert children["mlp"].state.is_completed() and children["keras-cnn"].state.is_completed()
         assert children["mlp-broken"].state.is_failed()
         # never more than max_parallel children at once
