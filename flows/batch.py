@@ -246,6 +246,19 @@ def _api_url_for_workers(use_dask: bool) -> Iterator[None]:
         yield
 
 
+def _api_only(run_logger: Any) -> Any:
+    """The run logger, sending to the Prefect API only (Prefect's console handler would print
+    a line a second time that the batch already printed)."""
+    from prefect.logging.handlers import APILogHandler
+
+    lg = logging.getLogger("np2torch.batch.progress")
+    if not any(isinstance(h, APILogHandler) for h in lg.handlers):
+        lg.addHandler(APILogHandler())
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
+    return type(run_logger)(lg, run_logger.extra)
+
+
 def _progress_line(done: int, total: int, row: dict[str, Any]) -> str:
     width = 20
     filled = round(width * done / total) if total else width
@@ -273,6 +286,7 @@ def batch_flow(batch_config: str, overrides: list[str] | None = None, dask: str 
     address (tcp://host:8786) uses that scheduler.
     """
     logger = get_run_logger()
+    api_log = _api_only(logger)
     bc = load_batch_config(batch_config, overrides or [])
     jobs = plan_batch(bc)
     total = len(jobs)
@@ -300,9 +314,9 @@ def batch_flow(batch_config: str, overrides: list[str] | None = None, dask: str 
             rows[row["name"]] = row
             update_progress_artifact(artifact_id=progress_id, progress=100.0 * len(rows) / total,
                                      description=f"np2torch batch {Path(batch_config).name}: {len(rows)} of {total} conversions finished")
-            # once, on the terminal: a log line too would be printed a second time by Prefect's console
-            # handler; the UI has the progress artifact above and each child run's own state
-            print(_progress_line(len(rows), total, row), file=sys.stderr, flush=True)
+            line = _progress_line(len(rows), total, row)
+            print(line, file=sys.stderr, flush=True)  # the terminal, once
+            api_log.info(line)  # the run's logs in the UI, without a second copy on the terminal
     ordered = [rows[j["name"]] for j in jobs]  # the batch file's order, not completion order
     # 3. one row per conversion, and a short summary
     create_table_artifact(key="np2torch-batch-summary", table=ordered,

@@ -4,9 +4,10 @@ Each target tensor is read from its memory-mapped source, transformed (views whe
 cast once into a buffer the size of that one tensor and written at its offset in a safetensors
 file whose header was planned from the manifest. Peak memory is therefore a few of the largest
 tensors, not the model: worker threads cast ahead (a bounded window), this thread writes in
-file order, feeding the file's sha256 as it goes (so the cache never re-reads the file to hash
-it) and asking the kernel to start writing back each tensor at once (so the final fsync has
-little left to wait for). The file is then loaded into the model (built on ``meta``) on the
+file order while a helper thread feeds the same bytes into the file's sha256 (so the cache
+never re-reads the file to hash it), and the file is made durable by one ``fsync`` before its
+rename (``NP2TORCH_WRITEBACK=per-tensor`` starts write-back after each tensor instead; both
+measured in bench/README.md). The file is then loaded into the model (built on ``meta``) on the
 configured device with ``strict=True`` semantics: nothing missing, nothing unexpected, every
 shape equal, and tied weights still tied.
 """
@@ -154,7 +155,7 @@ def _pwrite_all(fd: int, buf: bytes | memoryview, offset: int) -> None:
 
 def write_converted(rows: list[dict[str, Any]], records: dict[str, ArrayRecord], out_path: Path, *,
                     missing_values: dict[str, torch.Tensor] | None = None, metadata: dict[str, str] | None = None,
-                    workers: int = 2, progress: Callable[[int], None] | None = None) -> dict[str, dict[str, Any]]:
+                    workers: int | None = None, progress: Callable[[int], None] | None = None) -> dict[str, dict[str, Any]]:
     """Write every target of the manifest into ``out_path`` (safetensors); return per-tensor info.
 
     ``progress`` is called with the bytes of each tensor once it is written.
@@ -172,6 +173,9 @@ def write_converted(rows: list[dict[str, Any]], records: dict[str, ArrayRecord],
     per_tensor = _writeback_per_tensor()
 
     largest = max([b - a for a, b in offsets.values()], default=0)
+    # one tensor per worker: torch's transposed copy is already cache-blocked (and single-threaded),
+    # so tensors in parallel use the cores; measured faster than tiling one tensor over threads
+    workers = workers or max(2, min(3, os.cpu_count() or 2))  # 3 at most: memory is (workers + 2) of the largest tensor
     window_size = max(1, workers)
     # casts in flight (window_size + 1) plus the one being written; small tensors skip the pool
     buffers = _BufferPool(window_size + 2, largest if largest >= _POOL_MIN_BYTES else 0)
@@ -197,8 +201,9 @@ def write_converted(rows: list[dict[str, Any]], records: dict[str, ArrayRecord],
 
     def write(key: str, buf: bytes | memoryview, meta: dict[str, Any], scratch: torch.Tensor | None) -> None:
         a, b = offsets[key]
+        hashed = hasher.submit(sha.update, buf)  # the file's sha256 runs while the bytes are written
         _pwrite_all(fd, buf, a)
-        sha.update(buf)
+        hashed.result()
         if per_tensor:
             _start_writeback(fd, a, b - a)
         info[key] = meta
@@ -211,7 +216,7 @@ def write_converted(rows: list[dict[str, Any]], records: dict[str, ArrayRecord],
     try:
         os.ftruncate(fd, total)
         _pwrite_all(fd, header, 0)
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, ThreadPoolExecutor(max_workers=1) as hasher:
             window: deque = deque()  # casts in flight, in file order; bounded so memory stays bounded
             for row in rows:
                 window.append(pool.submit(cast, row))

@@ -264,6 +264,16 @@ def test_batch_runs_children_in_parallel_and_survives_a_failure(tmp_path: Path, 
         assert overlap <= 2
         progress = [a for a in client.read_artifacts() if a.type == "progress" and a.flow_run_id == parent_id]
         assert [float(a.data) for a in progress] == [100.0]
+        # each conversion's own progress artifact, at 100 % when it succeeded
+        for name in ("mlp", "keras-cnn"):
+            mine = [a for a in client.read_artifacts() if a.key == f"{name}-progress" and a.flow_run_id == children[name].id]
+            assert [float(a.data) for a in mine] == [100.0]
+        # the progress lines reach the run's logs once each (and the terminal once, above)
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+        logs = [lg.message for lg in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[parent_id])))]
+        assert sum(1 for m in logs if m.startswith("np2torch batch [")) == 3
+    assert captured.err.count("np2torch batch [") == 3
 
 
 def test_an_entry_runs_the_same_config_again_with_its_overrides(tmp_path: Path, example_data: Path, prefect_harness) -> None:
