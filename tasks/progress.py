@@ -189,11 +189,14 @@ class RunProgress:
 
     def __enter__(self) -> RunProgress:
         from prefect.artifacts import create_progress_artifact
+        from prefect.context import FlowRunContext, TaskRunContext
 
-        try:
-            self.artifact_id = create_progress_artifact(progress=0.0, key=self.key, description=self.description)
-        except Exception:  # noqa: BLE001 - e.g. outside a flow run: no artifact, the work still runs
-            self.artifact_id = None
+        self.artifact_id = None
+        if FlowRunContext.get() is not None or TaskRunContext.get() is not None:  # outside a run: count, publish nothing
+            try:
+                self.artifact_id = create_progress_artifact(progress=0.0, key=self.key, description=self.description)
+            except Exception:  # noqa: BLE001 - an unreachable API must not stop the conversion
+                self.artifact_id = None
         self._token = _current.set(self)
         if self.artifact_id is not None:
             ctx = contextvars.copy_context()  # the run's Prefect settings and client, in the sender thread
