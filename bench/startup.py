@@ -64,9 +64,12 @@ def main() -> None:
     kc = REPO / "configs" / "examples" / "keras-cnn.yaml"
     server_env = {**base, "NP2TORCH_DATA_DIR": str(tmp / "server-data")}
     try:
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import np2torch.flows.convert, np2torch.flows.batch"], env=base, check=True)
-        rows["imports (np2torch.flows.convert + batch, Prefect, torch)"] = time.perf_counter() - t
+        imports = []
+        for _ in range(3):  # the first one also pays a cold page cache; the best of three is what a user sees
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-c", "import np2torch.flows.convert, np2torch.flows.batch"], env=base, check=True)
+            imports.append(time.perf_counter() - t)
+        rows["imports (np2torch.flows.convert + batch, Prefect, torch), best of 3"] = min(imports)
         rows["--help"], _ = run(["--help"], base)
         bad = tmp / "typo.yaml"
         bad.write_text(kc.read_text().replace("name:", "nmae:", 1))
@@ -78,7 +81,8 @@ def main() -> None:
         env_t = {**base, "NP2TORCH_DATA_DIR": str(tmp / "temp-data")}
         out_t = tmp / "out-temp"
         rows["keras-cnn convert, temporary server, computed"], _ = run(["convert", str(kc), "--set", f"export.dir={out_t}"], env_t)
-        rows["keras-cnn convert, temporary server, cached"], _ = run(["convert", str(kc), "--set", f"export.dir={out_t}"], env_t)
+        rows["keras-cnn convert, temporary server, cached, best of 2"] = min(
+            run(["convert", str(kc), "--set", f"export.dir={out_t}"], env_t)[0] for _ in range(2))
 
         port = _free_port()
         t = time.perf_counter()
@@ -86,7 +90,9 @@ def main() -> None:
         rows["server start (first: creates the database)"] = time.perf_counter() - t
         out_s = tmp / "out-server"
         rows["keras-cnn convert, running server, computed"], p1 = run(["convert", str(kc), "--set", f"export.dir={out_s}"], server_env)
-        rows["keras-cnn convert, running server, cached"], p2 = run(["convert", str(kc), "--set", f"export.dir={out_s}"], server_env)
+        cached = [run(["convert", str(kc), "--set", f"export.dir={out_s}"], server_env) for _ in range(2)]
+        rows["keras-cnn convert, running server, cached, best of 2"] = min(w for w, _ in cached)
+        p2 = cached[-1][1]
         stages_cached = stage_seconds(out_s / "report.json")
         batch = tmp / "six.yaml"
         entries = [{"config": str(REPO / "configs" / "examples" / f"{n}.yaml"), "set": [f"export.dir={tmp / 'batch-out' / n}"]}
@@ -102,11 +108,11 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "np2torch.flows.cli", "server", "stop"], env=server_env, capture_output=True, cwd=REPO)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    imports = rows["imports (np2torch.flows.convert + batch, Prefect, torch)"]
-    cached_local = rows["keras-cnn convert, running server, cached"]
+    imports = rows["imports (np2torch.flows.convert + batch, Prefect, torch), best of 3"]
+    cached_local = rows["keras-cnn convert, running server, cached, best of 2"]
     breakdown = {
         "imports": imports,
-        "temporary server start + stop": rows["keras-cnn convert, temporary server, cached"] - cached_local,
+        "temporary server start + stop": rows["keras-cnn convert, temporary server, cached, best of 2"] - cached_local,
         "stages (audit record, cached run)": stages_cached,
         "flow, tasks, API calls, shutdown": cached_local - imports - stages_cached,
     }

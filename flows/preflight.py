@@ -5,9 +5,10 @@ target that does not exist used to surface after Prefect had started (~20 s); he
 found in well under a second, all at once: the config schema (:func:`load_config`), the source
 (exists, is a regular file or a folder, readable), the export folder (creatable and writable),
 the model target (the file or module exists and defines the name, checked by reading its
-source, not by running it: importing a model module imports torch) and the verify files, then
-the Prefect API (:func:`np2torch.flows.server.choose_api`). Nothing here imports torch, pandas
-or Prefect.
+source, not by running it: importing a model module imports torch), then the Prefect API
+(:func:`np2torch.flows.server.choose_api`). Nothing here imports torch, pandas or Prefect.
+Verify files are left to their stage: a manifest that fails validation is the more useful
+first message than a reference file the run would only need later.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from np2torch.tasks.config import Config, load_batch_config, load_config
-from np2torch.tasks.errors import ConversionError, ExportError, LoadError, ModelError, Problem, VerifyError
+from np2torch.tasks.errors import ConversionError, ExportError, LoadError, ModelError, Problem
 
 __all__ = ["check_config", "preflight_convert", "preflight_batch"]
 
@@ -114,21 +115,10 @@ def _model_problem(target: str) -> ModelError | None:
     return None
 
 
-def _verify_problems(cfg: Config) -> list[VerifyError]:
-    v = cfg.verify
-    out = []
-    for key, p in (("verify.input", v.input if isinstance(v.input, Path) else None), ("verify.reference_output", v.reference_output),
-                   ("verify.reference_activations", getattr(v, "reference_activations", None))):
-        if p is not None and not Path(p).is_file():
-            out.append(VerifyError(f"{key} file does not exist", key=str(p), fix=f"check {key} (relative to the config file)"))
-    return out
-
-
 def check_config(cfg: Config) -> None:
     """Every check on a loaded config that needs no stage; raises one error listing all problems."""
     found: list[ConversionError] = [e for e in (_source_problem(cfg.source.path), _export_problem(cfg.export.dir),
                                                 _model_problem(cfg.model.target)) if e is not None]
-    found += _verify_problems(cfg)
     if not found:
         return
     first = found[0]

@@ -11,7 +11,7 @@ import pytest
 
 from np2torch.flows.preflight import check_config
 from np2torch.tasks.config import load_config
-from np2torch.tasks.errors import ExportError, LoadError, ModelError, VerifyError
+from np2torch.tasks.errors import ExportError, LoadError, ModelError
 from tiny_conversion import make_tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,11 +69,6 @@ def test_a_fifo_source_is_refused_before_reading(tiny: Path) -> None:
     os.mkfifo(fifo)
     with pytest.raises(LoadError, match="not a regular file or a folder"):
         check_config(load_config(tiny, [f"source.path={fifo}", "source.format=npz"]))
-
-
-def test_a_missing_reference_file(tiny: Path) -> None:
-    with pytest.raises(VerifyError, match="verify.reference_output file does not exist"):
-        check_config(load_config(tiny, ["verify.reference_output=gone.npy"]))
 
 
 def test_the_cli_reports_them_without_starting_prefect(tiny: Path, tmp_path: Path) -> None:
