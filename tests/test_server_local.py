@@ -137,7 +137,7 @@ def test_status_and_stop_without_a_server(capsys: pytest.CaptureFixture[str]) ->
 
 
 @pytest.mark.server
-def test_server_start_status_stop_round_trip(no_prefect_config, capsys: pytest.CaptureFixture[str]) -> None:
+def test_server_start_status_stop_round_trip(no_prefect_config, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     from np2torch.flows.cli import main
 
     port = _free_port()
@@ -155,6 +155,23 @@ def test_server_start_status_stop_round_trip(no_prefect_config, capsys: pytest.C
         assert f"healthy at http://127.0.0.1:{port} (pid {st['pid']})" in capsys.readouterr().out
         choice = server.choose_api()
         assert choice.mode == "local" and choice.ui_url == f"http://127.0.0.1:{port}"
+        # a convert typed by a user now reports to it and prints where its run is in the UI
+        from tiny_conversion import make_tiny
+
+        config = make_tiny(tmp_path / "conv")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env["NP2TORCH_DATA_DIR"] = str(server.data_dir())
+        r = subprocess.run([sys.executable, "-m", "np2torch.flows.cli", "convert", str(config)], env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr
+        assert f"np2torch: run in the Prefect UI: http://127.0.0.1:{port}/runs/flow-run/" in r.stderr
+        assert "temporary" not in r.stderr  # no temporary server, no hint
+        run_id = r.stderr.split("/runs/flow-run/", 1)[1].split()[0]
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/flow_runs/{run_id}", timeout=10) as resp:
+            run = json.loads(resp.read())
+        assert run["name"] == "tiny" and {"tiny", "dtype:float32", "device:cpu"} <= set(run["tags"])
     finally:
         os.environ.pop("PREFECT_API_URL", None)
         assert main(["server", "stop"]) == 0
