@@ -153,13 +153,18 @@ def _pwrite_all(fd: int, buf: bytes | memoryview, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
+def _default_workers() -> int:
+    """One tensor per worker: torch's transposed copy is already cache-blocked (single-threaded),
+    so tensors in parallel use the cores (measured faster than tiling one tensor over threads).
+    3 at most: memory is (workers + 2) buffers of the largest tensor."""
+    return max(2, min(3, os.cpu_count() or 2))
+
+
 def write_converted(rows: list[dict[str, Any]], records: dict[str, ArrayRecord], out_path: Path, *,
                     missing_values: dict[str, torch.Tensor] | None = None, metadata: dict[str, str] | None = None,
                     workers: int | None = None, progress: Callable[[int], None] | None = None) -> dict[str, dict[str, Any]]:
-    """Write every target of the manifest into ``out_path`` (safetensors); return per-tensor info.
-
-    ``progress`` is called with the bytes of each tensor once it is written.
-    """
+    """Write every target of the manifest into ``out_path`` (safetensors); return per-tensor info
+    (``progress`` gets each tensor's bytes once written)."""
     rows = target_rows(rows)
     by_key = {r["target_key"]: r for r in rows}
     missing_values = missing_values or {}
@@ -173,9 +178,7 @@ def write_converted(rows: list[dict[str, Any]], records: dict[str, ArrayRecord],
     per_tensor = _writeback_per_tensor()
 
     largest = max([b - a for a, b in offsets.values()], default=0)
-    # one tensor per worker: torch's transposed copy is already cache-blocked (and single-threaded),
-    # so tensors in parallel use the cores; measured faster than tiling one tensor over threads
-    workers = workers or max(2, min(3, os.cpu_count() or 2))  # 3 at most: memory is (workers + 2) of the largest tensor
+    workers = workers or _default_workers()
     window_size = max(1, workers)
     # casts in flight (window_size + 1) plus the one being written; small tensors skip the pool
     buffers = _BufferPool(window_size + 2, largest if largest >= _POOL_MIN_BYTES else 0)
