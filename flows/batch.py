@@ -15,6 +15,8 @@ record's summary out.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -28,7 +30,7 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.logging import get_run_logger
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from np2torch.flows.convert import convert_flow
+from np2torch.flows.convert import convert_flow, run_tags
 from np2torch.flows.reporting import print_table
 from np2torch.tasks import audit
 from np2torch.tasks.config import BatchConfig, load_batch_config, load_config
@@ -130,7 +132,15 @@ def make_task_runner(bc: BatchConfig, dask: str | None = None) -> TaskRunner:
     # one thread per worker process: a conversion already uses every core torch gives it, and a
     # process per conversion keeps one model's memory from another's
     return DaskTaskRunner(cluster_kwargs={"n_workers": bc.dask_workers, "threads_per_worker": 1, "processes": True,
-                                          "dashboard_address": None})
+                                          "dashboard_address": None, "silence_logs": _dask_log_level()})
+
+
+def _dask_log_level() -> int:
+    """Dask's own logs (worker start/stop, heartbeats) stay quiet unless NP2TORCH_DASK_LOGS=1 asks for them."""
+    level = logging.INFO if os.environ.get("NP2TORCH_DASK_LOGS", "") not in ("", "0") else logging.ERROR
+    for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.worker", "distributed.core"):
+        logging.getLogger(name).setLevel(level)
+    return level
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,13 +174,18 @@ def summary_row(name: str, record: dict[str, Any], *, status: str, flow_run_id: 
     return {
         "name": name,
         "status": status,
-        "seconds": round(float(record.get("seconds", seconds or 0.0)), 3),
+        "seconds": _sig3(float(record.get("seconds", seconds or 0.0))),
         "cache_hits": f"{sum(1 for s in stages.values() if s.get('cached'))}/{len(stages)}",
         "verification": verification,
         "outputs": _outputs_text([o["path"] for o in outputs]),
         "error": error,
         "flow_run_id": flow_run_id or "",
     }
+
+
+def _sig3(x: float) -> float:
+    """Three significant digits: 12.3, 0.0123 (summaries, not measurements)."""
+    return float(f"{x:.3g}")
 
 
 def _outputs_text(paths: list[str]) -> str:
@@ -186,9 +201,16 @@ def _outputs_text(paths: list[str]) -> str:
 @task(name="convert-one", task_run_name="convert-{name}", cache_policy=NO_CACHE, persist_result=False)
 def convert_one(config_path: str, name: str, overrides: list[str] | None = None, refresh: bool = False) -> dict[str, Any]:
     """Run one conversion as a child flow run named after it; return its summary row, never raise."""
+    from prefect import tags
+
     t0 = time.perf_counter()
-    state = convert_flow.with_options(flow_run_name=name)(config_path=config_path, overrides=list(overrides or []), refresh=refresh,
-                                                          return_state=True)
+    try:
+        run_tag = run_tags(load_config(config_path, list(overrides or [])))
+    except ConversionError:
+        run_tag = ["np2torch", name]  # a broken config still runs, and fails in its own child run
+    with tags(*run_tag):
+        state = convert_flow.with_options(flow_run_name=name)(config_path=config_path, overrides=list(overrides or []), refresh=refresh,
+                                                              return_state=True)
     flow_run_id = str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None
     if state.is_completed():
         return summary_row(name, state.result(), status="success", flow_run_id=flow_run_id)
@@ -225,6 +247,19 @@ def _api_url_for_workers(use_dask: bool) -> Iterator[None]:
         yield
 
 
+def _api_only(run_logger: Any) -> Any:
+    """The run logger, sending to the Prefect API only (Prefect's console handler would print
+    a line a second time that the batch already printed)."""
+    from prefect.logging.handlers import APILogHandler
+
+    lg = logging.getLogger("np2torch.batch.progress")
+    if not any(isinstance(h, APILogHandler) for h in lg.handlers):
+        lg.addHandler(APILogHandler())
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
+    return type(run_logger)(lg, run_logger.extra)
+
+
 def _progress_line(done: int, total: int, row: dict[str, Any]) -> str:
     width = 20
     filled = round(width * done / total) if total else width
@@ -233,10 +268,15 @@ def _progress_line(done: int, total: int, row: dict[str, Any]) -> str:
 
 
 def _batch_run_name() -> str:
-    """``batch-<batch file stem>`` for every run, scheduled, triggered from the UI or from the CLI."""
+    """``nightly.yaml: 6 conversions`` for every run, scheduled, triggered from the UI or from the CLI."""
     from prefect.runtime import flow_run
 
-    return f"batch-{Path(str(flow_run.parameters.get('batch_config', 'batch'))).stem}"
+    path = Path(str(flow_run.parameters.get("batch_config", "batch")))
+    try:
+        n = len(load_batch_config(path, list(flow_run.parameters.get("overrides") or [])).conversions)
+    except (ConversionError, OSError):
+        return path.name
+    return f"{path.name}: {n} conversion{'s' if n != 1 else ''}"
 
 
 @flow(name="np2torch-batch", flow_run_name=_batch_run_name, validate_parameters=False)
@@ -247,6 +287,7 @@ def batch_flow(batch_config: str, overrides: list[str] | None = None, dask: str 
     address (tcp://host:8786) uses that scheduler.
     """
     logger = get_run_logger()
+    api_log = _api_only(logger)
     bc = load_batch_config(batch_config, overrides or [])
     jobs = plan_batch(bc)
     total = len(jobs)
@@ -272,10 +313,11 @@ def batch_flow(batch_config: str, overrides: list[str] | None = None, dask: str 
                 logger.error("conversion %s crashed: %s: %s", job["name"], type(exc).__name__, exc)
                 row = summary_row(job["name"], {}, status="failed", flow_run_id=None, error=f"{type(exc).__name__}: {exc}")
             rows[row["name"]] = row
-            update_progress_artifact(artifact_id=progress_id, progress=100.0 * len(rows) / total)
+            update_progress_artifact(artifact_id=progress_id, progress=100.0 * len(rows) / total,
+                                     description=f"np2torch batch {Path(batch_config).name}: {len(rows)} of {total} conversions finished")
             line = _progress_line(len(rows), total, row)
-            print(line, file=sys.stderr, flush=True)
-            logger.info(line)
+            print(line, file=sys.stderr, flush=True)  # the terminal, once
+            api_log.info(line)  # the run's logs in the UI, without a second copy on the terminal
     ordered = [rows[j["name"]] for j in jobs]  # the batch file's order, not completion order
     # 3. one row per conversion, and a short summary
     create_table_artifact(key="np2torch-batch-summary", table=ordered,
@@ -309,11 +351,18 @@ def _report_markdown(batch_config: str, rows: list[dict[str, Any]], failed: list
 def run_batch(batch_config: str | Path, overrides: list[str] | None = None, *, dask: str | None = None,
               refresh: bool = False) -> tuple[list[dict[str, Any]], BatchError | None]:
     """Validate the batch config, run the flow; return its rows and the failure, if any."""
+    from np2torch.flows.server import choose_api, run_url, using_api
+
     path = Path(batch_config).resolve()
     plan_batch(load_batch_config(path, overrides or []))  # config errors surface before Prefect starts
+    api = choose_api()
+    with using_api(api):
+        state = batch_flow(batch_config=str(path), overrides=list(overrides or []), dask=dask, refresh=refresh, return_state=True)
+    url = run_url(api, str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None)
+    if url:
+        print(f"np2torch: batch run in the Prefect UI: {url}", file=sys.stderr)
     try:
-        rows = batch_flow(batch_config=str(path), overrides=list(overrides or []), dask=dask, refresh=refresh)
-        return rows, None
+        return state.result(raise_on_failure=True), None
     except BatchError as exc:
         return exc.rows, exc
 

@@ -25,6 +25,9 @@ __all__ = ["main", "build_parser"]
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from np2torch.flows.preflight import preflight_convert
+
+    preflight_convert(args.config, args.set)  # config, paths, model target, Prefect API: before Prefect starts
     from np2torch.flows.convert import convert_config
     from np2torch.flows.runtime import quiet_expected_tracebacks
 
@@ -169,6 +172,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
+    from np2torch.flows.preflight import preflight_batch
+
+    preflight_batch(args.batch_config, args.set)  # config and Prefect API: before Prefect starts
     from np2torch.flows.batch import run_batch_cli
 
     return run_batch_cli(args)
@@ -262,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--verify", action="store_true", help="re-hash every recorded input and output; exit 1 if any changed")
     a.add_argument("--log", default=None, help="audit log path (default $NP2TORCH_AUDIT_LOG or data/audit.jsonl)")
     a.set_defaults(func=cmd_audit)
+
+    from np2torch.flows.server import add_server_parser  # stdlib only: --help stays fast
+    from np2torch.tasks.housekeeping import add_cache_parser
+
+    add_server_parser(sub)
+    add_cache_parser(sub)
     return p
 
 

@@ -17,18 +17,21 @@ from prefect.logging import get_run_logger
 
 from np2torch.tasks import audit, manifest
 from np2torch.tasks.config import Config, load_config
+from np2torch.tasks.progress import RunProgress, current_run
 from np2torch.tasks.errors import ConversionError, ValidationError
 from np2torch.tasks.prefect_tasks import attempts_of, configured_tasks
 from np2torch.tasks.stages import STAGES
 
 __all__ = ["convert_flow", "run_conversion", "convert_config"]
 
-_TABLE_COLUMNS = ["target_key", "source_key", "transform", "target_shape", "target_dtype", "status", "confidence", "verified", "how"]
+# the manifest table in the UI: the columns a reviewer checks, narrow enough for 1440 px
+# (source shape, fingerprints and evidence are in manifest.csv and `np2torch plan`)
+_TABLE_COLUMNS = ["target_key", "source_key", "transform", "target_shape", "status", "confidence"]
 
 
 def _stage_entry(rec: dict[str, Any]) -> dict[str, Any]:
     return {"cached": bool(rec.get("_cached")), "seconds": round(float(rec.get("_seconds", 0.0)), 4), "attempts": int(rec.get("_attempts", 1)),
-            "key": rec.get("key"), "prefect_cached": bool(rec.get("_prefect_cached"))}
+            "key": rec.get("key"), "prefect_cached": bool(rec.get("_prefect_cached")), "wall_seconds": round(float(rec.get("_wall_seconds", 0.0)), 4)}
 
 
 class _StageFailed(Exception):
@@ -37,6 +40,9 @@ class _StageFailed(Exception):
 
 def _call(t: Any, stage: str, attempts: dict[str, dict[str, Any]], *args: Any) -> dict[str, Any]:
     """Run one stage task; note how it went (cached, seconds, attempts) even when it fails."""
+    run = current_run()
+    if run is not None:
+        run.stage_begin(stage)
     t0 = time.perf_counter()
     state = t(*args, return_state=True)
     seconds = time.perf_counter() - t0
@@ -50,8 +56,12 @@ def _call(t: Any, stage: str, attempts: dict[str, dict[str, Any]], *args: Any) -
         # nothing ran, so this run's timing and attempts replace the stored ones
         rec.update(_cached=True, _prefect_cached=True, _seconds=seconds, _attempts=0)
     else:
-        # wall time of the task call (retries and Prefect's bookkeeping included), as for a hit
-        rec.update(_attempts=n, _compute_seconds=rec.get("_seconds"), _seconds=seconds)
+        # ``_seconds`` stays the stage's own time, the one its "computed in X s" log line
+        # printed; the task call's wall time (Prefect's bookkeeping included) is kept beside it
+        rec.update(_attempts=n, _compute_seconds=rec.get("_seconds"))
+    rec["_wall_seconds"] = seconds
+    if run is not None:
+        run.stage_end(stage, f"{'cache hit' if rec.get('_cached') else 'computed'} in {float(rec['_seconds']):.3g} s")
     return rec
 
 
@@ -123,6 +133,11 @@ def _publish(cfg: Config, record: dict[str, Any], exc: BaseException | None) -> 
     create_markdown_artifact(key=f"{cfg.name}-summary", markdown=summary_markdown(record), description=f"np2torch run of {cfg.name}")
 
 
+def _g3(x: Any) -> str:
+    """A float at three significant digits (summaries are read, not computed with)."""
+    return f"{x:.3g}" if isinstance(x, float) else ("" if x is None else str(x))
+
+
 def summary_markdown(record: dict[str, Any]) -> str:
     """The run as the Prefect UI shows it: outcome, stages (cache hits), verification, files."""
     stages_ = record.get("stages") or {}
@@ -138,12 +153,12 @@ def summary_markdown(record: dict[str, Any]) -> str:
     lines += ["| stage | cache | seconds | attempts |", "|---|---|---|---|"]
     for name, s in stages_.items():
         how = "failed" if s.get("failed") else ("hit" if s.get("cached") else "computed")
-        lines.append(f"| {name} | {how} | {s.get('seconds', '')} | {s.get('attempts', '')} |")
+        lines.append(f"| {name} | {how} | {_g3(s.get('seconds'))} | {s.get('attempts', '')} |")
     v = record.get("verification")
     if v:
         if v.get("reference"):
-            lines += ["", f"Verification: {'passed' if v.get('passed', True) else 'FAILED'}; max abs error {v.get('max_abs_error')}, "
-                          f"max rel error {v.get('max_rel_error')} (rtol {v.get('rtol')}, atol {v.get('atol')})"]
+            lines += ["", f"Verification: {'passed' if v.get('passed', True) else 'FAILED'}; max abs error {_g3(v.get('max_abs_error'))}, "
+                          f"max rel error {_g3(v.get('max_rel_error'))} (rtol {_g3(v.get('rtol'))}, atol {_g3(v.get('atol'))})"]
         else:
             lines += ["", f"Verification: no reference output; output shapes {v.get('output_shapes')}, all finite: {v.get('finite')}"]
     if record.get("mapping_sha256"):
@@ -155,17 +170,35 @@ def summary_markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _state_message(exc: BaseException, name: str) -> str:
+    """What the UI shows beside a failed run: stage, key and cause on one line, then the fix."""
+    if isinstance(exc, ConversionError):
+        where = f"{exc.stage}" + (f", `{exc.key}`" if exc.key else "")
+        text = f"{name} failed in {where}: {exc.message}"
+        if exc.expected is not None or exc.actual is not None:
+            text += f" (expected {exc.expected}, got {exc.actual})"
+        return text + (f". Fix: {exc.fix}" if exc.fix else "")
+    return f"{name} failed: {type(exc).__name__}: {exc}"
+
+
 @flow(name="np2torch-convert", validate_parameters=False)
-def convert_flow(config_path: str, overrides: list[str] | None = None, refresh: bool = False) -> dict[str, Any]:
+def convert_flow(config_path: str, overrides: list[str] | None = None, refresh: bool = False) -> Any:
     """Convert one model described by a config file (SPEC stages, cached, retried, audited)."""
     from prefect.runtime import flow_run
+    from prefect.states import Failed
 
     cfg = load_config(config_path, overrides or [])
     exc: BaseException | None = None
     record: dict[str, Any] = {}
     try:
-        record = run_conversion(cfg, refresh=refresh, run_id=str(flow_run.id) if flow_run.id else None)
+        with RunProgress(key=f"{cfg.name}-progress", description=f"np2torch {cfg.name}"):
+            record = run_conversion(cfg, refresh=refresh, run_id=str(flow_run.id) if flow_run.id else None)
         return record
+    except ConversionError as e:
+        exc = e
+        # a Failed state whose message names the stage, the key and the cause (the UI shows it
+        # beside the run); the exception itself still travels with the state
+        return Failed(message=_state_message(e, cfg.name), data=e)
     except BaseException as e:
         exc = e
         raise
@@ -186,8 +219,28 @@ def _last_record_for(name: str) -> dict[str, Any] | None:
     return None
 
 
+def run_tags(cfg: Config) -> list[str]:
+    """Tags of a convert run, to filter runs in the UI: the conversion, its dtype and its device."""
+    return ["np2torch", cfg.name, f"dtype:{cfg.convert.dtype}", f"device:{cfg.convert.device}"]
+
+
 def convert_config(config_path: str | Path, overrides: list[str] | None = None, refresh: bool = False) -> dict[str, Any]:
-    """Validate the config, then run the flow with the run named after the conversion."""
+    """Check everything that needs no stage, pick the Prefect API, then run the flow (named and tagged
+    after the conversion); print the run's UI address when it went to a lasting server."""
+    import sys
+
+    from prefect import tags
+
+    from np2torch.flows.preflight import check_config
+    from np2torch.flows.server import choose_api, run_url, using_api
+
     cfg = load_config(config_path, overrides or [])  # config errors surface before Prefect starts
-    return convert_flow.with_options(flow_run_name=cfg.name)(config_path=str(Path(config_path).resolve()), overrides=list(overrides or []),
-                                                             refresh=refresh)
+    check_config(cfg)
+    api = choose_api()
+    with using_api(api), tags(*run_tags(cfg)):
+        state = convert_flow.with_options(flow_run_name=cfg.name)(config_path=str(Path(config_path).resolve()), overrides=list(overrides or []),
+                                                                  refresh=refresh, return_state=True)
+    url = run_url(api, str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None)
+    if url:
+        print(f"np2torch: run in the Prefect UI: {url}", file=sys.stderr)
+    return state.result(raise_on_failure=True)

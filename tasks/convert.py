@@ -4,9 +4,10 @@ Each target tensor is read from its memory-mapped source, transformed (views whe
 cast once into a buffer the size of that one tensor and written at its offset in a safetensors
 file whose header was planned from the manifest. Peak memory is therefore a few of the largest
 tensors, not the model: worker threads cast ahead (a bounded window), this thread writes in
-file order, feeding the file's sha256 as it goes (so the cache never re-reads the file to hash
-it) and asking the kernel to start writing back each tensor at once (so the final fsync has
-little left to wait for). The file is then loaded into the model (built on ``meta``) on the
+file order while a helper thread feeds the same bytes into the file's sha256 (so the cache
+never re-reads the file to hash it), and the file is made durable by one ``fsync`` before its
+rename (``NP2TORCH_WRITEBACK=per-tensor`` starts write-back after each tensor instead; both
+measured in bench/README.md). The file is then loaded into the model (built on ``meta``) on the
 configured device with ``strict=True`` semantics: nothing missing, nothing unexpected, every
 shape equal, and tied weights still tied.
 """
@@ -20,6 +21,7 @@ import os
 import queue
 import warnings
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from np2torch.tasks.fingerprint import blake3_bytes, remember
 from np2torch.tasks.load_arrays import ArrayRecord, open_array
 from np2torch.tasks.manifest import target_rows
 from np2torch.tasks.model import build_model, describe_targets, materialize_missing
+from np2torch.tasks.progress import track
 from np2torch.tasks.st_io import MappedSafetensors, np_dtype_for, plan_header
 from np2torch.tasks.state_dict import check_device, load_into_model  # noqa: F401  (re-exported: tests and callers use them here)
 
@@ -111,6 +114,18 @@ _POOL_MIN_BYTES = 1 << 20  # tensors smaller than this are cheap to allocate
 _SYNC_FILE_RANGE_WRITE = 2
 
 
+def _writeback_per_tensor() -> bool:
+    """``NP2TORCH_WRITEBACK=per-tensor`` starts disk write-back after each tensor (the old way).
+
+    The default writes every tensor into the page cache and makes the file durable with one
+    ``fsync`` before the rename, which is the same guarantee (nobody sees the file before the
+    rename, and the rename follows the fsync). Measured on the 1.6 GB benchmark (bench/README.md):
+    per-tensor write-back makes the writer wait on the disk queue while it still has tensors
+    to convert; one final fsync lets the conversion overlap with the kernel's own write-back.
+    """
+    return os.environ.get("NP2TORCH_WRITEBACK", "final") == "per-tensor"
+
+
 def _start_writeback(fd: int, offset: int, length: int) -> None:
     """Start writing these bytes to disk now, without waiting (Linux); fsync later waits for less."""
     if _SYNC_FILE_RANGE is not None and length:
@@ -124,10 +139,18 @@ def _pwrite_all(fd: int, buf: bytes | memoryview, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
+def _default_workers() -> int:
+    """One tensor per worker: torch's transposed copy is already cache-blocked (single-threaded),
+    so tensors in parallel use the cores (measured faster than tiling one tensor over threads).
+    3 at most: memory is (workers + 2) buffers of the largest tensor."""
+    return max(2, min(3, os.cpu_count() or 2))
+
+
 def write_converted(rows: list[dict[str, Any]], records: dict[str, ArrayRecord], out_path: Path, *,
                     missing_values: dict[str, torch.Tensor] | None = None, metadata: dict[str, str] | None = None,
-                    workers: int = 2) -> dict[str, dict[str, Any]]:
-    """Write every target of the manifest into ``out_path`` (safetensors); return per-tensor info."""
+                    workers: int | None = None, progress: Callable[[int], None] | None = None) -> dict[str, dict[str, Any]]:
+    """Write every target of the manifest into ``out_path`` (safetensors); return per-tensor info
+    (``progress`` gets each tensor's bytes once written)."""
     rows = target_rows(rows)
     by_key = {r["target_key"]: r for r in rows}
     missing_values = missing_values or {}
@@ -138,8 +161,10 @@ def write_converted(rows: list[dict[str, Any]], records: dict[str, ArrayRecord],
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     info: dict[str, dict[str, Any]] = {}
     sha = hashlib.sha256(header)  # the tensors follow the header back to back, in plan order
+    per_tensor = _writeback_per_tensor()
 
     largest = max([b - a for a, b in offsets.values()], default=0)
+    workers = workers or _default_workers()
     window_size = max(1, workers)
     # casts in flight (window_size + 1) plus the one being written; small tensors skip the pool
     buffers = _BufferPool(window_size + 2, largest if largest >= _POOL_MIN_BYTES else 0)
@@ -165,18 +190,22 @@ def write_converted(rows: list[dict[str, Any]], records: dict[str, ArrayRecord],
 
     def write(key: str, buf: bytes | memoryview, meta: dict[str, Any], scratch: torch.Tensor | None) -> None:
         a, b = offsets[key]
+        hashed = hasher.submit(sha.update, buf)  # the file's sha256 runs while the bytes are written
         _pwrite_all(fd, buf, a)
-        sha.update(buf)
-        _start_writeback(fd, a, b - a)
+        hashed.result()
+        if per_tensor:
+            _start_writeback(fd, a, b - a)
         info[key] = meta
         del buf
         buffers.put(scratch)
+        if progress is not None:
+            progress(b - a)
 
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.ftruncate(fd, total)
         _pwrite_all(fd, header, 0)
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, ThreadPoolExecutor(max_workers=1) as hasher:
             window: deque = deque()  # casts in flight, in file order; bounded so memory stays bounded
             for row in rows:
                 window.append(pool.submit(cast, row))
@@ -197,14 +226,26 @@ def write_converted(rows: list[dict[str, Any]], records: dict[str, ArrayRecord],
     return {k: info[k] for k, _, _ in plan}
 
 
+def _target_bytes(row: dict[str, Any]) -> int:
+    itemsize = torch.empty(0, dtype=getattr(torch, row["target_dtype"])).element_size()
+    return int(np.prod(json.loads(row["target_shape"]), dtype=np.int64)) * itemsize
+
+
 def convert_to_device(rows: list[dict[str, Any]], records: list[ArrayRecord], *, model_target: str, model_kwargs: dict[str, Any],
-                      device: str, out_path: Path, metadata: dict[str, str] | None = None, allow_unsafe_load: bool = False) -> dict[str, Any]:
-    """Write the converted tensors and prove they load strictly into the model on ``device``."""
+                      device: str, out_path: Path, metadata: dict[str, str] | None = None, allow_unsafe_load: bool = False,
+                      progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Write the converted tensors and prove they load strictly into the model on ``device``.
+
+    ``progress`` gets the bytes written, tensor by tensor (a terminal bar and the run's UI
+    progress artifact follow the same count, see :mod:`np2torch.tasks.progress`).
+    """
     dev = check_device(device)
     rec_by_key = {r.key: r for r in records}
     missing_keys = [r["target_key"] for r in target_rows(rows) if r["status"] == "allowed_missing"]
     missing_values = materialize_missing(model_target, model_kwargs, missing_keys, allow_unsafe_load=allow_unsafe_load)
-    tensors = write_converted(rows, rec_by_key, out_path, missing_values=missing_values, metadata=metadata)
+    total = sum(_target_bytes(r) for r in target_rows(rows))
+    with track("convert-to-device", "convert-to-device", total, unit="B", progress=progress) as cb:
+        tensors = write_converted(rows, rec_by_key, out_path, missing_values=missing_values, metadata=metadata, progress=cb)
     model = build_model(model_target, model_kwargs, allow_unsafe_load=allow_unsafe_load)
     targets = describe_targets(model)
     mapped = MappedSafetensors(out_path)

@@ -28,6 +28,7 @@ import os
 import re
 import secrets
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from np2torch.tasks.errors import ExportError
 from np2torch.tasks.fingerprint import Region, file_digests, file_fingerprint, peek, remember, stat_key
 from np2torch.tasks.manifest import to_csv
 from np2torch.tasks.paths import atomic_writer
+from np2torch.tasks.progress import track
 from np2torch.tasks.st_io import ST_DTYPES, MappedSafetensors, plan_header, read_header
 
 __all__ = ["write_safetensors_with_metadata", "check_export", "export_outputs"]
@@ -113,13 +115,15 @@ def _torch_name(code: str) -> str:
     return next(k for k, v in ST_DTYPES.items() if v == code)
 
 
-def check_export(path: Path, tensors: dict[str, dict[str, Any]], *, reread: bool = True) -> None:
+def check_export(path: Path, tensors: dict[str, dict[str, Any]], *, reread: bool = True,
+                 progress: Callable[[int], None] | None = None) -> None:
     """Re-read ``path`` once and check every tensor against what the convert stage produced.
 
     The same read yields the file's sha256 (remembered for the audit record) unless the stat
     cache already knows it. Without ``reread`` (the file is the converted file itself, linked),
     the header is checked and the bytes are trusted when the stat cache holds the sha256 the
     convert stage computed while writing them, for this very version of the file.
+    ``progress`` gets the tensor bytes re-read.
     """
     problems = []
     try:
@@ -141,7 +145,9 @@ def check_export(path: Path, tensors: dict[str, dict[str, Any]], *, reread: bool
     known_sha = peek(path, "sha256")
     if not reread and known_sha is not None and not problems:
         return
-    regions = [Region(base + header[k]["data_offsets"][0], header[k]["data_offsets"][1] - header[k]["data_offsets"][0]) for k in names]
+    tick = (lambda piece: progress(len(piece))) if progress is not None else None
+    regions = [Region(base + header[k]["data_offsets"][0], header[k]["data_offsets"][1] - header[k]["data_offsets"][0], on_chunk=tick)
+               for k in names]
     sha, digests = file_digests(path, regions, sha256=known_sha is None)
     problems += [k for k, d in zip(names, digests) if d != tensors[k]["blake3"]]
     if problems:
@@ -186,8 +192,11 @@ def _publish(staged: list[tuple[Path, Path]], out_dir: Path) -> None:
 
 
 def export_outputs(*, converted: Path, tensors: dict[str, dict[str, Any]], manifest_rows: list[dict[str, Any]], out_dir: Path,
-                   formats: list[str], metadata: dict[str, str]) -> list[dict[str, Any]]:
-    """Write the export files into ``out_dir``; return path/bytes/sha256 for each."""
+                   formats: list[str], metadata: dict[str, str], progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+    """Write the export files into ``out_dir``; return path/bytes/sha256 for each.
+
+    ``progress`` gets the bytes of the safetensors re-read to check it (none when it is linked).
+    """
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".np2torch-write-test-{os.getpid()}"
@@ -207,12 +216,17 @@ def export_outputs(*, converted: Path, tensors: dict[str, dict[str, Any]], manif
         _clear_dead_staging(out_dir)
         st = stage("model.safetensors")
         linked = write_safetensors_with_metadata(converted, st, metadata)
-        check_export(st, tensors, reread=not linked)
+        total = sum(int(t["offsets"][1]) - int(t["offsets"][0]) for t in tensors.values() if "offsets" in t) or None
+        with track("export", "export (re-checking)", total, unit="B", progress=progress) as cb:
+            check_export(st, tensors, reread=not linked, progress=cb)
         if "pt" in formats:
             with MappedSafetensors(converted) as mapped, atomic_writer(stage("model.pt"), "wb") as fh:
                 torch.save(mapped.state, fh)
         with atomic_writer(stage("manifest.csv"), "w") as fh:
             fh.write(to_csv(manifest_rows))
+        # every staged file's sha256 (the safetensors' is known from writing or checking it):
+        # a rename changes the inode's ctime, so the stat cache must learn them again afterwards
+        digests = [file_fingerprint(tmp)["sha256"] for tmp, _ in staged]
         _publish(staged, out_dir)
     except BaseException as exc:
         for tmp, _ in staged:
@@ -221,10 +235,9 @@ def export_outputs(*, converted: Path, tensors: dict[str, dict[str, Any]], manif
         if isinstance(exc, OSError) and (err := _export_error(exc, out_dir)) is not None:
             raise err from None
         raise
-    fps = [file_fingerprint(p) for p in outputs]
-    for fp in fps:  # written and hashed by np2torch just now: a rerun need not read them again
-        remember(fp["path"], "sha256", fp["sha256"], own=True)
-    return fps
+    for p, sha in zip(outputs, digests):  # written and hashed by np2torch just now: nobody re-reads them
+        remember(p, "sha256", sha, own=True)
+    return [file_fingerprint(p) for p in outputs]
 
 
 def _export_error(exc: OSError, out_dir: Path) -> ExportError | None:

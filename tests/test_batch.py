@@ -170,7 +170,7 @@ def test_summary_row_reads_an_audit_record() -> None:
               "verification": {"passed": True, "reference": True, "max_abs_error": 1.5e-7, "max_rel_error": 2e-6},
               "outputs": [{"path": "/o/m/model.safetensors"}, {"path": "/o/m/manifest.csv"}]}
     row = summary_row("m", record, status="success", flow_run_id="abc")
-    assert row == {"name": "m", "status": "success", "seconds": 1.235, "cache_hits": "1/2",
+    assert row == {"name": "m", "status": "success", "seconds": 1.23, "cache_hits": "1/2",
                    "verification": "passed (max abs 1.5e-07, max rel 2e-06)", "outputs": "/o/m/{model.safetensors, manifest.csv}",
                    "error": "", "flow_run_id": "abc"}
 
@@ -255,7 +255,7 @@ def test_batch_runs_children_in_parallel_and_survives_a_failure(tmp_path: Path, 
             parents.add(client.read_task_run(child.parent_task_run_id).flow_run_id)
         (parent_id,) = parents  # all children of one parent run
         parent = client.read_flow_run(parent_id)
-        assert parent.name == "batch-three" and parent.state.is_failed()
+        assert parent.name == "three.yaml: 3 conversions" and parent.state.is_failed()
         assert children["mlp"].state.is_completed() and children["keras-cnn"].state.is_completed()
         assert children["mlp-broken"].state.is_failed()
         # never more than max_parallel children at once
@@ -264,6 +264,16 @@ def test_batch_runs_children_in_parallel_and_survives_a_failure(tmp_path: Path, 
         assert overlap <= 2
         progress = [a for a in client.read_artifacts() if a.type == "progress" and a.flow_run_id == parent_id]
         assert [float(a.data) for a in progress] == [100.0]
+        # each conversion's own progress artifact, at 100 % when it succeeded
+        for name in ("mlp", "keras-cnn"):
+            mine = [a for a in client.read_artifacts() if a.key == f"{name}-progress" and a.flow_run_id == children[name].id]
+            assert [float(a.data) for a in mine] == [100.0]
+        # the progress lines reach the run's logs once each (and the terminal once, above)
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+        logs = [lg.message for lg in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[parent_id])))]
+        assert sum(1 for m in logs if m.startswith("np2torch batch [")) == 3
+    assert captured.err.count("np2torch batch [") == 3
 
 
 def test_an_entry_runs_the_same_config_again_with_its_overrides(tmp_path: Path, example_data: Path, prefect_harness) -> None:

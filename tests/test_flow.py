@@ -107,6 +107,23 @@ def test_convert_flow_caches_audits_and_publishes(prefect_harness, tmp_path: Pat
     bad_table = json.loads(_artifact("tiny-bad-validation-failures", failed["run_id"]).data)
     assert {r["key"] for r in bad_table} >= {"fc1.weight", "fc1.bias", "fc2.weight"}
     assert "Failed in `validate`" in _artifact("tiny-bad-summary", failed["run_id"]).data
+    # the failed run's state message names the stage, the key and the cause (no click needed);
+    # runs carry the conversion's name, dtype and device as tags
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        bad_run = client.read_flow_run(failed["run_id"])
+        good_run = client.read_flow_run(second["run_id"])
+    assert bad_run.state.is_failed()
+    assert bad_run.state.message.startswith("tiny-bad failed in validate, `fc1.weight`: the manifest fails"), bad_run.state.message
+    assert {"tiny-bad", "dtype:float32", "device:cpu"} <= set(bad_run.tags)
+    assert {"tiny", "dtype:float32", "device:cpu"} <= set(good_run.tags)
+    # a progress artifact per conversion, at 100 % when it succeeded
+    progress = _artifact("tiny-progress", first["run_id"])
+    assert progress.type == "progress" and float(progress.data) == 100.0
+    assert float(_artifact("tiny-bad-progress", failed["run_id"]).data) < 100.0
+    # the manifest table keeps to the columns that fit a 1440 px screen
+    assert list(rows[0]) == ["target_key", "source_key", "transform", "target_shape", "status", "confidence"]
 
     # 7. the audit log proves the outputs until one is modified
     assert main(["audit", "--verify"]) == 0

@@ -183,7 +183,7 @@ def test_batch_is_recorded_on_the_server(ui_batch: dict[str, Any], client: Any) 
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "np2torch: error: [batch] 1 of 3 conversion(s) failed: mlp-broken" in proc.stderr
 
-    parent = _parent_run(client, "batch-ui-batch")
+    parent = _parent_run(client, "ui-batch.yaml: 3 conversions")
     assert parent.state.is_failed() and "mlp-broken" in parent.state.message
     children = _children(client, parent.id)
     assert set(children) == {"mlp", "mlp-broken", "keras-cnn"}
@@ -239,7 +239,7 @@ def test_served_schedule_runs_when_triggered(prefect_server: Server, ui_batch: d
         assert run.returncode == 0, run.stdout + run.stderr
         final = _wait_final(client, _run_id(run.stdout))
         assert final.state.is_completed(), log.read_text()[-3000:]
-        assert final.name == "batch-ui-nightly"
+        assert final.name == "ui-nightly.yaml: 1 conversion"
         assert set(_children(client, final.id)) == {"mlp"}
     finally:
         _stop(serve)
@@ -264,7 +264,7 @@ def test_prefect_yaml_deploys_to_a_process_pool_and_a_worker_runs_it(prefect_ser
     assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
     final = _wait_final(client, _run_id(run.stdout), timeout=60)
     assert final.state.is_completed(), worker.stdout[-3000:] + worker.stderr[-3000:]
-    assert final.name == "batch-pool-batch" and set(_children(client, final.id)) == {"mlp"}
+    assert final.name == "pool-batch.yaml: 1 conversion" and set(_children(client, final.id)) == {"mlp"}
 
 
 @pytest.mark.browser
@@ -272,9 +272,9 @@ def test_flow_run_page_shows_the_run_and_its_artifact(prefect_server: Server, ui
     if chromium_path() is None:
         pytest.skip("Chromium is not installed (/usr/bin/chromium); install it with `apt-get install -y chromium`")
     pytest.importorskip("playwright.sync_api", reason="the browser test drives Chromium through Playwright (pip install playwright)")
-    parent = _parent_run(client, "batch-ui-batch")
+    parent = _parent_run(client, "ui-batch.yaml: 3 conversions")
     shots = Path(os.environ.get("NP2TORCH_UI_SCREENSHOTS", REPO / "data" / "ui-screenshots"))
-    seen = capture_flow_run_page(prefect_server.url, str(parent.id), "batch-ui-batch", "np2torch-batch-summary",
+    seen = capture_flow_run_page(prefect_server.url, str(parent.id), "ui-batch.yaml: 3 conversions", "np2torch-batch-summary",
                                  shots / "batch-flow-run.png", row_text="mlp-broken")
     assert seen["run_name"] and seen["artifact"] and seen["row"] == "mlp-broken"
     for shot in seen["screenshots"]:

@@ -1,0 +1,180 @@
+"""``np2torch server``: which Prefect API a run uses, a dead API in one line, and a real
+start/status/stop round trip of the lasting local server (marked ``server``)."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from np2torch.flows import server
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.send_response(200 if self.path.endswith("/health") else 404)
+        self.end_headers()
+        self.wfile.write(b"true")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_api() -> Iterator[str]:
+    """Something that answers /api/health like a Prefect server: http://127.0.0.1:PORT"""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture
+def no_prefect_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No PREFECT_API_URL from the environment, a profile, or a harness in this process."""
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_PROFILES_PATH", str(tmp_path / "no-profiles.toml"))
+    monkeypatch.setattr(server, "_configured_in_process", lambda: None)
+    monkeypatch.setattr(server, "_HINT_SHOWN", False)
+
+
+def _write_state(url: str, pid: int) -> None:
+    d = server.server_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "server.json").write_text(json.dumps({"pid": pid, "url": url, "api_url": f"{url}/api", "home": str(d / "home"),
+                                               "log": str(d / "server.log"), "started_at": "now"}))
+
+
+def test_without_any_server_a_temporary_one_is_used_with_one_hint(no_prefect_config, capsys: pytest.CaptureFixture[str]) -> None:
+    first = server.choose_api()
+    second = server.choose_api()
+    assert first.mode == second.mode == "temporary" and not first.lasting
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1  # one line, once per process
+    assert "np2torch server start" in err and "http://127.0.0.1:4200" in err and "temporary" in err
+
+
+def test_a_running_local_server_is_chosen_and_reported_to(no_prefect_config, fake_api: str, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    _write_state(fake_api, os.getpid())
+    choice = server.choose_api()
+    assert (choice.mode, choice.api_url, choice.ui_url) == ("local", f"{fake_api}/api", fake_api)
+    assert os.environ["PREFECT_API_URL"] == f"{fake_api}/api"  # Prefect, imported later, reads it
+    monkeypatch.delenv("PREFECT_API_URL")
+    assert server.run_url(choice, "abc") == f"{fake_api}/runs/flow-run/abc"
+    assert capsys.readouterr().err == ""
+
+
+def test_a_stale_state_file_is_not_a_server(no_prefect_config, fake_api: str) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _write_state(fake_api, dead.pid)  # answers, but the recorded process is gone
+    assert server.choose_api(hint=False).mode == "temporary"
+    _write_state(f"http://127.0.0.1:{_free_port()}", os.getpid())  # alive, but nothing answers
+    assert server.choose_api(hint=False).mode == "temporary"
+
+
+def test_prefect_api_url_wins_over_the_local_server(no_prefect_config, fake_api: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _write_state(f"http://127.0.0.1:{_free_port()}", os.getpid())
+    monkeypatch.setenv("PREFECT_API_URL", f"{fake_api}/api")
+    choice = server.choose_api()
+    assert (choice.mode, choice.ui_url) == ("env", fake_api)
+    assert server.run_url(choice, "r1") == f"{fake_api}/runs/flow-run/r1"
+
+
+def test_a_profile_setting_counts_like_the_environment(no_prefect_config, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{_free_port()}/api"
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text(f'active = "work"\n[profiles.work]\nPREFECT_API_URL = "{dead}"\n')
+    monkeypatch.setenv("PREFECT_PROFILES_PATH", str(profiles))
+    with pytest.raises(server.ApiUnreachable, match="unreachable"):
+        server.choose_api()
+
+
+def test_a_dead_prefect_api_url_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    """``PREFECT_API_URL`` on a closed port: which URL, unreachable, what to do; no traceback, before Prefect starts."""
+    dead = f"http://127.0.0.1:{_free_port()}/api"
+    env = {**os.environ, "PREFECT_API_URL": dead, "NP2TORCH_DATA_DIR": str(tmp_path / "data")}
+    code = ("import sys\nfrom np2torch.flows.cli import main\nrc = main(['convert', sys.argv[1]])\n"
+            "print('prefect imported' if 'prefect' in sys.modules else 'prefect not imported')\nsys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, str(REPO / "configs" / "examples" / "keras-cnn.yaml")], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert dead in lines[0] and "unreachable" in lines[0] and "np2torch server start" in lines[0] and "unset PREFECT_API_URL" in lines[0]
+    assert "Traceback" not in r.stderr
+    assert r.stdout.strip() == "prefect not imported"
+
+
+def test_status_and_stop_without_a_server(capsys: pytest.CaptureFixture[str]) -> None:
+    from np2torch.flows.cli import main
+
+    assert main(["server", "status"]) == 1
+    assert "no Prefect server running" in capsys.readouterr().out
+    assert main(["server", "stop"]) == 0
+    assert "no Prefect server was running" in capsys.readouterr().out
+
+
+@pytest.mark.server
+def test_server_start_status_stop_round_trip(no_prefect_config, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from np2torch.flows.cli import main
+
+    port = _free_port()
+    try:
+        assert main(["server", "start", "--port", str(port)]) == 0
+        out = capsys.readouterr().out
+        assert f"Prefect server running at http://127.0.0.1:{port}" in out
+        st = server.server_status()
+        assert st["healthy"] and st["port"] == port
+        assert Path(st["home"]).is_relative_to(server.server_dir())  # history lives under np2torch's data folder
+        assert (Path(st["home"]) / "prefect.db").is_file() or any(Path(st["home"]).glob("*.db"))
+        assert main(["server", "start", "--port", str(port)]) == 0  # a second start finds it
+        assert "already running" in capsys.readouterr().out
+        assert main(["server", "status"]) == 0
+        assert f"healthy at http://127.0.0.1:{port} (pid {st['pid']})" in capsys.readouterr().out
+        choice = server.choose_api()
+        assert choice.mode == "local" and choice.ui_url == f"http://127.0.0.1:{port}"
+        # a convert typed by a user now reports to it and prints where its run is in the UI
+        from tiny_conversion import make_tiny
+
+        config = make_tiny(tmp_path / "conv")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env["NP2TORCH_DATA_DIR"] = str(server.data_dir())
+        r = subprocess.run([sys.executable, "-m", "np2torch.flows.cli", "convert", str(config)], env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr
+        assert f"np2torch: run in the Prefect UI: http://127.0.0.1:{port}/runs/flow-run/" in r.stderr
+        assert "temporary" not in r.stderr  # no temporary server, no hint
+        run_id = r.stderr.split("/runs/flow-run/", 1)[1].split()[0]
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/flow_runs/{run_id}", timeout=10) as resp:
+            run = json.loads(resp.read())
+        assert run["name"] == "tiny" and {"tiny", "dtype:float32", "device:cpu"} <= set(run["tags"])
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        assert main(["server", "stop"]) == 0
+    assert "Prefect server stopped" in capsys.readouterr().out
+    assert not server._pid_alive(st["pid"])
+    assert server.server_state() is None and main(["server", "status"]) == 1
