@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="table of the arrays in a file or folder")
     i.add_argument("path")
     i.add_argument("--allow-pickle", action="store_true", help="allow pickled lists/object arrays (restricted unpickler)")
-    i.add_argument("--source-format", dest="format", default="auto", choices=["auto", "npz", "npy", "npy-dir", "pickle-list", "flat"])
+    i.add_argument("--source-format", dest="format", default="auto", choices=["auto", "npz", "npy", "npy-dir", "pickle-list", "flat", "h5", "msgpack", "safetensors"])
     i.add_argument("--format", dest="format_out", choices=["table", "json"], default="table")
     i.set_defaults(func=cmd_inspect)
 

@@ -18,6 +18,7 @@ import hashlib
 import json
 import mmap
 import os
+import stat
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -30,13 +31,56 @@ import blake3
 
 from np2torch.tasks.paths import atomic_write_text, cache_dir
 
-__all__ = ["sha256_file", "blake3_bytes", "blake3_region", "stat_key", "cached_by_stat", "remember", "peek", "file_fingerprint",
+__all__ = ["open_regular", "check_regular", "sha256_file", "blake3_bytes", "blake3_region", "stat_key", "cached_by_stat", "remember", "peek", "file_fingerprint",
            "Region", "file_digests"]
 
 _CHUNK = 16 << 20
 _RACY_NS = 2_000_000_000  # a stat is trusted only for files last modified more than this ago
 _PASS_CHUNK = 8 << 20  # read size of file_digests: large enough that hashing releases the GIL for long
 _PASS_BUFFERS = 3  # buffers in flight: one being read, up to two being hashed
+_SMALL_FILE = 1 << 20  # files up to this size are read in one piece and hashed on the calling thread
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"))
+
+
+def _not_regular(path: str | Path, mode: int) -> Exception:
+    from np2torch.tasks.errors import LoadError
+
+    what = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    real = os.path.realpath(path)
+    via = f" (a link to {real})" if real != os.path.abspath(path) else ""
+    return LoadError(f"refusing to read {what}{via}: only regular files are read, since a device or pipe can be endless "
+                     "or block forever", key=str(path), expected="a regular file", actual=what,
+                     fix="point source.path at a regular file (copy the data into one first)")
+
+
+def check_regular(path: str | Path) -> os.stat_result:
+    """The stat of ``path`` (links resolved) when it is a regular file, else a LoadError; reads nothing."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(path, st.st_mode)
+    return st
+
+
+def open_regular(path: str | Path, buffering: int = -1):
+    """Open ``path`` for reading only if it is a regular file (links resolved), before any byte is read.
+
+    Checked by ``stat`` before opening (a device is never opened) and by ``fstat`` after (a file
+    swapped for a FIFO in between is still refused); ``O_NONBLOCK`` keeps opening a FIFO from
+    waiting for a writer.
+    """
+    check_regular(path)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(path, st.st_mode)
+        return os.fdopen(fd, "rb", buffering=buffering)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def blake3_bytes(data: bytes | memoryview) -> str:
@@ -47,7 +91,7 @@ def blake3_region(path: str | Path, offset: int, length: int) -> str:
     """blake3 of ``length`` bytes of a file from ``offset``, memory-mapped (no copy into RAM)."""
     if length == 0:
         return blake3.blake3(b"").hexdigest()
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             view = memoryview(mm)[offset : offset + length]
             try:
@@ -71,12 +115,39 @@ class Region:
     on_chunk: Callable[[memoryview], None] | None = None  # called with the range's bytes, in order, in pieces
 
 
-def file_digests(path: str | Path, regions: Sequence[Region] = (), *, sha256: bool = True) -> tuple[str | None, list[str | None]]:
+def file_digests(path: str | Path, regions: Sequence[Region] = (), *, sha256: bool = True,
+                 progress: Callable[[int], None] | None = None) -> tuple[str | None, list[str | None]]:
     """One read of ``path``: sha256 of the whole file (None if not asked) and blake3 of each region (None if not asked).
 
-    The sha256 runs on a helper thread over the same buffers while this thread does the region
-    work, so two cores are busy; memory stays at a few buffers whatever the file size.
+    Only a regular file is read (:func:`open_regular`). A small file is read in one piece and
+    hashed on this thread (no buffers, no threads: per-file cost follows the file's size); a
+    large one streams through a few large buffers while the sha256 runs on a helper thread
+    (hashlib releases the GIL), so two cores are busy and memory stays bounded.
     """
+    with open_regular(path, buffering=0) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size <= _SMALL_FILE:
+            data = fh.read(_SMALL_FILE + 1)
+            if progress is not None:
+                progress(len(data))
+            return _digest_whole(path, memoryview(data), regions, sha256)
+        return _digest_stream(path, fh, regions, sha256, progress)
+
+
+def _digest_whole(path: str | Path, view: memoryview, regions: Sequence[Region], sha256: bool) -> tuple[str | None, list[str | None]]:
+    out: list[str | None] = []
+    for r in regions:
+        if r.offset + r.length > len(view):
+            raise OSError(f"{path} is shorter ({len(view)} bytes) than a region to hash")
+        piece = view[r.offset : r.offset + r.length]
+        if r.on_chunk is not None and r.length:
+            r.on_chunk(piece)
+        out.append(blake3.blake3(piece).hexdigest() if r.blake3 else None)
+    return hashlib.sha256(view).hexdigest() if sha256 else None, out
+
+
+def _digest_stream(path: str | Path, fh, regions: Sequence[Region], sha256: bool,
+                   progress: Callable[[int], None] | None) -> tuple[str | None, list[str | None]]:
     order = sorted(range(len(regions)), key=lambda i: regions[i].offset)
     # with the sha256 on the helper thread, one blake3 thread here keeps two cores busy, not oversubscribed
     threads = 1 if sha256 else blake3.blake3.AUTO
@@ -86,7 +157,7 @@ def file_digests(path: str | Path, regions: Sequence[Region] = (), *, sha256: bo
     pending: deque = deque()
     lo = 0
     pos = 0
-    with open(path, "rb", buffering=0) as fh, ThreadPoolExecutor(max_workers=1) as pool:
+    with ThreadPoolExecutor(max_workers=1) as pool:
         k = 0
         while True:
             if len(pending) == _PASS_BUFFERS:
@@ -115,6 +186,8 @@ def file_digests(path: str | Path, regions: Sequence[Region] = (), *, sha256: bo
                         r.on_chunk(piece)
                 j += 1
             pos = end
+            if progress is not None:
+                progress(n)
         for f in pending:
             f.result()
     if any(r.offset + r.length > pos for r in regions):
@@ -196,5 +269,6 @@ def cached_by_stat(path: str | Path, what: str, compute: Callable[[], Any], *, r
 
 def file_fingerprint(path: str | Path) -> dict[str, Any]:
     """path, bytes and sha256 of a file (the audit record's ``inputs``/``outputs`` entries)."""
+    size = check_regular(path).st_size  # before resolving, so the message names the link
     p = Path(path).resolve()
-    return {"path": str(p), "bytes": p.stat().st_size, "sha256": cached_by_stat(p, "sha256", lambda: sha256_file(p))}
+    return {"path": str(p), "bytes": size, "sha256": cached_by_stat(p, "sha256", lambda: sha256_file(p))}
