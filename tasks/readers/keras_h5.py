@@ -1,12 +1,15 @@
 """Keras HDF5 weights (format ``h5``): Keras 3 ``.weights.h5`` and legacy Keras ``.h5``.
 
-- Keras 3 (``model.save_weights("x.weights.h5")``) stores each layer's variables by position,
-  ``layers/<name>/vars/<i>`` (nested models and sub-layers add path segments:
-  ``layers/sequential/layers/dense/vars/0``, ``layers/lstm/cell/vars/1``); the variable names
-  are not in the file. Keys drop the ``layers``/``vars`` segments and name each position by the
-  layer's kind (:data:`_VAR_NAMES`, from the layer name Keras gives by default, else from the
-  shapes), so ``layers/dense/vars/0`` becomes ``dense/kernel``; a position that cannot be named
-  keeps its number (``my_layer/0``).
+- Keras 3 (``model.save_weights("x.weights.h5")``) stores each layer's variables by position
+  under the layer's attribute path, ``layers/<class name>/vars/<i>`` (nested models and
+  sub-layers add segments: ``layers/sequential/layers/dense/vars/0``,
+  ``layers/bidirectional/forward_layer/cell/vars/1``), with the layer's real name as the
+  ``name`` attribute of each ``vars`` group; variable names are not stored. Keys are Keras's
+  own variable paths without the model's name: the real names of the owning layers, then the
+  variable's name by position for the layer's class (:data:`_VAR_NAMES`; else from the shapes;
+  else the position), so a Dense named ``head`` gives ``head/kernel``, ``head/bias`` and an LSTM
+  ``lstm/lstm_cell/kernel``. Layers come in the order they were saved (their groups' order in
+  the file), not the alphabetical order HDF5 lists them in.
 - Legacy Keras (``save_weights("x.h5")`` / ``model.save("x.h5")``): attribute ``layer_names``
   on the root (or on ``model_weights``), ``weight_names`` on each layer group, datasets at
   ``<layer>/<weight name>``; keys are the weight names (``dense/kernel:0``; the keras preset
@@ -46,7 +49,8 @@ _VAR_NAMES: dict[str, tuple[str, ...]] = {
     "dense": ("kernel", "bias"), "einsum_dense": ("kernel", "bias"),
     "conv1d": ("kernel", "bias"), "conv2d": ("kernel", "bias"), "conv3d": ("kernel", "bias"),
     "conv1d_transpose": ("kernel", "bias"), "conv2d_transpose": ("kernel", "bias"), "conv3d_transpose": ("kernel", "bias"),
-    "depthwise_conv1d": ("depthwise_kernel", "bias"), "depthwise_conv2d": ("depthwise_kernel", "bias"),
+    # Keras 3 calls a depthwise kernel ``kernel`` (Keras 2 said ``depthwise_kernel``)
+    "depthwise_conv1d": ("kernel", "bias"), "depthwise_conv2d": ("kernel", "bias"),
     "separable_conv1d": ("depthwise_kernel", "pointwise_kernel", "bias"),
     "separable_conv2d": ("depthwise_kernel", "pointwise_kernel", "bias"),
     "batch_normalization": ("gamma", "beta", "moving_mean", "moving_variance"),
@@ -56,7 +60,6 @@ _VAR_NAMES: dict[str, tuple[str, ...]] = {
     "simple_rnn_cell": ("kernel", "recurrent_kernel", "bias"),
     "prelu": ("alpha",),
 }
-_RNN = {"lstm": "lstm_cell", "gru": "gru_cell", "simple_rnn": "simple_rnn_cell"}
 
 
 def _h5py():
@@ -123,39 +126,55 @@ def _legacy(f, where: str) -> list[tuple[str, Any]]:
     return out
 
 
-def _kind(segments: list[str]) -> str | None:
-    """The layer kind of a Keras 3 variable group from its default layer name (``dense_3`` → ``dense``)."""
-    last = segments[-1] if segments else ""
-    if last == "cell" and len(segments) >= 2:
-        base = re.sub(r"_\d+$", "", segments[-2].removeprefix("forward_").removeprefix("backward_"))
-        return _RNN.get(base, base + "_cell")
-    return re.sub(r"_\d+$", "", last)
+def _kind(segment: str, name: str) -> str:
+    """The layer kind of a Keras 3 variable group: its attribute path segment is the class's
+    snake_case name (``dense``, ``dense_1``), whatever the layer is called; a recurrent cell's
+    segment is ``cell`` and its default name says which (``lstm_cell``)."""
+    return re.sub(r"_\d+$", "", name if segment == "cell" else segment)
 
 
 def _by_shape(ndims: list[int]) -> tuple[str, ...] | None:
     patterns = {(2, 1): ("kernel", "bias"), (3, 1): ("kernel", "bias"), (4, 1): ("kernel", "bias"), (5, 1): ("kernel", "bias"),
-                (1, 1): ("gamma", "beta"), (1, 1, 1, 1): ("gamma", "beta", "moving_mean", "moving_variance"),
+                (1, 1, 1, 1): ("gamma", "beta", "moving_mean", "moving_variance"),
                 (2, 2, 1): ("kernel", "recurrent_kernel", "bias"), (2, 2, 2): ("kernel", "recurrent_kernel", "bias")}
     return patterns.get(tuple(ndims))
 
 
-def _keras3(datasets: list[tuple[list[str], Any]]) -> list[tuple[str, Any]]:
-    groups: dict[tuple[str, ...], list[tuple[int, Any]]] = {}
+def _var_names(segment: str, name: str, ndims: list[int]) -> tuple[str, ...]:
+    names = _VAR_NAMES.get(_kind(segment, name))
+    if names is None or len(names) != len(ndims):
+        names = _by_shape(ndims)
+    return names if names is not None and len(names) == len(ndims) else tuple(str(i) for i in range(len(ndims)))
+
+
+def _keras3(f, datasets: list[tuple[list[str], Any]]) -> list[tuple[str, Any]]:
+    """Keys ``<layer name>/…/<variable name>`` (Keras's own variable paths without the model's
+    name), in the order the layers were saved (the order of their groups in the file)."""
+    h5py = _h5py()
+    groups: dict[tuple[str, ...], list[tuple[str, Any]]] = {}
     for parts, ds in datasets:
-        if len(parts) < 2 or parts[-2] != "vars" or not parts[-1].isdigit():
-            continue  # not a variable (Keras writes nothing else, but be lenient)
-        owner = tuple(p for p in parts[:-2] if p not in ("layers", "_layer_checkpoint_dependencies"))
-        groups.setdefault(owner, []).append((int(parts[-1]), ds))
+        if len(parts) < 3 or parts[-2] != "vars" or not parts[-1].isdigit():
+            continue  # the model's own (empty) vars, or not a variable
+        groups.setdefault(tuple(parts[:-2]), []).append((parts[-1], ds))
+
+    def layer_name(prefix: tuple[str, ...]) -> str | None:
+        g = f.get("/".join(prefix + ("vars",)))
+        if g is None:
+            return None
+        n = g.attrs.get("name", prefix[-1])
+        return n.decode("utf-8", errors="replace") if isinstance(n, bytes) else str(n)
+
     out = []
-    for owner, items in groups.items():
-        items.sort(key=lambda t: t[0])
-        names = _VAR_NAMES.get(_kind(list(owner)) or "")
-        if names is None or len(names) != len(items):
-            names = _by_shape([len(ds.shape) for _, ds in items])
-        if names is None or len(names) != len(items) or [i for i, _ in items] != list(range(len(items))):
-            names = tuple(str(i) for i, _ in items)
-        prefix = "/".join(owner)
-        out += [(f"{prefix}/{n}" if prefix else n, ds) for n, (_, ds) in zip(names, items)]
+    # HDF5 lists names alphabetically and tracks no creation order; the variables' object
+    # headers are allocated as Keras writes them, layer by layer, so their addresses give it
+    for owner, items in sorted(groups.items(), key=lambda kv: min(h5py.h5o.get_info(ds.id).addr for _, ds in kv[1])):
+        if sorted(int(i) for i, _ in items) != list(range(len(items))):
+            raise LoadError(f"variables of {short('/'.join(owner))!r} are not numbered 0..{len(items) - 1}", key=f.filename, fix=_FIX)
+        items.sort(key=lambda t: int(t[0]))
+        names = [n for n in (layer_name(owner[:i]) for i in range(1, len(owner) + 1)) if n is not None]
+        var_names = _var_names(owner[-1], names[-1] if names else owner[-1], [len(ds.shape or ()) for _, ds in items])
+        prefix = "/".join(names)
+        out += [(f"{prefix}/{v}" if prefix else v, ds) for v, (_, ds) in zip(var_names, items)]
     return out
 
 
@@ -190,7 +209,7 @@ def scan_h5(path: Path, progress=None) -> list[ArrayRecord]:
         else:
             datasets: list[tuple[list[str], Any]] = []
             _walk(f, [], str(path), datasets)
-            named = _keras3(datasets)
+            named = _keras3(f, datasets)
         if not named:
             raise LoadError("HDF5 file holds no Keras weights (neither layers/<name>/vars/<i> nor layer_names)", key=str(path), fix=_FIX)
         rows = []
