@@ -4,7 +4,8 @@ The format is an 8-byte little-endian header length, a JSON header
 ``{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}`` and the data. The
 header is read with a size cap and checked entry by entry (known dtype, valid shape, offsets
 inside the data and matching the shape, no overlaps); the tensors are then memory-mapped in
-place like ``.npy`` data. Nothing is read beyond the header until the one hashing pass.
+place like ``.npy`` data. As the safetensors library requires, the tensors tile the data
+exactly (no overlap, no gap, nothing after them). Nothing is read beyond the header until the one hashing pass.
 """
 
 from __future__ import annotations
@@ -92,9 +93,18 @@ def _layouts(path: Path) -> list[Layout]:
         out.append(lay)
         spans.append((a, b, name))
     spans.sort()
+    end = 0  # as the safetensors library checks: the tensors tile the data exactly, no overlap, no gap
     for (a0, b0, n0), (a1, b1, n1) in zip(spans, spans[1:]):
         if a1 < b0:
             raise LoadError(f"tensors {short(n0)!r} and {short(n1)!r} overlap in the file", key=str(path), fix=_FIX)
+    for a, b, name in spans:
+        if a != end:
+            raise LoadError(f"tensor {short(name)!r} starts at data byte {a}, not where the previous one ends ({end})",
+                            key=str(path), expected=end, actual=a, fix=_FIX)
+        end = b
+    if end != size - data_start:
+        raise LoadError(f"the tensors end at data byte {end} but the file holds {size - data_start} data bytes",
+                        key=str(path), expected=size - data_start, actual=end, fix=_FIX)
     return out
 
 
