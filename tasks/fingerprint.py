@@ -14,11 +14,14 @@ the bytes as it wrote them records the digest with :func:`remember`, so nothing 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import mmap
 import os
 import stat
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -29,16 +32,16 @@ from typing import Any
 
 import blake3
 
-from np2torch.tasks.paths import atomic_write_text, cache_dir
+from np2torch.tasks.paths import cache_dir
 
-__all__ = ["open_regular", "check_regular", "sha256_file", "blake3_bytes", "blake3_region", "stat_key", "cached_by_stat", "remember", "peek", "file_fingerprint",
+__all__ = ["SMALL_FILE", "open_regular", "check_regular", "sha256_file", "blake3_bytes", "blake3_region", "stat_key", "cached_by_stat", "remember", "peek", "file_fingerprint",
            "Region", "file_digests"]
 
 _CHUNK = 16 << 20
 _RACY_NS = 2_000_000_000  # a stat is trusted only for files last modified more than this ago
 _PASS_CHUNK = 8 << 20  # read size of file_digests: large enough that hashing releases the GIL for long
 _PASS_BUFFERS = 3  # buffers in flight: one being read, up to two being hashed
-_SMALL_FILE = 1 << 20  # files up to this size are read in one piece and hashed on the calling thread
+SMALL_FILE = _SMALL_FILE = 1 << 20  # files up to this size are read in one piece and hashed on the calling thread
 
 
 _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
@@ -116,14 +119,19 @@ class Region:
 
 
 def file_digests(path: str | Path, regions: Sequence[Region] = (), *, sha256: bool = True,
-                 progress: Callable[[int], None] | None = None) -> tuple[str | None, list[str | None]]:
+                 progress: Callable[[int], None] | None = None, data: bytes | None = None) -> tuple[str | None, list[str | None]]:
     """One read of ``path``: sha256 of the whole file (None if not asked) and blake3 of each region (None if not asked).
 
     Only a regular file is read (:func:`open_regular`). A small file is read in one piece and
     hashed on this thread (no buffers, no threads: per-file cost follows the file's size); a
     large one streams through a few large buffers while the sha256 runs on a helper thread
-    (hashlib releases the GIL), so two cores are busy and memory stays bounded.
+    (hashlib releases the GIL), so two cores are busy and memory stays bounded. ``data``: the
+    whole file, already read by the caller (a small file whose header it parsed): hashed, not re-read.
     """
+    if data is not None:
+        if progress is not None:
+            progress(len(data))
+        return _digest_whole(path, memoryview(data), regions, sha256)
     with open_regular(path, buffering=0) as fh:
         size = os.fstat(fh.fileno()).st_size
         if size <= _SMALL_FILE:
@@ -195,29 +203,93 @@ def _digest_stream(path: str | Path, fh, regions: Sequence[Region], sha256: bool
     return sha.hexdigest() if sha256 else None, [h.hexdigest() if h is not None else None for h in hashers]
 
 
-def stat_key(path: str | Path) -> dict[str, Any]:
+def stat_key(path: str | Path, st: os.stat_result | None = None) -> dict[str, Any]:
     # (device, inode, size, mtime_ns) identifies one version of one file; the path is left out
     # so that a rename (a cache entry moved into place) does not force a re-hash.
     # ctime too: os.utime can restore a file's mtime after editing it, but not its ctime.
-    st = os.stat(path)
+    st = st or os.stat(path)
     return {"dev": st.st_dev, "inode": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
 
 
-def _entry_path(key: dict[str, Any], what: str, root: Path | None) -> Path:
-    ident = hashlib.sha256(json.dumps([what, key], sort_keys=True).encode()).hexdigest()
-    return (root or cache_dir()) / "stat" / ident[:2] / f"{ident}.json"
+@functools.lru_cache(maxsize=8)
+def _stat_root(env: tuple[str | None, str | None], cwd: str) -> str:
+    return str(cache_dir() / "stat")
 
 
-def _store(entry: Path, what: str, key: dict[str, Any], value: Any) -> None:
-    if os.environ.get("NP2TORCH_READ_ONLY"):
-        return
-    # Remember only files whose mtime is safely in the past ("racy git"): file timestamps tick
-    # coarsely (a few ms), so a file rewritten within the same tick as it was hashed would keep
-    # its (inode, size, mtime) and its stale hash would be trusted.
-    if time.time_ns() - key["mtime_ns"] <= _RACY_NS:
+def _entry_path(key: dict[str, Any], what: str, root: Path | None) -> str:
+    ident = hashlib.sha256(f"{what}\0{key['dev']}\0{key['inode']}\0{key['size']}\0{key['mtime_ns']}\0{key['ctime_ns']}".encode()).hexdigest()
+    if root is not None:
+        base = str(root / "stat")
+    else:
+        env = (os.environ.get("NP2TORCH_CACHE_DIR"), os.environ.get("NP2TORCH_DATA_DIR"))
+        absolute = (env[0] or "").startswith("/") or (not env[0] and (env[1] or "").startswith("/"))
+        base = _stat_root(env, "" if absolute else os.getcwd())
+    return f"{base}/{ident[:2]}/{ident}.json"
+
+
+def _write_entry(entry: str, text: str) -> None:
+    """Write a stat-cache entry under a temporary name, then rename it into place.
+
+    No fsync: an entry is a cache of a hash, not data. After a crash an entry may be missing or
+    empty, which reads as a miss; it can never be half of one entry (the rename is atomic).
+    That keeps remembering 20,000 small files to milliseconds, not minutes of fsyncs.
+    """
+    folder, name = os.path.split(entry)
+    tmp = f"{folder}/.{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        fh = open(tmp, "w")
+    except FileNotFoundError:
+        os.makedirs(folder, exist_ok=True)
+        fh = open(tmp, "w")
+    try:
+        with fh:
+            fh.write(text)
+        os.replace(tmp, entry)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# This process's copy of the entries it stored or read (same keys, same trust rule as the
+# files): a folder of 20,000 arrays is looked up several times per run (cache key, scan, audit
+# inputs), and a dict lookup costs a stat where a file costs an open and a read.
+_MEMO: dict[str, Any] = {}
+_MEMO_MAX = 1 << 18
+
+
+def _memo(entry: str, value: Any) -> None:
+    if len(_MEMO) >= _MEMO_MAX:
+        _MEMO.clear()
+    _MEMO[entry] = value
+
+
+def _lookup(entry: str, what: str, key: dict[str, Any]) -> tuple[bool, Any]:
+    hit = _MEMO.get(entry, _MEMO)
+    if hit is not _MEMO:
+        return True, hit
+    try:
+        with open(entry) as fh:
+            stored = json.loads(fh.read())
+        if stored.get("stat") == key and stored.get("what") == what:
+            _memo(entry, stored["value"])
+            return True, stored["value"]
+    except (OSError, ValueError):
+        pass
+    return False, None
+
+
+def _store(entry: str, what: str, key: dict[str, Any], value: Any) -> None:
+    # In this process, every value is remembered: one run reads each file once (its cache key,
+    # scan and audit inputs all come from that read), and a file changed meanwhile has a new
+    # ctime, hence a new key. On disk, only files whose mtime is safely in the past ("racy
+    # git"): timestamps tick coarsely (a few ms), so a file rewritten within the same tick as it
+    # was hashed would keep its (inode, size, mtime) and a later run would trust a stale hash.
+    _memo(entry, value)
+    if time.time_ns() - key["mtime_ns"] <= _RACY_NS or os.environ.get("NP2TORCH_READ_ONLY"):
         return
     try:
-        atomic_write_text(entry, json.dumps({"what": what, "stat": key, "value": value}))
+        _write_entry(entry, json.dumps({"what": what, "stat": key, "value": value}))
     except OSError:
         pass  # a read-only cache only costs speed
 
@@ -242,25 +314,20 @@ def remember(path: str | Path, what: str, value: Any, *, version: dict[str, Any]
 def peek(path: str | Path, what: str, *, root: Path | None = None) -> Any:
     """The stat cache's value for this version of ``path``, or ``None`` when there is none."""
     key = stat_key(path)
-    try:
-        stored = json.loads(_entry_path(key, what, root).read_text())
-        if stored.get("stat") == key and stored.get("what") == what:
-            return stored["value"]
-    except (OSError, ValueError):
-        pass
-    return None
+    return _lookup(_entry_path(key, what, root), what, key)[1]
 
 
-def cached_by_stat(path: str | Path, what: str, compute: Callable[[], Any], *, root: Path | None = None) -> Any:
-    """Return ``compute()`` for this version of ``path``, from the stat cache when it is unchanged."""
-    key = stat_key(path)
+def cached_by_stat(path: str | Path, what: str, compute: Callable[[], Any], *, root: Path | None = None,
+                   st: os.stat_result | None = None) -> Any:
+    """Return ``compute()`` for this version of ``path``, from the stat cache when it is unchanged.
+
+    ``st``: the file's stat, when the caller has just taken it.
+    """
+    key = stat_key(path, st)
     entry = _entry_path(key, what, root)
-    try:
-        stored = json.loads(entry.read_text())
-        if stored.get("stat") == key and stored.get("what") == what:
-            return stored["value"]
-    except (OSError, ValueError):
-        pass
+    found, value = _lookup(entry, what, key)
+    if found:
+        return value
     value = compute()
     if stat_key(path) == key:  # skip a file that changed meanwhile
         _store(entry, what, key, value)
@@ -269,6 +336,19 @@ def cached_by_stat(path: str | Path, what: str, compute: Callable[[], Any], *, r
 
 def file_fingerprint(path: str | Path) -> dict[str, Any]:
     """path, bytes and sha256 of a file (the audit record's ``inputs``/``outputs`` entries)."""
-    size = check_regular(path).st_size  # before resolving, so the message names the link
-    p = Path(path).resolve()
-    return {"path": str(p), "bytes": size, "sha256": cached_by_stat(p, "sha256", lambda: sha256_file(p))}
+    st = check_regular(path)  # before resolving, so the message names the link
+    p = _realpath(os.fspath(path))
+    return {"path": p, "bytes": st.st_size, "sha256": cached_by_stat(p, "sha256", lambda: sha256_file(p), st=st)}
+
+
+@functools.lru_cache(maxsize=1024)
+def _real_dir(folder: str, cwd: str) -> str:
+    return os.path.realpath(os.path.join(cwd, folder))
+
+
+def _realpath(path: str) -> str:
+    """``os.path.realpath``, with the folder's part remembered: one lstat per file, not one per component."""
+    if os.path.islink(path):
+        return os.path.realpath(path)
+    folder, name = os.path.split(path)
+    return os.path.join(_real_dir(folder, "" if folder.startswith("/") else os.getcwd()), name)

@@ -151,7 +151,7 @@ def fingerprint_files(paths: list[Path] | list[str], *, progress: Progress = Non
 
 
 def _prime_file(path: Path) -> None:
-    fmt = detect_format(path, "auto")
+    fmt = "npy" if path.suffix == ".npy" else detect_format(path, "auto")
     if fmt in ("npy", "flat"):
         npy.prime_npy(path)
     elif fmt == "npz":

@@ -7,8 +7,11 @@ compared with the bytes that are really there, before anything is allocated or m
 
 from __future__ import annotations
 
+import functools
+import io
 import os
 import re
+import struct
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -18,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from np2torch.tasks.errors import LoadError, Problem, short
-from np2torch.tasks.fingerprint import cached_by_stat, check_regular, open_regular
-from np2torch.tasks.readers.base import MAX_ARRAYS, NUMERIC_KINDS, ArrayRecord, as_int_shape, check_dtype, nbytes_of
+from np2torch.tasks.fingerprint import SMALL_FILE, cached_by_stat, check_regular, open_regular, stat_key
+from np2torch.tasks.readers.base import MAX_ARRAYS, ArrayRecord, as_int_shape, check_dtype, nbytes_of
 from np2torch.tasks.readers.stats import region_info
 
 __all__ = ["NpyHeader", "read_header", "check_fits", "scan_npy_file", "scan_dir", "prime_npy", "MAGIC"]
@@ -37,9 +40,59 @@ class NpyHeader:
     nbytes: int  # data bytes the header declares
 
 
+# The header NumPy writes for a plain numeric array, e.g. {'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }
+# padded with spaces and a newline. Parsed by this pattern in microseconds; anything else goes
+# through NumPy's own parser (a literal_eval, ~0.3 ms: minutes over a folder of 20,000 files).
+_PLAIN = re.compile(r"\{'descr': '([<>|=][fiub][1-9][0-9]?)', 'fortran_order': (True|False), "
+                    r"'shape': \(((?:(?:0|[1-9][0-9]*), )*(?:0|[1-9][0-9]*),?|)\), \} *\n?")
+_LEN = {1: "<H", 2: "<I", 3: "<I"}
+
+
+@functools.lru_cache(maxsize=64)
+def _plain_dtype(descr: str) -> np.dtype:
+    return np.dtype(descr)
+
+
+def _fast_header(fh, start: int) -> NpyHeader | None:
+    """The common case, parsed without NumPy's literal_eval; None to fall back to NumPy."""
+    head = fh.read(10)
+    if len(head) < 10 or head[:6] != MAGIC or head[6] not in _LEN or head[7] != 0:
+        return None
+    fmt = _LEN[head[6]]
+    if fmt == "<H":
+        n, pre = struct.unpack_from("<H", head, 8)[0], b""
+    else:
+        more = fh.read(2)
+        if len(more) < 2:
+            return None
+        n, pre = struct.unpack("<I", head[8:] + more)[0], b""
+    if n > 4096:
+        return None
+    text = fh.read(n)
+    if len(text) != n:
+        return None
+    m = _PLAIN.fullmatch(text.decode("latin1"))
+    if m is None:
+        return None
+    try:
+        dtype = _plain_dtype(m.group(1))
+    except TypeError:
+        return None
+    shape = tuple(int(d) for d in m.group(3).replace(",", " ").split())
+    return NpyHeader(shape, m.group(2) == "True", dtype, fh.tell() - start, nbytes_of(shape, dtype))
+
+
 def read_header(fh, *, where: str) -> NpyHeader:
     """Parse and check an ``.npy`` header at the file position (file, archive member or buffer)."""
     start = fh.tell()
+    if fh.seekable():
+        try:
+            fast = _fast_header(fh, start)
+        except (zipfile.BadZipFile, zlib.error, OSError, ValueError, struct.error):
+            fast = None
+        if fast is not None:
+            return fast
+        fh.seek(start)
     try:
         version = np.lib.format.read_magic(fh)
         if version == (1, 0):
@@ -70,30 +123,43 @@ def check_fits(h: NpyHeader, available: int, where: str, *, member: bool = False
                         fix="re-copy or re-export the file; it was cut short")
 
 
-def _open_header(path: Path) -> tuple[NpyHeader, int]:
+def _open_header(path: Path) -> tuple[NpyHeader, int, bytes | None, dict[str, Any]]:
+    """Header, file size, the whole file when small (one open and one read for a tiny array), and its stat."""
     with open_regular(path) as fh:
-        size = os.fstat(fh.fileno()).st_size
-        return read_header(fh, where=str(path)), size
+        st = os.fstat(fh.fileno())
+        data = fh.read(SMALL_FILE + 1) if st.st_size <= SMALL_FILE else None
+        if data is not None and len(data) != st.st_size:
+            data = None  # it is being written: leave it to the streaming read
+        h = read_header(io.BytesIO(data) if data is not None else (fh.seek(0), fh)[1], where=str(path))
+        return h, st.st_size, data, stat_key(path, st)
+
+
+def _record_info(path: Path, progress=None) -> dict[str, Any]:
+    """What the stat cache keeps of one ``.npy``: its header and its array's fingerprint and
+    statistics, from one read; an unchanged file is then described without being opened."""
+    h, size, data, version = _open_header(path)
+    if h.dtype.hasobject:
+        return {"pickle": h.hlen}
+    check_fits(h, size, str(path))
+    info = region_info(path, h.hlen, h.nbytes, h.dtype, h.shape, progress, data=data, version=version)
+    return {"hlen": h.hlen, "shape": list(h.shape), "dtype": h.dtype.str, "fortran": h.fortran, "info": info}
 
 
 def scan_npy_file(path: Path, key: str, *, allow_pickle: bool, problems: list[Problem], progress=None) -> list[ArrayRecord]:
-    h, size = _open_header(path)
-    if h.dtype.hasobject:
+    check_regular(path)
+    rec = cached_by_stat(path, "npy-record1", lambda: _record_info(path, progress))
+    if "pickle" in rec:
         from np2torch.tasks.readers.pickled import scan_pickled
 
-        return scan_pickled(path, allow_pickle=allow_pickle, payload_offset=h.hlen, problems=problems)
-    check_dtype(h.dtype, key, problems)
-    check_fits(h, size, str(path))
-    info = cached_by_stat(path, f"array-info2@{h.hlen}", lambda: region_info(path, h.hlen, h.nbytes, h.dtype, h.shape, progress))
-    return [ArrayRecord(key, str(path), None, None, h.hlen, h.shape, h.dtype.str, h.fortran, h.nbytes, **info)]
+        return scan_pickled(path, allow_pickle=allow_pickle, payload_offset=rec["pickle"], problems=problems)
+    dtype, shape = np.dtype(rec["dtype"]), tuple(rec["shape"])
+    check_dtype(dtype, key, problems)
+    return [ArrayRecord(key, str(path), None, None, rec["hlen"], shape, rec["dtype"], rec["fortran"], nbytes_of(shape, dtype), **rec["info"])]
 
 
 def prime_npy(path: Path) -> None:
     """Compute what :func:`scan_npy_file` needs in the read that hashes the file (errors are left to the scan)."""
-    h, size = _open_header(path)
-    if h.dtype.hasobject or h.dtype.kind not in NUMERIC_KINDS or h.hlen + h.nbytes > size:
-        return
-    cached_by_stat(path, f"array-info2@{h.hlen}", lambda: region_info(path, h.hlen, h.nbytes, h.dtype, h.shape))
+    cached_by_stat(path, "npy-record1", lambda: _record_info(path))
 
 
 def _natural_key(s: str) -> list[Any]:

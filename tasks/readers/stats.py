@@ -123,14 +123,19 @@ class StatsFeed:
 
 
 def region_info(path: Path, offset: int, nbytes: int, dtype: np.dtype, shape: tuple[int, ...],
-                progress=None) -> dict[str, Any]:
+                progress=None, *, data: bytes | None = None, version: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fingerprint and value statistics of an array stored at ``offset``, in one read of the file.
 
     The same pass yields the file's sha256, which is remembered for the audit record's inputs.
+    ``data``: the whole file as the caller read it, when ``version`` (its stat before that read)
+    is still the file's: hashed without reading again.
     """
-    version = stat_key(path)
+    now = stat_key(path)
+    if data is not None and version != now:
+        data = None  # it changed since the caller read it: read it afresh
+    version = version if data is not None else now
     feed = StatsFeed(dtype)
-    sha, (data_fp,) = fingerprint.file_digests(path, [Region(offset, nbytes, on_chunk=feed)], progress=progress)
+    sha, (data_fp,) = fingerprint.file_digests(path, [Region(offset, nbytes, on_chunk=feed)], progress=progress, data=data)
     remember(path, "sha256", sha, version=version)
     return info_of(feed, dtype, shape, data_fp)
 
