@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from np2torch.tasks.errors import LoadError, Problem
-from np2torch.tasks.fingerprint import check_regular, file_fingerprint
+from np2torch.tasks.fingerprint import check_regular, file_fingerprint, pack
 from np2torch.tasks.readers import FORMATS, base, detect, flax_msgpack, keras_h5, npy, npz, pickled, regions, safetensors_file, stats
 from np2torch.tasks.readers.base import FLOAT_LIMITS, ArrayRecord, check_keys, with_key
 from np2torch.tasks.readers.detect import detect_format
@@ -134,20 +134,23 @@ def source_files(records: list[ArrayRecord]) -> list[str]:
 
 
 def fingerprint_files(paths: list[Path] | list[str], *, progress: Progress = None) -> list[dict[str, Any]]:
-    """path, bytes, sha256 per source file, each file read once.
+    """path, bytes, sha256 per source file, each file read once (``progress``: files done).
 
     For a ``.npy`` or ``.npz`` the same read also computes what :func:`scan_source` needs (array
     fingerprints, value statistics, CRCs) into the stat cache, so the scan reads nothing again.
     Anything unusual about a file is left for :func:`scan_source` to report, except a path
     that is not a regular file: that is refused here, before a byte is read.
     """
-    for p in map(Path, paths):
-        check_regular(p)
-        try:
-            _prime_file(p)
-        except (LoadError, OSError, ValueError):
-            pass
-    return [file_fingerprint(p) for p in paths]
+    with pack(paths):
+        for p in map(Path, paths):
+            check_regular(p)
+            try:
+                _prime_file(p)
+            except (LoadError, OSError, ValueError):
+                pass
+            if progress is not None:
+                progress(1)
+        return [file_fingerprint(p) for p in paths]
 
 
 def _prime_file(path: Path) -> None:

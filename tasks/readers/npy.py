@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from np2torch.tasks.errors import LoadError, Problem, short
-from np2torch.tasks.fingerprint import SMALL_FILE, cached_by_stat, check_regular, open_regular, stat_key
+from np2torch.tasks.fingerprint import SMALL_FILE, cached_by_stat, check_regular, open_regular, pack, stat_key
 from np2torch.tasks.readers.base import MAX_ARRAYS, ArrayRecord, as_int_shape, check_dtype, nbytes_of
 from np2torch.tasks.readers.stats import region_info
 
@@ -194,7 +194,8 @@ def scan_dir(path: Path, *, allow_pickle: bool, problems: list[Problem], progres
         raise LoadError("folder holds no .npy files", key=str(path), fix="point source.path at the folder of .npy files, or set source.format")
     records: list[ArrayRecord] = []
     root = str(path) + os.sep
-    for f in files:
-        key = str(f)[len(root):].replace(os.sep, "/")[: -len(".npy")]
-        records += scan_npy_file(f, key, allow_pickle=allow_pickle, problems=problems, progress=progress)
+    with pack(files):
+        for f in files:
+            key = str(f)[len(root):].replace(os.sep, "/")[: -len(".npy")]
+            records += scan_npy_file(f, key, allow_pickle=allow_pickle, problems=problems, progress=progress)
     return records

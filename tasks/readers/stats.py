@@ -8,6 +8,9 @@ each source byte is read once.
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -93,33 +96,85 @@ def _stats_finite_float(flat: np.ndarray, acc: dict[str, Any]) -> bool:
     return True
 
 
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+_PARALLEL_MIN = 4 << 20  # pieces at least this large are folded on several cores
+
+
+def _pool() -> ThreadPoolExecutor | None:
+    """Threads for value statistics (NumPy's reductions release the GIL); None on one or two cores."""
+    global _POOL
+    cores = os.cpu_count() or 1
+    if cores < 3:
+        return None
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=min(cores - 1, 16), thread_name_prefix="np2torch-stats")
+        return _POOL
+
+
+def _fold_new(arr: np.ndarray) -> dict[str, Any]:
+    acc: dict[str, Any] = {"n_nonfinite": 0, "absmax": 0.0, "absmin_nonzero": 0.0}
+    fold(arr, acc)
+    return acc
+
+
+def _merge(acc: dict[str, Any], part: dict[str, Any]) -> None:
+    acc["n_nonfinite"] += part["n_nonfinite"]
+    acc["absmax"] = max(acc["absmax"], part["absmax"])
+    m = part["absmin_nonzero"]
+    if m:
+        acc["absmin_nonzero"] = m if acc["absmin_nonzero"] == 0 else min(acc["absmin_nonzero"], m)
+    for name, (o, u) in part.get("n_out_of_range", {}).items():
+        a, b = acc.setdefault("n_out_of_range", {}).get(name, [0, 0])
+        acc["n_out_of_range"][name] = [a + o, b + u]
+
+
 class StatsFeed:
-    """Value statistics of an array whose bytes stream past in pieces of any size."""
+    """Value statistics of an array whose bytes stream past in pieces of any size.
+
+    A large piece is folded in cache-sized steps on the stats threads: the call returns their
+    futures (the caller keeps the piece's buffer until they finish) and :attr:`acc` merges
+    their partial results when read.
+    """
 
     def __init__(self, dtype: np.dtype) -> None:
         self.dtype = dtype
-        self.acc: dict[str, Any] = {"n_nonfinite": 0, "absmax": 0.0, "absmin_nonzero": 0.0}
+        self._acc: dict[str, Any] = {"n_nonfinite": 0, "absmax": 0.0, "absmin_nonzero": 0.0}
         self._rest = b""  # a value split between two pieces
         self._step = max(1, _STATS_CHUNK // dtype.itemsize)
+        self._parts: list[Future] = []
 
-    def __call__(self, piece: memoryview) -> None:
+    @property
+    def acc(self) -> dict[str, Any]:
+        for f in self._parts:
+            _merge(self._acc, f.result())
+        self._parts = []
+        return self._acc
+
+    def __call__(self, piece: memoryview) -> list[Future]:
         size = self.dtype.itemsize
         if self._rest:
             need = size - len(self._rest)
             self._rest += bytes(piece[:need])
             piece = piece[need:]
             if len(self._rest) < size:
-                return
-            fold(np.frombuffer(self._rest, dtype=self.dtype), self.acc)
+                return []
+            fold(np.frombuffer(self._rest, dtype=self.dtype), self._acc)
             self._rest = b""
         n = len(piece) // size
+        futures: list[Future] = []
         if n:
             arr = np.frombuffer(piece, dtype=self.dtype, count=n)
+            pool = _pool() if n * size >= _PARALLEL_MIN else None
             for i in range(0, n, self._step):
-                fold(arr[i : i + self._step], self.acc)
+                if pool is None:
+                    fold(arr[i : i + self._step], self._acc)
+                else:
+                    futures.append(pool.submit(_fold_new, arr[i : i + self._step]))
         self._rest = bytes(piece[n * size :])
-
-
+        self._parts += futures
+        return futures
 
 
 def region_info(path: Path, offset: int, nbytes: int, dtype: np.dtype, shape: tuple[int, ...],
