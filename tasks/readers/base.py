@@ -121,9 +121,8 @@ def check_keys(records: list[ArrayRecord], where: str) -> None:
     for r in records:
         ch = bad_key_char(r.key)
         if ch is not None:
-            raise LoadError(f"key {short(r.key)!r} contains control characters (U+{ord(ch):04X}); refusing to use it as a parameter name"
-                            if ch not in "\x1b\n\t\x7f" and ord(ch) >= 0x20 else
-                            f"key {short(r.key)!r} contains control characters; refusing to use it as a parameter name",
+            code = "" if ord(ch) < 0x20 or ch == "\x7f" else f" (U+{ord(ch):04X})"  # C0 and DEL show in the repr already
+            raise LoadError(f"key {short(r.key)!r} contains control characters{code}; refusing to use it as a parameter name",
                             key=where, fix="rename the array (member or file name) to printable characters")
         if r.key in seen:
             dups.add(r.key)
