@@ -355,3 +355,21 @@ def test_h5_string_dataset_is_not_a_parameter(tmp_path):
     p = _h5_with(tmp_path, lambda f, h5py: f.create_dataset("layers/dense/vars/0", data=np.array([b"abc", b"de"])))
     with pytest.raises(LoadError, match=rf"^\[load-arrays\] `{p}`: 1 array\(s\) cannot be model parameters\n  - `dense/0`: has bytes dtype \|S3"):
         scan_source(p)
+
+
+def test_h5_variables_with_a_gap_in_their_numbering(tmp_path):
+    def build(f, h5py):
+        f["layers/dense/vars/0"] = np.ones((2, 2), np.float32)
+        f["layers/dense/vars/2"] = np.ones(2, np.float32)
+
+    p = _h5_with(tmp_path, build)
+    with pytest.raises(LoadError, match=rf"^\[load-arrays\] `{p}`: variables of 'layers/dense' are not numbered 0\.\.1"):
+        scan_source(p)
+
+
+def test_h5_is_read_through_a_checked_handle(tmp_path):
+    """A FIFO named .weights.h5 is refused before HDF5 opens anything (it would block forever)."""
+    p = tmp_path / "pipe.weights.h5"
+    os.mkfifo(p)
+    with pytest.raises(LoadError, match=rf"^\[load-arrays\] `{p}`: refusing to read a FIFO \(named pipe\)"):
+        scan_source(p, fmt="h5")

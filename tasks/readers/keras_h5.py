@@ -23,15 +23,17 @@ through h5py after a check that their declared size is plausible for their store
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from np2torch.tasks.errors import LoadError, Problem, short
-from np2torch.tasks.fingerprint import cached_by_stat, check_regular
+from np2torch.tasks.fingerprint import cached_by_stat, open_regular
 from np2torch.tasks.readers.base import MAX_ARRAYS, NUMERIC_KINDS, ArrayRecord, check_dtype, nbytes_of
 from np2torch.tasks.readers.regions import Layout, layout_infos
 from np2torch.tasks.readers.stats import array_info
@@ -68,15 +70,20 @@ def _h5py():
     return h5py
 
 
-def _open(path: Path):
-    check_regular(path)
-    with open(path, "rb") as fh:  # a regular file: reading 8 bytes is bounded
+@contextlib.contextmanager
+def _open(path: Path) -> Iterator[Any]:
+    """The HDF5 file, read through a handle np2torch opened itself (a regular file, checked
+    before a byte is read), so that HDF5 never opens a path on its own."""
+    with open_regular(path) as fh:
         if fh.read(8) != H5_MAGIC:
             raise LoadError("not an HDF5 file (no HDF5 signature at its start)", key=str(path), fix=_FIX)
-    try:
-        return _h5py().File(path, "r", locking=False)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise LoadError(f"HDF5 file is truncated or corrupt: {short(str(exc))}", key=str(path), fix=_FIX) from None
+        fh.seek(0)
+        try:
+            f = _h5py().File(fh, "r")
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise LoadError(f"HDF5 file is truncated or corrupt: {short(str(exc))}", key=str(path), fix=_FIX) from None
+        with f:
+            yield f
 
 
 def _walk(group, prefix: list[str], where: str, out: list[tuple[list[str], Any]], depth: int = 0) -> None:
@@ -147,7 +154,7 @@ def _var_names(segment: str, name: str, ndims: list[int]) -> tuple[str, ...]:
     return names if names is not None and len(names) == len(ndims) else tuple(str(i) for i in range(len(ndims)))
 
 
-def _keras3(f, datasets: list[tuple[list[str], Any]]) -> list[tuple[str, Any]]:
+def _keras3(f, datasets: list[tuple[list[str], Any]], where: str) -> list[tuple[str, Any]]:
     """Keys ``<layer name>/…/<variable name>`` (Keras's own variable paths without the model's
     name), in the order the layers were saved (the order of their groups in the file)."""
     h5py = _h5py()
@@ -169,7 +176,7 @@ def _keras3(f, datasets: list[tuple[list[str], Any]]) -> list[tuple[str, Any]]:
     # headers are allocated as Keras writes them, layer by layer, so their addresses give it
     for owner, items in sorted(groups.items(), key=lambda kv: min(h5py.h5o.get_info(ds.id).addr for _, ds in kv[1])):
         if sorted(int(i) for i, _ in items) != list(range(len(items))):
-            raise LoadError(f"variables of {short('/'.join(owner))!r} are not numbered 0..{len(items) - 1}", key=f.filename, fix=_FIX)
+            raise LoadError(f"variables of {short('/'.join(owner))!r} are not numbered 0..{len(items) - 1}", key=where, fix=_FIX)
         items.sort(key=lambda t: int(t[0]))
         names = [n for n in (layer_name(owner[:i]) for i in range(1, len(owner) + 1)) if n is not None]
         var_names = _var_names(owner[-1], names[-1] if names else owner[-1], [len(ds.shape or ()) for _, ds in items])
@@ -209,7 +216,7 @@ def scan_h5(path: Path, progress=None) -> list[ArrayRecord]:
         else:
             datasets: list[tuple[list[str], Any]] = []
             _walk(f, [], str(path), datasets)
-            named = _keras3(f, datasets)
+            named = _keras3(f, datasets, str(path))
         if not named:
             raise LoadError("HDF5 file holds no Keras weights (neither layers/<name>/vars/<i> nor layer_names)", key=str(path), fix=_FIX)
         rows = []
