@@ -29,6 +29,7 @@ from prefect.logging import get_run_logger
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from np2torch.flows.convert import convert_flow
+from np2torch.flows.reporting import print_table
 from np2torch.tasks import audit
 from np2torch.tasks.config import BatchConfig, load_batch_config, load_config
 from np2torch.tasks.errors import ConfigError, ConversionError
@@ -319,11 +320,9 @@ def run_batch(batch_config: str | Path, overrides: list[str] | None = None, *, d
 
 def run_batch_cli(args: Any) -> int:
     """``np2torch batch``: print the summary table; exit 1 naming the failed conversions."""
-    from np2torch.flows.cli import _print_table
-
     rows, failure = run_batch(args.batch_config, args.set, dask=args.dask, refresh=args.refresh)
     print()
-    _print_table(rows, ["name", "status", "seconds", "cache_hits", "verification", "outputs"])
+    print_table(rows, ["name", "status", "seconds", "cache_hits", "verification", "outputs"])
     if failure is not None:
         for r in rows:
             if r["error"]:

@@ -10,65 +10,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
+from np2torch.flows.reporting import fmt3, print_table
 from np2torch.tasks.errors import ConversionError
 
-__all__ = ["main"]
-
-
-def _print_table(rows: list[dict[str, Any]], columns: list[str], *, out=None, max_width: dict[str, int] | None = None) -> None:
-    out = out or sys.stdout
-    if not rows:
-        print("(none)", file=out)
-        return
-    widths = {c: min((max_width or {}).get(c, 60), max(len(c), *(len(str(r.get(c, ""))) for r in rows))) for c in columns}
-    print("  ".join(c.ljust(widths[c]) for c in columns), file=out)
-    print("  ".join("-" * widths[c] for c in columns), file=out)
-    for r in rows:
-        cells = []
-        for c in columns:
-            s = str(r.get(c, ""))
-            cells.append((s if len(s) <= widths[c] else s[: widths[c] - 1] + "…").ljust(widths[c]))
-        print("  ".join(cells).rstrip(), file=out)
-
+__all__ = ["main", "build_parser"]
 
 # ---------------------------------------------------------------------------------------------
-# commands
-
-
-def _quiet_expected_tracebacks() -> None:
-    """Prefect prints the traceback of a failed flow to the terminal; for a ConversionError the
-    message says everything (the traceback still reaches the Prefect API and UI)."""
-    import logging
-
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", ""):
-        for h in logging.getLogger(name).handlers:
-            if isinstance(h, PrefectConsoleHandler) and not getattr(h, "_np2torch_quiet", False):
-                orig = h.format
-
-                def fmt(record: logging.LogRecord, _orig=orig) -> str:
-                    if record.exc_info and isinstance(record.exc_info[1], ConversionError):
-                        saved = record.exc_info, record.exc_text
-                        record.exc_info, record.exc_text = None, None
-                        try:
-                            return _orig(record)
-                        finally:
-                            record.exc_info, record.exc_text = saved
-                    return _orig(record)
-
-                h.format = fmt  # type: ignore[method-assign]
-                h._np2torch_quiet = True  # type: ignore[attr-defined]
+# commands (each imports what it needs: `np2torch --help` and `inspect` never import Prefect or torch)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from np2torch.flows.convert import convert_config
+    from np2torch.flows.runtime import quiet_expected_tracebacks
 
-    _quiet_expected_tracebacks()
+    quiet_expected_tracebacks()
     record = convert_config(args.config, args.set, refresh=args.refresh)
     v = record.get("verification") or {}
     print(f"np2torch: {record['name']} converted ({record['status']}) in {record['seconds']:.2f}s")
@@ -76,23 +36,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(f"  {name:<20} {'cached  ' if s['cached'] else 'computed'} {s['seconds']:8.3f}s  attempts {s['attempts']}")
     if v:
         if v.get("reference"):
-            print(f"  verification: passed, max abs error {v['max_abs_error']:.3g}, max rel error {v['max_rel_error']:.3g} "
+            print(f"  verification: passed, max abs error {fmt3(v['max_abs_error'])}, max rel error {fmt3(v['max_rel_error'])} "
                   f"(rtol {v['rtol']}, atol {v['atol']})")
         else:
             print(f"  verification: passed (no reference: output shapes {v['output_shapes']}, all finite)")
     for o in record["outputs"]:
         print(f"  wrote {o['path']}  ({o['bytes']} bytes, sha256 {o['sha256'][:16]}…)")
     return 0
-
-
-def _plan_rows(config: str, overrides: list[str]) -> tuple[Any, list[dict[str, Any]]]:
-    from np2torch.tasks import evidence, load_arrays
-    from np2torch.tasks.config import load_config
-
-    cfg = load_config(config, overrides)
-    src = cfg.source
-    records = load_arrays.scan_source(src.path, fmt=src.format, allow_pickle=src.allow_pickle, key_prefix=src.key_prefix)
-    return cfg, evidence.build_manifest(cfg, records)  # what the mapping stage would produce, evidence included
 
 
 def _status_cell(r: dict[str, Any]) -> str:
@@ -113,21 +63,25 @@ def _candidates_cell(r: dict[str, Any]) -> str:
         d = _desc(c)
         e = errors.get(d)
         mark = " (chosen)" if ev.get("chosen") == d else ""
-        cells.append(f"[{d}]" + (f" err {e:.2g}" if e is not None else "") + mark)
+        cells.append(f"[{d}]" + (f" err {fmt3(e)}" if e is not None else "") + mark)
     return " | ".join(cells)
 
 
+def _plan_table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    from np2torch.tasks.manifest import target_rows
+
+    return [{**r, "source": r["source_key"] or ("(" + r["tied_to"] + ")" if r["tied_to"] else ""), "shape": r["target_shape"],
+             "transform": r["transform"] or ("as-is" if r["status"] == "mapped" and r["how"] != "tied" else ""),
+             "confidence": f"{float(r['confidence']):.2f}", "candidates": _candidates_cell(r), "status": _status_cell(r)}
+            for r in target_rows(rows)]
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
+    from np2torch.api import plan_rows
     from np2torch.tasks.manifest import target_rows, to_csv, unused_rows
-    from np2torch.tasks.validate import validate_manifest
 
     os.environ["NP2TORCH_READ_ONLY"] = "1"  # plan writes nothing, not even the stat cache
-    cfg, rows = _plan_rows(args.config, args.set)
-    problem: ConversionError | None = None
-    try:
-        validate_manifest(rows, allow_nonfinite=cfg.source.allow_nonfinite)
-    except ConversionError as exc:
-        problem = exc
+    cfg, rows, problem = plan_rows(args.config, args.set)
     unverified = [r["target_key"] for r in target_rows(rows) if not r["verified"]]
     if args.format == "csv":
         sys.stdout.write(to_csv(rows))
@@ -136,19 +90,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
                           "unused": [r["source_key"] for r in unused_rows(rows) if r["status"] == "unused"],
                           "problems": problem.to_record()["problems"] if problem else []}, indent=2))
     else:
-        trows = [{**r, "source": r["source_key"] or ("(" + r["tied_to"] + ")" if r["tied_to"] else ""), "shape": r["target_shape"],
-                  "transform": r["transform"] or ("as-is" if r["status"] == "mapped" and r["how"] != "tied" else ""),
-                  "confidence": f"{float(r['confidence']):.2f}", "candidates": _candidates_cell(r), "status": _status_cell(r)}
-                 for r in target_rows(rows)]
+        trows = _plan_table_rows(rows)
+        width = None if args.wide else shutil.get_terminal_size((120, 24)).columns
+        cols = ["target_key", "source", "transform", "shape", "confidence", "status"]
+        if args.wide:
+            cols[4:4] = ["how"]
+            cols.insert(-1, "candidates")
         print(f"Manifest for {cfg.name} ({len(trows)} targets, {len(unverified)} unverified):")
-        _print_table(trows, ["target_key", "source", "transform", "shape", "how", "confidence", "candidates", "status"],
-                     max_width={"candidates": 160})
+        # keys give way before the transform: a cut transform would hide what the row does
+        print_table(trows, cols, max_width={"candidates": 160, "transform": 80}, total_width=width, shrink_first=["source", "target_key"])
         unused = unused_rows(rows)
         print(f"\nUnused source keys ({len(unused)}):")
-        _print_table(unused, ["source_key", "source_shape", "source_dtype", "status", "note"])
+        print_table(unused, ["source_key", "source_shape", "source_dtype", "status", "note"], total_width=width)
         if unverified:
             print(f"\n{len(unverified)} row(s) are unverified: several layouts fit their shapes. Give verify.reference_output "
-                  "(and verify.input) so np2torch can choose by evidence, or state the layout with a rule.")
+                  "(and verify.input) so np2torch can choose by evidence, or state the layout with a rule"
+                  + ("." if args.wide else "; --wide shows each candidate layout."))
     if problem is not None:
         print(f"\n{problem}", file=sys.stderr)
         return 1
@@ -162,19 +119,16 @@ def _desc(spec: list) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from np2torch.tasks.load_arrays import scan_source
+    from np2torch.api import array_rows
 
-    os.environ["NP2TORCH_READ_ONLY"] = "1"
-    records = scan_source(Path(args.path), fmt=args.format, allow_pickle=args.allow_pickle)
-    rows = [{"key": r.key, "shape": list(r.shape), "dtype": r.dtype, "byte_order": r.byte_order, "order": "F" if r.fortran_order else "C",
-             "MB": f"{r.nbytes / 1e6:.3f}", "offset": r.offset if r.offset >= 0 else ("pickled" if r.index is not None else "compressed"),
-             "nonfinite": r.n_nonfinite, "absmax": f"{r.absmax:.4g}", "file": Path(r.file).name + (f"::{r.member}" if r.member else ""),
-             "fingerprint": r.fingerprint[:12]} for r in records]
+    rows = array_rows(args.path, allow_pickle=args.allow_pickle, source_format=args.format)
     if args.format_out == "json":
         print(json.dumps(rows, indent=2))
-    else:
-        _print_table(rows, ["key", "shape", "dtype", "byte_order", "order", "MB", "nonfinite", "absmax", "file", "offset", "fingerprint"])
-        print(f"\n{len(rows)} arrays, {sum(r.nbytes for r in records) / 1e6:.3f} MB")
+        return 0
+    total = sum(r["nbytes"] for r in rows)
+    table = [{**r, "MB": f"{r['nbytes'] / 1e6:.3f}", "absmax": fmt3(r["absmax"]), "fingerprint": r["fingerprint"][:12]} for r in rows]
+    print_table(table, ["key", "shape", "dtype", "byte_order", "order", "MB", "nonfinite", "absmax", "file", "offset", "fingerprint"])
+    print(f"\n{len(rows)} arrays, {total / 1e6:.3f} MB")
     return 0
 
 
@@ -201,7 +155,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             failing += bool(findings)
         rows.append(row)
     cols = ["when", "name", "status", "cache_hits", "outputs", "run_id"] + (["verify"] if args.verify else [])
-    _print_table(rows, cols)
+    print_table(rows, cols)
     if bad:
         print(f"\nwarning: {bad} unreadable line(s) in the audit log were skipped", file=sys.stderr)
     if args.verify:
@@ -221,9 +175,15 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from np2torch.flows.serve import serve_cli
+    from prefect import serve
 
-    return serve_cli(args)
+    from np2torch.flows.serve import batch_flow, build_deployment
+
+    deployment = build_deployment(args.batch_config, cron=args.cron, name=args.name)  # checked before Prefect starts serving
+    print(f"np2torch: serving deployment '{batch_flow.name}/{deployment.name}' on cron {args.cron!r} (UTC). "
+          f"Trigger a run now with: prefect deployment run '{batch_flow.name}/{deployment.name}'")
+    serve(deployment)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,45 +196,69 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="np2torch", description="Turn NumPy-saved parameters into a verified PyTorch checkpoint.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+_EXIT = "exit status: 0 {ok}; 1 {fail}; 2 the command line or the config is wrong"
 
-    c = sub.add_parser("convert", help="run the flow for one conversion")
-    c.add_argument("config")
+
+def _epilog(example: str, ok: str = "success", fail: str = "the conversion failed (the message names the stage, the key and the fix)") -> str:
+    return f"example:\n  {example}\n\n" + _EXIT.format(ok=ok, fail=fail)
+
+
+def _sub(sub: Any, name: str, help_: str, example: str, **exit_text: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".", epilog=_epilog(example, **exit_text),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from np2torch import __version__
+
+    p = _Parser(prog="np2torch", description="Turn NumPy-saved parameters into a verified PyTorch checkpoint.",
+                epilog="example:\n  np2torch inspect weights.npz && np2torch plan conversion.yaml && np2torch convert conversion.yaml\n\n"
+                       "Run `np2torch COMMAND --help` for a command's options, example and exit status.",
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"np2torch {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    c = _sub(sub, "convert", "run the flow for one conversion", "np2torch convert conversion.yaml --set convert.dtype=float16")
+    c.add_argument("config", help="the conversion's YAML config")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. convert.dtype=float16")
     c.add_argument("--refresh", action="store_true", help="recompute every stage, ignoring the cache")
     c.set_defaults(func=cmd_convert)
 
-    pl = sub.add_parser("plan", help="print the manifest it would use; write nothing")
-    pl.add_argument("config")
-    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    pl.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    pl = _sub(sub, "plan", "print the manifest it would use; write nothing", "np2torch plan conversion.yaml --wide",
+              ok="the manifest is valid", fail="the manifest fails a check (all failures are listed)")
+    pl.add_argument("config", help="the conversion's YAML config")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, as for convert")
+    pl.add_argument("--format", choices=["table", "csv", "json"], default="table", help="table (default), or every column as csv / json")
+    pl.add_argument("--wide", action="store_true", help="table with every candidate layout and how each row was matched (wider than 120 columns)")
     pl.set_defaults(func=cmd_plan)
 
-    i = sub.add_parser("inspect", help="table of the arrays in a file or folder")
-    i.add_argument("path")
+    i = _sub(sub, "inspect", "table of the arrays in a file or folder", "np2torch inspect weights.npz --format json",
+             ok="the arrays were read", fail="the file cannot be read safely (the message says why)")
+    i.add_argument("path", help="a .npz, .npy, folder of .npy files, pickled list (with --allow-pickle) or flat vector")
     i.add_argument("--allow-pickle", action="store_true", help="allow pickled lists/object arrays (restricted unpickler)")
     i.add_argument("--source-format", dest="format", default="auto", choices=["auto", "npz", "npy", "npy-dir", "pickle-list", "flat", "h5", "msgpack", "safetensors"])
     i.add_argument("--format", dest="format_out", choices=["table", "json"], default="table")
     i.set_defaults(func=cmd_inspect)
 
-    b = sub.add_parser("batch", help="convert many; one child flow run per model")
+    b = _sub(sub, "batch", "convert many; one child flow run per model", "np2torch batch configs/batch.yaml --set max_parallel=4",
+             fail="one or more conversions failed (each is named, with its stage and key)")
     b.add_argument("batch_config")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a batch key, e.g. max_parallel=4")
     b.add_argument("--dask", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="run the conversions on Dask: a local cluster, or an existing scheduler address (tcp://host:8786)")
-    b.add_argument("--refresh", action="store_true")
+    b.add_argument("--refresh", action="store_true", help="recompute every stage of every conversion")
     b.set_defaults(func=cmd_batch)
 
-    s = sub.add_parser("serve", help="a scheduled deployment, visible in the Prefect UI")
+    s = _sub(sub, "serve", "a scheduled deployment, visible in the Prefect UI", 'np2torch serve configs/batch.yaml --cron "0 2 * * *"',
+             ok="stopped cleanly", fail="the deployment could not be served")
     s.add_argument("batch_config")
     s.add_argument("--cron", required=True, help='cron schedule, e.g. "0 2 * * *"')
     s.add_argument("--name", default=None, help="deployment name (default: the batch file's stem)")
     s.set_defaults(func=cmd_serve)
 
-    a = sub.add_parser("audit", help="list audit records; re-hash their outputs")
-    a.add_argument("--last", type=int, default=0, metavar="N")
+    a = _sub(sub, "audit", "list audit records; re-hash their outputs", "np2torch audit --last 5 --verify",
+             ok="listed (with --verify: every file still hashes as recorded)", fail="with --verify, a recorded file changed or is missing")
+    a.add_argument("--last", type=int, default=0, metavar="N", help="only the last N records")
     a.add_argument("--verify", action="store_true", help="re-hash every recorded input and output; exit 1 if any changed")
     a.add_argument("--log", default=None, help="audit log path (default $NP2TORCH_AUDIT_LOG or data/audit.jsonl)")
     a.set_defaults(func=cmd_audit)
@@ -282,11 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Prefect's anonymous usage heartbeat only adds noise ("database is locked") to a CLI run
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    # the temporary API server can take longer than Prefect's 20 s default on a busy 2-core box
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from np2torch.flows.runtime import configure_prefect
+
+    configure_prefect()  # the same Prefect settings as the Python API
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -9,15 +9,13 @@ nightly batch can instead be deployed to a process work pool from ``prefect.yaml
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
 from np2torch.flows.batch import batch_flow, plan_batch
 from np2torch.tasks.config import load_batch_config
 from np2torch.tasks.errors import ConfigError
 
-__all__ = ["build_deployment", "check_cron", "serve_cli"]
+__all__ = ["build_deployment", "check_cron"]
 
 
 def check_cron(cron: str, timezone: str = "UTC") -> str:
@@ -41,14 +39,3 @@ def build_deployment(batch_config: str | Path, *, cron: str, name: str | None = 
     return batch_flow.to_deployment(name=name or path.stem, cron=cron, parameters={"batch_config": str(path)},
                                     description=f"np2torch batch over {path} ({cron}, UTC)", tags=["np2torch", "batch"],
                                     entrypoint_type=EntrypointType.MODULE_PATH)
-
-
-def serve_cli(args: Any) -> int:
-    """Create the scheduled deployment and serve its runs until interrupted."""
-    from prefect import serve
-
-    deployment = build_deployment(args.batch_config, cron=args.cron, name=args.name)
-    print(f"np2torch: serving deployment '{batch_flow.name}/{deployment.name}' on cron {args.cron!r} (UTC). "
-          f"Trigger a run now with: prefect deployment run '{batch_flow.name}/{deployment.name}'")
-    serve(deployment)
-    return 0

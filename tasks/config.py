@@ -278,18 +278,39 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     return data
 
 
-def _pydantic_to_config_error(exc: ValidationError, where: str) -> ConfigError:
+def _did_you_mean(loc: tuple, model: Any) -> str:
+    """``did you mean `verify.rtol`?`` from the keys allowed where the unknown one stands, else the list of them."""
+    import difflib
+
+    for part in loc[:-1]:
+        ann = getattr(model, "model_fields", {}).get(part)
+        model = next((t for t in getattr(ann.annotation, "__args__", (ann.annotation,)) if hasattr(t, "model_fields")), None) if ann else None
+        if model is None:
+            return "remove it or check its spelling"
+    allowed = [f.alias or n for n, f in model.model_fields.items()]
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+    where = ".".join(str(p) for p in loc[:-1])
+    if close:
+        return f"did you mean `{where + '.' if where else ''}{close[0]}`?"
+    return f"remove it; {'`' + where + '`' if where else 'the top level'} takes: {', '.join(sorted(allowed))}"
+
+
+def _pydantic_to_config_error(exc: ValidationError, where: str, overrides: list[str] | tuple[str, ...] = ()) -> ConfigError:
     lines = []
     first_key = None
+    model = {"Config": Config, "BatchConfig": BatchConfig, "BatchEntry": BatchEntry}.get(exc.title, Config)
     for err in exc.errors():
         loc = ".".join(str(x) for x in err["loc"] if not isinstance(x, int) or True)
         first_key = first_key or loc
         if err["type"] == "extra_forbidden":
-            lines.append(f"unknown key `{loc}` — remove it or check its spelling (see SPEC 'Config file')")
+            line = f"unknown key `{loc}` — {_did_you_mean(err['loc'], model)}"
         elif err["type"] == "missing":
-            lines.append(f"missing required key `{loc}`")
+            line = f"missing required key `{loc}`"
         else:
-            lines.append(f"`{loc}`: {err['msg']} (got {err.get('input')!r})")
+            line = f"`{loc}`: {err['msg']} (got {err.get('input')!r})"
+        # an override's key names this key or a section above it: say which --set did it
+        came_from = [o for o in overrides if (loc + ".").startswith(o.split("=", 1)[0].strip() + ".")]
+        lines.append(line + (f" (from --set {came_from[-1]})" if came_from else ""))
     msg = f"{where} is not a valid config:\n  - " + "\n  - ".join(lines)
     return ConfigError(msg, key=first_key, fix="correct the keys listed above")
 
@@ -316,7 +337,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
-        raise _pydantic_to_config_error(exc, str(path)) from None
+        raise _pydantic_to_config_error(exc, str(path), list(overrides or [])) from None
     cfg._raw = raw
     return cfg
 
@@ -351,4 +372,4 @@ def load_batch_config(path: str | Path, overrides: list[str] | None = None) -> B
     try:
         return BatchConfig.model_validate(data)
     except ValidationError as exc:
-        raise _pydantic_to_config_error(exc, str(path)) from None
+        raise _pydantic_to_config_error(exc, str(path), list(overrides or [])) from None

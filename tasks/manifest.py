@@ -3,6 +3,8 @@
 Rows are plain dicts with JSON-encoded list fields, so the manifest is a small record that can
 travel between Prefect tasks, be cached as JSON, validated as a pandas table and exported as
 CSV byte-identically on every machine (fixed column order, no paths or timestamps).
+:class:`ManifestRow` is the typed view of one row (JSON decoded once, at this boundary) that
+the Python API hands to users.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from np2torch.tasks.paths import atomic_write_text
 
-__all__ = ["COLUMNS", "STATUSES", "new_row", "write_manifest", "read_manifest", "to_csv", "target_rows", "unused_rows"]
+__all__ = ["COLUMNS", "STATUSES", "ManifestRow", "new_row", "write_manifest", "read_manifest", "to_csv", "target_rows", "unused_rows"]
 
 COLUMNS = [
     "target_key",  # PyTorch state-dict key ("" for an unused source row)
@@ -86,3 +89,62 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in _CSV_COLUMNS})
     return buf.getvalue()
+
+
+_JSON_COLUMNS = ("source_shape", "target_shape", "result_shape", "candidates", "evidence", "sources", "transform_spec")
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One manifest row with its JSON cells decoded (shapes as lists, evidence as a dict)."""
+
+    target_key: str  # PyTorch state-dict key ("" for an unused source)
+    source_key: str  # source key(s), several joined with " + "
+    transform: str  # human-readable, e.g. "transpose"
+    source_shape: list  # list of lists for several sources
+    target_shape: list
+    result_shape: list  # the source shape after the transform
+    source_dtype: str
+    target_dtype: str
+    numel: int
+    fingerprint: str
+    status: str  # mapped | zeros | allowed_missing | missing | unused | ignored
+    confidence: float  # 0..1
+    verified: bool  # no other layout fits, or evidence chose among candidates
+    candidates: list  # alternative transforms that fit the shapes
+    evidence: dict  # error per candidate when a reference chose one
+    how: str  # rule | name | preset-name | order | slice | shape | tied
+    note: str
+    n_nonfinite: int
+    absmax: float
+    absmin_nonzero: float
+    n_overflow: int
+    n_underflow: int
+    sources: list
+    transform_spec: list
+    concat: Any  # axis, or ""
+    tied_to: str
+    extra: dict[str, Any] = field(default_factory=dict)  # columns this class does not name yet, as stored
+
+    @classmethod
+    def from_dict(cls, row: dict[str, Any]) -> ManifestRow:
+        """The typed row of a stored manifest row (the dict form :func:`read_manifest` returns)."""
+        names = {f.name for f in fields(cls)} - {"extra"}
+        kw: dict[str, Any] = {n: row.get(n, "") for n in names}
+        for c in _JSON_COLUMNS:
+            v = kw[c]
+            kw[c] = json.loads(v) if isinstance(v, str) and v else (v if v != "" else ([] if c != "evidence" else {}))
+        return cls(**kw, extra={k: v for k, v in row.items() if k not in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stored form: list and dict cells JSON-encoded, as :func:`new_row` writes them."""
+        d = asdict(self)
+        extra = d.pop("extra")
+        for c in _JSON_COLUMNS:
+            d[c] = json.dumps(d[c], separators=(",", ":"))
+        return {**d, **extra}
+
+    def cells(self) -> dict[str, Any]:
+        """Every column with JSON decoded (what a DataFrame of the manifest holds)."""
+        d = asdict(self)
+        return {**d.pop("extra"), **d}

@@ -12,14 +12,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from np2torch.tasks import cache, convert, evidence, export, infer_mapping, load_arrays, manifest, safe_pickle, st_io, transforms, validate, verify
+from np2torch.tasks import cache, convert, dtypes, evidence, export, infer_mapping, load_arrays, manifest, safe_pickle, st_io, state_dict, transforms, validate, verify
 from np2torch.tasks import model as model_mod
 from np2torch.tasks import presets
 from np2torch.tasks.config import Config
 from np2torch.tasks.fingerprint import file_fingerprint, sha256_file, cached_by_stat
 
 __all__ = ["STAGES", "KEYS", "STILL_VALID", "run_all", "load_arrays_stage", "infer_mapping_stage", "validate_stage", "convert_stage",
-           "verify_stage", "export_stage", "source_files_of", "model_fingerprint", "read_records", "content_digest"]
+           "verify_stage", "export_stage", "source_files_of", "model_fingerprint", "read_records", "config_content_digest"]
 
 STAGES = ["load-arrays", "infer-mapping", "validate", "convert-to-device", "verify-forward-pass", "export"]
 
@@ -55,7 +55,7 @@ def load_arrays_key(cfg: Config) -> str:
     src = cfg.source
     return cache.stage_key(
         "load-arrays",
-        code=cache.code_version(load_arrays, safe_pickle, *load_arrays.READER_MODULES),
+        code=cache.code_version(load_arrays, safe_pickle, dtypes, *load_arrays.READER_MODULES),
         source={"format": src.format, "allow_pickle": src.allow_pickle, "key_prefix": src.key_prefix, "is_dir": src.path.is_dir()},
         # names relative to the source root plus content: the same bytes at another path still hit
         # one read per file: sha256 plus what the scan needs, remembered in the stat cache
@@ -155,7 +155,7 @@ def infer_mapping_stage(cfg: Config, loaded: dict[str, Any], *, refresh: bool = 
 
 
 def validate_key(cfg: Config, mapped: dict[str, Any]) -> str:
-    return cache.stage_key("validate", prev=mapped["key"], code=cache.code_version(validate), allow_nonfinite=cfg.source.allow_nonfinite)
+    return cache.stage_key("validate", prev=mapped["key"], code=cache.code_version(validate, dtypes), allow_nonfinite=cfg.source.allow_nonfinite)
 
 
 def validate_stage(cfg: Config, mapped: dict[str, Any], *, refresh: bool = False) -> dict[str, Any]:
@@ -178,7 +178,7 @@ def validate_stage(cfg: Config, mapped: dict[str, Any], *, refresh: bool = False
 
 
 def convert_key(cfg: Config, loaded: dict[str, Any], validated: dict[str, Any]) -> str:
-    return cache.stage_key("convert-to-device", prev=validated["key"], code=cache.code_version(convert, st_io, transforms),
+    return cache.stage_key("convert-to-device", prev=validated["key"], code=cache.code_version(convert, st_io, transforms, state_dict),
                            convert=cfg.convert.model_dump(mode="json"), model=model_fingerprint(cfg))
 
 
@@ -218,7 +218,7 @@ def _verify_spec(cfg: Config) -> dict[str, Any]:
 
 
 def verify_key(cfg: Config, converted: dict[str, Any]) -> str:
-    return cache.stage_key("verify-forward-pass", prev=converted["key"], code=cache.code_version(verify, evidence), verify=_verify_spec(cfg),
+    return cache.stage_key("verify-forward-pass", prev=converted["key"], code=cache.code_version(verify, evidence, state_dict), verify=_verify_spec(cfg),
                            device=cfg.convert.device)
 
 
@@ -239,10 +239,11 @@ def verify_stage(cfg: Config, converted: dict[str, Any], *, refresh: bool = Fals
 # 6. export
 
 
-def content_digest(cfg: Config) -> str:
+def config_content_digest(cfg: Config) -> str:
     """sha256 of the config with every location replaced by the content it points to.
 
-    This is the digest written into ``model.safetensors``: the same conversion exported into
+    Not the audit record's ``config_sha256`` (:meth:`Config.digest`, the config as written): this
+    one is ``config_content_sha256`` in ``model.safetensors``'s metadata: the same conversion exported into
     another folder, or run from a copied tree, gives byte-identical files. ``export.dir`` is
     dropped (where the files go never changes them); the source, model file and verify files
     are represented by their fingerprints.
@@ -258,7 +259,7 @@ def content_digest(cfg: Config) -> str:
 def export_metadata(cfg: Config, loaded: dict[str, Any]) -> dict[str, str]:
     from np2torch.tasks import __version__
 
-    return {"format": "pt", "np2torch_version": __version__, "config_sha256": content_digest(cfg), "name": cfg.name,
+    return {"format": "pt", "np2torch_version": __version__, "config_content_sha256": config_content_digest(cfg), "name": cfg.name,
             "source_fingerprint": loaded["source_fingerprint"]}
 
 

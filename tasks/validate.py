@@ -15,16 +15,12 @@ import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 
+from np2torch.tasks.dtypes import FLOAT_RANGE as _RANGE
 from np2torch.tasks.errors import Problem, ValidationError
-from np2torch.tasks.load_arrays import FLOAT_LIMITS
 from np2torch.tasks.manifest import COLUMNS
 
 __all__ = ["manifest_schema", "validate_manifest", "failure_table"]
 
-_RANGE = {  # largest finite value and smallest positive subnormal of each float target dtype
-    **FLOAT_LIMITS,
-    "float64": (float(np.finfo(np.float64).max), float(np.finfo(np.float64).smallest_subnormal)),
-}
 _FIX = {
     "status_missing": "add a mapping rule for it, or allow it with mapping.allow_missing if its initial value is fine",
     "status_unused": "map it with a rule, or leave it out on purpose with mapping.ignore",

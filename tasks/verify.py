@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from np2torch.tasks.config import InputSpec, VerifySpec
-from np2torch.tasks.convert import check_device, load_into_model
 from np2torch.tasks.errors import LoadError, VerifyError
-from np2torch.tasks.load_arrays import open_array, scan_source
+from np2torch.tasks.readers.access import open_array, scan_source
 from np2torch.tasks.model import build_model, describe_targets
 from np2torch.tasks.st_io import MappedSafetensors
+from np2torch.tasks.state_dict import check_device, load_into_model
 
 __all__ = ["make_inputs", "load_reference", "compare", "run_forward", "verify_forward_pass", "load_model_from_file"]
 

@@ -230,7 +230,7 @@ def test_exports_are_byte_identical_across_export_dirs_and_copied_trees(tiny: Pa
         assert a[name] == b[name] == c[name], name
     meta = _st_metadata(Path(third["export"]["outputs"][0]["path"]))
     assert str(tmp_path) not in json.dumps(meta)  # no paths inside
-    assert set(meta) == {"format", "np2torch_version", "config_sha256", "name", "source_fingerprint"}
+    assert set(meta) == {"format", "np2torch_version", "config_content_sha256", "name", "source_fingerprint"}
 
 
 def _st_metadata(path: Path) -> dict:

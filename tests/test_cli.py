@@ -130,3 +130,67 @@ def test_expected_failure_prints_no_traceback_as_typed(tmp_path):
 def test_module_entry_point():
     r = subprocess.run([sys.executable, "-m", "np2torch.flows.cli", "--help"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0 and "convert" in r.stdout
+
+
+# --- manners: version, help, did-you-mean, --set named, 120 columns, light start-up ----------
+
+
+def test_version():
+    from np2torch import __version__
+
+    r = _run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"np2torch {__version__}"
+
+
+@pytest.mark.parametrize("command", ["convert", "plan", "inspect", "batch", "serve", "audit"])
+def test_each_command_help_has_an_example_and_exit_codes(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert f"example:\n  np2torch {command} " in out
+    assert "exit status: 0 " in out and "; 1 " in out and "; 2 the command line or the config is wrong" in out
+
+
+def test_mistyped_config_key_suggests_the_right_one(tmp_path, capsys):
+    assert main(["plan", str(write_tiny_case(tmp_path, verify={"rtoll": 1}))]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key `verify.rtoll` — did you mean `verify.rtol`?" in err and "SPEC" not in err
+    assert main(["plan", str(write_tiny_case(tmp_path, colour="blue"))]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key `colour` — remove it; the top level takes: convert, export, mapping, model, name, source, verify" in err
+
+
+def test_override_error_names_the_set_it_came_from(tmp_path, capsys):
+    path = write_tiny_case(tmp_path)
+    assert main(["plan", str(path), "--set", "convert.dtype=float17"]) == 2
+    assert "(from --set convert.dtype=float17)" in capsys.readouterr().err
+    assert main(["plan", str(path), "--set", "mapping.stratgy=name"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key `mapping.stratgy` — did you mean `mapping.strategy`? (from --set mapping.stratgy=name)" in err
+
+
+def test_plan_fits_120_columns_and_wide_shows_candidates(example_data, monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "120")
+    assert main(["plan", str(example_config("keras-cnn-auto"))]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 120, max(out.splitlines(), key=len)
+    assert "conv1.weight" in out and "candidates" not in out.splitlines()[1]
+    assert main(["plan", str(example_config("keras-cnn-auto")), "--wide"]) == 0
+    wide = capsys.readouterr().out
+    assert "candidates" in wide.splitlines()[1] and "how" in wide.splitlines()[1]
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["inspect", "{keras}"], ["audit", "--last", "1"], ["plan", "{mlp}"]])
+def test_light_commands_import_no_prefect(args, example_data):
+    """--help, --version, inspect and audit import neither torch, pandas nor Prefect; plan no Prefect."""
+    args = [a.format(keras=example_data / "keras-cnn" / "weights.npz", mlp=example_config("mlp")) for a in args]
+    code = ("import sys, runpy\n"
+            f"sys.argv = ['np2torch', *{args!r}]\n"
+            "try:\n    runpy.run_module('np2torch.flows.cli', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('HEAVY', sorted(m for m in ('torch', 'pandas', 'pandera', 'prefect') if m in sys.modules), file=sys.stderr)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env={**os.environ, "NP2TORCH_READ_ONLY": "1"})
+    assert r.returncode == 0, r.stderr
+    heavy = r.stderr.rsplit("HEAVY ", 1)[1].strip()
+    assert heavy == ("['pandas', 'pandera', 'torch']" if args[0] == "plan" else "[]"), heavy

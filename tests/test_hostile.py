@@ -538,7 +538,7 @@ def test_config_unknown_key(tmp_path, capsys):
     cfg = write_config(tmp_path, tmp_path / "w.npz", source={"allow_pickles": True})
     rc, err = cli(capsys, "plan", cfg)
     assert rc == 2
-    assert "[config] `source.allow_pickles`:" in err and "unknown key `source.allow_pickles` — remove it or check its spelling" in err
+    assert "[config] `source.allow_pickles`:" in err and "unknown key `source.allow_pickles` — did you mean `source.allow_pickle`?" in err
 
 
 def test_config_wrong_type(tmp_path, capsys):

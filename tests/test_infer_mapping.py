@@ -220,7 +220,7 @@ def test_plan_table_csv_and_json(example_data: Path, capsys: pytest.CaptureFixtu
     from np2torch.flows.cli import main
 
     cfg = str(REPO / "configs" / "examples" / "keras-cnn-auto.yaml")
-    assert main(["plan", cfg]) == 0
+    assert main(["plan", cfg, "--wide"]) == 0  # candidates and how: details behind --wide
     out = capsys.readouterr().out
     assert "Manifest for keras-cnn-auto (18 targets, 0 unverified)" in out
     line = next(ln for ln in out.splitlines() if ln.startswith("fc1.weight"))

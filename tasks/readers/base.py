@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from np2torch.tasks.dtypes import FLOAT_LIMITS
 from np2torch.tasks.errors import LoadError, Problem, short
 
 __all__ = ["ArrayRecord", "FLOAT_LIMITS", "NUMERIC_KINDS", "MAX_ARRAYS", "MAX_NDIM", "check_dtype", "nbytes_of", "check_keys",
@@ -27,14 +28,6 @@ NUMERIC_KINDS = "fiub"
 MAX_ARRAYS = 100_000
 MAX_NDIM = 32  # numpy's own limit is 64; no layer has more than 6
 OPT_IN = "set `source.allow_pickle: true` in the config (or pass --allow-pickle) if you trust this file"
-
-# Largest finite value and smallest positive subnormal of each float dtype a source may be cast
-# to. A value above the first becomes inf; a nonzero value at or below half the second becomes 0.
-FLOAT_LIMITS: dict[str, tuple[float, float]] = {
-    "float16": (65504.0, 2.0**-24),
-    "bfloat16": (3.3895313892515355e38, 2.0**-133),
-    "float32": (float(np.finfo(np.float32).max), float(np.finfo(np.float32).smallest_subnormal)),
-}
 
 # Keys end up in tables, CSV files and terminals: a C0/C1 control character (ESC, newline, CSI)
 # or an invisible format character that reorders or hides text (bidi overrides and isolates,

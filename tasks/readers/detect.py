@@ -9,7 +9,7 @@ from np2torch.tasks.errors import LoadError
 from np2torch.tasks.fingerprint import open_regular
 from np2torch.tasks.readers.flax_msgpack import looks_like_msgpack
 from np2torch.tasks.readers.keras_h5 import H5_MAGIC
-from np2torch.tasks.readers.npy import MAGIC, read_header
+from np2torch.tasks.readers.npy_header import MAGIC, read_header
 
 __all__ = ["detect_format"]
 

@@ -22,7 +22,8 @@ from np2torch.tasks import fingerprint
 from np2torch.tasks.errors import LoadError, Problem, short
 from np2torch.tasks.fingerprint import Region, cached_by_stat, open_regular, remember, stat_key
 from np2torch.tasks.readers.base import MAX_ARRAYS, NUMERIC_KINDS, ArrayRecord, bad_key_char, check_dtype
-from np2torch.tasks.readers.npy import NpyHeader, check_fits, read_header
+from np2torch.tasks.readers.npy_header import NpyHeader, check_fits, read_header
+from np2torch.tasks.readers.pickled import scan_pickled
 from np2torch.tasks.readers.stats import StatsFeed, array_info, info_of
 
 __all__ = ["scan_npz", "prime_npz", "open_member", "MAX_COMPRESSION_RATIO", "MAX_MEMBERS"]
@@ -201,8 +202,6 @@ def scan_npz(path: Path, *, allow_pickle: bool, problems: list[Problem], progres
     records: list[ArrayRecord] = []
     for info, offset, h in plan:
         if h.dtype.hasobject:
-            from np2torch.tasks.readers.pickled import scan_pickled
-
             records += scan_pickled(path, allow_pickle=allow_pickle, member=info.filename, problems=problems)
             continue
         key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename

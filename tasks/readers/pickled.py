@@ -16,7 +16,7 @@ import numpy as np
 from np2torch.tasks.errors import LoadError, Problem, short
 from np2torch.tasks.fingerprint import open_regular
 from np2torch.tasks.readers.base import OPT_IN, ArrayRecord, check_dtype
-from np2torch.tasks.readers.npy import read_header
+from np2torch.tasks.readers.npy_header import read_header
 from np2torch.tasks.readers.stats import array_info
 from np2torch.tasks.safe_pickle import UnsafePickleError, safe_loads
 

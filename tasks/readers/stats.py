@@ -18,7 +18,7 @@ import numpy as np
 
 from np2torch.tasks import fingerprint
 from np2torch.tasks.fingerprint import Region, blake3_bytes, remember, stat_key
-from np2torch.tasks.readers.base import FLOAT_LIMITS
+from np2torch.tasks.dtypes import FLOAT_LIMITS
 
 __all__ = ["StatsFeed", "region_info", "info_of", "array_info", "fold"]
 
