@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
              ok="the arrays were read", fail="the file cannot be read safely (the message says why)")
     i.add_argument("path", help="a .npz, .npy, folder of .npy files, pickled list (with --allow-pickle) or flat vector")
     i.add_argument("--allow-pickle", action="store_true", help="allow pickled lists/object arrays (restricted unpickler)")
-    i.add_argument("--source-format", dest="format", default="auto", choices=["auto", "npz", "npy", "npy-dir", "pickle-list", "flat"])
+    i.add_argument("--source-format", dest="format", default="auto", choices=["auto", "npz", "npy", "npy-dir", "pickle-list", "flat", "h5", "msgpack", "safetensors"])
     i.add_argument("--format", dest="format_out", choices=["table", "json"], default="table")
     i.set_defaults(func=cmd_inspect)
 

@@ -47,7 +47,7 @@ class _Strict(BaseModel):
 
 class SourceSpec(_Strict):
     path: Path  # a file or a folder, absolute after loading
-    format: Literal["auto", "npz", "npy", "npy-dir", "pickle-list", "flat"] = "auto"
+    format: Literal["auto", "npz", "npy", "npy-dir", "pickle-list", "flat", "h5", "msgpack", "safetensors"] = "auto"
     allow_pickle: bool = False  # object arrays / pickled lists load only when true
     key_prefix: str = ""  # stripped from every source key when present
     allow_nonfinite: bool = False  # NaN/Inf in source arrays are an error unless true

@@ -32,7 +32,7 @@ import torch
 from np2torch.tasks import transforms as T
 from np2torch.tasks.errors import ConvertError
 from np2torch.tasks.fingerprint import blake3_bytes, remember
-from np2torch.tasks.load_arrays import ArrayRecord, open_array
+from np2torch.tasks.readers.access import ArrayRecord, open_array
 from np2torch.tasks.manifest import target_rows
 from np2torch.tasks.model import build_model, describe_targets, materialize_missing
 from np2torch.tasks.progress import track

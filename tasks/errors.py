@@ -22,7 +22,22 @@ __all__ = [
     "ValidationError",
     "VerifyError",
     "Problem",
+    "short",
 ]
+
+# Keys and paths come from files: one 10 kB key must not make a 10 kB line, or more when it is
+# repeated. Messages show at most this many characters of one, with the middle elided.
+SHORT_LIMIT = 240
+
+
+def short(text: str, limit: int = SHORT_LIMIT) -> str:
+    """``text`` unchanged when short, else its start and end around an "…(N chars)…" marker."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    keep = max(limit - 20, 8)
+    return f"{text[: keep // 2 + keep % 2]}…({len(text)} chars)…{text[len(text) - keep // 2:]}"
+
 
 
 class Problem(dict):
@@ -32,7 +47,7 @@ class Problem(dict):
         super().__init__(key=key, reason=reason, expected=expected, actual=actual, fix=fix)
 
     def line(self) -> str:
-        parts = [f"`{self['key']}`: {self['reason']}"]
+        parts = [f"`{short(self['key'])}`: {self['reason']}"]
         if self["expected"] is not None or self["actual"] is not None:
             parts.append(f"(expected {self['expected']}, got {self['actual']})")
         if self["fix"]:
@@ -70,7 +85,7 @@ class ConversionError(Exception):
     def render(self) -> str:
         head = f"[{self.stage}] "
         if self.key is not None:
-            head += f"`{self.key}`: "
+            head += f"`{short(self.key)}`: "
         head += self.message
         if self.expected is not None or self.actual is not None:
             head += f" (expected {self.expected}, got {self.actual})"

@@ -33,7 +33,7 @@ from torch import nn
 
 from np2torch.tasks import transforms as T
 from np2torch.tasks.errors import MappingError, Problem, VerifyError
-from np2torch.tasks.load_arrays import ArrayRecord
+from np2torch.tasks.readers.base import ArrayRecord
 
 __all__ = ["probe_flatten", "resolve", "localise", "load_activations", "build_manifest", "compare_activation"]
 

@@ -14,13 +14,17 @@ the bytes as it wrote them records the digest with :func:`remember`, so nothing 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import mmap
 import os
+import stat
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,15 +32,58 @@ from typing import Any
 
 import blake3
 
-from np2torch.tasks.paths import atomic_write_text, cache_dir
+from np2torch.tasks.paths import cache_dir
 
-__all__ = ["sha256_file", "blake3_bytes", "blake3_region", "stat_key", "cached_by_stat", "remember", "peek", "file_fingerprint",
+__all__ = ["pack", "SMALL_FILE", "open_regular", "check_regular", "sha256_file", "blake3_bytes", "blake3_region", "stat_key", "cached_by_stat", "remember", "peek", "file_fingerprint",
            "Region", "file_digests"]
 
 _CHUNK = 16 << 20
 _RACY_NS = 2_000_000_000  # a stat is trusted only for files last modified more than this ago
 _PASS_CHUNK = 8 << 20  # read size of file_digests: large enough that hashing releases the GIL for long
 _PASS_BUFFERS = 3  # buffers in flight: one being read, up to two being hashed
+SMALL_FILE = _SMALL_FILE = 1 << 20  # files up to this size are read in one piece and hashed on the calling thread
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"))
+
+
+def _not_regular(path: str | Path, mode: int) -> Exception:
+    from np2torch.tasks.errors import LoadError
+
+    what = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    real = os.path.realpath(path)
+    via = f" (a link to {real})" if real != os.path.abspath(path) else ""
+    return LoadError(f"refusing to read {what}{via}: only regular files are read, since a device or pipe can be endless "
+                     "or block forever", key=str(path), expected="a regular file", actual=what,
+                     fix="point source.path at a regular file (copy the data into one first)")
+
+
+def check_regular(path: str | Path) -> os.stat_result:
+    """The stat of ``path`` (links resolved) when it is a regular file, else a LoadError; reads nothing."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(path, st.st_mode)
+    return st
+
+
+def open_regular(path: str | Path, buffering: int = -1):
+    """Open ``path`` for reading only if it is a regular file (links resolved), before any byte is read.
+
+    Checked by ``stat`` before opening (a device is never opened) and by ``fstat`` after (a file
+    swapped for a FIFO in between is still refused); ``O_NONBLOCK`` keeps opening a FIFO from
+    waiting for a writer.
+    """
+    check_regular(path)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(path, st.st_mode)
+        return os.fdopen(fd, "rb", buffering=buffering)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def blake3_bytes(data: bytes | memoryview) -> str:
@@ -47,7 +94,7 @@ def blake3_region(path: str | Path, offset: int, length: int) -> str:
     """blake3 of ``length`` bytes of a file from ``offset``, memory-mapped (no copy into RAM)."""
     if length == 0:
         return blake3.blake3(b"").hexdigest()
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             view = memoryview(mm)[offset : offset + length]
             try:
@@ -68,83 +115,227 @@ class Region:
     offset: int
     length: int
     blake3: bool = True  # compute blake3 of the range (returned in order)
-    on_chunk: Callable[[memoryview], None] | None = None  # called with the range's bytes, in order, in pieces
+    # called with the range's bytes, in order, in pieces; may return futures still reading the piece
+    on_chunk: Callable[[memoryview], Any] | None = None
 
 
-def file_digests(path: str | Path, regions: Sequence[Region] = (), *, sha256: bool = True) -> tuple[str | None, list[str | None]]:
+def file_digests(path: str | Path, regions: Sequence[Region] = (), *, sha256: bool = True,
+                 progress: Callable[[int], None] | None = None, data: bytes | None = None) -> tuple[str | None, list[str | None]]:
     """One read of ``path``: sha256 of the whole file (None if not asked) and blake3 of each region (None if not asked).
 
-    The sha256 runs on a helper thread over the same buffers while this thread does the region
-    work, so two cores are busy; memory stays at a few buffers whatever the file size.
+    Only a regular file is read (:func:`open_regular`). A small file is read in one piece and
+    hashed on this thread (no buffers, no threads: per-file cost follows the file's size); a
+    large one streams through a few large buffers while the sha256 runs on a helper thread
+    (hashlib releases the GIL), so two cores are busy and memory stays bounded. ``data``: the
+    whole file, already read by the caller (a small file whose header it parsed): hashed, not re-read.
     """
+    if data is not None:
+        if progress is not None:
+            progress(len(data))
+        return _digest_whole(path, memoryview(data), regions, sha256)
+    with open_regular(path, buffering=0) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size <= _SMALL_FILE:
+            data = fh.read(_SMALL_FILE + 1)
+            if progress is not None:
+                progress(len(data))
+            return _digest_whole(path, memoryview(data), regions, sha256)
+        return _digest_stream(path, fh, regions, sha256, progress)
+
+
+def _digest_whole(path: str | Path, view: memoryview, regions: Sequence[Region], sha256: bool) -> tuple[str | None, list[str | None]]:
+    out: list[str | None] = []
+    for r in regions:
+        if r.offset + r.length > len(view):
+            raise OSError(f"{path} is shorter ({len(view)} bytes) than a region to hash")
+        piece = view[r.offset : r.offset + r.length]
+        if r.on_chunk is not None and r.length:
+            r.on_chunk(piece)
+        out.append(blake3.blake3(piece).hexdigest() if r.blake3 else None)
+    return hashlib.sha256(view).hexdigest() if sha256 else None, out
+
+
+def _digest_stream(path: str | Path, fh, regions: Sequence[Region], sha256: bool,
+                   progress: Callable[[int], None] | None) -> tuple[str | None, list[str | None]]:
+    """The streaming pass: read into a ring of buffers; per buffer, the sha256 runs on a helper
+    thread, blake3 of the regions here (multithreaded where the cores allow) and each region's
+    callback may hand work to other threads by returning its futures; a buffer is refilled only
+    once everything that reads it has finished."""
     order = sorted(range(len(regions)), key=lambda i: regions[i].offset)
-    # with the sha256 on the helper thread, one blake3 thread here keeps two cores busy, not oversubscribed
-    threads = 1 if sha256 else blake3.blake3.AUTO
+    # two cores: the sha256 thread and this one are enough; more: blake3 spreads over them too
+    threads = blake3.blake3.AUTO if (not sha256 or (os.cpu_count() or 1) >= 4) else 1
     hashers = [blake3.blake3(max_threads=threads) if r.blake3 else None for r in regions]
     sha = hashlib.sha256()
     bufs = [bytearray(_PASS_CHUNK) for _ in range(_PASS_BUFFERS)]
-    pending: deque = deque()
-    lo = 0
-    pos = 0
-    with open(path, "rb", buffering=0) as fh, ThreadPoolExecutor(max_workers=1) as pool:
-        k = 0
+    pending: deque[list] = deque()
+    lo = pos = k = 0
+    with ThreadPoolExecutor(max_workers=1) as pool:
         while True:
             if len(pending) == _PASS_BUFFERS:
-                pending.popleft().result()  # the buffer about to be refilled has been hashed
+                for f in pending.popleft():  # the buffer about to be refilled has been hashed
+                    f.result()
             buf = bufs[k % _PASS_BUFFERS]
             k += 1
             n = fh.readinto(buf)
             if not n:
                 break
             view = memoryview(buf)[:n]
-            if sha256:
-                pending.append(pool.submit(sha.update, view))
+            work = [pool.submit(sha.update, view)] if sha256 else []
             end = pos + n
             while lo < len(order) and regions[order[lo]].offset + regions[order[lo]].length <= pos:
                 lo += 1
             j = lo
             while j < len(order) and regions[order[j]].offset < end:
-                i = order[j]
-                r = regions[i]
+                r = regions[order[j]]
                 a, b = max(r.offset, pos), min(r.offset + r.length, end)
                 if a < b:
                     piece = view[a - pos : b - pos]
-                    if hashers[i] is not None:
-                        hashers[i].update(piece)
+                    if hashers[order[j]] is not None:
+                        hashers[order[j]].update(piece)
                     if r.on_chunk is not None:
-                        r.on_chunk(piece)
+                        work += r.on_chunk(piece) or ()
                 j += 1
+            pending.append(work)
             pos = end
-        for f in pending:
-            f.result()
+            if progress is not None:
+                progress(n)
+        for work in pending:
+            for f in work:
+                f.result()
     if any(r.offset + r.length > pos for r in regions):
         raise OSError(f"{path} is shorter ({pos} bytes) than a region to hash")
     return sha.hexdigest() if sha256 else None, [h.hexdigest() if h is not None else None for h in hashers]
 
 
-def stat_key(path: str | Path) -> dict[str, Any]:
+def stat_key(path: str | Path, st: os.stat_result | None = None) -> dict[str, Any]:
     # (device, inode, size, mtime_ns) identifies one version of one file; the path is left out
     # so that a rename (a cache entry moved into place) does not force a re-hash.
     # ctime too: os.utime can restore a file's mtime after editing it, but not its ctime.
-    st = os.stat(path)
+    st = st or os.stat(path)
     return {"dev": st.st_dev, "inode": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
 
 
-def _entry_path(key: dict[str, Any], what: str, root: Path | None) -> Path:
-    ident = hashlib.sha256(json.dumps([what, key], sort_keys=True).encode()).hexdigest()
-    return (root or cache_dir()) / "stat" / ident[:2] / f"{ident}.json"
+@functools.lru_cache(maxsize=8)
+def _stat_root(env: tuple[str | None, str | None], cwd: str) -> str:
+    return str(cache_dir() / "stat")
 
 
-def _store(entry: Path, what: str, key: dict[str, Any], value: Any) -> None:
-    if os.environ.get("NP2TORCH_READ_ONLY"):
+def _entry_path(key: dict[str, Any], what: str, root: Path | None) -> str:
+    ident = hashlib.sha256(f"{what}\0{key['dev']}\0{key['inode']}\0{key['size']}\0{key['mtime_ns']}\0{key['ctime_ns']}".encode()).hexdigest()
+    if root is not None:
+        base = str(root / "stat")
+    else:
+        env = (os.environ.get("NP2TORCH_CACHE_DIR"), os.environ.get("NP2TORCH_DATA_DIR"))
+        absolute = (env[0] or "").startswith("/") or (not env[0] and (env[1] or "").startswith("/"))
+        base = _stat_root(env, "" if absolute else os.getcwd())
+    return f"{base}/{ident[:2]}/{ident}.json"
+
+
+def _write_entry(entry: str, text: str) -> None:
+    """Write a stat-cache entry under a temporary name, then rename it into place.
+
+    No fsync: an entry is a cache of a hash, not data. After a crash an entry may be missing or
+    empty, which reads as a miss; it can never be half of one entry (the rename is atomic).
+    That keeps remembering 20,000 small files to milliseconds, not minutes of fsyncs.
+    """
+    folder, name = os.path.split(entry)
+    tmp = f"{folder}/.{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        fh = open(tmp, "w")
+    except FileNotFoundError:
+        os.makedirs(folder, exist_ok=True)
+        fh = open(tmp, "w")
+    try:
+        with fh:
+            fh.write(text)
+        os.replace(tmp, entry)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# This process's copy of the entries it stored or read (same keys, same trust rule as the
+# files): a folder of 20,000 arrays is looked up several times per run (cache key, scan, audit
+# inputs), and a dict lookup costs a stat where a file costs an open and a read.
+_MEMO: dict[str, Any] = {}
+_MEMO_MAX = 1 << 18
+
+
+def _memo(entry: str, value: Any) -> None:
+    if len(_MEMO) >= _MEMO_MAX:
+        _MEMO.clear()
+    _MEMO[entry] = value
+
+
+# Entries of a group of many small files (a folder of .npy) live in ONE file per group, not
+# one per file: see :func:`pack`. While a pack is open, the entries it will hold gather here.
+_PACK: dict[str, Any] | None = None
+_PACK_MIN = 16  # fewer files than this keep one entry file each
+
+
+@contextlib.contextmanager
+def pack(paths: Sequence[str | Path]) -> Iterator[None]:
+    """Keep the stat-cache entries of ``paths`` (many small files) in one file while in this block.
+
+    On entry the group's pack is loaded into this process's memo (entries whose file changed
+    no longer match its stat and are never used); on exit the entries used or computed here are
+    written back as one file, once. 20,000 files then cost one read and one write, not 40,000.
+    """
+    global _PACK
+    if _PACK is not None or len(paths) < _PACK_MIN:
+        yield
         return
-    # Remember only files whose mtime is safely in the past ("racy git"): file timestamps tick
-    # coarsely (a few ms), so a file rewritten within the same tick as it was hashed would keep
-    # its (inode, size, mtime) and its stale hash would be trusted.
-    if time.time_ns() - key["mtime_ns"] <= _RACY_NS:
+    folder = os.path.commonpath([os.path.abspath(p) for p in paths])
+    entry = _entry_path({"dev": 0, "inode": 0, "size": 0, "mtime_ns": 0, "ctime_ns": 0}, f"pack:{folder}", None)
+    try:
+        with open(entry) as fh:
+            loaded = json.loads(fh.read())
+        for k, v in loaded.items():
+            _memo(k, v)
+    except (OSError, ValueError, AttributeError):
+        loaded = {}
+    _PACK = {}
+    try:
+        yield
+    finally:
+        used, _PACK = _PACK, None
+        if used and used.keys() != loaded.keys() and not os.environ.get("NP2TORCH_READ_ONLY"):
+            with contextlib.suppress(OSError):
+                _write_entry(entry, json.dumps(used))
+
+
+def _lookup(entry: str, what: str, key: dict[str, Any]) -> tuple[bool, Any]:
+    hit = _MEMO.get(entry, _MEMO)
+    if hit is not _MEMO:
+        if _PACK is not None and time.time_ns() - key["mtime_ns"] > _RACY_NS:
+            _PACK[entry] = hit
+        return True, hit
+    try:
+        with open(entry) as fh:
+            stored = json.loads(fh.read())
+        if stored.get("stat") == key and stored.get("what") == what:
+            _memo(entry, stored["value"])
+            return True, stored["value"]
+    except (OSError, ValueError):
+        pass
+    return False, None
+
+
+def _store(entry: str, what: str, key: dict[str, Any], value: Any) -> None:
+    # In this process, every value is remembered: one run reads each file once (its cache key,
+    # scan and audit inputs all come from that read), and a file changed meanwhile has a new
+    # ctime, hence a new key. On disk, only files whose mtime is safely in the past ("racy
+    # git"): timestamps tick coarsely (a few ms), so a file rewritten within the same tick as it
+    # was hashed would keep its (inode, size, mtime) and a later run would trust a stale hash.
+    _memo(entry, value)
+    if time.time_ns() - key["mtime_ns"] <= _RACY_NS or os.environ.get("NP2TORCH_READ_ONLY"):
+        return
+    if _PACK is not None:
+        _PACK[entry] = value  # written with its group when the pack closes
         return
     try:
-        atomic_write_text(entry, json.dumps({"what": what, "stat": key, "value": value}))
+        _write_entry(entry, json.dumps({"what": what, "stat": key, "value": value}))
     except OSError:
         pass  # a read-only cache only costs speed
 
@@ -169,25 +360,20 @@ def remember(path: str | Path, what: str, value: Any, *, version: dict[str, Any]
 def peek(path: str | Path, what: str, *, root: Path | None = None) -> Any:
     """The stat cache's value for this version of ``path``, or ``None`` when there is none."""
     key = stat_key(path)
-    try:
-        stored = json.loads(_entry_path(key, what, root).read_text())
-        if stored.get("stat") == key and stored.get("what") == what:
-            return stored["value"]
-    except (OSError, ValueError):
-        pass
-    return None
+    return _lookup(_entry_path(key, what, root), what, key)[1]
 
 
-def cached_by_stat(path: str | Path, what: str, compute: Callable[[], Any], *, root: Path | None = None) -> Any:
-    """Return ``compute()`` for this version of ``path``, from the stat cache when it is unchanged."""
-    key = stat_key(path)
+def cached_by_stat(path: str | Path, what: str, compute: Callable[[], Any], *, root: Path | None = None,
+                   st: os.stat_result | None = None) -> Any:
+    """Return ``compute()`` for this version of ``path``, from the stat cache when it is unchanged.
+
+    ``st``: the file's stat, when the caller has just taken it.
+    """
+    key = stat_key(path, st)
     entry = _entry_path(key, what, root)
-    try:
-        stored = json.loads(entry.read_text())
-        if stored.get("stat") == key and stored.get("what") == what:
-            return stored["value"]
-    except (OSError, ValueError):
-        pass
+    found, value = _lookup(entry, what, key)
+    if found:
+        return value
     value = compute()
     if stat_key(path) == key:  # skip a file that changed meanwhile
         _store(entry, what, key, value)
@@ -196,5 +382,19 @@ def cached_by_stat(path: str | Path, what: str, compute: Callable[[], Any], *, r
 
 def file_fingerprint(path: str | Path) -> dict[str, Any]:
     """path, bytes and sha256 of a file (the audit record's ``inputs``/``outputs`` entries)."""
-    p = Path(path).resolve()
-    return {"path": str(p), "bytes": p.stat().st_size, "sha256": cached_by_stat(p, "sha256", lambda: sha256_file(p))}
+    st = check_regular(path)  # before resolving, so the message names the link
+    p = _realpath(os.fspath(path))
+    return {"path": p, "bytes": st.st_size, "sha256": cached_by_stat(p, "sha256", lambda: sha256_file(p), st=st)}
+
+
+@functools.lru_cache(maxsize=1024)
+def _real_dir(folder: str, cwd: str) -> str:
+    return os.path.realpath(os.path.join(cwd, folder))
+
+
+def _realpath(path: str) -> str:
+    """``os.path.realpath``, with the folder's part remembered: one lstat per file, not one per component."""
+    if os.path.islink(path):
+        return os.path.realpath(path)
+    folder, name = os.path.split(path)
+    return os.path.join(_real_dir(folder, "" if folder.startswith("/") else os.getcwd()), name)

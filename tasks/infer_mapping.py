@@ -35,7 +35,7 @@ from np2torch.tasks import presets as P
 from np2torch.tasks import transforms as T
 from np2torch.tasks.config import MappingSpec, Rule
 from np2torch.tasks.errors import MappingError, Problem
-from np2torch.tasks.load_arrays import ArrayRecord
+from np2torch.tasks.readers.base import ArrayRecord
 from np2torch.tasks.manifest import new_row
 from np2torch.tasks.model import TargetInfo
 

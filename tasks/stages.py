@@ -55,7 +55,7 @@ def load_arrays_key(cfg: Config) -> str:
     src = cfg.source
     return cache.stage_key(
         "load-arrays",
-        code=cache.code_version(load_arrays, safe_pickle, dtypes),
+        code=cache.code_version(load_arrays, safe_pickle, dtypes, *load_arrays.READER_MODULES),
         source={"format": src.format, "allow_pickle": src.allow_pickle, "key_prefix": src.key_prefix, "is_dir": src.path.is_dir()},
         # names relative to the source root plus content: the same bytes at another path still hit
         # one read per file: sha256 plus what the scan needs, remembered in the stat cache

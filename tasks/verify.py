@@ -18,7 +18,7 @@ from torch import nn
 
 from np2torch.tasks.config import InputSpec, VerifySpec
 from np2torch.tasks.errors import LoadError, VerifyError
-from np2torch.tasks.load_arrays import open_array, scan_source
+from np2torch.tasks.readers.access import open_array, scan_source
 from np2torch.tasks.model import build_model, describe_targets
 from np2torch.tasks.st_io import MappedSafetensors
 from np2torch.tasks.state_dict import check_device, load_into_model

@@ -1,6 +1,6 @@
-"""Property-based fuzzing of the array reader (issue 7).
+"""Property-based fuzzing of the array readers (issue 7; safetensors and Flax msgpack: issue 11).
 
-Valid ``.npy`` and ``.npz`` bytes are mutated (truncation, bit flips, byte overwrites,
+Valid ``.npy``, ``.npz``, ``.safetensors`` and Flax ``.msgpack`` bytes are mutated (truncation, bit flips, byte overwrites,
 insertions, header edits). Whatever comes out, the reader (``scan_source`` + ``open_array`` +
 ``np.asarray`` of each) either returns exactly the arrays NumPy itself reads from those bytes, or
 raises np2torch's :class:`LoadError` — never another exception, never a crash, never a hang.
@@ -224,3 +224,106 @@ def test_fuzz_seeds_read_back_exactly(tmp_path):
         path = tmp_path / f"seed-{next(_counter)}.npz"
         path.write_bytes(raw)
         assert sorted(_read_with_np2torch(path)) == sorted(_reference(raw, ".npz"))
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors and Flax msgpack (issue 11 item 7): the oracle is the format's own library
+
+
+def _safetensors(arrays: dict[str, np.ndarray]) -> bytes:
+    from safetensors.numpy import save
+
+    return save(arrays)
+
+
+def _flax_msgpack(tree: dict) -> bytes:
+    msgpack = pytest.importorskip("msgpack")
+
+    def ext(x):
+        if isinstance(x, np.ndarray):
+            return msgpack.ExtType(1, msgpack.packb((x.shape, x.dtype.name, x.tobytes("C")), use_bin_type=True))
+        return x
+
+    return msgpack.packb(tree, default=ext, strict_types=True, use_bin_type=True)
+
+
+ST_SEEDS = [
+    _safetensors({"fc.weight": rng.standard_normal((3, 4)).astype(np.float32), "fc.bias": np.zeros(3, np.float16)}),
+    _safetensors({"a": np.arange(6, dtype=np.int64).reshape(2, 3), "b": np.array([True, False])}),
+]
+MSGPACK_SEEDS = [
+    _flax_msgpack({"params": {"Dense_0": {"kernel": rng.standard_normal((3, 2)).astype(np.float32), "bias": np.zeros(2, np.float32)}}}),
+    _flax_msgpack({"params": {"w": rng.standard_normal(4)}, "batch_stats": {"mean": np.ones(2, np.float32)}, "step": 3}),
+]
+
+
+def _reference_other(raw: bytes, fmt: str) -> dict[str, np.ndarray] | Exception:
+    try:
+        if fmt == "safetensors":
+            from safetensors.numpy import load
+
+            return load(raw)
+        msgpack = pytest.importorskip("msgpack")
+
+        def ext_hook(code, data):
+            if code != 1:
+                raise ValueError(f"ext {code}")
+            shape, name, buf = msgpack.unpackb(data, raw=False)
+            return np.frombuffer(buf, dtype=np.dtype(name)).reshape(shape)
+
+        out: dict[str, np.ndarray] = {}
+
+        def walk(prefix, node):
+            for k, v in node.items():
+                key = f"{prefix}/{k}" if prefix else str(k)
+                if isinstance(v, dict):
+                    walk(key, v)
+                elif isinstance(v, np.ndarray):
+                    out[key] = v
+
+        walk("", msgpack.unpackb(raw, ext_hook=ext_hook, raw=False, strict_map_key=False))
+        return out
+    except Exception as exc:  # noqa: BLE001 - any failure means "the library cannot read it"
+        return exc
+
+
+def _check_other(tmp_path: Path, raw: bytes, fmt: str) -> None:
+    path = tmp_path / f"fuzz-{next(_counter)}.{fmt}"
+    path.write_bytes(raw)
+    try:
+        with deadline(HANG_SECONDS):
+            got = {}
+            for rec in scan_source(path, fmt=fmt):
+                arr = np.asarray(open_array(rec))
+                assert arr.shape == rec.shape and arr.dtype.str == rec.dtype
+                got[rec.key] = np.array(arr)
+    except LoadError:
+        return
+    ref = _reference_other(raw, fmt)
+    assert not isinstance(ref, Exception), f"np2torch read {sorted(got)} from bytes the library cannot read: {ref!r}"
+    assert sorted(got) == sorted(ref)
+    for k, a in got.items():
+        b = ref[k]
+        assert a.shape == b.shape and a.dtype == b.dtype, (k, a.shape, b.shape, a.dtype, b.dtype)
+        assert np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes(), f"values of {k} differ"
+
+
+@PROFILE
+@given(raw=mutated(ST_SEEDS))
+def test_fuzz_safetensors(tmp_path, raw):
+    _check_other(tmp_path, raw, "safetensors")
+
+
+@PROFILE
+@given(raw=mutated(MSGPACK_SEEDS))
+def test_fuzz_flax_msgpack(tmp_path, raw):
+    _check_other(tmp_path, raw, "msgpack")
+
+
+def test_fuzz_other_seeds_read_back_exactly(tmp_path):
+    for raw, fmt in [(r, "safetensors") for r in ST_SEEDS] + [(r, "msgpack") for r in MSGPACK_SEEDS]:
+        ref = _reference_other(raw, fmt)
+        assert not isinstance(ref, Exception)
+        path = tmp_path / f"seed-{next(_counter)}.{fmt}"
+        path.write_bytes(raw)
+        assert sorted(r.key for r in scan_source(path, fmt=fmt)) == sorted(ref)

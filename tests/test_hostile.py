@@ -938,3 +938,162 @@ def test_npz_encrypted_member(tmp_path, capsys):
     rc, err = cli(capsys, "inspect", p)
     assert rc == 1
     assert f"[load-arrays] `{p}::fc.weight.npy`: archive member is encrypted or patched; only plain members can be read" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# sources that are not regular files (issue 13 item 4): refused before a byte is read, also in
+# the cache-key computation, also as members of a folder
+
+
+def _not_regular_sources(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """kind → (source path, what the message must say it is)."""
+    fifo = tmp_path / "pipe.npy"
+    os.mkfifo(fifo)
+    (tmp_path / "urandom.npz").symlink_to("/dev/urandom")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    np.save(folder / "a.npy", np.ones(2, np.float32))
+    (folder / "b.npy").symlink_to("/dev/zero")
+    return {
+        "dev-zero": (Path("/dev/zero"), "refusing to read a character device: only regular files are read"),
+        "link-to-urandom": (tmp_path / "urandom.npz", "refusing to read a character device (a link to /dev/urandom): only regular files are read"),
+        "fifo": (fifo, "refusing to read a FIFO (named pipe): only regular files are read"),
+        "folder-member-link-to-zero": (folder, None),
+    }
+
+
+def _in_thread(fn, seconds: float = 20.0):
+    """Run ``fn`` on a daemon thread; return (finished, exception) so a hang fails instead of blocking the suite."""
+    import threading
+
+    box: list = []
+
+    def run():
+        try:
+            fn()
+            box.append(None)
+        except BaseException as exc:  # noqa: BLE001
+            box.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    return bool(box), (box[0] if box else None)
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "link-to-urandom", "fifo", "folder-member-link-to-zero"])
+def test_not_a_regular_file_is_refused_before_reading(tmp_path, capsys, kind):
+    from np2torch.tasks import stages
+    from np2torch.tasks.config import load_config
+
+    src, what = _not_regular_sources(tmp_path)[kind]
+    if kind == "folder-member-link-to-zero":
+        src_msg = f"[load-arrays] `{src / 'b.npy'}`: refusing to read a character device (a link to /dev/zero): only regular files are read"
+    else:
+        src_msg = f"[load-arrays] `{src}`: {what}"
+    t0 = time.perf_counter()
+    rc, err = cli(capsys, "inspect", src)
+    assert rc == 1 and src_msg in err, err
+    assert "(expected a regular file, got a" in err and "Fix: point source.path at a regular file (copy the data into one first)" in err
+    # the conversion computes its cache key (a hash of every source file) first: that must refuse too, not hang
+    cfg = load_config(write_config(tmp_path, src))
+    done, exc = _in_thread(lambda: stages.load_arrays_stage(cfg))
+    assert done, "load-arrays hung on a source that is not a regular file"
+    assert isinstance(exc, LoadError) and src_msg in str(exc), exc
+    assert time.perf_counter() - t0 < 10
+
+
+def test_fingerprint_refuses_devices_and_fifos(tmp_path):
+    from np2torch.tasks import fingerprint
+
+    fifo = tmp_path / "p"
+    os.mkfifo(fifo)
+    for p in (Path("/dev/zero"), fifo):
+        for fn in (fingerprint.sha256_file, fingerprint.file_fingerprint, lambda q: fingerprint.blake3_region(q, 0, 10)):
+            done, exc = _in_thread(lambda: fn(p), 10)
+            assert done and isinstance(exc, LoadError) and "only regular files are read" in str(exc), exc
+
+
+# ---------------------------------------------------------------------------------------------
+# keys that would reach a terminal raw (issue 13 item 6): C1 controls, bidi and invisible format characters
+
+
+@pytest.mark.parametrize("char", ["\x85", "\x9b", "\u202e", "\u2066", "\u200b", "\u061c", "\ufeff"])
+def test_npz_member_names_with_c1_and_bidi_characters(tmp_path, capsys, char):
+    p = tmp_path / "weights.npz"
+    name = f"fc{char}weight.npy"
+    with zipfile.ZipFile(p, "w") as zf:
+        zf.writestr(name, npy_bytes(np.ones(2, np.float32)))
+    rc, err = cli(capsys, "inspect", p)
+    assert rc == 1
+    assert f"[load-arrays] `{p}`: member name {name!r} contains control characters; refusing to use it as a parameter name" in err
+    assert char not in err
+
+
+@pytest.mark.parametrize("char", ["\x85", "\u202e", "\u2069"])
+def test_pickled_and_folder_keys_with_c1_and_bidi_characters(tmp_path, capsys, char):
+    p = tmp_path / "w.pkl"
+    p.write_bytes(pickle.dumps({f"fc{char}weight": np.ones((2, 3), np.float32)}))
+    rc, err = cli(capsys, "inspect", p, "--allow-pickle")
+    assert rc == 1
+    assert (f"[load-arrays] `{p}`: key {('fc' + char + 'weight')!r} contains control characters (U+{ord(char):04X}); "
+            "refusing to use it as a parameter name") in err
+    assert char not in err
+    folder = tmp_path / "layers"
+    folder.mkdir()
+    np.save(folder / f"fc{char}w.npy", np.ones(2, np.float32))
+    rc, err = cli(capsys, "inspect", folder)
+    assert rc == 1 and f"key {('fc' + char + 'w')!r} contains control characters (U+{ord(char):04X})" in err and char not in err
+
+
+def test_long_key_is_shortened_in_messages(tmp_path, capsys):
+    long = "k" * 10_000
+    p = tmp_path / "weights.npz"
+    with zipfile.ZipFile(p, "w") as zf:
+        zf.writestr(f"{long}.npy", npy_bytes(np.ones(2, np.complex64)))  # not a parameter dtype: the message names the key
+    rc, err = cli(capsys, "inspect", p)
+    assert rc == 1
+    assert "has complex dtype <c8, which cannot be a model parameter" in err
+    assert "…(10000 chars)…" in err and len(err) < 2000, len(err)
+    with zipfile.ZipFile(p, "w") as zf:
+        zf.writestr(f"{long}\x1b.npy", npy_bytes(np.ones(2, np.float32)))
+    rc, err = cli(capsys, "inspect", p)
+    assert rc == 1 and "contains control characters" in err and len(err) < 2000 and "\x1b" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# many members (issue 13 item 5): the count is capped from the end record, before the directory is parsed
+
+
+def test_npz_member_count_cap(tmp_path, capsys, monkeypatch):
+    p = tmp_path / "many.npz"
+    with zipfile.ZipFile(p, "w") as zf:
+        zf.writestr("a.npy", npy_bytes(np.ones(2, np.float32)))
+    raw = bytearray(p.read_bytes())
+    eocd = raw.rindex(b"PK\x05\x06")
+    struct.pack_into("<HH", raw, eocd + 8, 65_000, 65_000)  # the end record's member counts (16-bit; zip64 holds larger)
+    p.write_bytes(bytes(raw))
+    from np2torch.tasks.readers import npz
+
+    monkeypatch.setattr(npz, "MAX_MEMBERS", 60_000)  # the real cap (100,000) is shown by bench/many_small.py on 200,000 real members
+    t = time.perf_counter()
+    rc, err = cli(capsys, "inspect", p)
+    assert time.perf_counter() - t < 5
+    assert rc == 1
+    assert (f"[load-arrays] `{p}`: archive declares 65000 members, more than the 60000 a checkpoint can have; refusing to read its directory "
+            "(expected at most 60000 members, got 65000)") in err
+
+
+def test_npz_with_many_members_reads_each_once(tmp_path, monkeypatch):
+    """2,000 members: one hashing pass over the archive, whatever the count (no per-member re-read)."""
+    from np2torch.tasks import fingerprint
+
+    p = tmp_path / "many.npz"
+    np.savez(p, **{f"layer_{i}/w": np.full(3, i, np.float32) for i in range(2000)})
+    reads = []
+    real = fingerprint.file_digests
+    monkeypatch.setattr(fingerprint, "file_digests", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    monkeypatch.setenv("NP2TORCH_READ_ONLY", "1")  # as `inspect` runs: nothing comes from the stat cache
+    recs = scan_source(p)
+    assert len(recs) == 2000 and recs[1999].key == "layer_1999/w" and np.asarray(open_array(recs[7]))[0] == 7
+    assert len(reads) == 1

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from np2torch.tasks import fingerprint, load_arrays, stages
+from np2torch.tasks.readers import stats
 from np2torch.tasks.config import load_config
 from np2torch.tasks.load_arrays import open_array, scan_source
 from np2torch.tasks.st_io import MappedSafetensors
@@ -166,7 +167,7 @@ def test_scan_records_value_stats_and_fingerprint_per_layout(tmp_path: Path) -> 
 
 
 def test_scan_stats_exact_on_chunk_boundaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(load_arrays, "_STATS_CHUNK", 64)  # bytes: forces many chunks
+    monkeypatch.setattr(stats, "_STATS_CHUNK", 64)  # bytes: forces many chunks
     rng = np.random.default_rng(5)
     a = rng.standard_normal(1000).astype(np.float32)
     a[[3, 500, 999]] = [np.nan, np.inf, -np.inf]
@@ -189,8 +190,7 @@ def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         reads.append(str(path))
         return real(path, *a, **kw)
 
-    monkeypatch.setattr(fingerprint, "file_digests", counting)
-    monkeypatch.setattr(load_arrays, "file_digests", counting)
+    monkeypatch.setattr(fingerprint, "file_digests", counting)  # every reader calls it through the module
     return reads
 
 

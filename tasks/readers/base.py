@@ -1,0 +1,133 @@
+"""What every reader shares: the array record, the numeric-dtype check, the key check and caps.
+
+A reader turns one source file (or folder) into :class:`ArrayRecord` rows without loading the
+arrays: key, file, byte offset, shape, dtype with byte order, fingerprint and value statistics.
+Hostile input is refused here with one :class:`LoadError` naming the file or key, what was
+expected and found, and the fix, before anything large is allocated.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from np2torch.tasks.dtypes import FLOAT_LIMITS
+from np2torch.tasks.errors import LoadError, Problem, short
+
+__all__ = ["ArrayRecord", "FLOAT_LIMITS", "NUMERIC_KINDS", "MAX_ARRAYS", "MAX_NDIM", "check_dtype", "nbytes_of", "check_keys",
+           "with_key", "bad_key_char", "OPT_IN"]
+
+# dtypes a parameter or buffer can have; anything else cannot be a tensor of a model
+NUMERIC_KINDS = "fiub"
+# A source with more arrays than this is not a model checkpoint (the largest real ones hold a
+# few tens of thousands); refusing it early keeps a hostile archive from costing minutes.
+MAX_ARRAYS = 100_000
+MAX_NDIM = 32  # numpy's own limit is 64; no layer has more than 6
+OPT_IN = "set `source.allow_pickle: true` in the config (or pass --allow-pickle) if you trust this file"
+
+# Keys end up in tables, CSV files and terminals: a C0/C1 control character (ESC, newline, CSI)
+# or an invisible format character that reorders or hides text (bidi overrides and isolates,
+# zero-width joiners, the BOM) in one is hostile or broken, never a parameter name.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb]")
+
+
+def bad_key_char(key: str) -> str | None:
+    """The first character of ``key`` that must not reach a terminal, or None."""
+    m = _CONTROL.search(key)
+    if m:
+        return m.group()
+    if key.isascii():
+        return None
+    for ch in key:  # any other format (Cf) or unassigned-surrogate character
+        if unicodedata.category(ch) in ("Cf", "Cs", "Co"):
+            return ch
+    return None
+
+
+@dataclass(frozen=True)
+class ArrayRecord:
+    """One source array, described without its bytes."""
+
+    key: str  # source key, after key_prefix is stripped
+    file: str  # absolute path of the file holding it
+    member: str | None  # npz member name (or HDF5 dataset path), when inside a container
+    index: int | None  # position in a pickled list
+    offset: int  # byte offset of the data in ``file``; -1 when it cannot be memory-mapped
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype string with byte order, e.g. '<f4', '>f8'
+    fortran_order: bool
+    nbytes: int
+    fingerprint: str  # blake3 of dtype, shape and data bytes
+    n_nonfinite: int = 0  # NaN/Inf count (validate refuses them unless allowed)
+    absmax: float = 0.0  # largest |x| among finite values (dtype overflow check before casting)
+    absmin_nonzero: float = 0.0  # smallest nonzero |x| (underflow check); 0 when all zero
+    # per float dtype of FLOAT_LIMITS: [count that overflows, count of nonzeros that underflow to 0];
+    # only dtypes with a nonzero count are listed
+    n_out_of_range: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def byte_order(self) -> str:
+        return {"<": "little", ">": "big", "|": "n/a", "=": "little"}[np.dtype(self.dtype).str[0]]
+
+
+def with_key(r: ArrayRecord, key: str) -> ArrayRecord:
+    return replace(r, key=key)
+
+
+_KIND_NAMES = {"c": "complex", "U": "string", "S": "bytes", "M": "datetime", "m": "timedelta", "V": "void/struct", "O": "object"}
+
+
+def check_dtype(dtype: np.dtype, where: str, problems: list[Problem]) -> None:
+    """Add a problem when ``dtype`` cannot be a model parameter (complex, string, object …)."""
+    if dtype.kind not in NUMERIC_KINDS:
+        kind = _KIND_NAMES.get(dtype.kind, dtype.kind)
+        problems.append(
+            Problem(
+                where,
+                f"has {kind} dtype {dtype.str}, which cannot be a model parameter",
+                expected="a real numeric dtype (float, int, bool)",
+                actual=dtype.str,
+                fix="convert the array to a float dtype before saving, or ignore this key with mapping.ignore",
+            )
+        )
+
+
+def nbytes_of(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    return n
+
+
+def check_keys(records: list[ArrayRecord], where: str) -> None:
+    """Every key printable and unique (one linear pass)."""
+    seen: set[str] = set()
+    dups: set[str] = set()
+    for r in records:
+        ch = bad_key_char(r.key)
+        if ch is not None:
+            code = "" if ord(ch) < 0x20 or ch == "\x7f" else f" (U+{ord(ch):04X})"  # C0 and DEL show in the repr already
+            raise LoadError(f"key {short(r.key)!r} contains control characters{code}; refusing to use it as a parameter name",
+                            key=where, fix="rename the array (member or file name) to printable characters")
+        if r.key in seen:
+            dups.add(r.key)
+        seen.add(r.key)
+    if dups:
+        shown = sorted(dups)
+        raise LoadError(f"source keys are not unique after stripping key_prefix: {[short(k) for k in shown[:20]]}"
+                        + (f" and {len(shown) - 20} more" if len(shown) > 20 else ""), key=where, fix="change source.key_prefix")
+
+
+def as_int_shape(shape: Any, where: str) -> tuple[int, ...]:
+    """A declared shape as a tuple of non-negative ints, or a LoadError."""
+    if not isinstance(shape, (tuple, list)) or len(shape) > MAX_NDIM or any(type(d) is not int or d < 0 for d in shape):
+        raise LoadError(f"header declares an invalid shape {short(repr(shape), 200)}", key=where, fix="re-export the file")
+    return tuple(shape)

@@ -1,0 +1,209 @@
+"""Value statistics and fingerprints of arrays, folded over their bytes as they stream past.
+
+Per array: NaN/Inf count, largest finite |x|, smallest nonzero |x| and, per float dtype a cast
+could go to, how many values would overflow or underflow (``FLOAT_LIMITS``). They are computed
+in the same read that hashes the file (:func:`np2torch.tasks.fingerprint.file_digests`), so
+each source byte is read once.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from np2torch.tasks import fingerprint
+from np2torch.tasks.fingerprint import Region, blake3_bytes, remember, stat_key
+from np2torch.tasks.dtypes import FLOAT_LIMITS
+
+__all__ = ["StatsFeed", "region_info", "info_of", "array_info", "fold"]
+
+# value statistics are folded over pieces of this many bytes: small enough to stay in L2 cache
+# across the few passes each piece needs
+_STATS_CHUNK = 1 << 20
+_UINT_OF_SIZE = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def fold(flat: np.ndarray, acc: dict[str, Any]) -> None:
+    """Fold one chunk's NaN/Inf count and finite |x| range into ``acc``."""
+    if flat.size and flat.dtype.kind == "f" and flat.dtype.itemsize in _UINT_OF_SIZE and _stats_finite_float(flat, acc):
+        return
+    if flat.size == 0 or flat.dtype.kind not in "fc":
+        if flat.size and flat.dtype.kind in "iu":
+            a = np.abs(flat.astype(np.float64))
+            acc["absmax"] = max(acc["absmax"], float(a.max()))
+            nz = a[a > 0]
+            if nz.size:
+                acc["absmin_nonzero"] = float(nz.min()) if acc["absmin_nonzero"] == 0 else min(acc["absmin_nonzero"], float(nz.min()))
+                _count_out_of_range(a, float(a.max()), float(nz.min()), acc)
+        return
+    finite = np.isfinite(flat)
+    n_bad = int(flat.size - np.count_nonzero(finite))
+    acc["n_nonfinite"] += n_bad
+    a = np.abs(flat[finite] if n_bad else flat)
+    if a.size:
+        acc["absmax"] = max(acc["absmax"], float(a.max()))
+        nz = a[a > 0]
+        if nz.size:
+            m = float(nz.min())
+            acc["absmin_nonzero"] = m if acc["absmin_nonzero"] == 0 else min(acc["absmin_nonzero"], m)
+            _count_out_of_range(a, float(a.max()), m, acc)
+
+
+def _count_out_of_range(a: np.ndarray, hi: float, lo: float, acc: dict[str, Any]) -> None:
+    """Add the chunk's overflow/underflow counts per FLOAT_LIMITS dtype (``a`` is finite |x|).
+
+    Counted only when the chunk's range crosses a limit, so ordinary weights cost two compares.
+    """
+    for name, (big, tiny) in FLOAT_LIMITS.items():
+        if hi <= big and lo > tiny / 2:
+            continue
+        over = int(np.count_nonzero(a > big)) if hi > big else 0
+        under = int(np.count_nonzero((a > 0) & (a <= tiny / 2))) if lo <= tiny / 2 else 0
+        if over or under:
+            o, u = acc.setdefault("n_out_of_range", {}).get(name, [0, 0])
+            acc["n_out_of_range"][name] = [o + over, u + under]
+
+
+def _stats_finite_float(flat: np.ndarray, acc: dict[str, Any]) -> bool:
+    """The fast path for an all-finite float chunk (False, having done nothing, otherwise).
+
+    Four passes over cache-resident data and no masks: max and min (NaN propagates into them,
+    so finiteness falls out), then the bit patterns with the sign cleared, whose unsigned
+    integer order is the order of |x|: minus one wraps zero to the top, so their minimum plus
+    one is the smallest nonzero |x|.
+    """
+    a = flat if flat.dtype.isnative else flat.astype(flat.dtype.newbyteorder("="))
+    hi, lo = a.max(), a.min()
+    if not (np.isfinite(hi) and np.isfinite(lo)):
+        return False
+    utype = _UINT_OF_SIZE[a.dtype.itemsize]
+    bits = np.bitwise_and(a.view(utype), utype(np.iinfo(utype).max >> 1))
+    bits -= utype(1)
+    with np.errstate(over="ignore"):
+        smallest = bits.min() + utype(1)  # wraps back to 0 when every value is zero
+    big = float(max(abs(hi), abs(lo)))
+    m = float(np.array([smallest], dtype=utype).view(a.dtype)[0]) if smallest else 0.0
+    if any(big > top or 0 < m <= tiny / 2 for top, tiny in FLOAT_LIMITS.values()):
+        return False  # values a cast would lose: the slow path counts them per dtype
+    acc["absmax"] = max(acc["absmax"], big)
+    if smallest:
+        acc["absmin_nonzero"] = m if acc["absmin_nonzero"] == 0 else min(acc["absmin_nonzero"], m)
+    return True
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+_PARALLEL_MIN = 4 << 20  # pieces at least this large are folded on several cores
+
+
+def _pool() -> ThreadPoolExecutor | None:
+    """Threads for value statistics (NumPy's reductions release the GIL); None on one or two cores."""
+    global _POOL
+    cores = os.cpu_count() or 1
+    if cores < 3:
+        return None
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=min(cores - 1, 16), thread_name_prefix="np2torch-stats")
+        return _POOL
+
+
+def _fold_new(arr: np.ndarray) -> dict[str, Any]:
+    acc: dict[str, Any] = {"n_nonfinite": 0, "absmax": 0.0, "absmin_nonzero": 0.0}
+    fold(arr, acc)
+    return acc
+
+
+def _merge(acc: dict[str, Any], part: dict[str, Any]) -> None:
+    acc["n_nonfinite"] += part["n_nonfinite"]
+    acc["absmax"] = max(acc["absmax"], part["absmax"])
+    m = part["absmin_nonzero"]
+    if m:
+        acc["absmin_nonzero"] = m if acc["absmin_nonzero"] == 0 else min(acc["absmin_nonzero"], m)
+    for name, (o, u) in part.get("n_out_of_range", {}).items():
+        a, b = acc.setdefault("n_out_of_range", {}).get(name, [0, 0])
+        acc["n_out_of_range"][name] = [a + o, b + u]
+
+
+class StatsFeed:
+    """Value statistics of an array whose bytes stream past in pieces of any size.
+
+    A large piece is folded in cache-sized steps on the stats threads: the call returns their
+    futures (the caller keeps the piece's buffer until they finish) and :attr:`acc` merges
+    their partial results when read.
+    """
+
+    def __init__(self, dtype: np.dtype) -> None:
+        self.dtype = dtype
+        self._acc: dict[str, Any] = {"n_nonfinite": 0, "absmax": 0.0, "absmin_nonzero": 0.0}
+        self._rest = b""  # a value split between two pieces
+        self._step = max(1, _STATS_CHUNK // dtype.itemsize)
+        self._parts: list[Future] = []
+
+    @property
+    def acc(self) -> dict[str, Any]:
+        for f in self._parts:
+            _merge(self._acc, f.result())
+        self._parts = []
+        return self._acc
+
+    def __call__(self, piece: memoryview) -> list[Future]:
+        size = self.dtype.itemsize
+        if self._rest:
+            need = size - len(self._rest)
+            self._rest += bytes(piece[:need])
+            piece = piece[need:]
+            if len(self._rest) < size:
+                return []
+            fold(np.frombuffer(self._rest, dtype=self.dtype), self._acc)
+            self._rest = b""
+        n = len(piece) // size
+        futures: list[Future] = []
+        if n:
+            arr = np.frombuffer(piece, dtype=self.dtype, count=n)
+            pool = _pool() if n * size >= _PARALLEL_MIN else None
+            for i in range(0, n, self._step):
+                if pool is None:
+                    fold(arr[i : i + self._step], self._acc)
+                else:
+                    futures.append(pool.submit(_fold_new, arr[i : i + self._step]))
+        self._rest = bytes(piece[n * size :])
+        self._parts += futures
+        return futures
+
+
+def region_info(path: Path, offset: int, nbytes: int, dtype: np.dtype, shape: tuple[int, ...],
+                progress=None, *, data: bytes | None = None, version: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fingerprint and value statistics of an array stored at ``offset``, in one read of the file.
+
+    The same pass yields the file's sha256, which is remembered for the audit record's inputs.
+    ``data``: the whole file as the caller read it, when ``version`` (its stat before that read)
+    is still the file's: hashed without reading again.
+    """
+    now = stat_key(path)
+    if data is not None and version != now:
+        data = None  # it changed since the caller read it: read it afresh
+    version = version if data is not None else now
+    feed = StatsFeed(dtype)
+    sha, (data_fp,) = fingerprint.file_digests(path, [Region(offset, nbytes, on_chunk=feed)], progress=progress, data=data)
+    remember(path, "sha256", sha, version=version)
+    return info_of(feed, dtype, shape, data_fp)
+
+
+def info_of(feed: StatsFeed, dtype: np.dtype, shape: tuple[int, ...], data_fp: str) -> dict[str, Any]:
+    return {**feed.acc, "fingerprint": blake3_bytes(f"{dtype.str}|{list(shape)}|".encode() + bytes.fromhex(data_fp))}
+
+
+def array_info(arr: np.ndarray) -> dict[str, Any]:
+    """Fingerprint and statistics of an array already in memory (pickles, inflated members)."""
+    data = np.ascontiguousarray(arr)
+    acc: dict[str, Any] = {"n_nonfinite": 0, "absmax": 0.0, "absmin_nonzero": 0.0}
+    fold(data.reshape(-1), acc)
+    raw = data.view(np.uint8).reshape(-1).data if data.size else b""
+    acc["fingerprint"] = blake3_bytes(f"{arr.dtype.str}|{list(arr.shape)}|".encode() + bytes.fromhex(blake3_bytes(raw)))
+    return acc
