@@ -85,7 +85,7 @@ def append_record(record: dict[str, Any], log: Path | None = None) -> Path:
                 _drop_torn_tail(fd, log)
                 last = _last_line(fd)
                 prev = hashlib.sha256(last).hexdigest() if last is not None else _GENESIS
-                seq = _seq_of(last) + 1
+                seq = _last_seq(fd, last) + 1
                 body = {k: v for k, v in record.items() if k != "chain"}
                 plain = json.loads(json.dumps(body, default=str))  # what a reader will see, exactly
                 chained = {**body, "chain": {"seq": seq, "prev": prev, "sha256": record_hash(plain, seq, prev)}}
@@ -116,15 +116,30 @@ def _last_line(fd: int) -> bytes | None:
     return os.pread(fd, end, 0)
 
 
-def _seq_of(line: bytes | None) -> int:
-    """The chain number of a line: 0 for none, an unchained or an unreadable line."""
+def _seq_of(line: bytes | None) -> int | None:
+    """The chain number of a line: 0 for no line, None for an unchained or unreadable one."""
     if not line:
         return 0
     try:
-        seq = json.loads(line).get("chain", {}).get("seq", 0)
-        return int(seq) if isinstance(seq, int) else 0
+        seq = json.loads(line).get("chain", {}).get("seq")
+        return seq if isinstance(seq, int) else None
     except (ValueError, AttributeError):
-        return 0
+        return None
+
+
+def _last_seq(fd: int, last: bytes | None, window: int = 4 << 20) -> int:
+    """The last chain number in the log: of the last line, or (past lines that are not chained
+    records, e.g. a garbled one) of the last chained line within the final ``window`` bytes."""
+    seq = _seq_of(last)
+    if seq is not None:
+        return seq
+    size = os.fstat(fd).st_size
+    start = max(0, size - window)
+    for line in reversed(os.pread(fd, size - start, start).split(b"\n")):
+        seq = _seq_of(line) if line.strip() else None
+        if seq:
+            return seq
+    return 0
 
 
 def _drop_torn_tail(fd: int, log: Path) -> None:
@@ -243,7 +258,8 @@ def _check_link(rep: ChainReport, n: int, rec: dict[str, Any], chain: Any, prev_
         reported = True
     elif expect is not None and seq < expect:
         _problem(rep, n, "inserted", f"record #{seq} appears after #{expect - 1}: inserted or copied here")
-        reported = True
+        rep.chained += 1
+        return expect, True  # the chain goes on from the record before it
     elif prev != expected_prev and not prev_reported and not reported:
         if prev_line is None:
             _problem(rep, n, "removed", "the record(s) this first line was chained to are gone")
