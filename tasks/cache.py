@@ -40,7 +40,7 @@ from np2torch.tasks.storage import storage_errors
 
 log = logging.getLogger(__name__)
 
-__all__ = ["stage_key", "code_version", "lookup", "run_cached", "StageResult", "sweep_stale", "pause_point"]
+__all__ = ["stage_key", "code_version", "lookup", "run_cached", "StageResult", "sweep_stale", "sweep_once", "pause_point"]
 
 
 def code_version(*objs: Any) -> str:
@@ -120,7 +120,7 @@ def run_cached(stage: str, key: str, compute: Callable[[Path], dict[str, Any]], 
     t0 = time.perf_counter()
     with storage_errors(base, what=f"write the {stage} cache entry", stage=stage):
         base.mkdir(parents=True, exist_ok=True)
-        _sweep_once(base.parent)
+        sweep_once(base.parent)
         with locks.held_lock(base / f"{key}.lock"):
             if not refresh:
                 rec = lookup(stage, key, root=root, still_valid=still_valid)
@@ -163,7 +163,8 @@ def _compute_entry(stage: str, base: Path, entry: Path, key: str, compute: Calla
 # faults: work folders of dead runs, and the test-only pause
 
 _LEFTOVER = re.compile(r"^\.(?P<key>[0-9a-f]{64})\.[0-9a-f]{8}\.(tmp|old)$")
-_swept: set[Path] = set()
+_swept: dict[Path, float] = {}
+SWEEP_EVERY = 60.0  # seconds: a long-lived process (serve) sweeps again now and then
 _swept_mutex = threading.Lock()
 
 
@@ -182,8 +183,14 @@ def sweep_stale(root: Path | None = None) -> list[Path]:
     """
     removed = []
     root = root or cache_dir()
-    for base in (p for p in root.iterdir() if p.is_dir()) if root.is_dir() else ():
+    bases = [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+    if (root / "prefect" / "locks").is_dir():
+        bases.append(root / "prefect" / "locks")  # Prefect's transaction locks (FlockLockManager)
+    for base in bases:
         for p in base.iterdir():
+            if p.suffix == ".lock" and p.is_file():
+                locks.is_held(p)  # a lock file whose holder died is removed (a held one is kept)
+                continue
             m = _LEFTOVER.match(p.name)
             if not m:
                 continue
@@ -199,13 +206,17 @@ def sweep_stale(root: Path | None = None) -> list[Path]:
     return removed
 
 
-def _sweep_once(root: Path) -> None:
+def sweep_once(root: Path) -> None:
+    """:func:`sweep_stale`, at most once a minute per cache folder and process (a run starts with it)."""
     with _swept_mutex:
-        if root in _swept:
+        if time.monotonic() - _swept.get(root, -SWEEP_EVERY) < SWEEP_EVERY:
             return
-        _swept.add(root)
-    for p in sweep_stale(root):
-        log.info("removed %s, left by a killed run", p)
+        _swept[root] = time.monotonic()
+    try:
+        for p in sweep_stale(root):
+            log.info("removed %s, left by a killed run", p)
+    except OSError as exc:  # a sweep never fails a run
+        log.warning("could not sweep %s: %s", root, exc)
 
 
 def pause_point(stage: str) -> None:

@@ -232,6 +232,7 @@ def configured_tasks(*, refresh: bool = False, root: Path | None = None) -> dict
     recompute, see ``refresh=`` on each task). Retry settings are read here, so a test may
     shorten the backoff without changing what it checks.
     """
+    cache.sweep_once(root or cache_dir())  # work folders and lock files of killed runs (stage cache and Prefect's)
     base = (root or cache_dir()) / "prefect"
     records = base / "results"
     locks = FlockLockManager(base / "locks")
