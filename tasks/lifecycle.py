@@ -7,10 +7,12 @@
   thread is used rather than ``PR_SET_PDEATHSIG`` because that signal fires when the *thread*
   that started the child ends, and Prefect may start the server from a short-lived thread.
 * **SIGTERM and SIGINT stop a run within seconds** (:func:`handle_termination`, installed by the
-  CLI): the first signal raises :class:`Terminated` (a ``KeyboardInterrupt``) in the main thread,
-  so the run records its failure in the audit log and removes its work; a watchdog ends the
-  process after :data:`GRACE_SECONDS` whatever a worker thread is stuck in, stopping the server
-  first. A second signal ends it at once. Either way the guarantees of a kill hold: locks are
+  CLI): the first signal raises :class:`Terminated` (a ``KeyboardInterrupt``) in the main thread
+  (while a flow runs, Prefect's own SIGTERM handler raises its ``TerminationSignal`` instead), so
+  the run records its failure in the audit log and removes its work; a watchdog ends the
+  process after :data:`GRACE_SECONDS` whatever a worker thread is stuck in (a batch's task
+  runner waits for its threads on the way out), stopping the server first. A second signal
+  ends it at once. Either way the guarantees of a kill hold: locks are
   released by the OS, no file is ever partial under its final name, the audit log is whole.
 """
 
@@ -72,7 +74,9 @@ class _PatchOnImport:
 
 
 def guard_prefect_server() -> None:
-    """Make Prefect's temporary API server stop when this process dies (idempotent)."""
+    """Make Prefect's temporary API server stop when this process dies, and Prefect's SIGTERM
+    handler arm the watchdog (idempotent)."""
+    _wrap_prefect_sigterm()
     if _SERVER_MODULE in sys.modules:
         _patch_server_module(sys.modules[_SERVER_MODULE])
     elif not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
@@ -99,11 +103,10 @@ class _GuardedSubprocess:
 
 def stop_children() -> None:
     """Kill the temporary Prefect server(s) this process started (used just before a hard exit)."""
-    try:
-        from prefect.server.api.server import SubprocessASGIServer
-    except ImportError:  # pragma: no cover
+    module = sys.modules.get(_SERVER_MODULE)  # never import it here: that alone takes seconds
+    if module is None:
         return
-    for server in list(SubprocessASGIServer._instances.values()):
+    for server in list(module.SubprocessASGIServer._instances.values()):
         proc = getattr(server, "server_process", None)
         if proc is not None and proc.poll() is None:
             try:
@@ -113,7 +116,7 @@ def stop_children() -> None:
                 pass
 
 
-_state = {"signalled": False}
+_state = {"signalled": False, "installed": False}
 
 
 def _hard_exit(code: int) -> None:
@@ -131,13 +134,39 @@ def _watchdog(code: int, grace: float) -> None:
     timer.start()
 
 
-def _on_signal(signum: int, frame: Any) -> None:
+def _begin_stop(signum: int) -> None:
+    """First signal: say so and arm the watchdog; second: stop now."""
     if _state["signalled"]:  # asked twice: stop now
         _hard_exit(128 + signum)
     _state["signalled"] = True
     print(f"np2torch: {signal.Signals(signum).name} received; stopping (at most {GRACE_SECONDS:.0f}s)", file=sys.stderr, flush=True)
     _watchdog(128 + signum, GRACE_SECONDS)
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    _begin_stop(signum)
     raise Terminated(signum)
+
+
+def _wrap_prefect_sigterm() -> None:
+    """While a flow runs, Prefect's own SIGTERM handler is installed (it raises
+    ``TerminationSignal``); arm the same watchdog from it, so that a flow whose shutdown waits
+    on a stuck worker thread (a batch's task runner) still ends within the grace period."""
+    try:
+        from prefect.utilities import engine
+    except ImportError:  # pragma: no cover
+        return
+    original = engine._prefect_sigterm_handler
+    if getattr(original, "_np2torch", False):
+        return
+
+    def handler(sig_num: int, *args: object) -> Any:
+        if _state["installed"]:
+            _begin_stop(sig_num)
+        return original(sig_num, *args)
+
+    handler._np2torch = True  # type: ignore[attr-defined]
+    engine._prefect_sigterm_handler = handler
 
 
 def handle_termination(grace: float | None = None) -> Callable[[], None]:
@@ -152,9 +181,11 @@ def handle_termination(grace: float | None = None) -> Callable[[], None]:
     if grace is not None:
         GRACE_SECONDS = grace
     _state["signalled"] = False
+    _state["installed"] = True
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def restore() -> None:
+        _state["installed"] = False
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

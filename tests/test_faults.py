@@ -191,7 +191,9 @@ def test_kill_9_at_each_stage_never_wedges_the_next_run(api_url: str, tmp_path: 
 
 
 @pytest.mark.slow
-def test_kill_9_of_a_batch_then_rerun(api_url: str, tmp_path: Path, isolated_data: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_or_terminated_batch_then_rerun(api_url: str, tmp_path: Path, isolated_data: Path, sig: int) -> None:
+    """Both conversions are parked in worker threads; SIGTERM must not wait for them."""
     cfgs = [make_tiny(tmp_path / n, name=n) for n in ("tiny-a", "tiny-b")]
     outs = [c.parent / "out" for c in cfgs]
     batch = write_batch(tmp_path / "batch.yaml", cfgs, max_parallel=2)
@@ -201,11 +203,16 @@ def test_kill_9_of_a_batch_then_rerun(api_url: str, tmp_path: Path, isolated_dat
     reference = _hashes(*outs)
     run = Paused(["batch", str(batch), "--refresh"], env, "convert-to-device", tmp_path / "batch.log")
     try:
-        run.kill()
-        run.wait()
+        t0 = time.monotonic()
+        run.kill(sig)
+        code = run.wait(30)
+        stopped_after = time.monotonic() - t0
         _wait_group_gone(run.pgid)
     finally:
         run.cleanup()
+    print(f"[faults] batch {signal.Signals(sig).name}: exit {code} after {stopped_after:.1f}s")
+    assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + sig)
+    assert stopped_after < 10, stopped_after
     r = _run(["batch", str(batch)], env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert _hashes(*outs) == reference
@@ -224,6 +231,7 @@ def test_the_temporary_prefect_server_dies_with_a_killed_run(tmp_path: Path, iso
         run.kill()
         run.wait()
         gone_after = _wait_group_gone(run.pgid, timeout=10)
+        print(f"[faults] temporary server gone {gone_after:.1f}s after kill -9 of np2torch")
         assert gone_after < 10
     finally:
         run.cleanup()
@@ -248,6 +256,7 @@ def test_a_signal_stops_a_run_within_seconds_and_leaves_it_clean(api_url: str, t
     finally:
         run.cleanup()
     log = (tmp_path / "run.log").read_text(errors="replace")
+    print(f"[faults] convert {signal.Signals(sig).name}: exit {code} after {stopped_after:.1f}s")
     assert stopped_after < 10, stopped_after
     assert code == 128 + sig, log[-2000:]
     assert f"{signal.Signals(sig).name} received" in log
