@@ -63,7 +63,7 @@ def as_storage_error(exc: OSError, folder: str | Path, *, what: str = "write", s
     if exc.errno == errno.EROFS:
         fix = f"make {folder} writable, or point np2torch elsewhere (NP2TORCH_DATA_DIR, NP2TORCH_CACHE_DIR, export.dir)"
     else:
-        fix = (f"free space under {folder} ({_free(folder)}; `np2torch cache prune` frees the stage cache) "
+        fix = (f"free space under {folder} ({_free(folder)}) "
                "or point np2torch elsewhere (NP2TORCH_DATA_DIR, NP2TORCH_CACHE_DIR, export.dir), then rerun")
     err = StorageError(f"could not {what} in {folder}: {_WHAT.get(exc.errno, os.strerror(exc.errno or 0))} "
                        f"([Errno {exc.errno}] {errno.errorcode.get(exc.errno or 0, '?')}); nothing was left half-written",
