@@ -136,39 +136,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from np2torch.tasks.audit import read_records, verify_record
+    from np2torch.tasks.audit import run_audit
 
-    records, bad = read_records(Path(args.log) if args.log else None)
-    records = records[-args.last:] if args.last else records
-    rows = []
-    failing = 0
-    found: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
-    for r in records:
-        stages = r.get("stages") or {}
-        hits = sum(1 for s in stages.values() if s.get("cached"))
-        row = {"when": (r.get("finished_at") or "")[:19].replace("T", " "), "name": r.get("name"), "status": r.get("status"),
-               "cache_hits": f"{hits}/{len(stages)}", "outputs": ", ".join(Path(o["path"]).name for o in r.get("outputs") or []) or "-",
-               "run_id": (r.get("run_id") or "")[:8]}
-        if r.get("status") == "failed" and r.get("error"):
-            row["status"] = f"failed in {r['error'].get('stage')}"
-        if args.verify:
-            findings = verify_record(r)  # re-reads every byte: the proof
-            found.append((r, findings))
-            row["verify"] = "ok" if not findings else "; ".join(f"{f['kind'][:-1]} {f['path']} {f['problem']}" for f in findings)
-            failing += bool(findings)
-        rows.append(row)
-    cols = ["when", "name", "status", "cache_hits", "outputs", "run_id"] + (["verify"] if args.verify else [])
-    print_table(rows, cols)
-    if bad:
-        print(f"\nwarning: {bad} unreadable line(s) in the audit log were skipped", file=sys.stderr)
-    if args.verify:
-        print(f"\n{len(rows) - failing} record(s) verified, {failing} with changed or missing files")
-        for r, findings in found:
-            for f in findings:
-                detail = f" (recorded sha256 {f['expected'][:16]}…, now {f['actual'][:16]}…)" if f["problem"] == "changed" else ""
-                print(f"  {r.get('name')} {(r.get('run_id') or '')[:8]}: {f['kind'][:-1]} {f['path']} {f['problem']}{detail}", file=sys.stderr)
-        return 1 if failing else 0
-    return 0
+    return run_audit(log=Path(args.log) if args.log else None, last=args.last, verify=args.verify, print_table=print_table,
+                     out=sys.stdout, err=sys.stderr)
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
@@ -282,14 +253,19 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_prefect()  # the same Prefect settings as the Python API
     args = build_parser().parse_args(argv)
+    from np2torch.tasks.lifecycle import handle_termination
+
+    restore_signals = handle_termination()  # SIGTERM/SIGINT: stop within seconds, as cleanly as a kill
     try:
         return int(args.func(args) or 0)
     except ConversionError as exc:
         print(f"np2torch: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("np2torch: interrupted; no output was left half-written", file=sys.stderr)
-        return 130
+        return getattr(exc, "exit_code", 130)
+    finally:
+        restore_signals()
 
 
 if __name__ == "__main__":

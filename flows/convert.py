@@ -68,7 +68,8 @@ def _call(t: Any, stage: str, attempts: dict[str, dict[str, Any]], *args: Any) -
 def run_conversion(cfg: Config, *, refresh: bool = False, run_id: str | None = None) -> dict[str, Any]:
     """Run the six stages in order; always write the audit record; return it."""
     record: dict[str, Any] = {"run_id": run_id, "name": cfg.name, "started_at": audit.now(), "status": "running",
-                              "config_sha256": cfg.digest(), "config": cfg._raw, "inputs": [], "mapping_sha256": None, "outputs": [],
+                              "config_sha256": cfg.digest(), "config": cfg._raw, "overrides": list(cfg._overrides), "refresh": refresh,
+                              "inputs": [], "mapping_sha256": None, "outputs": [],
                               "verification": None, "stages": {}, "versions": audit.versions(), "error": None}
     recs: dict[str, dict[str, Any]] = {}
     tried: dict[str, dict[str, Any]] = {}

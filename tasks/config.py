@@ -3,6 +3,12 @@
 Unknown keys are errors that name the key; relative paths are resolved against the config
 file's folder; ``--set a.b=value`` overrides are applied before validation so they are checked
 like everything else.
+
+A config is small, plain YAML, and parsing one is bounded: a file over
+:data:`MAX_CONFIG_BYTES` is refused before it is read, YAML aliases (``*name``: the "billion
+laughs" expansion) are refused, and so is nesting deeper than :data:`MAX_CONFIG_DEPTH`. Every
+failure to read or parse is one :class:`ConfigError` (exit status 2) naming the file, the line
+and the fix; no ``RecursionError``/``MemoryError`` traceback.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ __all__ = [
     "load_batch_config",
     "apply_overrides",
     "section_digest",
+    "MAX_CONFIG_BYTES",
+    "MAX_CONFIG_DEPTH",
 ]
 
 from np2torch.tasks.transforms import TRANSFORMS as _TRANSFORMS  # noqa: E402  (one table: configs may name every transform)
@@ -161,6 +169,7 @@ class Config(_Strict):
     # the config as written (after --set, before path resolution): what the digest covers, so
     # the same config gives the same digest on every machine and in every folder
     _raw: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _overrides: list[str] = PrivateAttr(default_factory=list)  # the --set items, as given (audit records show them)
 
     @field_validator("name")
     @classmethod
@@ -226,9 +235,44 @@ def section_digest(cfg: Config, *sections: str) -> str:
 # loading
 
 
+MAX_CONFIG_BYTES = 1 << 20  # 1 MiB: a config is a few kB; large lists belong in files it points to
+MAX_CONFIG_DEPTH = 64  # nesting of mappings/lists; a real config uses 4 or 5
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses aliases and deep nesting while composing (before any
+    expansion or recursion can cost memory or stack)."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"uses the YAML alias *{event.anchor}; aliases are not allowed in np2torch "
+                                                          "configs (write the value out where it is used)", event.start_mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nests deeper than {MAX_CONFIG_DEPTH} levels", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _safe_yaml(text: str) -> Any:
+    """Parse YAML with the bounds above; a YAMLError for anything else that goes wrong."""
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    except (RecursionError, MemoryError) as exc:  # belt and braces: the bounds should come first
+        raise yaml.YAMLError(f"too large or too deeply nested to parse ({type(exc).__name__})") from None
+    finally:
+        loader.dispose()
+
+
 def _parse_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return _safe_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -317,15 +361,42 @@ def _pydantic_to_config_error(exc: ValidationError, where: str, overrides: list[
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file {path} does not exist", key=str(path), fix="check the path")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} is not a regular file", key=str(path), fix="give the path of a .yaml file")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path} is {size:,} bytes; a config may be at most {MAX_CONFIG_BYTES:,} bytes", key=str(path),
+                          expected=f"<= {MAX_CONFIG_BYTES:,} bytes", actual=f"{size:,} bytes",
+                          fix="a config describes one conversion in a few kB: put large data in files and point to them")
     try:
-        data = yaml.safe_load(path.read_text())
+        with open(path, "rb") as fh:
+            text = fh.read(MAX_CONFIG_BYTES + 1).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start})", key=str(path), fix="save the config as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}", key=str(path), fix="check the path and its permissions") from None
+    if len(text) > MAX_CONFIG_BYTES:  # grew while we looked
+        raise ConfigError(f"{path} is over {MAX_CONFIG_BYTES:,} bytes", key=str(path), fix="keep configs small")
+    try:
+        data = _safe_yaml(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}", key=str(path)) from None
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_message(exc)}", key=str(path),
+                          fix="correct the YAML at the line shown (configs are plain YAML: no aliases, no tags)") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping at the top level", key=str(path))
     return data
+
+
+def _yaml_message(exc: yaml.YAMLError) -> str:
+    """One line: what and where (PyYAML's own text repeats the context over several lines)."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = " ".join(x for x in (exc.context, exc.problem) if x)
+        return f"{where}{what}"[:300]
+    return str(exc)[:300]
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -339,6 +410,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     except ValidationError as exc:
         raise _pydantic_to_config_error(exc, str(path), list(overrides or [])) from None
     cfg._raw = raw
+    cfg._overrides = list(overrides or [])
     return cfg
 
 

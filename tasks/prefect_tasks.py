@@ -8,7 +8,12 @@ policy checks that entry before Prefect may answer from its record: if any artif
 hashes as recorded (or an exported file was edited), the Prefect record for that key is
 dropped, so the task runs and the stage recomputes; a corrupt entry is never trusted.
 Identical tasks started at once are serialized by a file lock (``SERIALIZABLE`` isolation):
-the second waits and then reads the first one's result.
+the second waits and then reads the first one's result. The lock is a ``flock``
+(:class:`~np2torch.tasks.locks.FlockLockManager`, not Prefect's ``FileSystemLockManager``, whose
+lock files outlive a killed holder and make every later run wait forever): the OS releases it
+when its holder dies. A result record left half-written by a killed run is removed, not
+trusted, and Prefect's temporary API server is made to die with this process
+(:mod:`np2torch.tasks.lifecycle`).
 
 Retries are for transient I/O only (an ``OSError`` such as EIO/EAGAIN/EBUSY, a
 :class:`TransientIOError`, or a busy Prefect API), with exponential backoff and jitter; a shape
@@ -18,6 +23,7 @@ mismatch, a schema failure or a bad config fails once. Every attempt is logged a
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import threading
 from dataclasses import dataclass
@@ -27,20 +33,22 @@ from typing import Any
 from prefect import Task, task
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
-from prefect.locking.filesystem import FileSystemLockManager
 from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 from prefect.utilities.hashing import hash_objects
 
-from np2torch.tasks import cache, stages
+from np2torch.tasks import cache, lifecycle, stages
 from np2torch.tasks.config import Config
 from np2torch.tasks.errors import ConversionError, TransientIOError
+from np2torch.tasks.locks import FlockLockManager
 from np2torch.tasks.paths import cache_dir
 
 __all__ = ["is_transient", "StageCachePolicy", "configured_tasks", "attempts_of", "RETRIES", "BACKOFF_FACTOR", "JITTER_FACTOR",
            "load_arrays_task", "infer_mapping_task", "validate_task", "convert_task", "verify_task", "export_task"]
 
 log = logging.getLogger(__name__)
+
+lifecycle.guard_prefect_server()  # before any flow can start Prefect's temporary server
 
 _TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.EINTR, errno.ECONNRESET, errno.ESTALE}
 _TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
@@ -120,7 +128,23 @@ class StageCachePolicy(CachePolicy):
             if not self.records_dir:
                 return None  # records stored elsewhere: no key rather than a stale hit
             Path(self.records_dir, key).unlink(missing_ok=True)
+        elif self.records_dir:
+            _drop_torn_record(Path(self.records_dir, key), self.lock_manager, key)
         return key
+
+
+def _drop_torn_record(path: Path, locks: Any, key: str) -> None:
+    """Remove a result record a killed run left half-written (Prefect writes them in place).
+
+    Only when no live run holds the key's lock (a writer still writing is not torn)."""
+    try:
+        json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        if locks is None or not locks.is_locked(key):
+            log.info("removing Prefect result record %s, left half-written by a killed run", path)
+            path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,9 +232,10 @@ def configured_tasks(*, refresh: bool = False, root: Path | None = None) -> dict
     recompute, see ``refresh=`` on each task). Retry settings are read here, so a test may
     shorten the backoff without changing what it checks.
     """
+    cache.sweep_once(root or cache_dir())  # work folders and lock files of killed runs (stage cache and Prefect's)
     base = (root or cache_dir()) / "prefect"
     records = base / "results"
-    locks = FileSystemLockManager(lock_files_directory=base / "locks")
+    locks = FlockLockManager(base / "locks")
     out = {}
     for name, t in _TASKS.items():
         policy = StageCachePolicy(stage=name, records_dir=str(records)).configure(lock_manager=locks, isolation_level="SERIALIZABLE")

@@ -57,3 +57,74 @@ def test_digest_ignores_where_the_config_lives(tmp_path):
     a.mkdir(), b.mkdir()
     assert load_config(write_tiny_case(a)).digest() == load_config(write_tiny_case(b)).digest()
     assert load_config(write_tiny_case(a)).digest() != load_config(write_tiny_case(a), ["verify.atol=0.1"]).digest()
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile config files (issue 13, item 6): bounded, and every failure is exit 2 with one message
+
+import time  # noqa: E402
+
+from np2torch.flows.cli import main  # noqa: E402
+from np2torch.tasks.config import MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, load_batch_config  # noqa: E402
+
+_LOL = '["lol","lol","lol","lol","lol","lol","lol","lol","lol"]'
+HOSTILE = {
+    # the "billion laughs": nine levels of nine aliases (9**9 strings if expanded)
+    "alias-bomb": "a: &a " + _LOL + "\n" + "".join(f"{chr(98 + i)}: &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 9) + "]\n"
+                                                  for i in range(8)),
+    "one-alias": "name: &n tiny\nexport: {dir: *n}\n",
+    "nested-100000-flow": "name: " + "[" * 100_000 + "]" * 100_000 + "\n",
+    "nested-100000-map": "name: " + "{a: " * 100_000 + "1" + "}" * 100_000 + "\n",
+    "python-tag": "name: !!python/object/apply:os.system [echo pwned]\n",
+    "bad-syntax": "name: [1, 2\nsource: x\n",
+    "not-utf8": b"name: \xff\xfe\n",
+    "not-a-mapping": "- just\n- a list\n",
+    "too-big": "name: x\n" + "# padding\n" * (MAX_CONFIG_BYTES // 10 + 1),
+}
+EXPECT = {"alias-bomb": "uses the YAML alias *a; aliases are not allowed", "one-alias": "uses the YAML alias *n",
+          "nested-100000-flow": f"nests deeper than {MAX_CONFIG_DEPTH} levels", "nested-100000-map": f"nests deeper than {MAX_CONFIG_DEPTH} levels",
+          "python-tag": "could not determine a constructor for the tag", "bad-syntax": "line 2, column 7",
+          "not-utf8": "is not UTF-8 text", "not-a-mapping": "must hold a mapping at the top level",
+          "too-big": f"a config may be at most {MAX_CONFIG_BYTES:,} bytes"}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+@pytest.mark.parametrize("command", ["convert", "plan", "batch"])
+def test_a_hostile_config_is_exit_2_with_one_message_fast(tmp_path, isolated_data, capsys, case, command):
+    path = tmp_path / f"{case}.yaml"
+    content = HOSTILE[case]
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    import np2torch.flows.batch  # noqa: F401 - imports (prefect, torch) are not what is timed here
+    import np2torch.flows.convert  # noqa: F401
+
+    t0 = time.perf_counter()
+    assert main([command, str(path)]) == 2
+    seconds = time.perf_counter() - t0
+    err = capsys.readouterr().err
+    assert seconds < 5, seconds
+    assert err.startswith(f"np2torch: error: [config] `{path}`: ") and EXPECT[case] in err, err
+    assert "Traceback" not in err and "RecursionError" not in err and "MemoryError" not in err
+    assert len(err) < 1000  # one message, not a dump
+    assert not isolated_data.exists()  # nothing started, nothing written
+
+
+def test_a_config_just_under_the_cap_and_a_bomb_in_a_batch_file(tmp_path):
+    path = write_tiny_case(tmp_path)
+    path.write_text(path.read_text() + "#" * (MAX_CONFIG_BYTES - path.stat().st_size - 1) + "\n")
+    assert path.stat().st_size == MAX_CONFIG_BYTES
+    assert load_config(path).name == "tiny"
+    batch = tmp_path / "batch.yaml"
+    batch.write_text(f"conversions: [&c {path}, *c]\n")
+    with pytest.raises(ConfigError, match=r"uses the YAML alias \*c") as exc:
+        load_batch_config(batch)
+    assert exc.value.exit_code == 2
+
+
+def test_set_values_are_bounded_too(tmp_path):
+    path = write_tiny_case(tmp_path)
+    deep = "[" * 10_000 + "]" * 10_000
+    with pytest.raises(ConfigError, match=r"`name`: .*must match") as exc:  # kept as a plain string, then refused by name's rule
+        load_config(path, ["name=" + deep])
+    assert "RecursionError" not in str(exc.value)
+    cfg = load_config(path, ["model.kwargs={hidden: 4}"])  # ordinary YAML values still parse
+    assert cfg.model.kwargs == {"hidden": 4}
