@@ -33,7 +33,7 @@ from np2torch.tasks.errors import ConvertError, Problem
 from np2torch.tasks.fingerprint import blake3_bytes, remember
 from np2torch.tasks.load_arrays import ArrayRecord, open_array
 from np2torch.tasks.manifest import target_rows
-from np2torch.tasks.model import TargetInfo, build_model, describe_targets, materialize_missing
+from np2torch.tasks.model import TargetInfo, build_model, describe_targets, finish_load, materialize_missing
 from np2torch.tasks.st_io import MappedSafetensors, np_dtype_for, plan_header
 
 __all__ = ["source_tensor", "write_converted", "load_into_model", "check_device", "convert_to_device"]
@@ -245,7 +245,8 @@ def load_into_model(model: nn.Module, state: dict[str, torch.Tensor], targets: l
         target_mod = model.get_submodule(mod_path) if mod_path else model
         src_mod = model.get_submodule(src_path) if src_path else model
         setattr(target_mod, name, getattr(src_mod, src_name))
-    return model
+    # the constructor's non-persistent buffers join the loaded tensors' device; nothing stays on meta
+    return finish_load(model, next(iter(state.values())).device if state else "cpu")
 
 
 def convert_to_device(rows: list[dict[str, Any]], records: list[ArrayRecord], *, model_target: str, model_kwargs: dict[str, Any],

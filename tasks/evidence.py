@@ -66,7 +66,8 @@ def probe_flatten(model: nn.Module, input_spec: Any) -> dict[str, list[int]] | N
     """``{linear module: [C, H, W]}`` for every Linear fed by a flatten of a ``(N, C, *S)`` activation.
 
     Runs the model once on the ``meta`` device (no memory, no arithmetic) with hooks on every
-    leaf module. ``None`` when the model cannot run on meta or no input is known.
+    leaf module (its buffers move to ``meta`` too). ``None`` when the model cannot run on meta or
+    no input is known.
     """
     shapes = _input_shapes(input_spec)
     if not shapes:
@@ -85,6 +86,7 @@ def probe_flatten(model: nn.Module, input_spec: Any) -> dict[str, list[int]] | N
         xs = [torch.empty(s, dtype=getattr(torch, "float32" if d.startswith("float") or d == "bfloat16" else d), device="meta") for s, d in shapes]
         if any(p.device.type != "meta" for p in model.parameters()):
             return None
+        model.to("meta")  # the constructor's real buffers (BatchNorm statistics …) join the meta parameters
         with torch.no_grad():
             model(*xs)
     except Exception:
