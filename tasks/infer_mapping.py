@@ -39,7 +39,7 @@ from np2torch.tasks.load_arrays import ArrayRecord
 from np2torch.tasks.manifest import new_row
 from np2torch.tasks.model import TargetInfo
 
-__all__ = ["infer_manifest", "target_dtype_for", "layout_candidates", "flatten_heuristic", "AMBIGUOUS_CONFIDENCE"]
+__all__ = ["infer_manifest", "target_dtype_for", "layout_candidates", "fitting_layouts", "refit", "flatten_heuristic", "AMBIGUOUS_CONFIDENCE"]
 
 AMBIGUOUS_CONFIDENCE = 0.5  # a row whose layout the shapes cannot pin down is a guess until evidence says otherwise
 
@@ -143,15 +143,23 @@ def flatten_heuristic(targets: Sequence[TargetInfo]) -> dict[str, list[int]]:
     return out
 
 
-def layout_candidates(src_shapes: list[tuple[int, ...]], spec: list, t: TargetInfo, *, flatten: list[int] | None = None,
-                      prefer_flatten: bool = False) -> tuple[list, list]:
-    """(chosen spec, candidates): every known layout that turns the source into ``t.shape``.
+def _depthwise_alt(src: tuple[int, ...], t: TargetInfo) -> list[list]:
+    """A kernel ``(*S, C, mult)`` feeding a grouped conv ``(C*mult, 1, *S)`` is depthwise, whatever its
+    leaf is called (Keras 3 names a DepthwiseConv2D kernel ``kernel``; Keras 2 ``depthwise_kernel``)."""
+    if len(t.shape) >= 3 and len(src) == len(t.shape) and t.shape[1] == 1 and tuple(src[:-2]) == tuple(t.shape[2:]) \
+            and src[-2] * src[-1] == t.shape[0] and P.TORCH_KINDS.get(t.module_type) in ("conv", None):
+        return [["depthwise_to_grouped", None]]
+    return []
 
-    ``candidates`` is empty when only one layout fits (or the chosen spec is not one of the
-    known layouts, e.g. a preset's gate reordering, which the shapes cannot contradict).
+
+def fitting_layouts(src: tuple[int, ...], spec: list, t: TargetInfo, *, flatten: list[int] | None = None) -> tuple[list, list]:
+    """(specs, effect keys): every distinct known layout that turns a ``src``-shaped source into ``t.shape``.
+
+    A leading ``index 0`` of ``spec`` on a source whose first axis is 1 (TF1/OpenAI 1×1-conv
+    weights ``(1, in, out)``) is kept in front of each layout, as is a flat vector's ``slice``.
     """
-    src = src_shapes[0]
     prefix = [s for s in spec if s[0] == "slice"]
+    lead = [list(spec[0])] if spec and spec[0][0] == "index" and spec[0][1] == 0 and tuple(src[:1]) == (1,) else []
     flat = bool(prefix) or (len(src) != len(t.shape) and any(s[0] == "reshape" for s in spec))
     specs: list[list] = []
     for src_of, to_torch, _why in _alternatives(t):
@@ -159,10 +167,14 @@ def layout_candidates(src_shapes: list[tuple[int, ...]], spec: list, t: TargetIn
             alt_src = tuple(src_of(t.shape))
         except IndexError:
             continue
-        cand = prefix + ([["reshape", list(alt_src)]] if flat else []) + [list(x) for x in to_torch]
-        if not flat and alt_src != src:
-            continue
-        specs.append(cand)
+        if flat:
+            specs.append(prefix + [["reshape", list(alt_src)]] + [list(x) for x in to_torch])
+        elif alt_src == tuple(src):
+            specs.append([list(x) for x in to_torch])
+        elif lead and alt_src == tuple(src[1:]):
+            specs.append(lead + [list(x) for x in to_torch])
+    if not flat:
+        specs += [d for d in [_depthwise_alt(tuple(src), t)] if d]
     if flatten:
         specs = [c + [["flatten_nhwc_to_nchw", list(flatten)]] for c in specs] + specs
     fitting, keys = [], []
@@ -176,6 +188,32 @@ def layout_candidates(src_shapes: list[tuple[int, ...]], spec: list, t: TargetIn
         if k not in keys:
             fitting.append(c)
             keys.append(k)
+    return fitting, keys
+
+
+def refit(src: tuple[int, ...], spec: list, t: TargetInfo, *, alternatives: bool = True) -> list | None:
+    """``spec`` when it gives the target's shape, else (with ``alternatives``) the first known layout of
+    the target that does (a preset's guess is by leaf name alone; the target module settles it), else None."""
+    try:
+        if T.apply_shape(src, spec) == tuple(t.shape):
+            return spec
+    except T.TransformError:
+        pass
+    if not alternatives:
+        return None
+    fitting, _ = fitting_layouts(src, spec, t)
+    return fitting[0] if fitting else None
+
+
+def layout_candidates(src_shapes: list[tuple[int, ...]], spec: list, t: TargetInfo, *, flatten: list[int] | None = None,
+                      prefer_flatten: bool = False) -> tuple[list, list]:
+    """(chosen spec, candidates): every known layout that turns the source into ``t.shape``.
+
+    ``candidates`` is empty when only one layout fits (or the chosen spec is not one of the
+    known layouts, e.g. a preset's gate reordering, which the shapes cannot contradict).
+    """
+    src = src_shapes[0]
+    fitting, keys = fitting_layouts(src, spec, t, flatten=flatten)
     mine = _effect_key(src, spec) if fitting else None
     if mine not in keys:
         return spec, []
@@ -308,10 +346,9 @@ class _Mapper:
                 how, conf, spec = "name-suffix", 0.85, self.views[src].transform
             if src in self.used:
                 continue
-            try:
-                fits = T.apply_shape(self.records[src].shape, spec) == t.shape
-            except T.TransformError:
-                fits = False
+            fitted = refit(self.records[src].shape, spec, t)  # the preset guessed by leaf name; the target's kind settles it
+            fits = fitted is not None
+            spec = fitted if fits else spec
             if not fits and self.records[src].shape == t.shape:
                 spec, fits = [], True  # the name is right, the preset's layout guess is not (e.g. a torch-layout source)
             if fits:
@@ -387,11 +424,11 @@ class _Mapper:
                 return None
             if c.zeros:
                 continue
-            try:
-                if T.apply_shape(self.records[c.sources[0]].shape, c.spec) != self.targets[target].shape:
-                    return None
-            except T.TransformError:
+            # e.g. a Keras 3 depthwise 'kernel'; an RNN's gate layout is the preset's alone
+            fitted = refit(self.records[c.sources[0]].shape, c.spec, self.targets[target], alternatives=kind not in P.RECURRENT)
+            if fitted is None:
                 return None
+            c.spec = fitted
         return out
 
     def match_structure(self) -> None:

@@ -12,6 +12,9 @@ Conventions covered (keras / tf / flax):
   ``moving_variance``), numbered layers (Keras ``dense_3``, TF1 ``layer_3``, Flax ``Dense_0``,
   torch ``fc.3`` / ``layer.3``: numbers are read, never trusted as indices, because their
   offsets differ: Keras starts at ``dense`` then ``dense_1``, Flax at ``Dense_0``);
+- TF1 / OpenAI checkpoints (``tf``): ``w``/``b``/``g`` leaves, ``h0`` → ``h.0``, a ``model/`` root
+  scope, variables that are the layer's table (``wte``), 1×1-conv weights ``(1, in, out)`` that
+  load into a transformers ``Conv1D`` ``(in, out)`` or (transposed) a ``Linear``;
 - layouts: Dense ``(in, out)``; Conv1D/2D/3D channels-last ``(*S, I, O)``; depthwise
   ``(*S, C, mult)``; separable = depthwise ``(*S, C, mult)`` + pointwise ``(1…, C*mult, O)`` (two
   torch convs, :func:`split_separable`); transposed ``(*S, O, I)``; Embedding ``(vocab, dim)`` (same as torch);
@@ -91,11 +94,19 @@ PRESETS: dict[str, Preset] = {
                     channels_last=True),
     "tf": Preset(
         "tf",
-        strip=(_TF_VARIABLE_SUFFIX,),
+        strip=(_TF_VARIABLE_SUFFIX,
+               (r"^model/", "OpenAI GPT-2 checkpoints scope every variable under 'model/' (transformers' converter skips it)")),
         leaf_names={**_KERAS_LEAVES, "weights": ("weight", "tf.contrib.layers / slim name of a kernel"),
-                    "biases": ("bias", "tf.contrib.layers / slim name of a bias")},
+                    "biases": ("bias", "tf.contrib.layers / slim name of a bias"),
+                    "w": ("weight", "OpenAI GPT-2 / TF1 hand-written layers: weight"), "b": ("bias", "… bias"),
+                    "g": ("weight", "… LayerNorm gain (OpenAI 'g'/'b')"),
+                    "output_weights": ("weight", "TF1 BERT classifier 'cls/seq_relationship/output_weights' (labels, hidden): torch's layout"),
+                    "output_bias": ("bias", "TF1 BERT 'output_bias' (cls/predictions/output_bias → cls.predictions.bias)")},
         layouts={**_CHANNELS_LAST_KERNELS, ("weights", 2): _why([["transpose", None]], "slim fully_connected weights (in, out)"),
-                 ("weights", 4): _why([["permute", [3, 2, 0, 1]]], "slim conv2d weights (H, W, I, O)")},
+                 ("weights", 4): _why([["permute", [3, 2, 0, 1]]], "slim conv2d weights (H, W, I, O)"),
+                 ("w", 2): _why([["transpose", None]], "TF1 matmul weight (in, out) → Linear (out, in)"),
+                 ("w", 3): _why([["index", 0]], "OpenAI conv1d weight (1, in, out) as a dense layer → transformers Conv1D (in, out); "
+                                "a Linear takes its transpose (the target module decides)")},
         channels_last=True,
     ),
     "flax": Preset(
@@ -129,11 +140,14 @@ class SourceView:
 
 
 _NUMBERED = re.compile(r"^(.*?)_(\d+)$")
+_NUMBERED_BARE = re.compile(r"^([A-Za-z]+)(\d+)$")
 
 
-def _split_numbered(part: str) -> str:
-    # TF1/Keras number scopes with a suffix (layer_0, dense_3); torch uses a ModuleList index
-    m = _NUMBERED.match(part)
+def _split_numbered(part: str, bare: bool = False) -> str:
+    # TF1/Keras number scopes with a suffix (layer_0, dense_3); torch uses a ModuleList index.
+    # OpenAI's TF1 code numbers without the underscore (h0, h11: transformers' converter splits
+    # r"[A-Za-z]+\d+"): only as a further spelling, since torch's own conv1/fc2 look the same
+    m = (_NUMBERED_BARE if bare else _NUMBERED).match(part)
     return f"{m.group(1)}.{m.group(2)}" if m and m.group(1) else part
 
 
@@ -151,7 +165,14 @@ def view(key: str, shape: Shape, preset: Preset) -> SourceView:
     scope = ".".join(parts[:-1])
     name = f"{scope}.{torch_leaf}" if scope else torch_leaf
     alt_scope = ".".join(_split_numbered(p) for p in parts[:-1])
-    alts = tuple(n for n in {f"{alt_scope}.{torch_leaf}" if alt_scope else torch_leaf} if n != name)
+    alts = [f"{alt_scope}.{torch_leaf}" if alt_scope else torch_leaf]
+    if preset.name == "tf":
+        bare_scope = ".".join(_split_numbered(p, bare=True) for p in parts[:-1])
+        alts.append(f"{bare_scope}.{torch_leaf}" if bare_scope else torch_leaf)
+        if src_leaf not in preset.leaf_names and len(shape) == 2:
+            # a variable that is the layer itself (GPT-2 'model/wte', 'model/h0/…/wpe'): its table
+            alts += [f"{name}.weight", f"{bare_scope}.{src_leaf}.weight" if bare_scope else f"{src_leaf}.weight"]
+    alts = tuple(n for n in dict.fromkeys(alts) if n != name)
     return SourceView(key, name, scope, torch_leaf, transform, src_leaf, alts)
 
 
