@@ -378,17 +378,33 @@ def resolve(rows: list[dict[str, Any]], records: list[ArrayRecord], *, model: nn
     trial.recorder.close()
     if not passed:
         where = localise(trial.model, inputs, activations, rtol=rtol, atol=atol) if activations else None
-        problems = []
-        for i in amb:
-            ev = json.loads(rows[i]["evidence"])
-            errs = ", ".join(f"[{d}] {e:.3g}" for d, e in ev["errors"].items())
-            problems.append(Problem(rows[i]["target_key"], f"no candidate layout reproduces the reference (max abs error per candidate: {errs})",
-                                    fix=_rule_hint(rows[i], cands[i])))
+        problems = _blame(rows, amb, cands, where)
         msg = "the reference output cannot be reproduced with any candidate layout of the ambiguous rows"
         if where:
             msg += f"; first diverging layer: {where['module']} (max abs error {where['max_abs_error']:.3g})"
         raise MappingError(msg, key=problems[0]["key"], problems=problems, fix=problems[0]["fix"])
     return rows
+
+
+def _blame(rows: list[dict[str, Any]], amb: list[int], cands: dict[int, list], where: dict[str, Any] | None) -> list[Problem]:
+    """The failure's problems, the rows actually wrong first: those of the first module whose output
+    diverges from the reference activations (ambiguous or not), then the other ambiguous rows."""
+    problems = []
+    culprits = [i for i, r in enumerate(rows) if where and r["target_key"] and r["target_key"].rpartition(".")[0] == where["module"]]
+    for i in culprits:
+        err = "" if where["max_abs_error"] is None else f" (max abs error {where['max_abs_error']:.3g})"
+        problems.append(Problem(rows[i]["target_key"], f"its module {where['module']!r} is the first whose output diverges from the reference "
+                                f"activations{err}; loaded from '{rows[i]['source_key']}' as [{rows[i]['transform'] or 'as-is'}]"
+                                + (f", every candidate layout tried ({', '.join(json.loads(rows[i]['evidence'])['errors'])})" if i in amb else ""),
+                                fix=_rule_hint(rows[i], cands.get(i, []))))
+    for i in amb:
+        if i in culprits:
+            continue
+        ev = json.loads(rows[i]["evidence"])
+        errs = ", ".join(f"[{d}] {e:.3g}" for d, e in ev["errors"].items())
+        problems.append(Problem(rows[i]["target_key"], f"no candidate layout reproduces the reference (max abs error per candidate: {errs})",
+                                fix=_rule_hint(rows[i], cands[i])))
+    return problems
 
 
 def _rule_hint(row: dict[str, Any], cands: list[list]) -> str:
