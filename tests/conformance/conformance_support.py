@@ -25,12 +25,15 @@ import yaml
 RESULTS: dict[str, tuple[float, float, int]] = {}  # case → (verify max abs error, fresh-load max abs error, unverified rows)
 
 
-def write_case(root: Path, *, name: str, arrays: dict[str, np.ndarray] | np.ndarray, inputs: np.ndarray, reference: list[np.ndarray],
+def write_case(root: Path, *, name: str, arrays: dict[str, np.ndarray] | np.ndarray | bytes, inputs: np.ndarray, reference: list[np.ndarray],
                target: str, kwargs: dict[str, Any], preset: str, strategy: str = "auto", fmt: str = "auto",
                rtol: float = 1e-4, atol: float = 1e-5) -> Path:
     """The files a user has (weights, input, reference) and the config they would write."""
     root.mkdir(parents=True, exist_ok=True)
-    if isinstance(arrays, np.ndarray):
+    if isinstance(arrays, bytes):  # a Flax checkpoint: flax.serialization.to_bytes(variables)
+        (root / "weights.msgpack").write_bytes(arrays)
+        weights = "weights.msgpack"
+    elif isinstance(arrays, np.ndarray):
         np.save(root / "weights.npy", arrays)
         weights = "weights.npy"
     else:
