@@ -40,6 +40,14 @@ def flax_linen():
     return need("flax.linen")
 
 
+def pytest_collection_modifyitems(config, items):  # noqa: ARG001
+    """Every case here is a conformance case (``-m "not conformance"`` leaves them out)."""
+    here = os.path.dirname(__file__)
+    for item in items:
+        if str(item.fspath).startswith(here):
+            item.add_marker(pytest.mark.conformance)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ARG001
     """The table the issue asks for: max abs error of each case against its source-side reference."""
     from conformance_support import RESULTS
