@@ -26,10 +26,9 @@ def _flat(variables) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(variables, sep="/").items()}
 
 
-def _saved(variables, container: str) -> dict[str, np.ndarray] | bytes:
-    """The variables as the user saved them: the flattened tree in a .npz, or Flax's own msgpack."""
+def _need_reader(container: str) -> None:
     if container == "npz":
-        return _flat(variables)
+        return
     import importlib.util
 
     try:
@@ -38,6 +37,12 @@ def _saved(variables, container: str) -> dict[str, np.ndarray] | bytes:
         found = False
     if not found:
         pytest.skip("np2torch has no Flax .msgpack reader on this branch yet (issue 13, readers)")
+
+
+def _saved(variables, container: str) -> dict[str, np.ndarray] | bytes:
+    """The variables as the user saved them: the flattened tree in a .npz, or Flax's own msgpack."""
+    if container == "npz":
+        return _flat(variables)
     from flax import serialization
 
     return serialization.to_bytes(variables)
@@ -61,6 +66,7 @@ def _square(key: str, shape: tuple[int, ...]) -> bool:
 
 @CONTAINERS
 def test_flax_mlp(flax_linen, tmp_path: Path, container: str) -> None:
+    _need_reader(container)
     import jax
     import jax.numpy as jnp
 
@@ -75,8 +81,8 @@ def test_flax_mlp(flax_linen, tmp_path: Path, container: str) -> None:
 
     x = np.random.default_rng(0).standard_normal((4, 12)).astype(np.float32)
     model = MLP()
-    variables = model.init(jax.random.PRNGKey(0), jnp.asarray(x))
-    ref = np.asarray(model.apply(variables, jnp.asarray(x)), dtype=np.float64)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.asarray(x))  # one XLA compile, not one per parameter
+    ref = np.asarray(jax.jit(model.apply)(variables, jnp.asarray(x)), dtype=np.float64)
     config = write_case(tmp_path, name=f"flax-mlp-{container}", arrays=_saved(variables, container), inputs=x, reference=[ref],
                         target=f"{PORTS}:MLP", kwargs={}, preset="flax")
     check_case(config, ambiguous=_square, fresh_model=_fresh(f"{PORTS}:MLP", {}))
@@ -103,15 +109,15 @@ def test_flax_cnn_with_batchnorm(flax_linen, tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     x = rng.standard_normal((4, 12, 12, 3)).astype(np.float32)
     model = CNN()
-    variables = model.init(jax.random.PRNGKey(1), jnp.asarray(x))
+    variables = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.asarray(x))
     # running statistics as training leaves them: a few train-mode steps on shifted, scaled data
+    step = jax.jit(lambda v, b: model.apply(v, b, train=True, mutable=["batch_stats"])[1])
     for i in range(5):
         batch = jnp.asarray(2.0 * rng.standard_normal((8, 12, 12, 3)).astype(np.float32) + 0.5 * i)
-        _, updates = model.apply(variables, batch, train=True, mutable=["batch_stats"])
-        variables = {**variables, **updates}
+        variables = {**variables, **step(variables, batch)}
     arrays = _flat(variables)
     assert {"params/BatchNorm_0/scale", "batch_stats/BatchNorm_0/mean", "batch_stats/BatchNorm_0/var"} <= set(arrays)
-    ref = np.asarray(model.apply(variables, jnp.asarray(x)), dtype=np.float64)
+    ref = np.asarray(jax.jit(model.apply)(variables, jnp.asarray(x)), dtype=np.float64)
     config = write_case(tmp_path, name="flax-cnn-bn", arrays=arrays, inputs=x, reference=[ref],
                         target=f"{PORTS}:CNN", kwargs={}, preset="flax")
     # the Dense after the flatten reads (H, W, C) features: only the flatten probe + a reference settle it
@@ -195,19 +201,19 @@ def _flax_bert(nn, cfg: dict):
 
 @CONTAINERS
 def test_flax_bert_like_tree_into_transformers_bert(flax_linen, transformers, tmp_path: Path, container: str) -> None:
+    _need_reader(container)
     import jax
     import jax.numpy as jnp
 
     ids = np.random.default_rng(2).integers(1, BERT["vocab_size"], size=(2, 9)).astype(np.int64)
     model = _flax_bert(flax_linen, BERT)
-    variables = model.init(jax.random.PRNGKey(2), jnp.asarray(ids))
+    variables = jax.jit(model.init)(jax.random.PRNGKey(2), jnp.asarray(ids))
     # LayerNorm scales start at 1 and biases at 0: perturb every leaf so each tensor is distinctive
-    leaves, tree = jax.tree_util.tree_flatten(variables)
-    keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
-    variables = jax.tree_util.tree_unflatten(tree, [v + 0.05 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)])
+    rng = np.random.default_rng(3)
+    variables = jax.tree_util.tree_map(lambda v: jnp.asarray(np.asarray(v) + 0.05 * rng.standard_normal(v.shape).astype(np.float32)), variables)
     arrays = _flat(variables)
     assert "params/encoder/layer/0/attention/self/query/kernel" in arrays
-    ref = [np.asarray(o, dtype=np.float64) for o in model.apply(variables, jnp.asarray(ids))]
+    ref = [np.asarray(o, dtype=np.float64) for o in jax.jit(model.apply)(variables, jnp.asarray(ids))]
     config = write_case(tmp_path, name=f"flax-bert-tree-{container}", arrays=arrays if container == "npz" else _saved(variables, container), inputs=ids, reference=ref,
                         target="transformers:BertModel", kwargs=BERT, preset="flax", atol=1e-4)
     check_case(config, ambiguous=_square, fresh_model=_fresh("transformers:BertModel", BERT))
