@@ -26,7 +26,8 @@ INSTALL = "pip install -e '.[frameworks]' (scripts/setup.sh installs it)"
 
 def need(module: str):
     """Import ``module`` or skip the test, saying which framework is missing and how to get it."""
-    return pytest.importorskip(module, reason=f"{module} is not installed: {INSTALL}")
+    # ImportError too: a half-installed framework (e.g. a jaxlib that does not match jax) skips, saying so
+    return pytest.importorskip(module, reason=f"{module} is not installed or does not import: {INSTALL}", exc_type=ImportError)
 
 
 @pytest.fixture
