@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from np2torch.tasks import evidence, presets as P, transforms as T
+from np2torch.tasks import forward, presets as P, transforms as T
 from np2torch.tasks.config import MappingSpec
 from np2torch.tasks.errors import MappingError
 from np2torch.tasks.infer_mapping import flatten_heuristic, infer_manifest, layout_candidates
@@ -133,7 +133,7 @@ def test_flatten_heuristic_and_probe_agree_on_the_keras_cnn() -> None:
 
     m = build_model(f"{REPO}/configs/models/keras_cnn.py:KerasCNN", {"in_channels": 1, "image_size": 28, "num_classes": 10})
     assert flatten_heuristic(describe_targets(m)) == {"fc1": [16, 11, 11]}
-    assert evidence.probe_flatten(m, InputSpec(shape=[2, 28, 28, 1])) == {"fc1": [16, 11, 11]}
+    assert forward.probe_flatten(m, InputSpec(shape=[2, 28, 28, 1])) == {"fc1": [16, 11, 11]}
 
 
 def test_probe_sees_non_square_maps() -> None:
@@ -150,7 +150,7 @@ def test_probe_sees_non_square_maps() -> None:
         m = Net()
     from np2torch.tasks.config import InputSpec
 
-    assert evidence.probe_flatten(m, InputSpec(shape=[1, 3, 6, 8])) == {"fc": [4, 4, 6]}
+    assert forward.probe_flatten(m, InputSpec(shape=[1, 3, 6, 8])) == {"fc": [4, 4, 6]}
 
 
 # ---------------------------------------------------------------------------------------------
