@@ -288,7 +288,7 @@ def _layer_claims(st: MapState, kind: str, leaves: dict[str, str], module: str, 
             tleaf = roles.get(leaf) or ("weight" if leaf.endswith("_embeddings") else None)
             if tleaf is None:
                 return None
-            spec = P.layer_leaf_transform(kind, leaf, st.records[key].shape, st.preset)
+            spec = _leaf_spec(st, kind, leaf, key, f"{prefix}{tleaf}")
             out.append((f"{prefix}{tleaf}", Claim([key], spec, how, confidence)))
     free = {t.key for t in st.free_targets()}
     for target, c in out:
@@ -302,6 +302,24 @@ def _layer_claims(st: MapState, kind: str, leaves: dict[str, str], module: str, 
         except T.TransformError:
             return None
     return out
+
+
+def _leaf_spec(st: MapState, kind: str, leaf: str, key: str, target: str) -> list:
+    """The preset's layout for the leaf; when it does not fit, the layout the target module needs
+    (Keras 3 names a DepthwiseConv2D kernel plain ``kernel``: a (*S, C, M) kernel feeding a
+    grouped conv is depthwise whatever its leaf name)."""
+    shape = st.records[key].shape
+    spec = P.layer_leaf_transform(kind, leaf, shape, st.preset)
+    t = st.targets.get(target)
+    if t is None or not st.preset.channels_last:
+        return spec
+    try:
+        if T.apply_shape(shape, spec) == t.shape:
+            return spec
+    except T.TransformError:
+        pass
+    alts = [a for a in L.source_layouts(shape, t) if a]
+    return alts[0] if alts else spec
 
 
 def _gru_problem(st: MapState, leaves: dict[str, str]) -> None:
