@@ -88,8 +88,8 @@ class TwoBranch(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.trunk = nn.Linear(6, 8)
+        self.right = nn.Linear(8, 5)  # the relu branch (registered first: Keras lists the other one first)
         self.left = nn.Linear(8, 5)  # the tanh branch
-        self.right = nn.Linear(8, 5)  # the relu branch
         self.head = nn.Linear(10, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -36,8 +36,8 @@ def test_keras_two_branches_pairing_chosen_by_reference(tmp_path, how) -> None:
     left = out["rows"]["left.weight"]
     ev = json.loads(left["evidence"])
     assert ev["method"].endswith("(pairing)") and len(ev["pairings"]) == 2
-    errors = sorted(ev["pairings"].values())
-    assert errors[0] < 1e-4 < errors[1]  # each pairing's error is recorded; the swapped one is far off
+    positional, swapped = ev["pairings"].values()  # the pairing by position comes first
+    assert swapped < 1e-4 < positional  # Keras lists the branches in another order than the torch port registers them
 
 
 def test_keras_two_branches_without_reference_name_the_pairings(tmp_path) -> None:
