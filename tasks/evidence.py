@@ -37,7 +37,7 @@ from torch import nn
 from np2torch.tasks import transforms as T
 from np2torch.tasks.errors import MappingError, Problem
 from np2torch.tasks.forward import Recorder, compare, compare_activation, localise, run_forward
-from np2torch.tasks.load_arrays import ArrayRecord
+from np2torch.tasks.load_arrays import ArrayRecord, open_array
 from np2torch.tasks.strategies import MAX_PAIRINGS
 
 __all__ = ["resolve", "MAX_PAIRINGS"]
@@ -46,9 +46,12 @@ _MAX_COMBOS_PER_MODULE = 16  # candidates are tried per module; a product over o
 
 
 def _source_tensor(row: dict[str, Any], records: dict[str, ArrayRecord]) -> np.ndarray:
-    from np2torch.tasks.convert import source_tensor  # the convert stage's own reading of a row, so both agree
-
-    return source_tensor(row, records)
+    """The row's source array(s) after its transform, as the convert stage reads it (float64 trial copy)."""
+    if row["status"] == "zeros":
+        return np.zeros(json.loads(row["target_shape"]), dtype=np.float64)
+    parts = [np.asarray(T.apply(open_array(records[s]), json.loads(row["transform_spec"])), dtype=np.float64)
+             for s in json.loads(row["sources"])]
+    return np.concatenate(parts, axis=int(row["concat"])) if row["concat"] != "" else parts[0]
 
 
 def _split_source(spec: list) -> tuple[str | None, list]:

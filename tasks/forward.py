@@ -414,6 +414,31 @@ def trace_forward(model: nn.Module, input_spec: Any) -> ForwardTrace | None:
     return out
 
 
+def graph_upstream(model: nn.Module) -> ForwardTrace | None:
+    """Module dependencies from ``torch.fx`` (no input needed); ``None`` when forward is not traceable.
+
+    The fallback of :func:`trace_forward` for pairing ambiguities when no verify input is given:
+    only ``upstream``/``order`` are filled (flatten orders need shapes).
+    """
+    import torch.fx
+
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception:
+        return None
+    out = ForwardTrace()
+    deps: dict[Any, frozenset[str]] = {}
+    for node in gm.graph.nodes:
+        ins = frozenset().union(*[deps.get(a, frozenset()) for a in node.all_input_nodes])
+        if node.op == "call_module":
+            out.upstream[node.target] = set(ins) | out.upstream.get(node.target, set())
+            if node.target not in out.order:
+                out.order.append(node.target)
+            ins = ins | {node.target}
+        deps[node] = ins
+    return out
+
+
 def probe_flatten(model: nn.Module, input_spec: Any) -> dict[str, list[int]] | None:
     """``{linear module: [C, H, W]}`` for every Linear fed by a channels-first flatten (see :func:`trace_forward`)."""
     tr = trace_forward(model, input_spec)

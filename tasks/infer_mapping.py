@@ -203,9 +203,13 @@ def build_manifest(cfg: Any, records: list[ArrayRecord]) -> list[dict[str, Any]]
 
     m = model_mod.build_model(cfg.model.target, cfg.model.kwargs, allow_unsafe_load=cfg.model.allow_unsafe_load)
     targets = model_mod.describe_targets(m)
-    trace = forward.trace_forward(m, cfg.verify.input) if cfg.verify.input is not None and _wants_trace(m, targets) else None
-    rows = infer_manifest(records, targets, cfg.mapping, convert_dtype=cfg.convert.dtype,
-                          flatten=trace.flatten if trace is not None else None, parallel=trace.parallel if trace is not None else None)
+    trace = flatten = None
+    if _wants_trace(m, targets):
+        trace = forward.trace_forward(m, cfg.verify.input) if cfg.verify.input is not None else None
+        flatten = trace.flatten if trace is not None else None  # None: the registration-order heuristic stands in
+        trace = trace or forward.graph_upstream(m)  # no input (or meta cannot run it): dependencies from torch.fx
+    rows = infer_manifest(records, targets, cfg.mapping, convert_dtype=cfg.convert.dtype, flatten=flatten,
+                          parallel=trace.parallel if trace is not None else None)
     v = cfg.verify
     if v.input is None or (v.reference_output is None and v.reference_activations is None):
         return rows
