@@ -230,6 +230,12 @@ def _source_layers(st: MapState) -> list[tuple[str, str, dict[str, str]]]:
     for k in free:
         v = st.views[k]
         groups.setdefault(v.scope, {})[v.src_leaf] = k
+    for scope, group in groups.items():
+        if scope and group and all(leaf.isdigit() for leaf in group):  # Keras 3 .weights.h5: layers/<name>/vars/<i>
+            keys = [group[leaf] for leaf in sorted(group, key=int)]
+            names = P.name_numbered_vars(scope, [st.records[k].shape for k in keys])
+            if names:
+                groups[scope] = dict(zip(names, keys))
     layers = []
     for group_scope, group in groups.items():
         for scope, leaves in P.split_separable(group_scope, group):
@@ -376,9 +382,11 @@ def _order_layout(st: MapState, key: str, t: TargetInfo) -> tuple[list, str, boo
     except T.TransformError:
         pass
     unnamed = not view  # nothing but the position says what this array is
+    layouts = L.source_layouts(rec.shape, t)
+    if st.preset.channels_last and any(layouts):
+        return next(x for x in layouts if x), "", unnamed  # a square kernel from Keras/TF/Flax is still (in, out)
     if rec.shape == t.shape:
         return [], "", unnamed
-    layouts = L.source_layouts(rec.shape, t)
     if layouts:
         return layouts[0], "", unnamed
     if rec.numel == t.numel:
