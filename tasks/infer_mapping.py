@@ -74,14 +74,15 @@ def question_layouts(st: MapState, flatten: dict[str, list[int]]) -> None:
 
 
 def infer_manifest(records: list[ArrayRecord], targets: list[TargetInfo], spec: MappingSpec, *, convert_dtype: str = "float32",
-                   flatten: dict[str, list[int]] | None = None,
-                   parallel: Callable[[str, str], bool] | None = None) -> list[dict[str, Any]]:
+                   flatten: dict[str, list[int]] | None = None, parallel: Callable[[str, str], bool] | None = None,
+                   graph: Callable[[], Callable[[str, str], bool] | None] | None = None) -> list[dict[str, Any]]:
     """Build the manifest rows (targets in model order, then unused sources in source order).
 
     ``flatten`` maps Linear modules that read a channels-first flatten to its ``[C, H, W]``
     (from :func:`np2torch.tasks.forward.trace_forward`); without it a registration-order
     heuristic (:func:`flatten_heuristic`) stands in. ``parallel(a, b)`` says whether two modules
-    run on parallel branches (from the same trace); without it no pairing ambiguity is looked for.
+    run on parallel branches, or ``graph()`` computes it on demand (a trace, only when two
+    modules could be interchangeable); with neither, no pairing ambiguity is looked for.
     """
     st = MapState.new(records, targets, spec)
     for strategy in STRATEGIES:
@@ -91,8 +92,8 @@ def infer_manifest(records: list[ArrayRecord], targets: list[TargetInfo], spec: 
         if strategy.stop_on_problems and st.problems:
             _raise_problems(st, strategy.name)
     question_layouts(st, flatten if flatten is not None else flatten_heuristic(targets))
-    if parallel is not None:
-        find_pairings(st, parallel)
+    if parallel is not None or graph is not None:
+        find_pairings(st, (lambda: parallel) if parallel is not None else graph)
     return _rows(st, convert_dtype)
 
 
@@ -181,20 +182,19 @@ def _concat_shape(parts: list[tuple[int, ...]], axis: int) -> tuple[int, ...]:
 # the stage's entry point
 
 
-_MAX_TRACED_MODULES = 400  # a meta forward of a huge model costs seconds; pairings need a trace only when layers repeat
+def _spatial(model: Any) -> bool:
+    """A flatten that feeds a Linear only exists after spatial layers: skip the meta forward otherwise
+    (on meta, decomposed ops like LayerNorm still cost ~0.5 s each for big layers)."""
+    return any(k in type(mod).__name__ for mod in model.modules() for k in ("Conv", "Pool", "Upsample"))
 
 
-def _wants_trace(model: Any, targets: list[TargetInfo]) -> bool:
-    """A flatten that feeds a Linear needs spatial layers; a pairing needs two same-shaped modules."""
-    spatial = any(k in type(mod).__name__ for mod in model.modules() for k in ("Conv", "Pool", "Upsample"))
-    if spatial:
-        return True
-    sigs: dict[tuple, int] = {}
-    for t in targets:
-        if t.key.endswith("weight"):
-            s = (t.module_type, t.shape)
-            sigs[s] = sigs.get(s, 0) + 1
-    return any(n > 1 for n in sigs.values()) and sum(1 for _ in model.modules()) <= _MAX_TRACED_MODULES
+def _graph(model: Any, input_spec: Any, trace: Any) -> Callable[[], Callable[[str, str], bool] | None]:
+    def parallel() -> Callable[[str, str], bool] | None:
+        from np2torch.tasks import forward
+
+        tr = trace or (forward.trace_forward(model, input_spec) if input_spec is not None else None) or forward.graph_upstream(model)
+        return tr.parallel if tr is not None else None
+    return parallel
 
 
 def build_manifest(cfg: Any, records: list[ArrayRecord]) -> list[dict[str, Any]]:
@@ -203,13 +203,10 @@ def build_manifest(cfg: Any, records: list[ArrayRecord]) -> list[dict[str, Any]]
 
     m = model_mod.build_model(cfg.model.target, cfg.model.kwargs, allow_unsafe_load=cfg.model.allow_unsafe_load)
     targets = model_mod.describe_targets(m)
-    trace = flatten = None
-    if _wants_trace(m, targets):
-        trace = forward.trace_forward(m, cfg.verify.input) if cfg.verify.input is not None else None
-        flatten = trace.flatten if trace is not None else None  # None: the registration-order heuristic stands in
-        trace = trace or forward.graph_upstream(m)  # no input (or meta cannot run it): dependencies from torch.fx
-    rows = infer_manifest(records, targets, cfg.mapping, convert_dtype=cfg.convert.dtype, flatten=flatten,
-                          parallel=trace.parallel if trace is not None else None)
+    trace = forward.trace_forward(m, cfg.verify.input) if cfg.verify.input is not None and _spatial(m) else None
+    rows = infer_manifest(records, targets, cfg.mapping, convert_dtype=cfg.convert.dtype,
+                          flatten=trace.flatten if trace is not None else None,  # None: the registration-order heuristic
+                          graph=_graph(m, cfg.verify.input, trace))
     v = cfg.verify
     if v.input is None or (v.reference_output is None and v.reference_activations is None):
         return rows

@@ -529,14 +529,26 @@ def _signature(st: MapState, module: str) -> tuple | None:
             tuple(tuple(st.records[c.sources[0]].shape) if c.sources else () for c in claims))
 
 
-def find_pairings(st: MapState, parallel: Callable[[str, str], bool]) -> list[list[str]]:
+def find_pairings(st: MapState, graph: Callable[[], Callable[[str, str], bool] | None]) -> list[list[str]]:
     """Groups of modules (≥ 2, in model order) of one kind and shapes, filled by position, on parallel branches.
 
     Which source layer goes to which of them, only a reference can tell: each row of the group
-    lists the group's sources as candidates (``source=…`` first in the layout spec).
+    lists the group's sources as candidates (``source=…`` first in the layout spec). ``graph()``
+    gives ``parallel(a, b)`` (it traces the model, so it is only called when two modules share a
+    signature); ``None`` when the model cannot be traced.
     """
     modules = list(dict.fromkeys(t.module for t in st.targets.values() if P.TORCH_KINDS.get(t.module_type)))
     sigs = {m: s for m in modules if (s := _signature(st, m)) is not None}
+    if len(set(sigs.values())) == len(sigs):
+        return []
+    parallel = graph()
+    if parallel is None:
+        dup = [m for m in sigs if list(sigs.values()).count(sigs[m]) > 1]
+        for key, c in st.claims.items():
+            if st.targets[key].module in dup:
+                c.note = ((c.note + "; ") if c.note else "") + ("same kind and shapes as another layer, paired by position: "
+                                                                "forward could not be traced to tell parallel branches from a sequence")
+        return []
     groups: list[list[str]] = []
     for m in sigs:
         for g in groups:
