@@ -161,27 +161,65 @@ def _pick(s: _Search, i: int, src: str) -> int:
     return (same or hits)[0]
 
 
+_Group = tuple[tuple[str, ...], list[tuple[int, list[str]]]]  # (modules in layer order, [(row, its sources in layer order)])
+
+
+def _set_pairing(s: _Search, group: _Group, perm: tuple[int, ...]) -> str:
+    """Load one pairing of a group; returns its label (``module <- source`` per module)."""
+    mods, members = group
+    for i, blocks in members:
+        s.apply([i], (_pick(s, i, blocks[perm[mods.index(s.module_of(i))]]),))
+    return ", ".join(f"{m} <- {members[0][1][perm[p]]}" for p, m in enumerate(mods))
+
+
+def _score(s: _Search, mods: list[str]) -> tuple[float, bool]:
+    err, ok, outs = s.trial.run()
+    return (s.activation_error(mods, outs), False) if s.trial.refs is None else (err, ok)
+
+
+def _search_pairings(s: _Search, groups: list[_Group], choice: list[tuple[int, ...]], which: list[int],
+                     options: list[list[tuple[int, ...]]]) -> dict[str, float]:
+    """Try every combination of the ``which`` groups' pairings (others fixed at ``choice``); keep the best in ``choice``."""
+    errors: dict[str, float] = {}
+    best: tuple[float, tuple] | None = None
+    mods = [m for g in groups for m in g[0]]
+    for combo in itertools.product(*[options[g] for g in which]):
+        labels = [_set_pairing(s, groups[g], perm) for g, perm in zip(which, combo)]
+        err, _ = _score(s, mods)
+        errors["; ".join(labels)] = err
+        if best is None or err < best[0]:
+            best = (err, combo)
+    for g, perm in zip(which, best[1]):
+        choice[g] = perm
+    return errors
+
+
 def _resolve_pairings(s: _Search) -> None:
-    for mods, members in _pairing_groups(s).items():
-        perms, bound = pairings_to_try(len(mods))
-        first_blocks = members[0][1]
-        errors: dict[str, float] = {}
-        best: tuple[float, tuple[int, ...]] | None = None
-        for perm in perms:
-            for i, blocks in members:
-                s.apply([i], (_pick(s, i, blocks[perm[mods.index(s.module_of(i))]]),))
-            err, _, outs = s.trial.run()
-            if s.trial.refs is None:
-                err = s.activation_error(list(mods), outs)
-            errors[", ".join(f"{m} <- {first_blocks[perm[p]]}" for p, m in enumerate(mods))] = err
-            if best is None or err < best[0]:
-                best = (err, perm)
-        for i, blocks in members:
-            src = blocks[best[1][mods.index(s.module_of(i))]]
-            s.apply([i], (_pick(s, i, src),))
+    """All groups' pairings jointly (branches of conv + BN are two groups that must swap together)
+    while the product stays within the bound; past it, one group at a time, two sweeps."""
+    groups = list(_pairing_groups(s).items())
+    if not groups:
+        return
+    tried = [pairings_to_try(len(mods)) for mods, _ in groups]
+    options = [perms for perms, _ in tried]
+    bounds = [b for _, b in tried if b]
+    choice = [perms[0] for perms in options]
+    if math.prod(len(o) for o in options) <= MAX_PAIRINGS:
+        errors = {g: _search_pairings(s, groups, choice, list(range(len(groups))), options) for g in range(len(groups))}
+    else:
+        bounds.append(f"{len(groups)} groups of interchangeable layers have {math.prod(len(o) for o in options)} joint pairings, "
+                      f"more than the bound of {MAX_PAIRINGS}: each group was tried in turn, the others fixed (two sweeps)")
+        errors = {}
+        for _sweep in range(2):
+            for g in range(len(groups)):
+                errors[g] = _search_pairings(s, groups, choice, [g], options)
+    for g, group in enumerate(groups):
+        _set_pairing(s, group, choice[g])
+        for i, blocks in group[1]:
+            src = s.cands[i][s.choice[i]][0][1]
             s.active[i] = [k for k, c in enumerate(s.cands[i]) if c and c[0][0] == "source" and c[0][1] == src]
             s.method[i] = "reference output (pairing)" if s.trial.refs is not None else "reference activations (pairing)"
-            s.pairings[i] = {"errors": errors, **({"bound": bound} if bound else {})}
+            s.pairings[i] = {"errors": errors[g], **({"bound": "; ".join(bounds)} if bounds else {})}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -338,21 +338,25 @@ def _gru_problem(st: MapState, leaves: dict[str, str]) -> None:
             fix="export the Keras model with GRU(reset_after=True) weights, or port the layer as a custom torch module"))
 
 
-def _align(st: MapState, kind: str, src: list[tuple[str, dict[str, str]]], tgt: list[tuple[str, str]]) -> None:
+def _align(st: MapState, kind: str, src: list[tuple[str, dict[str, str]]], tgt: list[tuple[str, str]], how: str = "structure") -> None:
     """Pair source layers with model slots of one kind in order, stopping at the first misfit."""
     for (scope, leaves), (module, suffix) in zip(src, tgt):
-        pairs = _layer_claims(st, kind, leaves, module, suffix)
+        pairs = _layer_claims(st, kind, leaves, module, suffix, how=how, confidence=0.8 if how == "structure" else 0.7)
         if pairs is None:
             st.notes.append(f"structural alignment of {kind} layers stopped at source layer {scope!r} vs module {module!r}{suffix}")
             if kind == "gru":
                 _gru_problem(st, leaves)
             break
         for target, c in pairs:
+            c.reshape_candidate = how == "order" and not c.zeros
             st.claim(target, c)
 
 
 def match_structure(st: MapState) -> None:
-    layers = _source_layers(st)
+    _align_by_kind(st, _source_layers(st), "structure")
+
+
+def _align_by_kind(st: MapState, layers: list[tuple[str, str, dict[str, str]]], how: str) -> None:
     slots = _target_slots(st)
     for kind in dict.fromkeys(k for _, k, _ in layers):
         src = [(s, leaves) for s, k, leaves in layers if k == kind]
@@ -362,9 +366,9 @@ def match_structure(st: MapState) -> None:
             # (sorted keys put backward_lstm before forward_lstm)
             for backward in (False, True):
                 _align(st, kind, [x for x in src if P.is_backward_scope(x[0]) == backward],
-                       [x for x in tgt if x[1].endswith("_reverse") == backward])
+                       [x for x in tgt if x[1].endswith("_reverse") == backward], how)
         else:
-            _align(st, kind, src, tgt)
+            _align(st, kind, src, tgt, how)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,7 +436,7 @@ def _slice(st: MapState, key: str, t: TargetInfo, pos: int) -> int | None:
     return pos
 
 
-def match_order(st: MapState) -> None:
+def _positional(st: MapState) -> None:
     sources = st.free_sources()
     targets = st.free_targets()
     si, pos, ti = 0, 0, 0
@@ -469,6 +473,73 @@ def match_order(st: MapState) -> None:
         st.notes.append(f"order alignment stopped at target {t.key} {list(t.shape)} vs source {key} {list(rec.shape)} "
                         f"(elements left in it: {rec.numel - pos})")
         break
+
+
+def _parse_layers(shapes: list[tuple[int, ...]], start: int = 0, budget: list[int] | None = None) -> list[list[str]] | None:
+    """Split a list of unnamed arrays into layers (leaf names per layer) by the Keras variable patterns.
+
+    Depth-first, longer layers first, at most a few thousand steps: ``None`` when no split covers
+    every array (then the arrays stay in plain positional order).
+    """
+    budget = budget if budget is not None else [4096]
+    if start == len(shapes):
+        return []
+    for n in (4, 3, 2, 1):
+        budget[0] -= 1
+        if budget[0] < 0 or start + n > len(shapes):
+            continue
+        names = P.name_numbered_vars("", shapes[start:start + n])
+        if names is None or len(names) != n:
+            continue
+        rest = _parse_layers(shapes, start + n, budget)
+        if rest is not None:
+            return [names, *rest]
+    return None
+
+
+def _by_layer_kind(st: MapState) -> bool:
+    """Unnamed arrays listed by graph depth (Keras: both branches' convs, then both BatchNorms) fill
+    the model kind by kind, as structure matching does for named layers."""
+    free = st.free_sources()
+    if not free or any(st.views[k].transform or not st.views[k].src_leaf.isdigit() for k in free):
+        return False
+    split = _parse_layers([st.records[k].shape for k in free])
+    if split is None:
+        return False
+    layers, i = [], 0
+    for names in split:
+        leaves = dict(zip(names, free[i:i + len(names)]))
+        i += len(names)
+        for scope, part in P.split_separable(f"#{len(layers)}", leaves):
+            kind = P.source_layer_kind({leaf: st.records[k].shape for leaf, k in part.items()}, scope)
+            if kind is None:
+                return False
+            layers.append((scope, kind, part))
+    _align_by_kind(st, layers, "order")
+    return True
+
+
+def _snapshot(st: MapState) -> tuple:
+    return dict(st.claims), set(st.used), dict(st.partial), list(st.notes)
+
+
+def _restore(st: MapState, snap: tuple) -> None:
+    st.claims, st.used, st.partial, st.notes = dict(snap[0]), set(snap[1]), dict(snap[2]), list(snap[3])
+
+
+def match_order(st: MapState) -> None:
+    """Positional alignment; when it stops on unnamed arrays, alignment kind by kind, whichever fills more."""
+    before = _snapshot(st)
+    _positional(st)
+    if len(st.notes) == len(before[3]):
+        return  # aligned to the end
+    positional = _snapshot(st)
+    _restore(st, before)
+    if _by_layer_kind(st):
+        _positional(st)  # whatever kind-by-kind alignment left (parameters of custom modules)
+        if len(st.claims) > len(positional[0]):
+            return
+    _restore(st, positional)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -95,3 +95,19 @@ class TwoBranch(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.trunk(x))
         return self.head(torch.cat([torch.tanh(self.left(h)), F.relu(self.right(h))], dim=1))
+
+
+class ConvBranches(nn.Module):
+    """Two same-shaped Conv2D(4, 3, same) + BatchNormalization branches (tanh, relu) → Add → GlobalAveragePooling2D → Dense(3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_relu = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn_relu = nn.BatchNorm2d(4, eps=1e-3)
+        self.conv_tanh = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn_tanh = nn.BatchNorm2d(4, eps=1e-3)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(self.bn_tanh(self.conv_tanh(x))) + F.relu(self.bn_relu(self.conv_relu(x)))
+        return self.fc(y.mean(dim=(2, 3)))

@@ -26,6 +26,33 @@ def keras_branches(seed: int = 3):
     return model, x, predict(model, x)
 
 
+def keras_conv_branches(seed: int = 4):
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((8, 8, 3))
+    tanh_branch = layers.Activation("tanh")(layers.BatchNormalization()(layers.Conv2D(4, 3, padding="same")(inp)))
+    relu_branch = layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(4, 3, padding="same")(inp)))
+    out = layers.Dense(3)(layers.GlobalAveragePooling2D()(layers.Add()([tanh_branch, relu_branch])))
+    model = keras.Model(inp, out)
+    randomize(model, seed)
+    x = np.random.default_rng(seed).standard_normal((4, 8, 8, 3)).astype(np.float32)
+    return model, x, predict(model, x)
+
+
+@pytest.mark.parametrize("how", ["pickle", "npz"])
+def test_keras_conv_bn_branches_two_pairing_groups(tmp_path, how) -> None:
+    model, x_nhwc, ref = keras_conv_branches()
+    x = np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2))
+    config = write_case(tmp_path, f"keras-conv-branches-{how}", model, how, "ConvBranches", x, ref)
+    out = convert(config)
+    assert out["recs"]["verify-forward-pass"]["metrics"]["passed"]
+    assert max_abs_error_of_export(config, "ConvBranches", x, ref) < 1e-4
+    rows = out["rows"]
+    for key in ("conv_tanh.weight", "bn_tanh.running_var"):  # a conv group and a BatchNorm group, each paired by the reference
+        ev = json.loads(rows[key]["evidence"])
+        # the two groups swap together: all 2 × 2 joint pairings are tried, each one's error recorded
+        assert ev["method"].endswith("(pairing)") and len(ev["pairings"]) == 4 and min(ev["pairings"].values()) < 1e-4
+
+
 @pytest.mark.parametrize("how", ["pickle", "npz"])
 def test_keras_two_branches_pairing_chosen_by_reference(tmp_path, how) -> None:
     model, x, ref = keras_branches()
