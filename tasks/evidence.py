@@ -11,8 +11,10 @@ model once (float64, CPU), then tries them cheaply:
    past it the positional pairing and every swap of two layers, which the evidence says);
 1. per layer, when ``verify.reference_activations`` holds that module's output: each candidate
    of the module's rows is scored on the module's own output, in execution order (greedy);
-2. the remaining rows together, one *convention* at a time (every row takes its candidate with
-   the same layout label, e.g. "transpose": sources are usually consistent);
+2. the remaining rows together, one *convention* at a time: the framework's layout family first
+   (Keras/TF/Flax: Dense kernels transposed, conv kernels channels-last, depthwise regrouped,
+   with and without the flatten reorder), then every exact layout label ("transpose"): sources
+   are consistent;
 3. if no convention reproduces the reference, coordinate descent over the remaining modules
    (two sweeps at most): the cost is a sum over candidates, never a product over rows.
 
@@ -241,15 +243,56 @@ def _by_activations(s: _Search, groups: dict[str, list[int]]) -> None:
             s.method[i] = f"reference activation of {mod}"
 
 
+def layout_family(spec: list) -> tuple[str, bool]:
+    """The framework convention a candidate stands for, whatever the layer kind: ``("channels-last", flatten?)``.
+
+    A Dense kernel's transpose, a conv kernel's ``(*S, I, O)`` permute and a depthwise kernel's
+    regrouping are one convention (Keras/TF/Flax), so every row can take it at once.
+    """
+    steps = [(n, a) for n, a in spec if n not in ("slice", "reshape", "source")]
+    flat = any(n == "flatten_nhwc_to_nchw" for n, _ in steps)
+    names = [n for n, _ in steps if n != "flatten_nhwc_to_nchw"]
+    if not names:
+        return "torch", flat
+    first, arg = next((n, a) for n, a in steps if n != "flatten_nhwc_to_nchw")
+    if first in ("transpose", "depthwise_to_grouped"):
+        return "channels-last", flat
+    if first == "permute" and arg:
+        n = len(arg)
+        if list(arg) == [n - 1, n - 2, *range(n - 2)]:
+            return "channels-last", flat
+        if list(arg) == [n - 2, n - 1, *range(n - 2)]:
+            return "channels-last (*S, O, I)", flat
+    return T.layout_label([[n, a] for n, a in steps if n != "flatten_nhwc_to_nchw"]), flat
+
+
+def _conventions(s: _Search, rest: dict[str, list[int]]) -> list[Any]:
+    rows = [i for idx in rest.values() for i in idx]
+    fams = list(dict.fromkeys(layout_family(s.cands[i][k])[0] for i in rows for k in s.active[i]))
+    labels = list(dict.fromkeys(T.layout_label(s.cands[i][k]) for i in rows for k in s.active[i]))
+    return [("family", f, flat) for f in fams for flat in (True, False)] + [("label", lab, None) for lab in labels]
+
+
+def _convention_pick(s: _Search, i: int, conv: tuple) -> int | None:
+    kind, what, flat = conv
+    if kind == "label":
+        hit = [k for k in s.active[i] if T.layout_label(s.cands[i][k]) == what]
+    else:
+        fam = {k: layout_family(s.cands[i][k]) for k in s.active[i]}
+        hit = [k for k, f in fam.items() if f == (what, flat)] or [k for k, f in fam.items() if f[0] == what]
+    return hit[0] if hit else None
+
+
 def _by_convention(s: _Search, rest: dict[str, list[int]], err: float) -> None:
-    labels = list(dict.fromkeys(T.layout_label(s.cands[i][k]) for m in rest for i in rest[m] for k in s.active[i]))
+    """One convention for every remaining row at once: the source framework's layout family (with
+    and without the flatten reorder), then each exact layout label."""
     best = (err, dict(s.choice))
-    for lab in labels:
+    for conv in _conventions(s, rest):
         for idx in rest.values():
             for i in idx:
-                hit = [k for k in s.active[i] if T.layout_label(s.cands[i][k]) == lab]
-                if hit:
-                    s.apply([i], (hit[0],))
+                k = _convention_pick(s, i, conv)
+                if k is not None:
+                    s.apply([i], (k,))
         e, ok, _ = s.trial.run()
         if e < best[0]:
             best = (e, dict(s.choice))

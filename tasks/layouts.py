@@ -125,6 +125,11 @@ def _candidate_specs(src: tuple[int, ...], spec: list, t: TargetInfo, flat: bool
     specs: list[list] = []
     if not flat and _depthwise_fits(src, t):
         specs.append([["depthwise_to_grouped", None]])
+    if flat and P.TORCH_KINDS.get(t.module_type) == "conv" and len(t.shape) >= 3 and t.shape[1] == 1:
+        # a grouped conv from a flat slice: a depthwise (*S, C, M) kernel for every C·M = out channels
+        out = t.shape[0]
+        for c in (d for d in range(2, out + 1) if out % d == 0):
+            specs.append(prefix + [["reshape", [*t.shape[2:], c, out // c]], ["depthwise_to_grouped", None]])
     for src_of, to_torch, _why in alternatives(t):
         try:
             alt_src = tuple(src_of(t.shape))

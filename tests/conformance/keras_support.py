@@ -59,6 +59,9 @@ def save_weights(model: Any, d: Path, how: str) -> dict[str, Any]:
     if how == "npz":
         np.savez(d / "weights.npz", **{v.path: np.asarray(v.numpy()) for v in model.weights})
         return {"path": "weights.npz", "format": "npz"}
+    if how == "flat":  # one vector of every weight, in get_weights() order
+        np.save(d / "weights.npy", np.concatenate([np.ravel(w) for w in model.get_weights()]))
+        return {"path": "weights.npy", "format": "flat"}
     if how == "weights.h5":
         model.save_weights(d / "model.weights.h5")
         return {"path": "model.weights.h5", "format": "h5"}

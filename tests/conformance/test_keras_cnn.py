@@ -29,7 +29,8 @@ def keras_cnn(seed: int = 0):
     return model, x_nhwc, predict(model, x_nhwc)
 
 
-CASES = [("pickle", "CNN"), ("npz", "CNN"), ("pickle", "CNNChannelsLastFlatten"), ("npz", "CNNModules"), ("pickle", "CNNModules")]
+CASES = [("pickle", "CNN"), ("npz", "CNN"), ("flat", "CNN"), ("pickle", "CNNChannelsLastFlatten"), ("npz", "CNNModules"),
+         ("pickle", "CNNModules")]
 
 
 @pytest.mark.parametrize("how,torch_class", CASES)
