@@ -23,6 +23,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from np2torch.tasks import layouts as L
 from np2torch.tasks import presets as P
 from np2torch.tasks import transforms as T
@@ -421,6 +423,43 @@ def _order_recurrent(st: MapState, targets: list[TargetInfo], ti: int, sources: 
     return len(slot), len(names)
 
 
+def _flat_recurrent(st: MapState, targets: list[TargetInfo], ti: int, key: str, pos: int) -> tuple[int, int] | None:
+    """A Keras recurrent layer inside a flat vector (channels-last preset): kernel (in, G·u), recurrent
+    kernel (u, G·u) and bias ((G·u,), GRU (2, 3u)) sliced in that order, laid out as structure does.
+    Returns (targets filled, new position: 0 when the vector is used up)."""
+    t, rec = targets[ti], st.records[key]
+    kind = P.TORCH_KINDS.get(t.module_type)
+    if kind not in P.RECURRENT or not st.preset.channels_last or len(rec.shape) != 1 or not t.key.startswith(f"{t.module}.weight_ih"):
+        return None
+    suffix = _slot_suffix(kind, t.key)
+    slot = [x for x in targets[ti:] if x.module == t.module and _slot_suffix(kind, x.key) == suffix]
+    if suffix is None or any(x is not targets[ti + i] for i, x in enumerate(slot)):
+        return None
+    gu, n_in = t.shape
+    u = st.targets[f"{t.module}.weight_hh{suffix}"].shape[1]
+    shapes = {"kernel": [n_in, gu], "recurrent_kernel": [u, gu]}
+    if any(".bias_" in x.key for x in slot):
+        shapes["bias"] = [2, gu] if kind == "gru" else [gu]
+    need = sum(int(np.prod(v)) for v in shapes.values())
+    if rec.numel - pos < need:
+        return None
+    r = P.RECURRENT[kind]
+    for leaf, shp in shapes.items():
+        n = int(np.prod(shp))
+        for tleaf, spec, why in r.leaves[leaf]:
+            st.claims[f"{t.module}.{tleaf}{suffix}"] = Claim([key], [["slice", [pos, pos + n]], ["reshape", shp], *[list(x) for x in spec]],
+                                                           "slice", 0.5, note=f"elements [{pos}, {pos + n}) of {key}; {why}")
+        pos += n
+    for z in r.zeros:
+        st.claims[f"{t.module}.{z}{suffix}"] = Claim([], [["zeros", None]], "slice", 0.5, zeros=True, note=f"{r.why}: no source; zeros")
+    st.partial[key] = pos
+    if pos == rec.numel:
+        st.used.add(key)
+        st.partial.pop(key)
+        pos = 0
+    return len(slot), pos
+
+
 def _slice(st: MapState, key: str, t: TargetInfo, pos: int) -> int | None:
     rec = st.records[key]
     if not (len(rec.shape) == 1 and rec.numel - pos >= t.numel and (pos > 0 or rec.numel > t.numel)):
@@ -463,7 +502,10 @@ def _positional(st: MapState) -> None:
                 st.claim(t.key, Claim([key], spec, "order", 0.5 if note else 0.7, note=note, reshape_candidate=unnamed))
                 ti, si = ti + 1, si + 1
                 continue
-        new_pos = _slice(st, key, t, pos)
+        flat = _flat_recurrent(st, targets, ti, key, pos)
+        new_pos = flat[1] if flat else _slice(st, key, t, pos)
+        if flat:
+            ti += flat[0] - 1
         if new_pos is not None:
             ti, pos = ti + 1, new_pos
             si += 1 if new_pos == 0 else 0
