@@ -111,3 +111,16 @@ class ConvBranches(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.tanh(self.bn_tanh(self.conv_tanh(x))) + F.relu(self.bn_relu(self.conv_relu(x)))
         return self.fc(y.mean(dim=(2, 3)))
+
+
+class BiLSTM(nn.Module):
+    """Bidirectional(LSTM(4)) → Dense(2), on (batch, 5 steps, 3 features)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, (h, _) = self.lstm(x)  # final states: forward after x[-1], backward after x[0], as Keras merges them
+        return self.fc(torch.cat([h[0], h[1]], dim=1))
