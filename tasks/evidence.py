@@ -129,12 +129,21 @@ class _Search:
 # 0. pairings
 
 
+def _block(spec: list) -> str:
+    """Which source layer a pairing candidate reads: its source, and its slice of a flat vector."""
+    src, rest = _split_source(spec)
+    return f"{src}[{rest[0][1][0]}:{rest[0][1][1]}]" if rest and rest[0][0] == "slice" else str(src)
+
+
 def _pairing_groups(s: _Search) -> dict[tuple[str, ...], list[tuple[int, list[str]]]]:
-    """(modules in layer order) → [(row, the group's sources for this row, in layer order)]."""
-    holder = {src: i for i, r in enumerate(s.rows) if r["target_key"] for src in json.loads(r["sources"] or "[]")}
+    """(modules in layer order) → [(row, the group's source layers for this row, in layer order)]."""
+    holder = {}
+    for i, r in enumerate(s.rows):
+        if r["target_key"] and json.loads(r["sources"] or "[]"):
+            holder[_block([["source", json.loads(r["sources"])[0]], *json.loads(r["transform_spec"])])] = i
     groups: dict[tuple[str, ...], list[tuple[int, list[str]]]] = {}
     for i, cands in s.cands.items():
-        blocks = list(dict.fromkeys(c[0][1] for c in cands if c and c[0][0] == "source"))
+        blocks = list(dict.fromkeys(_block(c) for c in cands if c and c[0][0] == "source"))
         if len(blocks) < 2 or any(b not in holder for b in blocks):
             continue
         mods = tuple(s.module_of(holder[b]) for b in blocks)
@@ -158,7 +167,7 @@ def pairings_to_try(k: int) -> tuple[list[tuple[int, ...]], str]:
 def _pick(s: _Search, i: int, src: str) -> int:
     """The candidate of row ``i`` reading ``src`` with the layout the row has now (else the first reading it)."""
     now = T.layout_label(s.cands[i][s.choice[i]])
-    hits = [k for k, c in enumerate(s.cands[i]) if c and c[0][0] == "source" and c[0][1] == src]
+    hits = [k for k, c in enumerate(s.cands[i]) if c and c[0][0] == "source" and _block(c) == src]
     same = [k for k in hits if T.layout_label(s.cands[i][k]) == now]
     return (same or hits)[0]
 
@@ -196,18 +205,19 @@ def _search_pairings(s: _Search, groups: list[_Group], choice: list[tuple[int, .
     return errors
 
 
-def _resolve_pairings(s: _Search) -> None:
+def _resolve_pairings(s: _Search) -> list[int]:
     """All groups' pairings jointly (branches of conv + BN are two groups that must swap together)
     while the product stays within the bound; past it, one group at a time, two sweeps."""
     groups = list(_pairing_groups(s).items())
     if not groups:
-        return
+        return []
     tried = [pairings_to_try(len(mods)) for mods, _ in groups]
     options = [perms for perms, _ in tried]
     bounds = [b for _, b in tried if b]
     choice = [perms[0] for perms in options]
     if math.prod(len(o) for o in options) <= MAX_PAIRINGS:
-        errors = {g: _search_pairings(s, groups, choice, list(range(len(groups))), options) for g in range(len(groups))}
+        joint = _search_pairings(s, groups, choice, list(range(len(groups))), options)
+        errors = {g: joint for g in range(len(groups))}
     else:
         bounds.append(f"{len(groups)} groups of interchangeable layers have {math.prod(len(o) for o in options)} joint pairings, "
                       f"more than the bound of {MAX_PAIRINGS}: each group was tried in turn, the others fixed (two sweeps)")
@@ -218,10 +228,11 @@ def _resolve_pairings(s: _Search) -> None:
     for g, group in enumerate(groups):
         _set_pairing(s, group, choice[g])
         for i, blocks in group[1]:
-            src = s.cands[i][s.choice[i]][0][1]
-            s.active[i] = [k for k, c in enumerate(s.cands[i]) if c and c[0][0] == "source" and c[0][1] == src]
+            src = _block(s.cands[i][s.choice[i]])
+            s.active[i] = [k for k, c in enumerate(s.cands[i]) if c and c[0][0] == "source" and _block(c) == src]
             s.method[i] = "reference output (pairing)" if s.trial.refs is not None else "reference activations (pairing)"
             s.pairings[i] = {"errors": errors[g], **({"bound": "; ".join(bounds)} if bounds else {})}
+    return [i for _, members in groups for i, _ in members]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,14 +419,25 @@ def resolve(rows: list[dict[str, Any]], records: list[ArrayRecord], *, model: nn
         own = json.loads(rows[i]["sources"])
         hit = [k for k, c in enumerate(cands[i]) if (_split_source(c)[0] in (None, *own)) and _split_source(c)[1] == json.loads(rows[i]["transform_spec"])]
         s.choice[i] = hit[0] if hit else 0
-    _resolve_pairings(s)
     groups = _module_groups(s, amb)
-    _by_activations(s, groups)
     rest = {m: idx for m, idx in groups.items() if m not in activations}
-    err, passed, _ = s.trial.run()
-    if rest and refs is not None and not passed:
-        _by_convention(s, rest, err)
-        passed = _by_descent(s, rest)
+    paired: list[int] = []
+    for _round in range(2):  # pairings are judged with the layouts as they stand: a second round after layouts improved
+        for i in paired:
+            s.active[i] = list(range(len(s.cands[i])))
+        paired = _resolve_pairings(s)
+        _by_activations(s, groups)
+        err, passed, _ = s.trial.run()
+        if rest and refs is not None and not passed:
+            _by_convention(s, rest, err)
+            passed = _by_descent(s, rest)
+        if passed or not paired or refs is None:
+            break
+    if paired and refs is not None:  # each pairing's error, measured with the layouts as finally chosen
+        for i in paired:
+            s.active[i] = list(range(len(s.cands[i])))
+        _resolve_pairings(s)
+        passed = s.trial.run()[1]
     if refs is None:
         passed = all(compare_activation(o, activations[m]) <= atol + rtol * float(np.abs(activations[m]).max(initial=0.0))
                      for m, o in s.trial.run()[2].items() if m in activations)

@@ -627,7 +627,7 @@ STRATEGIES: list[Strategy] = [
 # pairing ambiguity: interchangeable layers on parallel branches
 
 
-_BY_POSITION = ("structure", "order", "shape")  # pairings made by position, not by name
+_BY_POSITION = ("structure", "order", "slice", "shape")  # pairings made by position, not by name
 MAX_PAIRINGS = 24  # evidence tries every pairing of a group up to this many (4 layers), then single swaps
 
 
@@ -678,14 +678,15 @@ def find_pairings(st: MapState, graph: Callable[[], Callable[[str, str], bool] |
 
 def _mark_pairing(st: MapState, group: list[str]) -> None:
     rows = {m: [t.key for t in st.targets.values() if t.module == m and t.key in st.claims and st.claims[t.key].sources] for m in group}
+    # each layer's own layouts (its own slice of a flat vector, if any), read before any row is rewritten
+    own = {k: [st.claims[k].sources[0], st.claims[k].candidates or [st.claims[k].spec]] for m in group for k in rows[m]}
     for m in group:
         for i, key in enumerate(rows[m]):
             c = st.claims[key]
             options = []
             for other in group:
-                oc = st.claims[rows[other][i]]
-                layouts = c.candidates or [c.spec]
-                options += [[["source", oc.sources[0]], *lay] for lay in layouts]
+                src, layouts = own[rows[other][i]]
+                options += [[["source", src], *lay] for lay in layouts]
             c.candidates = options
             c.confidence = min(c.confidence, L.AMBIGUOUS_CONFIDENCE)
             c.note = ((c.note + "; ") if c.note else "") + (

@@ -53,7 +53,7 @@ def test_keras_conv_bn_branches_two_pairing_groups(tmp_path, how) -> None:
         assert ev["method"].endswith("(pairing)") and len(ev["pairings"]) == 4 and min(ev["pairings"].values()) < 1e-4
 
 
-@pytest.mark.parametrize("how", ["pickle", "npz"])
+@pytest.mark.parametrize("how", ["pickle", "npz", "flat"])
 def test_keras_two_branches_pairing_chosen_by_reference(tmp_path, how) -> None:
     model, x, ref = keras_branches()
     config = write_case(tmp_path, f"keras-branches-{how}", model, how, "TwoBranch", x, ref)
