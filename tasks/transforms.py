@@ -128,9 +128,6 @@ TRANSFORMS: dict[str, Transform] = {
                                 "reorder equal blocks along axis 0: gate order differs, Keras GRU (z, r, h) vs torch (r, z, n)"),
     "index": Transform(lambda a, i: a[int(i)], _index_shape,
                        "take one row of axis 0: Keras GRU reset_after bias (2, 3u) holds input and recurrent biases"),
-    "source": Transform(lambda a, _: a, lambda s, _: s,
-                        "manifest only: the source array a pairing candidate reads (interchangeable layers); "
-                        "the evidence step swaps the row's source, it is never a step of a rule"),
     "depthwise_to_grouped": Transform(_depthwise_apply, _depthwise_shape,
                                       "Keras/TF depthwise kernel (H, W, C, mult) → torch Conv2d(groups=C) weight (C*mult, 1, H, W)"),
 }
@@ -148,8 +145,8 @@ def normalize(spec: Sequence[str | dict[str, Any] | Sequence[Any]]) -> Spec:
             name, arg = next(iter(item.items()))
         else:
             name, arg = item[0], item[1]
-        if name not in TRANSFORMS or name == "source":
-            raise TransformError(f"unknown transform {name!r}; known: {sorted(k for k in TRANSFORMS if k != 'source')}")
+        if name not in TRANSFORMS:
+            raise TransformError(f"unknown transform {name!r}; known: {sorted(TRANSFORMS)}")
         out.append([name, arg])
     return out
 
@@ -167,6 +164,12 @@ def apply(a: np.ndarray, spec: Spec) -> np.ndarray:
     return a
 
 
+# A pairing candidate in the manifest starts with ["source", key]: which source array the row reads
+# (interchangeable layers). It is not a transform (no rule can name it); the evidence step swaps
+# the row's source and strips it, so it never reaches apply().
+PAIRING_STEP = "source"
+
+
 def layout_label(spec: Spec) -> str:
     """The layout a spec stands for, without its sizes: ``slice=[0,20]; reshape=[2,10]; transpose`` → ``reshape; transpose``.
 
@@ -175,7 +178,7 @@ def layout_label(spec: Spec) -> str:
     """
     parts = []
     for name, arg in spec:
-        if name in ("slice", "source"):
+        if name in ("slice", PAIRING_STEP):
             continue
         parts.append(name if name in ("reshape", "flatten_nhwc_to_nchw") or arg is None else f"{name}={json.dumps(arg, separators=(',', ':'))}")
     return "; ".join(parts) or "as-is"
