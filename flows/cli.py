@@ -86,13 +86,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _plan_rows(config: str, overrides: list[str]) -> tuple[Any, list[dict[str, Any]]]:
-    from np2torch.tasks import evidence, load_arrays
+    from np2torch.tasks import infer_mapping, load_arrays
     from np2torch.tasks.config import load_config
 
     cfg = load_config(config, overrides)
     src = cfg.source
     records = load_arrays.scan_source(src.path, fmt=src.format, allow_pickle=src.allow_pickle, key_prefix=src.key_prefix)
-    return cfg, evidence.build_manifest(cfg, records)  # what the mapping stage would produce, evidence included
+    return cfg, infer_mapping.build_manifest(cfg, records)  # what the mapping stage would produce, evidence included
 
 
 def _status_cell(r: dict[str, Any]) -> str:

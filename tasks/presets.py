@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 __all__ = ["Preset", "PRESETS", "SourceView", "view", "LayerKind", "source_layer_kind", "TORCH_KINDS", "LEAF_ROLES", "RECURRENT",
            "natural_key", "layer_leaf_transform",
-           "split_separable", "is_backward_scope"]
+           "split_separable", "is_backward_scope", "KERAS_VARS", "name_numbered_vars"]
 
 Shape = tuple[int, ...]
 
@@ -236,6 +236,38 @@ def split_separable(scope: str, leaves: dict[str, str]) -> list[tuple[str, dict[
     rest = {k: v for k, v in leaves.items() if k not in ("depthwise_kernel", "pointwise_kernel")}
     return [(f"{scope}.depthwise" if scope else "depthwise", {"depthwise_kernel": leaves["depthwise_kernel"]}),
             (f"{scope}.pointwise" if scope else "pointwise", {"pointwise_kernel": leaves["pointwise_kernel"], **rest})]
+
+
+# Keras 3 ``.weights.h5`` stores a layer's variables as ``layers/<name>/vars/0``, ``vars/1`` … in
+# the order the layer built them, without their names: the shapes say which layer it is, and the
+# build order then names them. First match wins.
+def _recurrent_vars(s: list[Shape]) -> bool:
+    return (len(s) in (2, 3) and len(s[0]) == 2 and len(s[1]) == 2 and s[1][0] > 0 and s[0][1] == s[1][1] and s[1][1] % s[1][0] == 0
+            and s[1][1] // s[1][0] in (1, 3, 4))
+
+
+KERAS_VARS: list[tuple[Callable[[list[Shape]], bool], tuple[str, ...], str]] = [
+    (_recurrent_vars, ("kernel", "recurrent_kernel", "bias"),
+     "LSTM/GRU/SimpleRNN cell: kernel (in, G*u), recurrent_kernel (u, G*u), bias (G*u,) or (2, G*u)"),
+    (lambda s: len(s) in (2, 3) and len(s[0]) >= 3 and len(s[1]) == len(s[0]) and all(d == 1 for d in s[1][:-2])
+     and s[1][-2] == s[0][-2] * s[0][-1], ("depthwise_kernel", "pointwise_kernel", "bias"),
+     "SeparableConv: depthwise kernel (*S, C, M), pointwise kernel (1…, C*M, O), bias"),
+    (lambda s: len(s) in (1, 2) and len(s[0]) >= 2 and (len(s) == 1 or len(s[1]) == 1), ("kernel", "bias"),
+     "Dense / Conv / DepthwiseConv: kernel, then bias"),
+    (lambda s: len(s) == 4 and all(len(x) == 1 and x == s[0] for x in s), ("gamma", "beta", "moving_mean", "moving_variance"),
+     "BatchNormalization (center and scale): gamma, beta, moving_mean, moving_variance"),
+    (lambda s: len(s) == 2 and all(len(x) == 1 and x == s[0] for x in s), ("gamma", "beta"), "LayerNormalization: gamma, beta"),
+]
+
+
+def name_numbered_vars(scope: str, shapes: list[Shape]) -> list[str] | None:
+    """Leaf names for a layer whose variables are only numbered (``vars/0``, ``vars/1`` …), or ``None``."""
+    if len(shapes) == 1 and len(shapes[0]) == 2 and "embedding" in scope.lower():
+        return ["embeddings"]  # Embedding (vocab, dim): one 2-D variable, named by its layer
+    for test, names, _why in KERAS_VARS:
+        if test(shapes):
+            return list(names[: len(shapes)])
+    return None
 
 
 # Keras Bidirectional scopes its two copies of the layer 'forward_<name>' and 'backward_<name>'

@@ -66,12 +66,12 @@ def _write(tmp_path: Path, arrays: dict, x: np.ndarray, ref: np.ndarray | None, 
 
 
 def _plan(config: Path) -> dict[str, dict]:
-    from np2torch.tasks import evidence, load_arrays
+    from np2torch.tasks import infer_mapping, load_arrays
     from np2torch.tasks.config import load_config
 
     cfg = load_config(config)
     recs = load_arrays.scan_source(cfg.source.path, fmt=cfg.source.format)
-    return {r["target_key"]: r for r in evidence.build_manifest(cfg, recs) if r["target_key"]}
+    return {r["target_key"]: r for r in infer_mapping.build_manifest(cfg, recs) if r["target_key"]}
 
 
 def _layernorm(x: np.ndarray, g: np.ndarray, b: np.ndarray) -> np.ndarray:

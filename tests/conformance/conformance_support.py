@@ -57,13 +57,13 @@ def write_case(root: Path, *, name: str, arrays: dict[str, np.ndarray] | np.ndar
 
 def plan_without_reference(config: Path) -> list[dict[str, Any]]:
     """What ``np2torch plan`` shows when the user has no reference output."""
-    from np2torch.tasks import evidence, load_arrays
+    from np2torch.tasks import infer_mapping, load_arrays
     from np2torch.tasks.config import load_config
 
     cfg = load_config(config, ["verify.reference_output=null"])
     src = cfg.source
     records = load_arrays.scan_source(src.path, fmt=src.format, allow_pickle=src.allow_pickle, key_prefix=src.key_prefix)
-    return evidence.build_manifest(cfg, records)
+    return infer_mapping.build_manifest(cfg, records)
 
 
 def unverified(rows: list[dict[str, Any]]) -> dict[str, list]:

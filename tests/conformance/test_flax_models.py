@@ -88,9 +88,6 @@ def test_flax_mlp(flax_linen, tmp_path: Path, container: str) -> None:
     check_case(config, ambiguous=_square, fresh_model=_fresh(f"{PORTS}:MLP", {}))
 
 
-@pytest.mark.xfail(strict=False, reason="issue 11 item 3 (issue-11-mapping): BatchNorm's num_batches_tracked, which Flax never stores, "
-                   "must keep its initial value by default; until merged, validate stops at 'bn1.num_batches_tracked has no source array' "
-                   "(with mapping.allow_missing the case reproduces apply() to 2.4e-07)")
 def test_flax_cnn_with_batchnorm(flax_linen, tmp_path: Path) -> None:
     import jax
     import jax.numpy as jnp
