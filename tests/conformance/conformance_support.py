@@ -23,6 +23,7 @@ import torch
 import yaml
 
 RESULTS: dict[str, tuple[float, float, int]] = {}  # case → (verify max abs error, fresh-load max abs error, unverified rows)
+EXPORT_RESULTS: dict[str, float] = {}  # Keras cases (keras_support): case → max abs error of the export loaded strictly into the torch port
 
 
 def write_case(root: Path, *, name: str, arrays: dict[str, np.ndarray] | np.ndarray | bytes, inputs: np.ndarray, reference: list[np.ndarray],

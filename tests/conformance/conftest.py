@@ -51,11 +51,13 @@ def pytest_collection_modifyitems(config, items):  # noqa: ARG001
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ARG001
     """The table the issue asks for: max abs error of each case against its source-side reference."""
-    from conformance_support import RESULTS
+    from .conformance_support import EXPORT_RESULTS, RESULTS
 
-    if not RESULTS:
+    if not RESULTS and not EXPORT_RESULTS:
         return
     terminalreporter.section("conformance: max abs error vs the source framework's reference")
     for case, (np2torch_err, fresh_err, n_unverified) in sorted(RESULTS.items()):
         terminalreporter.write_line(f"{case:<34} verify {np2torch_err:.3g}   fresh strict load {fresh_err:.3g}   "
                                     f"unverified without reference: {n_unverified}")
+    for case, err in sorted(EXPORT_RESULTS.items()):
+        terminalreporter.write_line(f"{case:<34} export loaded strictly into the torch port {err:.3g}")

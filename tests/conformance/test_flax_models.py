@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conformance_support import check_case, write_case
+from .conformance_support import check_case, write_case
 
 HERE = Path(__file__).resolve().parent
 PORTS = HERE / "torch_ports.py"

@@ -12,11 +12,11 @@ import typing
 import numpy as np
 import pytest
 
-from keras_support import convert, keras, max_abs_error_of_export, write_case
-from test_keras_branches import keras_branches
-from test_keras_cnn import keras_cnn
-from test_keras_depthwise import keras_depthwise
-from test_keras_recurrent import keras_recurrent
+from .keras_support import convert, keras, max_abs_error_of_export, write_case
+from .test_keras_branches import keras_branches
+from .test_keras_cnn import keras_cnn
+from .test_keras_depthwise import keras_depthwise
+from .test_keras_recurrent import keras_recurrent
 
 h5py = pytest.importorskip("h5py", reason="h5py is not installed (pip install h5py)")
 

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from keras_support import convert, keras, max_abs_error_of_export, plan_rows, predict, randomize, unverified, write_case
+from .keras_support import convert, keras, max_abs_error_of_export, plan_rows, predict, randomize, unverified, write_case
 
 layers = keras.layers
 

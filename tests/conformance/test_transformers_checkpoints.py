@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conformance_support import check_case, write_case
+from .conformance_support import check_case, write_case
 
 SEED_SOURCE = 1234  # the source model's weights
 SEED_FRESH = 99  # the model the user loads the export into: different initial values
