@@ -2,7 +2,9 @@
 # One-step set-up on a fresh machine: a virtual environment in .venv, the CPU build of torch
 # first (so nothing pulls a multi-GB CUDA build), then np2torch with its test extras, the
 # bundled example data, and (as root, where apt exists) Debian's Chromium for the UI test.
-# Safe to rerun.
+# The `frameworks` extra (Keras 3, transformers, Flax on CPU JAX, h5py, msgpack; about 850 MB,
+# no TensorFlow) feeds the conformance suite in tests/conformance/; NP2TORCH_NO_FRAMEWORKS=1
+# skips it (those tests then skip, saying why). Safe to rerun.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -11,7 +13,11 @@ PY=${PYTHON:-python3}
 # torch first: 2.13.0 is the CPU build this machine keeps on disk; later requirements then
 # find torch already satisfied and install nothing more.
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[dev]"
+EXTRAS="dev,frameworks"
+[ "${NP2TORCH_NO_FRAMEWORKS:-0}" = 1 ] && EXTRAS="dev"
+.venv/bin/python -m pip install -q -e ".[$EXTRAS]"
+# nothing may replace the CPU torch installed above
+.venv/bin/python -c 'import importlib.metadata as m, sys; v = m.version("torch"); sys.exit(0 if v.startswith("2.13.0") else f"torch {v} replaced 2.13.0")' 
 .venv/bin/python data/make_examples.py
 # The browser test drives Debian's Chromium through Playwright (never a downloaded browser).
 if [ ! -x /usr/bin/chromium ]; then

@@ -20,7 +20,6 @@ file; ``du`` counts each inode once and shows how much of the cache is shared wi
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil

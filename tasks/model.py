@@ -1,8 +1,16 @@
 """Import and build the target model (SPEC ``model.target``), and describe its state dict.
 
-The model is built on the ``meta`` device wherever its constructor allows: the mapping stage
-needs only names, shapes and dtypes, and the convert stage loads real tensors with
-``load_state_dict(assign=True)``, so parameters are never allocated twice.
+The model's *parameters* are built on the ``meta`` device wherever its constructor allows: the
+mapping stage needs only names, shapes and dtypes, and the convert stage loads real tensors with
+``load_state_dict(assign=True)``, so parameters are never allocated twice. Its *buffers* are
+built for real (what accelerate's ``init_empty_weights(include_buffers=False)`` does): the
+constructor computes non-persistent ones that no checkpoint holds (transformers'
+``position_ids``/``token_type_ids``, rotary ``inv_freq``, causal masks), and they must keep those
+values. A non-persistent buffer the constructor derives from a parameter is neither in the
+state dict nor computable: building such a model is a :class:`ModelError` naming it.
+
+A Hugging Face ``PreTrainedModel`` class given as ``model.target`` takes ``model.kwargs`` as
+its config's fields (``transformers:BertModel`` with ``{hidden_size: 32, …}``).
 """
 
 from __future__ import annotations
@@ -11,8 +19,11 @@ import contextlib
 import importlib
 import importlib.util
 import hashlib
+import inspect
 import sys
+import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +33,7 @@ from torch import nn
 
 from np2torch.tasks.errors import ModelError
 
-__all__ = ["TargetInfo", "import_target", "build_model", "describe_targets", "materialize_missing"]
+__all__ = ["TargetInfo", "import_target", "build_model", "describe_targets", "materialize_missing", "params_on_meta", "finish_load"]
 
 
 @dataclass(frozen=True)
@@ -105,18 +116,76 @@ def _load_pickled_module(path: Path, allow_unsafe_load: bool) -> Any:
     return lambda **_: obj
 
 
+# ---------------------------------------------------------------------------------------------
+# parameters on meta, buffers real
+
+
+_META = threading.local()  # per-thread depth: Prefect runs tasks in threads; only the building one is affected
+_PATCH_LOCK = threading.Lock()
+_PATCH_USERS = 0
+_ORIGINAL_REGISTER = nn.Module.register_parameter
+
+
+def _register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    _ORIGINAL_REGISTER(self, name, param)
+    p = self._parameters.get(name)
+    if getattr(_META, "depth", 0) > 0 and p is not None and not p.is_meta and not isinstance(p, nn.parameter.UninitializedParameter):
+        extra = dict(getattr(p, "__dict__", {}))
+        self._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad, **extra) if extra else type(p)(p.to("meta"), p.requires_grad)
+
+
+@contextlib.contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Every parameter registered inside (in this thread) moves to ``meta``; buffers stay where made.
+
+    Like accelerate's ``init_empty_weights(include_buffers=False)``, but only for the calling
+    thread, so a model built at the same time in another thread is unaffected.
+    """
+    global _PATCH_USERS
+    with _PATCH_LOCK:
+        if _PATCH_USERS == 0:
+            nn.Module.register_parameter = _register_parameter  # type: ignore[method-assign]
+        _PATCH_USERS += 1
+    _META.depth = getattr(_META, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _META.depth -= 1
+        with _PATCH_LOCK:
+            _PATCH_USERS -= 1
+            if _PATCH_USERS == 0:
+                nn.Module.register_parameter = _ORIGINAL_REGISTER  # type: ignore[method-assign]
+
+
+def _config_factory(factory: Any, kwargs: dict[str, Any]) -> Any:
+    """A transformers ``PreTrainedModel`` class is built from a config made of ``kwargs``."""
+    config_class = getattr(factory, "config_class", None)
+    if not (inspect.isclass(factory) and isinstance(factory, type) and inspect.isclass(config_class) and "config" not in kwargs):
+        return None
+    params = list(inspect.signature(factory.__init__).parameters)
+    if len(params) < 2 or params[1] != "config":
+        return None
+    return lambda: factory(config_class(**kwargs))
+
+
 def build_model(target: str, kwargs: dict[str, Any] | None = None, *, device: str = "meta", allow_unsafe_load: bool = False) -> nn.Module:
-    """Instantiate the model; on ``meta`` when possible (no memory), else on the CPU."""
+    """Instantiate the model; with ``device="meta"`` its parameters on ``meta`` (no memory) and its
+    buffers computed by the constructor, else all on the CPU (the constructor's own values).
+
+    Falls back to a CPU build when the constructor cannot run with meta parameters (it computes
+    on them, e.g. ``.item()``). Raises :class:`ModelError` when a non-persistent buffer stays on
+    ``meta`` (derived from a parameter: no checkpoint and no constructor can give its value).
+    """
     factory = import_target(target, allow_unsafe_load=allow_unsafe_load)
     if not callable(factory):
         raise ModelError(f"{target} is a {type(factory).__name__}, not a class or factory", key=target, fix="point model.target at an nn.Module class or a function returning one")
     kwargs = dict(kwargs or {})
+    build = _config_factory(factory, kwargs) or (lambda: factory(**kwargs))
 
     def make(dev: str) -> nn.Module:
         torch.manual_seed(0)  # initial values of allowed-missing tensors are then reproducible
-        ctx = torch.device(dev) if dev == "meta" else contextlib.nullcontext()
-        with ctx:
-            return factory(**kwargs)
+        with params_on_meta() if dev == "meta" else contextlib.nullcontext():
+            return build()
 
     try:
         model = make(device)
@@ -132,6 +201,33 @@ def build_model(target: str, kwargs: dict[str, Any] | None = None, *, device: st
             raise ModelError(f"building the model failed: {type(exc).__name__}: {exc}", key=target, fix="check model.kwargs against the constructor's signature") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"{target} returned a {type(model).__name__}, not an nn.Module", key=target, fix="return an nn.Module from the factory")
+    _check_buffers(model, target)
+    return model
+
+
+def _check_buffers(model: nn.Module, target: str) -> None:
+    persistent = set(model.state_dict(keep_vars=True))
+    lost = [k for k, b in model.named_buffers() if b.is_meta and k not in persistent]
+    if lost:
+        raise ModelError(f"non-persistent buffer(s) {lost} are neither in the state dict nor computed by the constructor "
+                         "(they are derived from parameters on the meta device)", key=lost[0], expected="a buffer the constructor computes, or a persistent one",
+                         actual="a meta tensor", fix=f"register {lost[0]!r} with persistent=True (then it is mapped like a parameter), or compute it "
+                         "in __init__ from plain values rather than from a parameter")
+
+
+def finish_load(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """After ``load_state_dict(assign=True)``: buffers the state dict does not hold (the constructor's
+    non-persistent ones) move to ``device``; any tensor still on ``meta`` is a :class:`ModelError`
+    naming it (its value came from nowhere)."""
+    dev = torch.device(device)
+    left = [k for k, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)] if t.is_meta]
+    if left:
+        raise ModelError(f"{len(left)} tensor(s) still on the meta device after loading: {left[:5]}", key=left[0], expected="a loaded or computed value",
+                         actual="a meta tensor", fix=f"map {left[0]!r} (or allow it with mapping.allow_missing), or make the constructor compute it")
+    for mod in model.modules():
+        for name, b in list(mod._buffers.items()):
+            if b is not None and b.device != dev:
+                mod._buffers[name] = b.to(dev)
     return model
 
 
@@ -156,8 +252,8 @@ def describe_targets(model: nn.Module) -> list[TargetInfo]:
 def materialize_missing(model_target: str, kwargs: dict[str, Any], keys: list[str], *, allow_unsafe_load: bool = False) -> dict[str, torch.Tensor]:
     """Initial values of the targets allowed to stay missing (seeded, so reproducible).
 
-    Only the submodules that own those tensors are materialised (``to_empty`` on the CPU, then
-    their own ``reset_parameters``), each seeded from its name, so a 20 GB model whose
+    Buffers are the constructor's own values already (built for real). For parameters, only the
+    submodules that own them are materialised (empty on the CPU, then their own ``reset_parameters``), each seeded from its name, so a 20 GB model whose
     ``num_batches_tracked`` counters may stay missing never exists on the CPU. When an owner
     cannot initialise itself that way, the whole model is built on the CPU instead.
     """
@@ -183,13 +279,15 @@ def _materialize_owners(model: nn.Module, keys: list[str]) -> dict[str, torch.Te
     out: dict[str, torch.Tensor] = {}
     for path, ks in owners.items():
         mod = model.get_submodule(path) if path else model
-        if not all(sd[k].is_meta for k in ks):  # the model was built for real: its values are the initial ones
+        if not any(sd[k].is_meta for k in ks):  # buffers, or a model built for real: the constructor's values
             out.update({k: sd[k].detach().clone() for k in ks})
             continue
         reset = getattr(mod, "reset_parameters", None)
         if not callable(reset) or path == "":
             return None  # only the constructor knows these initial values
-        mod.to_empty(device="cpu", recurse=False)
+        for name, p in list(mod._parameters.items()):  # buffers are real already: keep the constructor's values
+            if p is not None and p.is_meta:
+                mod._parameters[name] = nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
         torch.manual_seed(int.from_bytes(hashlib.sha256(path.encode()).digest()[:4], "little"))
         try:
             with torch.no_grad():

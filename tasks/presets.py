@@ -12,6 +12,9 @@ Conventions covered (keras / tf / flax):
   ``moving_variance``), numbered layers (Keras ``dense_3``, TF1 ``layer_3``, Flax ``Dense_0``,
   torch ``fc.3`` / ``layer.3``: numbers are read, never trusted as indices, because their
   offsets differ: Keras starts at ``dense`` then ``dense_1``, Flax at ``Dense_0``);
+- TF1 / OpenAI checkpoints (``tf``): ``w``/``b``/``g`` leaves, ``h0`` → ``h.0``, a ``model/`` root
+  scope, variables that are the layer's table (``wte``), 1×1-conv weights ``(1, in, out)`` that
+  load into a transformers ``Conv1D`` ``(in, out)`` or (transposed) a ``Linear``;
 - layouts: Dense ``(in, out)``; Conv1D/2D/3D channels-last ``(*S, I, O)``; depthwise
   ``(*S, C, mult)``; separable = depthwise ``(*S, C, mult)`` + pointwise ``(1…, C*mult, O)`` (two
   torch convs, :func:`split_separable`); transposed ``(*S, O, I)``; Embedding ``(vocab, dim)`` (same as torch);
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 
 __all__ = ["Preset", "PRESETS", "SourceView", "view", "LayerKind", "source_layer_kind", "TORCH_KINDS", "LEAF_ROLES", "RECURRENT",
            "natural_key", "layer_leaf_transform",
-           "split_separable", "is_backward_scope"]
+           "split_separable", "is_backward_scope", "KERAS_VARS", "name_numbered_vars"]
 
 Shape = tuple[int, ...]
 
@@ -91,11 +94,19 @@ PRESETS: dict[str, Preset] = {
                     channels_last=True),
     "tf": Preset(
         "tf",
-        strip=(_TF_VARIABLE_SUFFIX,),
+        strip=(_TF_VARIABLE_SUFFIX,
+               (r"^model/", "OpenAI GPT-2 checkpoints scope every variable under 'model/' (transformers' converter skips it)")),
         leaf_names={**_KERAS_LEAVES, "weights": ("weight", "tf.contrib.layers / slim name of a kernel"),
-                    "biases": ("bias", "tf.contrib.layers / slim name of a bias")},
+                    "biases": ("bias", "tf.contrib.layers / slim name of a bias"),
+                    "w": ("weight", "OpenAI GPT-2 / TF1 hand-written layers: weight"), "b": ("bias", "… bias"),
+                    "g": ("weight", "… LayerNorm gain (OpenAI 'g'/'b')"),
+                    "output_weights": ("weight", "TF1 BERT classifier 'cls/seq_relationship/output_weights' (labels, hidden): torch's layout"),
+                    "output_bias": ("bias", "TF1 BERT 'output_bias' (cls/predictions/output_bias → cls.predictions.bias)")},
         layouts={**_CHANNELS_LAST_KERNELS, ("weights", 2): _why([["transpose", None]], "slim fully_connected weights (in, out)"),
-                 ("weights", 4): _why([["permute", [3, 2, 0, 1]]], "slim conv2d weights (H, W, I, O)")},
+                 ("weights", 4): _why([["permute", [3, 2, 0, 1]]], "slim conv2d weights (H, W, I, O)"),
+                 ("w", 2): _why([["transpose", None]], "TF1 matmul weight (in, out) → Linear (out, in)"),
+                 ("w", 3): _why([["index", 0]], "OpenAI conv1d weight (1, in, out) as a dense layer → transformers Conv1D (in, out); "
+                                "a Linear takes its transpose (the target module decides)")},
         channels_last=True,
     ),
     "flax": Preset(
@@ -129,11 +140,14 @@ class SourceView:
 
 
 _NUMBERED = re.compile(r"^(.*?)_(\d+)$")
+_NUMBERED_BARE = re.compile(r"^([A-Za-z]+)(\d+)$")
 
 
-def _split_numbered(part: str) -> str:
-    # TF1/Keras number scopes with a suffix (layer_0, dense_3); torch uses a ModuleList index
-    m = _NUMBERED.match(part)
+def _split_numbered(part: str, bare: bool = False) -> str:
+    # TF1/Keras number scopes with a suffix (layer_0, dense_3); torch uses a ModuleList index.
+    # OpenAI's TF1 code numbers without the underscore (h0, h11: transformers' converter splits
+    # r"[A-Za-z]+\d+"): only as a further spelling, since torch's own conv1/fc2 look the same
+    m = (_NUMBERED_BARE if bare else _NUMBERED).match(part)
     return f"{m.group(1)}.{m.group(2)}" if m and m.group(1) else part
 
 
@@ -151,7 +165,14 @@ def view(key: str, shape: Shape, preset: Preset) -> SourceView:
     scope = ".".join(parts[:-1])
     name = f"{scope}.{torch_leaf}" if scope else torch_leaf
     alt_scope = ".".join(_split_numbered(p) for p in parts[:-1])
-    alts = tuple(n for n in {f"{alt_scope}.{torch_leaf}" if alt_scope else torch_leaf} if n != name)
+    alts = [f"{alt_scope}.{torch_leaf}" if alt_scope else torch_leaf]
+    if preset.name == "tf":
+        bare_scope = ".".join(_split_numbered(p, bare=True) for p in parts[:-1])
+        alts.append(f"{bare_scope}.{torch_leaf}" if bare_scope else torch_leaf)
+        if src_leaf not in preset.leaf_names and len(shape) == 2:
+            # a variable that is the layer itself (GPT-2 'model/wte', 'model/h0/…/wpe'): its table
+            alts += [f"{name}.weight", f"{bare_scope}.{src_leaf}.weight" if bare_scope else f"{src_leaf}.weight"]
+    alts = tuple(n for n in dict.fromkeys(alts) if n != name)
     return SourceView(key, name, scope, torch_leaf, transform, src_leaf, alts)
 
 
@@ -215,6 +236,38 @@ def split_separable(scope: str, leaves: dict[str, str]) -> list[tuple[str, dict[
     rest = {k: v for k, v in leaves.items() if k not in ("depthwise_kernel", "pointwise_kernel")}
     return [(f"{scope}.depthwise" if scope else "depthwise", {"depthwise_kernel": leaves["depthwise_kernel"]}),
             (f"{scope}.pointwise" if scope else "pointwise", {"pointwise_kernel": leaves["pointwise_kernel"], **rest})]
+
+
+# Keras 3 ``.weights.h5`` stores a layer's variables as ``layers/<name>/vars/0``, ``vars/1`` … in
+# the order the layer built them, without their names: the shapes say which layer it is, and the
+# build order then names them. First match wins.
+def _recurrent_vars(s: list[Shape]) -> bool:
+    return (len(s) in (2, 3) and len(s[0]) == 2 and len(s[1]) == 2 and s[1][0] > 0 and s[0][1] == s[1][1] and s[1][1] % s[1][0] == 0
+            and s[1][1] // s[1][0] in (1, 3, 4))
+
+
+KERAS_VARS: list[tuple[Callable[[list[Shape]], bool], tuple[str, ...], str]] = [
+    (_recurrent_vars, ("kernel", "recurrent_kernel", "bias"),
+     "LSTM/GRU/SimpleRNN cell: kernel (in, G*u), recurrent_kernel (u, G*u), bias (G*u,) or (2, G*u)"),
+    (lambda s: len(s) in (2, 3) and len(s[0]) >= 3 and len(s[1]) == len(s[0]) and all(d == 1 for d in s[1][:-2])
+     and s[1][-2] == s[0][-2] * s[0][-1], ("depthwise_kernel", "pointwise_kernel", "bias"),
+     "SeparableConv: depthwise kernel (*S, C, M), pointwise kernel (1…, C*M, O), bias"),
+    (lambda s: len(s) in (1, 2) and len(s[0]) >= 2 and (len(s) == 1 or len(s[1]) == 1), ("kernel", "bias"),
+     "Dense / Conv / DepthwiseConv: kernel, then bias"),
+    (lambda s: len(s) == 4 and all(len(x) == 1 and x == s[0] for x in s), ("gamma", "beta", "moving_mean", "moving_variance"),
+     "BatchNormalization (center and scale): gamma, beta, moving_mean, moving_variance"),
+    (lambda s: len(s) == 2 and all(len(x) == 1 and x == s[0] for x in s), ("gamma", "beta"), "LayerNormalization: gamma, beta"),
+]
+
+
+def name_numbered_vars(scope: str, shapes: list[Shape]) -> list[str] | None:
+    """Leaf names for a layer whose variables are only numbered (``vars/0``, ``vars/1`` …), or ``None``."""
+    if len(shapes) == 1 and len(shapes[0]) == 2 and "embedding" in scope.lower():
+        return ["embeddings"]  # Embedding (vocab, dim): one 2-D variable, named by its layer
+    for test, names, _why in KERAS_VARS:
+        if test(shapes):
+            return list(names[: len(shapes)])
+    return None
 
 
 # Keras Bidirectional scopes its two copies of the layer 'forward_<name>' and 'backward_<name>'

@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from np2torch.tasks import cache, convert, dtypes, evidence, export, infer_mapping, load_arrays, manifest, safe_pickle, st_io, state_dict, transforms, validate, verify
+from np2torch.tasks import cache, convert, dtypes, evidence, export, forward, infer_mapping, layouts, load_arrays, manifest, safe_pickle, st_io, state_dict, transforms, validate, verify
 from np2torch.tasks import model as model_mod
-from np2torch.tasks import presets
+from np2torch.tasks import presets, strategies
 from np2torch.tasks.config import Config
 from np2torch.tasks.fingerprint import file_fingerprint, sha256_file, cached_by_stat
 
@@ -123,7 +123,7 @@ def infer_mapping_key(cfg: Config, loaded: dict[str, Any]) -> str:
     # must not rerun when verify.atol changes. A manifest that did depend on them (ambiguous rows,
     # resolved or not) records their digest, and mapping_still_valid rejects it when they change.
     return cache.stage_key(
-        "infer-mapping", prev=loaded["key"], code=cache.code_version(infer_mapping, evidence, presets, transforms, manifest, model_mod),
+        "infer-mapping", prev=loaded["key"], code=cache.code_version(infer_mapping, strategies, layouts, evidence, forward, presets, transforms, manifest, model_mod),
         mapping=cfg.mapping.model_dump(mode="json"), model=model_fingerprint(cfg), dtype=cfg.convert.dtype,
     )
 
@@ -136,7 +136,7 @@ def infer_mapping_stage(cfg: Config, loaded: dict[str, Any], *, refresh: bool = 
     key = infer_mapping_key(cfg, loaded)
 
     def compute(work: Path) -> dict[str, Any]:
-        rows = evidence.build_manifest(cfg, read_records(loaded))
+        rows = infer_mapping.build_manifest(cfg, read_records(loaded))
         manifest.write_manifest(rows, work / "manifest.json")
         counts: dict[str, int] = {}
         for r in rows:
@@ -218,7 +218,7 @@ def _verify_spec(cfg: Config) -> dict[str, Any]:
 
 
 def verify_key(cfg: Config, converted: dict[str, Any]) -> str:
-    return cache.stage_key("verify-forward-pass", prev=converted["key"], code=cache.code_version(verify, evidence, state_dict), verify=_verify_spec(cfg),
+    return cache.stage_key("verify-forward-pass", prev=converted["key"], code=cache.code_version(verify, forward, state_dict), verify=_verify_spec(cfg),
                            device=cfg.convert.device)
 
 

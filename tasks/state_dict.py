@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from np2torch.tasks.errors import ConvertError, Problem
-from np2torch.tasks.model import TargetInfo
+from np2torch.tasks.model import TargetInfo, finish_load
 
 __all__ = ["check_device", "load_into_model"]
 
@@ -64,4 +64,5 @@ def load_into_model(model: nn.Module, state: dict[str, torch.Tensor], targets: l
         target_mod = model.get_submodule(mod_path) if mod_path else model
         src_mod = model.get_submodule(src_path) if src_path else model
         setattr(target_mod, name, getattr(src_mod, src_name))
-    return model
+    # the constructor's non-persistent buffers join the loaded tensors' device; nothing stays on meta
+    return finish_load(model, next(iter(state.values())).device if state else "cpu")

@@ -164,6 +164,12 @@ def apply(a: np.ndarray, spec: Spec) -> np.ndarray:
     return a
 
 
+# A pairing candidate in the manifest starts with ["source", key]: which source array the row reads
+# (interchangeable layers). It is not a transform (no rule can name it); the evidence step swaps
+# the row's source and strips it, so it never reaches apply().
+PAIRING_STEP = "source"
+
+
 def layout_label(spec: Spec) -> str:
     """The layout a spec stands for, without its sizes: ``slice=[0,20]; reshape=[2,10]; transpose`` → ``reshape; transpose``.
 
@@ -172,7 +178,7 @@ def layout_label(spec: Spec) -> str:
     """
     parts = []
     for name, arg in spec:
-        if name == "slice":
+        if name in ("slice", PAIRING_STEP):
             continue
         parts.append(name if name in ("reshape", "flatten_nhwc_to_nchw") or arg is None else f"{name}={json.dumps(arg, separators=(',', ':'))}")
     return "; ".join(parts) or "as-is"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from np2torch.tasks import evidence, presets as P, transforms as T
+from np2torch.tasks import forward, presets as P, transforms as T
 from np2torch.tasks.config import MappingSpec
 from np2torch.tasks.errors import MappingError
 from np2torch.tasks.infer_mapping import flatten_heuristic, infer_manifest, layout_candidates
@@ -133,7 +133,7 @@ def test_flatten_heuristic_and_probe_agree_on_the_keras_cnn() -> None:
 
     m = build_model(f"{REPO}/configs/models/keras_cnn.py:KerasCNN", {"in_channels": 1, "image_size": 28, "num_classes": 10})
     assert flatten_heuristic(describe_targets(m)) == {"fc1": [16, 11, 11]}
-    assert evidence.probe_flatten(m, InputSpec(shape=[2, 28, 28, 1])) == {"fc1": [16, 11, 11]}
+    assert forward.probe_flatten(m, InputSpec(shape=[2, 28, 28, 1])) == {"fc1": [16, 11, 11]}
 
 
 def test_probe_sees_non_square_maps() -> None:
@@ -150,7 +150,7 @@ def test_probe_sees_non_square_maps() -> None:
         m = Net()
     from np2torch.tasks.config import InputSpec
 
-    assert evidence.probe_flatten(m, InputSpec(shape=[1, 3, 6, 8])) == {"fc": [4, 4, 6]}
+    assert forward.probe_flatten(m, InputSpec(shape=[1, 3, 6, 8])) == {"fc": [4, 4, 6]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,3 +245,160 @@ def test_plan_lists_unverified_rows_without_reference(example_data: Path, capsys
     assert main(["plan", cfg, "--set", "verify.reference_output="]) == 0
     out = capsys.readouterr().out
     assert "mapped, UNVERIFIED" in out and "1 row(s) are unverified" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# unnamed arrays matched by order: per-kind layouts, reshape only as a candidate (issue 11, item 2)
+
+
+def _unnamed(arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+    # keys like a pickled get_weights() list's: nothing but the position says what each array is
+    return {f"{i:02d}": a for i, a in enumerate(arrays)}
+
+
+def _keras_like(rng: np.random.Generator, *shapes: tuple[int, ...]) -> list[np.ndarray]:
+    return [rng.standard_normal(s).astype(np.float32) for s in shapes]
+
+
+def test_order_applies_kind_layouts_and_keeps_the_reshape_a_candidate(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    arrays = _keras_like(rng, (3, 3, 3, 4), (4,), (144, 5), (5,))  # Keras kernels: (kh, kw, in, out), (in, out)
+    rows = _rows(tmp_path, _unnamed(arrays), model, strategy="order", preset="keras")
+    conv, fc = rows["0.weight"], rows["2.weight"]
+    assert conv["transform"] == "permute=[3,2,0,1]" and not conv["verified"]
+    assert [T.describe(c) for c in json.loads(conv["candidates"])] == ["permute=[3,2,0,1]", "reshape=[4,3,3,3]"]
+    assert fc["transform"].startswith("transpose") and not fc["verified"]
+    assert "reshape=[5,144]" in [T.describe(c) for c in json.loads(fc["candidates"])]
+    assert rows["0.bias"]["verified"] and rows["0.bias"]["how"] == "order"  # a vector has one layout
+
+
+def test_order_fills_depthwise_and_keras_recurrent_layers(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dw = nn.Conv2d(3, 6, 3, groups=3)
+            self.lstm = nn.LSTM(3, 4)
+            self.gru = nn.GRU(4, 6)
+
+    arrays = _keras_like(rng, (3, 3, 3, 2), (6,), (3, 16), (4, 16), (16,), (4, 18), (6, 18), (2, 18))
+    rows = _rows(tmp_path, _unnamed(arrays), Net(), strategy="order", preset="keras")
+    assert rows["dw.weight"]["transform"] == "depthwise_to_grouped"
+    assert rows["lstm.weight_ih_l0"]["transform"] == "transpose" and rows["lstm.bias_hh_l0"]["status"] == "zeros"
+    assert rows["gru.weight_hh_l0"]["transform"] == "transpose; reorder_chunks=[1,0,2]"
+    assert rows["gru.bias_ih_l0"]["source_key"] == rows["gru.bias_hh_l0"]["source_key"] == "07"
+    assert rows["gru.bias_hh_l0"]["transform"] == "index=1; reorder_chunks=[1,0,2]"
+    assert not any(r["status"] in ("missing", "unused") for r in rows.values())
+
+
+def test_batchnorm_counter_keeps_order_and_validates(tmp_path: Path) -> None:
+    from np2torch.tasks.validate import validate_manifest
+
+    rng = np.random.default_rng(2)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    gamma, beta, mean = _keras_like(rng, (2,), (2,), (2,))
+    arrays = [*_keras_like(rng, (3, 3, 1, 2), (2,)), gamma, beta, mean, np.abs(gamma) + 0.5, *_keras_like(rng, (32, 3), (3,))]
+    rows = infer_manifest(_records(tmp_path, _unnamed(arrays)), describe_targets(model), MappingSpec(strategy="order", preset="keras"))
+    by = {r["target_key"] or r["source_key"]: r for r in rows}
+    assert by["1.num_batches_tracked"]["status"] == "allowed_missing" and "PyTorch-only counter" in by["1.num_batches_tracked"]["note"]
+    assert by["1.running_var"]["source_key"] == "05" and by["3.weight"]["source_key"] == "06"
+    validate_manifest(rows, allow_nonfinite=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# what forward does (issue 11, item 6) and pairings (item 5)
+
+
+class _Functional(nn.Module):
+    def __init__(self, permute: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4 * 3 * 3, 2)
+        self.permute = permute
+
+    def forward(self, x):
+        x = torch.nn.functional.max_pool2d(torch.relu(self.conv(x)), 2)
+        if self.permute:
+            return self.fc(x.permute(0, 2, 3, 1).contiguous().view(x.size(0), -1))
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_trace_follows_functional_pooling_view_and_permute() -> None:
+    from np2torch.tasks.config import InputSpec
+
+    with torch.device("meta"):
+        plain, permuted = _Functional(), _Functional(permute=True)
+    assert forward.probe_flatten(plain, InputSpec(shape=[1, 3, 8, 8])) == {"fc": [4, 3, 3]}
+    tr = forward.trace_forward(permuted, InputSpec(shape=[1, 3, 8, 8]))
+    assert tr.flatten == {} and tr.channels_last_flatten == {"fc"}  # forward already flattens (H, W, C)
+
+
+class _Branches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Linear(4, 6)
+        self.a = nn.Linear(6, 3)
+        self.b = nn.Linear(6, 3)
+        self.c = nn.Linear(3, 3)  # same shape as nothing else: sequential after a
+
+    def forward(self, x):
+        h = torch.relu(self.trunk(x))
+        return torch.cat([self.c(torch.tanh(self.a(h))), torch.relu(self.b(h))], 1)
+
+
+def test_parallel_same_shaped_layers_are_a_pairing_ambiguity(tmp_path: Path) -> None:
+    from np2torch.tasks.config import InputSpec
+
+    with torch.device("meta"):
+        m = _Branches()
+    for tr in (forward.trace_forward(m, InputSpec(shape=[2, 4])), forward.graph_upstream(m)):
+        assert tr.parallel("a", "b") and not tr.parallel("trunk", "a") and not tr.parallel("a", "c")
+        rng = np.random.default_rng(3)
+        arrays = {"dense/kernel": rng.standard_normal((4, 6)), "dense/bias": rng.standard_normal(6),
+                  "dense_1/kernel": rng.standard_normal((6, 3)), "dense_1/bias": rng.standard_normal(3),
+                  "dense_2/kernel": rng.standard_normal((6, 3)), "dense_2/bias": rng.standard_normal(3),
+                  "dense_3/kernel": rng.standard_normal((3, 3)), "dense_3/bias": rng.standard_normal(3)}
+        rows = infer_manifest(_records(tmp_path, arrays), describe_targets(m), MappingSpec(preset="keras"), parallel=tr.parallel)
+        by = {r["target_key"]: r for r in rows if r["target_key"]}
+        for key, leaf in (("a.weight", "kernel"), ("b.weight", "kernel"), ("a.bias", "bias"), ("b.bias", "bias")):
+            cands = [T.describe(c) for c in json.loads(by[key]["candidates"])]
+            assert not by[key]["verified"]
+            assert {c.split(";")[0] for c in cands} == {f'source="dense_1/{leaf}"', f'source="dense_2/{leaf}"'}
+        assert by["trunk.weight"]["verified"] and json.loads(by["c.weight"]["candidates"])[0] != [["source", "dense_1/kernel"]]
+
+
+def test_reference_chooses_the_pairing_and_records_each_error(tmp_path: Path) -> None:
+    from np2torch.tasks import evidence
+
+    with torch.device("meta"):
+        meta = _Branches()
+    rng = np.random.default_rng(4)
+    w = {k: rng.standard_normal(s).astype(np.float32) for k, s in
+         [("t", (4, 6)), ("tb", (6,)), ("b", (6, 3)), ("bb", (3,)), ("a", (6, 3)), ("ab", (3,)), ("c", (3, 3)), ("cb", (3,))]}
+    # the source lists branch b first (its own order); a NumPy reference in the source layout
+    arrays = {"dense/kernel": w["t"], "dense/bias": w["tb"], "dense_1/kernel": w["b"], "dense_1/bias": w["bb"],
+              "dense_2/kernel": w["a"], "dense_2/bias": w["ab"], "dense_3/kernel": w["c"], "dense_3/bias": w["cb"]}
+    x = rng.standard_normal((5, 4)).astype(np.float32)
+    h = np.maximum(x @ w["t"] + w["tb"], 0)
+    ref = np.concatenate([np.tanh(h @ w["a"] + w["ab"]) @ w["c"] + w["cb"], np.maximum(h @ w["b"] + w["bb"], 0)], 1)
+    records = _records(tmp_path, arrays)
+    rows = infer_manifest(records, describe_targets(meta), MappingSpec(preset="keras"), parallel=forward.graph_upstream(meta).parallel)
+    out = evidence.resolve(rows, records, model=_Branches(), inputs=[x], refs=[ref], rtol=1e-4, atol=1e-5)
+    by = {r["target_key"]: r for r in out if r["target_key"]}
+    assert by["a.weight"]["source_key"] == "dense_2/kernel" and by["b.bias"]["source_key"] == "dense_1/bias"
+    assert by["a.weight"]["verified"] and by["a.weight"]["transform"] == "transpose"
+    ev = json.loads(by["a.weight"]["evidence"])
+    assert list(ev["pairings"]) == ["a <- dense_1/kernel, b <- dense_2/kernel", "a <- dense_2/kernel, b <- dense_1/kernel"]
+    positional, swapped = ev["pairings"].values()
+    assert swapped < 1e-4 < positional
+
+
+def test_pairings_past_the_bound_try_single_swaps() -> None:
+    from np2torch.tasks.evidence import pairings_to_try
+
+    perms, note = pairings_to_try(4)
+    assert len(perms) == 24 and note == ""
+    perms, note = pairings_to_try(5)
+    assert len(perms) == 1 + 10 and perms[0] == (0, 1, 2, 3, 4) and "more than the bound of 24" in note

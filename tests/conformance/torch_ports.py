@@ -1,0 +1,38 @@
+"""PyTorch ports of the Flax models in test_flax_models.py, as a user would write them.
+
+Each takes the same input array as its Flax original (channels-last images), so one verify
+input feeds both; nothing here knows how the Flax parameters are named or laid out.
+"""
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int = 12, hidden: int = 32, d_out: int = 10):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class CNN(nn.Module):
+    """Conv(8, 3×3) → BatchNorm → ReLU → avg-pool 2 → Conv(16, 3×3) → ReLU → flatten → Dense(10)."""
+
+    def __init__(self, in_channels: int = 3, image_size: int = 12, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 8, 3)
+        self.bn1 = nn.BatchNorm2d(8, eps=1e-5)  # flax.linen.BatchNorm's default epsilon
+        self.pool = nn.AvgPool2d(2)
+        self.conv2 = nn.Conv2d(8, 16, 3)
+        side = (image_size - 2) // 2 - 2
+        self.fc = nn.Linear(16 * side * side, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 3, 1, 2)  # the Flax model takes (N, H, W, C)
+        x = self.pool(torch.relu(self.bn1(self.conv1(x))))
+        x = torch.relu(self.conv2(x))
+        return self.fc(torch.flatten(x, 1))  # (C, H, W) order; Flax's reshape flattened (H, W, C)
