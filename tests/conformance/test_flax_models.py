@@ -26,19 +26,6 @@ def _flat(variables) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(variables, sep="/").items()}
 
 
-def _need_reader(container: str) -> None:
-    if container == "npz":
-        return
-    import importlib.util
-
-    try:
-        found = importlib.util.find_spec("np2torch.tasks.readers.flax_msgpack") is not None
-    except ModuleNotFoundError:  # no readers package at all
-        found = False
-    if not found:
-        pytest.skip("np2torch has no Flax .msgpack reader on this branch yet (issue 13, readers)")
-
-
 def _saved(variables, container: str) -> dict[str, np.ndarray] | bytes:
     """The variables as the user saved them: the flattened tree in a .npz, or Flax's own msgpack."""
     if container == "npz":
@@ -66,7 +53,6 @@ def _square(key: str, shape: tuple[int, ...]) -> bool:
 
 @CONTAINERS
 def test_flax_mlp(flax_linen, tmp_path: Path, container: str) -> None:
-    _need_reader(container)
     import jax
     import jax.numpy as jnp
 
@@ -198,7 +184,6 @@ def _flax_bert(nn, cfg: dict):
 
 @CONTAINERS
 def test_flax_bert_like_tree_into_transformers_bert(flax_linen, transformers, tmp_path: Path, container: str) -> None:
-    _need_reader(container)
     import jax
     import jax.numpy as jnp
 

@@ -1,13 +1,10 @@
 """Keras 3 ``.weights.h5`` (``layers/<name>/vars/<i>``: numbered, unnamed variables) and legacy ``.h5``.
 
-The mapping is tested on the file's own dataset paths, read with h5py into an ``.npz`` (what
-the ``h5`` reader will hand the mapping stage); the cases that read the ``.h5`` file directly
-are skipped until ``source.format: h5`` exists.
+The mapping is tested twice: on the file's own dataset paths, read with h5py into an ``.npz``,
+and on the ``.h5`` file itself through np2torch's ``h5`` reader (``source.format: h5``).
 """
 
 from __future__ import annotations
-
-import typing
 
 import numpy as np
 import pytest
@@ -22,12 +19,6 @@ h5py = pytest.importorskip("h5py", reason="h5py is not installed (pip install h5
 
 MODELS = {"CNN": (keras_cnn, True), "DepthwiseSeparable": (keras_depthwise, True), "Recurrent": (keras_recurrent, False),
           "TwoBranch": (keras_branches, False)}
-
-
-def _h5_known() -> bool:
-    from np2torch.tasks.config import SourceSpec
-
-    return "h5" in typing.get_args(SourceSpec.model_fields["format"].annotation)
 
 
 def _datasets(path) -> dict[str, np.ndarray]:
@@ -59,7 +50,6 @@ def test_keras_h5_paths_map_without_rules(tmp_path, torch_class, file_kind) -> N
     assert max_abs_error_of_export(config, torch_class, x, ref) < 1e-4
 
 
-@pytest.mark.skipif(not _h5_known(), reason="source.format: h5 is not known yet (the .weights.h5/.h5 reader lands with issue 13)")
 @pytest.mark.parametrize("file_kind", ["weights.h5", "legacy.h5"])
 @pytest.mark.parametrize("torch_class", sorted(MODELS))
 def test_keras_h5_file_converts(tmp_path, torch_class, file_kind) -> None:
