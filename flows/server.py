@@ -315,7 +315,12 @@ def server_status() -> dict[str, Any]:
 
 def add_server_parser(sub: Any) -> None:
     """``np2torch server start|stop|status`` on the CLI's sub-parsers."""
-    s = sub.add_parser("server", help="a lasting local Prefect server (history, UI)")
+    s = sub.add_parser("server", help="a lasting local Prefect server (history, UI)",
+                       description="Start, stop or check a lasting local Prefect server; convert and batch use it when it answers.",
+                       epilog="example:\n  np2torch server start && np2torch convert configs/examples/keras-cnn.yaml\n\n"
+                              "exit status: 0 done (status: the server answers); 1 it could not start or stop (status: not running); "
+                              "2 the command line is wrong",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("action", choices=["start", "stop", "status"])
     s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port of the UI and API (default {DEFAULT_PORT})")
     s.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")

@@ -20,6 +20,7 @@ file; ``du`` counts each inode once and shows how much of the cache is shared wi
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
@@ -277,7 +278,11 @@ def cache_cli(args: Any) -> int:
 
 def add_cache_parser(sub: Any) -> None:
     """``np2torch cache du|prune`` on the CLI's sub-parsers."""
-    c = sub.add_parser("cache", help="the stage cache: disk usage, prune (never breaks a current export)")
+    c = sub.add_parser("cache", help="the stage cache: disk usage, prune (never breaks a current export)",
+                       description="Disk usage of the stage cache per stage, or remove entries no current export needs.",
+                       epilog="example:\n  np2torch cache prune --older-than 7d --dry-run\n\n"
+                              "exit status: 0 done; 1 the cache could not be read or pruned; 2 the command line is wrong",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("action", choices=["du", "prune"])
     c.add_argument("--older-than", default=None, metavar="AGE", help="prune only entries unused for AGE (e.g. 7d, 12h); default: all unneeded")
     c.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")

@@ -56,7 +56,7 @@ def source_files(records: list[ArrayRecord]) -> list[str]:
 
 
 def fingerprint_files(paths: list[Path] | list[str], *, progress: Progress = None) -> list[dict[str, Any]]:
-    """path, bytes, sha256 per source file, each file read once (``progress``: files done).
+    """path, bytes, sha256 per source file, each file read once (``progress``: bytes done).
 
     For a ``.npy`` or ``.npz`` the same read also computes what :func:`scan_source` needs (array
     fingerprints, value statistics, CRCs) into the stat cache, so the scan reads nothing again.
@@ -71,7 +71,7 @@ def fingerprint_files(paths: list[Path] | list[str], *, progress: Progress = Non
             except (LoadError, OSError, ValueError):
                 pass
             if progress is not None:
-                progress(1)
+                progress(p.stat().st_size)
         return [file_fingerprint(p) for p in paths]
 
 

@@ -17,6 +17,7 @@ from np2torch.tasks import model as model_mod
 from np2torch.tasks import presets, strategies
 from np2torch.tasks.config import Config
 from np2torch.tasks.fingerprint import file_fingerprint, sha256_file, cached_by_stat
+from np2torch.tasks.progress import track
 
 __all__ = ["STAGES", "KEYS", "STILL_VALID", "run_all", "load_arrays_stage", "infer_mapping_stage", "validate_stage", "convert_stage",
            "verify_stage", "export_stage", "source_files_of", "model_fingerprint", "read_records", "config_content_digest"]
@@ -49,6 +50,13 @@ def read_records(loaded: dict[str, Any]) -> list[load_arrays.ArrayRecord]:
     return out
 
 
+def _fingerprints(files: list[Path]) -> list[dict[str, Any]]:
+    """sha256 (and the scan's statistics) of every source file, with a progress bar in bytes."""
+    total = sum(f.stat().st_size for f in files if f.is_file())
+    with track("load-arrays", "load-arrays (hashing sources)", total, unit="B") as cb:
+        return load_arrays.fingerprint_files(files, progress=cb)
+
+
 def load_arrays_key(cfg: Config) -> str:
     """Content key of load-arrays: source options + (relative name, sha256) of every source file."""
     root, files = source_files_of(cfg)
@@ -59,7 +67,7 @@ def load_arrays_key(cfg: Config) -> str:
         source={"format": src.format, "allow_pickle": src.allow_pickle, "key_prefix": src.key_prefix, "is_dir": src.path.is_dir()},
         # names relative to the source root plus content: the same bytes at another path still hit
         # one read per file: sha256 plus what the scan needs, remembered in the stat cache
-        files=[[f.relative_to(root).as_posix(), i["sha256"]] for f, i in zip(files, load_arrays.fingerprint_files(files))],
+        files=[[f.relative_to(root).as_posix(), i["sha256"]] for f, i in zip(files, _fingerprints(files))],
     )
 
 
