@@ -74,7 +74,8 @@ def test_keras3_weights_h5_nested_rnn_and_renamed_layers(tmp_path):
     from keras import layers
 
     inner = keras.Sequential([layers.Dense(3), layers.Dense(2)], name="inner")
-    m = keras.Sequential([keras.Input((5, 3)), layers.LSTM(4, return_sequences=True), layers.Bidirectional(layers.GRU(3)),
+    # named explicitly: Keras numbers unnamed layers per process (lstm, lstm_1, ...), and other tests build LSTMs too
+    m = keras.Sequential([keras.Input((5, 3)), layers.LSTM(4, return_sequences=True, name="lstm"), layers.Bidirectional(layers.GRU(3)),
                           layers.Dense(4, name="head"), inner])
     p = tmp_path / "rnn.weights.h5"
     m.save_weights(p)

@@ -219,7 +219,7 @@ def test_wheel_installs_np2torch_only_and_converts_outside_the_repo(tmp_path, ex
     work = _user_project(tmp_path / "elsewhere")
     shutil.copytree(REPO / "configs", work / "configs")
     shutil.copytree(example_data / "mlp", work / "data" / "examples" / "mlp")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith("PREFECT_API")}
     env |= {"NP2TORCH_DATA_DIR": str(work / "data"), "PATH": f"{venv / 'bin'}:{env.get('PATH', '')}"}
     run = lambda *a: subprocess.run(list(a), cwd=work, capture_output=True, text=True, env=env, timeout=600)  # noqa: E731
 
