@@ -300,9 +300,11 @@ def pack(paths: Sequence[str | Path]) -> Iterator[None]:
         yield
     finally:
         used, _PACK = _PACK, None
-        if used and used.keys() != loaded.keys() and not os.environ.get("NP2TORCH_READ_ONLY"):
+        # merged with what was there: the hash pass and the scan of one folder each use only
+        # their own kinds of entry, and neither may drop the other's
+        if used and not used.keys() <= loaded.keys() and not os.environ.get("NP2TORCH_READ_ONLY"):
             with contextlib.suppress(OSError):
-                _write_entry(entry, json.dumps(used))
+                _write_entry(entry, json.dumps({**loaded, **used}))
 
 
 def _lookup(entry: str, what: str, key: dict[str, Any]) -> tuple[bool, Any]:

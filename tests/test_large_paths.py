@@ -242,6 +242,25 @@ def test_rerun_with_unchanged_inputs_reads_no_source_bytes(tmp_path: Path, monke
     assert reads == []
 
 
+def test_folder_of_many_files_is_not_reread_by_a_new_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder of many .npy keeps its stat-cache entries in one pack file per folder; the hash
+    pass (cache key) and the scan each add their own entries to it, and neither may drop the
+    other's (a regression once made every rerun of a 1.6 GB folder re-hash it all)."""
+    src = tmp_path / "layers"
+    src.mkdir()
+    for i in range(fingerprint._PACK_MIN + 4):
+        np.save(src / f"w{i:02d}.npy", np.full(32, i, dtype=np.float32))
+        _settle(src / f"w{i:02d}.npy")
+    files = sorted(src.glob("*.npy"))
+    from np2torch.tasks.load_arrays import fingerprint_files
+
+    first = fingerprint_files(files), scan_source(src)
+    fingerprint._MEMO.clear()  # what a new process starts with
+    reads = _count_reads(monkeypatch)
+    assert (fingerprint_files(files), scan_source(src)) == first
+    assert reads == [], "an unchanged folder must come from the stat cache in the next process"
+
+
 def test_mapped_safetensors_release_keeps_values(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
