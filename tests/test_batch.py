@@ -7,6 +7,7 @@ import json
 import pickle
 import re
 import sys
+import time
 from pathlib import Path
 from uuid import UUID
 
@@ -271,8 +272,14 @@ def test_batch_runs_children_in_parallel_and_survives_a_failure(tmp_path: Path, 
         # the progress lines reach the run's logs once each (and the terminal once, above)
         from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-        logs = [lg.message for lg in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[parent_id])))]
-        assert sum(1 for m in logs if m.startswith("np2torch batch [")) == 3
+        def progress_lines() -> int:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[parent_id])))
+            return sum(1 for lg in logs if lg.message.startswith("np2torch batch ["))
+
+        deadline = time.monotonic() + 15  # logs reach the API in batches, shortly after the run ends
+        while progress_lines() < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert progress_lines() == 3
     assert captured.err.count("np2torch batch [") == 3
 
 
