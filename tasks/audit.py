@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import platform
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -56,15 +57,24 @@ def now() -> str:
 
 
 def versions() -> dict[str, str]:
-    import numpy
-    import pandera
-    import prefect
-    import torch
-
+    """Versions of what made the outputs; read from the installed distributions, so a run whose
+    every stage is a cache hit need not import torch or pandera to record them."""
     from np2torch.tasks import __version__
 
-    return {"np2torch": __version__, "python": platform.python_version(), "numpy": numpy.__version__, "torch": torch.__version__,
-            "prefect": prefect.__version__, "pandera": pandera.__version__}
+    return {"np2torch": __version__, "python": platform.python_version(),
+            **{name: _version_of(name) for name in ("numpy", "torch", "prefect", "pandera")}}
+
+
+def _version_of(name: str) -> str:
+    mod = sys.modules.get(name)
+    if mod is not None and isinstance(getattr(mod, "__version__", None), str):
+        return mod.__version__
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def record_hash(record: dict[str, Any], seq: int, prev: str) -> str:

@@ -44,14 +44,36 @@ __all__ = ["stage_key", "code_version", "lookup", "run_cached", "StageResult", "
 
 
 def code_version(*objs: Any) -> str:
-    """sha256 of the source of the given modules/functions: a code change invalidates the stage."""
+    """sha256 of the source of the given modules (objects or dotted names) or functions.
+
+    A code change invalidates the stage. A module given by name is hashed from its file without
+    importing it, so a run whose every stage is a cache hit never imports torch or pandera.
+    """
     h = hashlib.sha256()
     for o in objs:
-        try:
-            h.update(inspect.getsource(o).encode())
-        except (OSError, TypeError):
-            h.update(repr(o).encode())
+        h.update(_source_bytes(o))
     return h.hexdigest()[:16]
+
+
+_SOURCE_CACHE: dict[str, bytes] = {}
+
+
+def _source_bytes(o: Any) -> bytes:
+    if isinstance(o, str):
+        if o not in _SOURCE_CACHE:
+            import importlib.util
+
+            spec = importlib.util.find_spec(o)
+            if spec is None or not spec.origin or not Path(spec.origin).is_file():
+                raise ModuleNotFoundError(f"no source file for module {o!r}")
+            _SOURCE_CACHE[o] = Path(spec.origin).read_bytes()
+        return _SOURCE_CACHE[o]
+    if inspect.ismodule(o) and getattr(o, "__file__", None) and Path(o.__file__).is_file() and o.__file__.endswith(".py"):
+        return _source_bytes(o.__name__)
+    try:
+        return inspect.getsource(o).encode()
+    except (OSError, TypeError):
+        return repr(o).encode()
 
 
 def stage_key(stage: str, **parts: Any) -> str:

@@ -12,15 +12,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-from np2torch.tasks import cache, convert, dtypes, evidence, export, forward, infer_mapping, layouts, load_arrays, manifest, safe_pickle, st_io, state_dict, transforms, validate, verify
-from np2torch.tasks import model as model_mod
-from np2torch.tasks import presets, strategies
+from np2torch.tasks import cache, load_arrays, manifest
 from np2torch.tasks.config import Config
 from np2torch.tasks.fingerprint import file_fingerprint, sha256_file, cached_by_stat
 from np2torch.tasks.progress import track
 
 __all__ = ["STAGES", "KEYS", "STILL_VALID", "run_all", "load_arrays_stage", "infer_mapping_stage", "validate_stage", "convert_stage",
            "verify_stage", "export_stage", "source_files_of", "model_fingerprint", "read_records", "config_content_digest"]
+
+# The stage modules that need torch or pandera (infer_mapping, validate, convert, verify, export)
+# are imported inside the stage's compute function, and their code enters the cache keys by
+# file (cache.code_version of module names): a run whose every stage is a cache hit imports
+# neither torch nor pandera (about 3 s of a cached command).
+_T = "np2torch.tasks."
 
 STAGES = ["load-arrays", "infer-mapping", "validate", "convert-to-device", "verify-forward-pass", "export"]
 
@@ -63,7 +67,7 @@ def load_arrays_key(cfg: Config) -> str:
     src = cfg.source
     return cache.stage_key(
         "load-arrays",
-        code=cache.code_version(load_arrays, safe_pickle, dtypes, *load_arrays.READER_MODULES),
+        code=cache.code_version(load_arrays, _T + "safe_pickle", _T + "dtypes", *load_arrays.READER_MODULES),
         source={"format": src.format, "allow_pickle": src.allow_pickle, "key_prefix": src.key_prefix, "is_dir": src.path.is_dir()},
         # names relative to the source root plus content: the same bytes at another path still hit
         # one read per file: sha256 plus what the scan needs, remembered in the stat cache
@@ -131,7 +135,8 @@ def infer_mapping_key(cfg: Config, loaded: dict[str, Any]) -> str:
     # must not rerun when verify.atol changes. A manifest that did depend on them (ambiguous rows,
     # resolved or not) records their digest, and mapping_still_valid rejects it when they change.
     return cache.stage_key(
-        "infer-mapping", prev=loaded["key"], code=cache.code_version(infer_mapping, strategies, layouts, evidence, forward, presets, transforms, manifest, model_mod),
+        "infer-mapping", prev=loaded["key"], code=cache.code_version(*(_T + m for m in ("infer_mapping", "strategies", "layouts", "evidence", "forward", "presets", "transforms",
+                                                                      "manifest", "model"))),
         mapping=cfg.mapping.model_dump(mode="json"), model=model_fingerprint(cfg), dtype=cfg.convert.dtype,
     )
 
@@ -144,6 +149,8 @@ def infer_mapping_stage(cfg: Config, loaded: dict[str, Any], *, refresh: bool = 
     key = infer_mapping_key(cfg, loaded)
 
     def compute(work: Path) -> dict[str, Any]:
+        from np2torch.tasks import infer_mapping
+
         rows = infer_mapping.build_manifest(cfg, read_records(loaded))
         manifest.write_manifest(rows, work / "manifest.json")
         counts: dict[str, int] = {}
@@ -163,13 +170,15 @@ def infer_mapping_stage(cfg: Config, loaded: dict[str, Any], *, refresh: bool = 
 
 
 def validate_key(cfg: Config, mapped: dict[str, Any]) -> str:
-    return cache.stage_key("validate", prev=mapped["key"], code=cache.code_version(validate, dtypes), allow_nonfinite=cfg.source.allow_nonfinite)
+    return cache.stage_key("validate", prev=mapped["key"], code=cache.code_version(_T + "validate", _T + "dtypes"), allow_nonfinite=cfg.source.allow_nonfinite)
 
 
 def validate_stage(cfg: Config, mapped: dict[str, Any], *, refresh: bool = False) -> dict[str, Any]:
     key = validate_key(cfg, mapped)
 
     def compute(work: Path) -> dict[str, Any]:
+        from np2torch.tasks import validate
+
         rows = manifest.read_manifest(_entry(mapped, "manifest.json"))
         validate.validate_manifest(rows, allow_nonfinite=cfg.source.allow_nonfinite)
         manifest.write_manifest(rows, work / "manifest.json")
@@ -186,7 +195,7 @@ def validate_stage(cfg: Config, mapped: dict[str, Any], *, refresh: bool = False
 
 
 def convert_key(cfg: Config, loaded: dict[str, Any], validated: dict[str, Any]) -> str:
-    return cache.stage_key("convert-to-device", prev=validated["key"], code=cache.code_version(convert, st_io, transforms, state_dict),
+    return cache.stage_key("convert-to-device", prev=validated["key"], code=cache.code_version(*(_T + m for m in ("convert", "st_io", "transforms", "state_dict"))),
                            convert=cfg.convert.model_dump(mode="json"), model=model_fingerprint(cfg))
 
 
@@ -194,6 +203,8 @@ def convert_stage(cfg: Config, loaded: dict[str, Any], validated: dict[str, Any]
     key = convert_key(cfg, loaded, validated)
 
     def compute(work: Path) -> dict[str, Any]:
+        from np2torch.tasks import convert
+
         rows = manifest.read_manifest(_entry(validated, "manifest.json"))
         res = convert.convert_to_device(rows, read_records(loaded), model_target=cfg.model.target, model_kwargs=cfg.model.kwargs,
                                         device=cfg.convert.device, out_path=work / "model.safetensors",
@@ -226,7 +237,7 @@ def _verify_spec(cfg: Config) -> dict[str, Any]:
 
 
 def verify_key(cfg: Config, converted: dict[str, Any]) -> str:
-    return cache.stage_key("verify-forward-pass", prev=converted["key"], code=cache.code_version(verify, forward, state_dict), verify=_verify_spec(cfg),
+    return cache.stage_key("verify-forward-pass", prev=converted["key"], code=cache.code_version(_T + "verify", _T + "forward", _T + "state_dict"), verify=_verify_spec(cfg),
                            device=cfg.convert.device)
 
 
@@ -235,6 +246,8 @@ def verify_stage(cfg: Config, converted: dict[str, Any], *, refresh: bool = Fals
     key = verify_key(cfg, converted)
 
     def compute(work: Path) -> dict[str, Any]:
+        from np2torch.tasks import verify
+
         metrics = verify.verify_forward_pass(model_target=cfg.model.target, model_kwargs=cfg.model.kwargs, weights=Path(converted["file"]),
                                              spec=v, device=cfg.convert.device, allow_unsafe_load=cfg.model.allow_unsafe_load)
         return {"metrics": metrics}
@@ -272,7 +285,7 @@ def export_metadata(cfg: Config, loaded: dict[str, Any]) -> dict[str, str]:
 
 
 def export_key(cfg: Config, loaded: dict[str, Any], validated: dict[str, Any], converted: dict[str, Any], verified: dict[str, Any]) -> str:
-    return cache.stage_key("export", prev=verified["key"], code=cache.code_version(export, st_io), export=cfg.export.model_dump(mode="json"),
+    return cache.stage_key("export", prev=verified["key"], code=cache.code_version(_T + "export", _T + "st_io"), export=cfg.export.model_dump(mode="json"),
                            metadata=export_metadata(cfg, loaded))
 
 
@@ -290,6 +303,8 @@ def export_stage(cfg: Config, loaded: dict[str, Any], validated: dict[str, Any],
     key = export_key(cfg, loaded, validated, converted, verified)
 
     def compute(work: Path) -> dict[str, Any]:
+        from np2torch.tasks import export
+
         rows = manifest.read_manifest(_entry(validated, "manifest.json"))
         outputs = export.export_outputs(converted=Path(converted["file"]), tensors=converted["tensors"], manifest_rows=rows,
                                         out_dir=cfg.export.dir, formats=list(cfg.export.formats), metadata=meta)
