@@ -2,7 +2,7 @@
 
 Starting Prefect's temporary API server costs a conversion about ten seconds, and its history
 is gone when the command ends. ``np2torch server start`` runs Prefect's own server
-(``prefect server start``) in the background, detached from the terminal, with its
+app (what ``prefect server start`` serves, see :mod:`np2torch.flows.server_app`) in the background, detached from the terminal, with its
 ``PREFECT_HOME`` (SQLite database, logs) under np2torch's data folder, so flow runs, logs and
 artifacts survive and the UI stays at one URL (http://127.0.0.1:4200 by default).
 
@@ -236,7 +236,7 @@ def _tail(path: Path, n: int = 15) -> str:
 
 
 def start_server(*, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, timeout: float = START_TIMEOUT_S) -> dict[str, Any]:
-    """Start ``prefect server start`` detached (own session: it outlives this command); wait until healthy."""
+    """Start the server (:mod:`np2torch.flows.server_app`) detached (own session: it outlives this command); wait until healthy."""
     running = _healthy_local()
     if running is not None:
         return {**running, "already_running": True}
@@ -254,7 +254,9 @@ def start_server(*, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, timeout:
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
                PREFECT_SERVER_API_HOST=host, PREFECT_SERVER_API_PORT=str(port))
     url = f"http://{host}:{port}"
-    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
+    # Prefect's own server app (UI, API, services), with busy SQLite writes retried inside the
+    # server instead of by the client after 2-8 s of backoff (np2torch.flows.server_app)
+    cmd = [sys.executable, "-m", "np2torch.flows.server_app", "--host", host, "--port", str(port)]
     with open(log, "ab") as fh:
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, cwd=str(d),
                                 start_new_session=True, close_fds=True)
