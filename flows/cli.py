@@ -27,14 +27,18 @@ __all__ = ["main", "build_parser"]
 def cmd_convert(args: argparse.Namespace) -> int:
     from np2torch.flows.preflight import preflight_convert
 
-    preflight_convert(args.config, args.set)  # config, paths, model target, Prefect API: before Prefect starts
+    api = preflight_convert(args.config, args.set)  # config, paths, model target, Prefect API: before Prefect starts
+    code = _in_warm_runner(api, args)
+    if code is not None:
+        return code
     from np2torch.flows.convert import convert_config
     from np2torch.flows.runtime import quiet_expected_tracebacks
 
     quiet_expected_tracebacks()
     record = convert_config(args.config, args.set, refresh=args.refresh)
     v = record.get("verification") or {}
-    print(f"np2torch: {record['name']} converted ({record['status']}) in {record['seconds']:.2f}s")
+    where = " (warm runner)" if os.environ.get("NP2TORCH_IN_RUNNER") else ""
+    print(f"np2torch: {record['name']} converted ({record['status']}) in {record['seconds']:.2f}s{where}")
     for name, s in record["stages"].items():
         print(f"  {name:<20} {'cached  ' if s['cached'] else 'computed'} {s['seconds']:8.3f}s  attempts {s['attempts']}")
     if v:
@@ -46,6 +50,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     for o in record["outputs"]:
         print(f"  wrote {o['path']}  ({o['bytes']} bytes, sha256 {o['sha256'][:16]}…)")
     return 0
+
+
+def _in_warm_runner(api: Any, args: argparse.Namespace) -> int | None:
+    """With np2torch's local server, the warm runner it started runs this command (no imports to wait
+    for); None when it cannot (see :mod:`np2torch.flows.warm`), and the command runs here."""
+    if getattr(api, "mode", None) not in ("local", "env"):  # the runner itself checks it reports to the same API
+        return None
+    from np2torch.flows.warm import try_delegate
+
+    return try_delegate(args.argv)
 
 
 def _status_cell(r: dict[str, Any]) -> str:
@@ -145,7 +159,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_batch(args: argparse.Namespace) -> int:
     from np2torch.flows.preflight import preflight_batch
 
-    preflight_batch(args.batch_config, args.set)  # config and Prefect API: before Prefect starts
+    api = preflight_batch(args.batch_config, args.set)  # config and Prefect API: before Prefect starts
+    code = _in_warm_runner(api, args)
+    if code is not None:
+        return code
     from np2torch.flows.batch import run_batch_cli
 
     return run_batch_cli(args)
@@ -253,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_prefect()  # the same Prefect settings as the Python API
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     from np2torch.tasks.lifecycle import handle_termination
 
     restore_signals = handle_termination()  # SIGTERM/SIGINT: stop within seconds, as cleanly as a kill

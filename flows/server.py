@@ -239,7 +239,12 @@ def start_server(*, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, timeout:
     """Start the server (:mod:`np2torch.flows.server_app`) detached (own session: it outlives this command); wait until healthy."""
     running = _healthy_local()
     if running is not None:
-        return {**running, "already_running": True}
+        from np2torch.flows import warm
+
+        st = warm.runner_state()
+        if st is None or not _pid_alive(int(st["pid"])) or st.get("api_url") != running["api_url"]:
+            warm.start_runner(running["api_url"], server_dir() / "runner.log")
+        return {**running, "already_running": True, "runner": warm.wait_ready(timeout)}
     old = server_state()
     if old and _pid_alive(int(old["pid"])):
         stop_server()  # recorded but not answering: replace it rather than start a second one
@@ -265,6 +270,9 @@ def start_server(*, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, timeout:
     tmp = _state_file().with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=2))
     os.replace(tmp, _state_file())
+    from np2torch.flows import warm
+
+    warm.start_runner(state["api_url"], d / "runner.log")  # warms up (imports) while the server starts
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if proc.poll() is not None:
@@ -272,7 +280,7 @@ def start_server(*, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, timeout:
             raise ConversionError(f"the Prefect server exited during start-up (status {proc.returncode})", key=str(log), stage="server",
                                   fix=f"see its log:\n{_tail(log)}")
         if probe(state["api_url"], timeout=1.0) is None:
-            return {**state, "seconds": round(time.monotonic() - t0, 1)}
+            return {**state, "seconds": round(time.monotonic() - t0, 1), "runner": warm.wait_ready(max(5.0, timeout - (time.monotonic() - t0)))}
         time.sleep(0.25)
     stop_server()
     raise ConversionError(f"the Prefect server did not answer within {timeout:g} s", key=str(log), stage="server",
@@ -281,6 +289,9 @@ def start_server(*, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, timeout:
 
 def stop_server(*, timeout: float = 30.0) -> bool:
     """Stop the local server (its whole process group); False when none was running."""
+    from np2torch.flows import warm
+
+    warm.stop_runner()
     state = server_state()
     if state is None:
         return False
@@ -308,7 +319,11 @@ def server_status() -> dict[str, Any]:
         return {"running": False, "healthy": False, "url": None, "pid": None}
     alive = _pid_alive(int(state["pid"]))
     healthy = alive and probe(state["api_url"], timeout=2.0) is None
-    return {**state, "running": alive, "healthy": healthy}
+    from np2torch.flows import warm
+
+    runner = warm.runner_state()
+    return {**state, "running": alive, "healthy": healthy, "runner": bool(runner and _pid_alive(int(runner["pid"]))),
+            "runner_pid": runner["pid"] if runner else None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,6 +352,8 @@ def server_cli(args: argparse.Namespace) -> int:
             print(f"np2torch: the Prefect server is already running at {st['url']} (pid {st['pid']})")
         else:
             print(f"np2torch: Prefect server running at {st['url']} (pid {st['pid']}, ready in {st['seconds']} s)")
+        print("  warm runner: " + ("ready (convert and batch start without import time)" if st.get("runner") else
+                                   "NOT ready (convert and batch still work, in their own process; see runner.log)"))
         print(f"  UI: {st['url']}   API: {st['api_url']}\n  history: {st['home']}\n  log: {st['log']}\n"
               "  convert and batch use it from now on (no temporary server); stop it with `np2torch server stop`")
         return 0
@@ -348,5 +365,6 @@ def server_cli(args: argparse.Namespace) -> int:
         print("np2torch: no Prefect server running (start one with `np2torch server start`)")
         return 1
     print(f"np2torch: Prefect server {'healthy' if st['healthy'] else 'NOT answering'} at {st['url']} (pid {st['pid']})\n"
-          f"  API: {st['api_url']}\n  history: {st['home']}\n  log: {st['log']}\n  started: {st['started_at']}")
+          f"  API: {st['api_url']}\n  history: {st['home']}\n  log: {st['log']}\n  started: {st['started_at']}\n"
+          f"  warm runner: {'running (pid ' + str(st['runner_pid']) + ')' if st['runner'] else 'not running'}")
     return 0 if st["healthy"] else 1

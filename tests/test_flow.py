@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -22,9 +23,15 @@ def _task_states(run_id: str) -> dict[str, str]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    # task-run states reach the API as events, recorded asynchronously by the server: wait for them
+    deadline = time.monotonic() + 20
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
-    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+            if all(r.state is not None for r in runs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    return {r.name.rsplit("-", 1)[0]: r.state.name if r.state else "no state recorded" for r in runs}
 
 
 def _artifact(key: str, run_id: str):  # noqa: ANN202 - prefect's Artifact

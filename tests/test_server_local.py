@@ -52,7 +52,10 @@ def fake_api() -> Iterator[str]:
 @pytest.fixture
 def no_prefect_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No PREFECT_API_URL from the environment, a profile, or a harness in this process."""
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    # choose_api() writes PREFECT_API_URL into os.environ: setenv first, so that teardown puts back
+    # the value before this test (or its absence) instead of leaking this test's server to the next
+    monkeypatch.setenv("PREFECT_API_URL", "unset-by-fixture")
+    monkeypatch.delenv("PREFECT_API_URL")
     monkeypatch.setenv("PREFECT_PROFILES_PATH", str(tmp_path / "no-profiles.toml"))
     monkeypatch.setattr(server, "_configured_in_process", lambda: None)
     monkeypatch.setattr(server, "_HINT_SHOWN", False)
@@ -172,9 +175,40 @@ def test_server_start_status_stop_round_trip(no_prefect_config, capsys: pytest.C
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/flow_runs/{run_id}", timeout=10) as resp:
             run = json.loads(resp.read())
         assert run["name"] == "tiny" and {"tiny", "dtype:float32", "device:cpu"} <= set(run["tags"])
+        _warm_runner_runs_commands(config, port)
     finally:
         os.environ.pop("PREFECT_API_URL", None)
         assert main(["server", "stop"]) == 0
     assert "Prefect server stopped" in capsys.readouterr().out
     assert not server._pid_alive(st["pid"])
     assert server.server_state() is None and main(["server", "status"]) == 1
+    assert not Path(st["home"]).parent.joinpath("runner.json").exists()  # `server stop` stopped the runner too
+
+
+def _warm_runner_runs_commands(config: Path, port: int) -> None:
+    """The runner `server start` started runs a command typed in the same environment: its output,
+    its exit status and its failure message reach the command, as if it had run in its own process."""
+    from np2torch.flows import warm
+
+    st = server.server_status()
+    assert st["runner"], (server.server_dir() / "runner.log").read_text()
+    env = {**os.environ, "NP2TORCH_DATA_DIR": str(server.data_dir())}  # the environment `server start` ran in
+
+    def run(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "np2torch.flows.cli", *args], env={**env, **extra}, capture_output=True,
+                              text=True, timeout=600)
+
+    r = run("convert", str(config))
+    assert r.returncode == 0, r.stderr
+    assert "converted (success)" in r.stdout and "(warm runner)" in r.stdout
+    assert f"http://127.0.0.1:{port}/runs/flow-run/" in r.stderr
+    # a failure inside a stage: exit 1 and the stage's message, on the command's own stderr
+    bad = run("convert", str(config), "--set", "convert.dtype=float16", "--set", "verify.atol=0", "--set", "verify.rtol=0")
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "np2torch: error: [infer-mapping] `fc2.weight`: the reference output cannot be reproduced" in bad.stderr
+    # another environment (here: the runner turned off; likewise a PREFECT_* or thread-count variable) runs in its own process
+    own = run("convert", str(config), NP2TORCH_WARM="0")
+    assert own.returncode == 0 and "converted (success)" in own.stdout and "(warm runner)" not in own.stdout
+    other = run("convert", str(config), OMP_NUM_THREADS="1")
+    assert other.returncode == 0 and "(warm runner)" not in other.stdout
+    assert warm.runner_state() is not None
