@@ -31,8 +31,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     code = _in_warm_runner(api, args)
     if code is not None:
         return code
+    early = _early_server(api)  # starts while this process imports Prefect and torch
     from np2torch.flows.convert import convert_config
     from np2torch.flows.runtime import quiet_expected_tracebacks
+
+    if early is not None:
+        early.wait()
 
     quiet_expected_tracebacks()
     record = convert_config(args.config, args.set, refresh=args.refresh)
@@ -60,6 +64,12 @@ def _in_warm_runner(api: Any, args: argparse.Namespace) -> int | None:
     from np2torch.flows.warm import try_delegate
 
     return try_delegate(args.argv)
+
+
+def _early_server(api: Any) -> Any:
+    from np2torch.flows.server import start_temporary_early
+
+    return start_temporary_early(api)
 
 
 def _status_cell(r: dict[str, Any]) -> str:
@@ -163,8 +173,11 @@ def cmd_batch(args: argparse.Namespace) -> int:
     code = _in_warm_runner(api, args)
     if code is not None:
         return code
+    early = _early_server(api)
     from np2torch.flows.batch import run_batch_cli
 
+    if early is not None:
+        early.wait()
     return run_batch_cli(args)
 
 

@@ -37,7 +37,7 @@ from typing import Any
 from np2torch.tasks.errors import ConversionError
 from np2torch.tasks.paths import data_dir
 
-__all__ = ["ApiChoice", "ApiUnreachable", "choose_api", "using_api", "run_url", "server_state", "start_server", "stop_server",
+__all__ = ["ApiChoice", "ApiUnreachable", "TemporaryServer", "start_temporary_early", "choose_api", "using_api", "run_url", "server_state", "start_server", "stop_server",
            "server_status", "add_server_parser", "server_cli", "DEFAULT_HOST", "DEFAULT_PORT"]
 
 DEFAULT_HOST = "127.0.0.1"
@@ -170,6 +170,8 @@ def choose_api(*, hint: bool = True) -> ApiChoice:
     """
     global _HINT_SHOWN
     env_url = os.environ.get("PREFECT_API_URL") or _profile_api_url()
+    if env_url and env_url == os.environ.get("NP2TORCH_TEMPORARY_API_URL"):
+        return ApiChoice("temporary", env_url, None)  # started by this command (TemporaryServer): no lasting UI link
     if env_url:
         why = probe(env_url)
         if why is not None:
@@ -213,6 +215,77 @@ def run_url(choice: ApiChoice, flow_run_id: str | None) -> str | None:
     if not choice.lasting or not flow_run_id:
         return None
     return f"{choice.ui_url}/runs/flow-run/{flow_run_id}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the temporary server, started early
+
+
+class TemporaryServer:
+    """Prefect's temporary API server, started by np2torch as soon as a command knows it needs one.
+
+    Prefect starts its temporary server when the first flow starts, after this process has spent
+    seconds importing torch and Prefect; np2torch starts the same server app
+    (:mod:`np2torch.flows.server_app` ``--ephemeral``: what Prefect's own ``SubprocessASGIServer``
+    runs, with busy writes retried) right after the preflight checks, so that both start-ups run
+    at once. It reports through ``PREFECT_API_URL``, dies with this process even on ``kill -9``
+    (:mod:`np2torch.tasks._orphan_guard`) and is stopped when the command ends.
+    """
+
+    def __init__(self) -> None:
+        import tempfile
+
+        with socket.socket() as s:
+            s.bind((DEFAULT_HOST, 0))
+            self.port = s.getsockname()[1]
+        self.api_url = f"http://{DEFAULT_HOST}:{self.port}/api"
+        self.log = tempfile.TemporaryFile(prefix="np2torch-temporary-server-")
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        env.pop("PREFECT_API_URL", None)
+        self.proc = subprocess.Popen([sys.executable, "-m", "np2torch.tasks._orphan_guard", str(os.getpid()), "-m", "np2torch.flows.server_app",
+                                      "--ephemeral", "--host", DEFAULT_HOST, "--port", str(self.port), "--log-level", "error"],
+                                     env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
+        os.environ["PREFECT_API_URL"] = self.api_url
+        os.environ["NP2TORCH_TEMPORARY_API_URL"] = self.api_url  # choose_api: a temporary server, no UI link
+        import atexit
+
+        atexit.register(self.stop)
+
+    def wait(self, timeout: float = 120.0) -> None:
+        """Block until it answers; a clear error (with its log) when it exits or does not answer."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                break
+            if probe(self.api_url, timeout=1.0) is None:
+                return
+            time.sleep(0.1)
+        self.log.seek(0)
+        tail = "\n".join(self.log.read().decode(errors="replace").splitlines()[-15:])
+        self.stop()
+        raise ConversionError("the temporary Prefect server did not start" + (f" (exit status {self.proc.returncode})" if self.proc.returncode is not None else
+                              f" within {timeout:g} s"), key="prefect-api", stage="prefect-api",
+                              fix=f"start a lasting one with `np2torch server start`; its log:\n{tail}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(3)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if os.environ.get("NP2TORCH_TEMPORARY_API_URL") == self.api_url:
+            os.environ.pop("NP2TORCH_TEMPORARY_API_URL", None)
+            if os.environ.get("PREFECT_API_URL") == self.api_url:
+                os.environ.pop("PREFECT_API_URL", None)
+
+
+def start_temporary_early(choice: ApiChoice) -> TemporaryServer | None:
+    """Start the temporary server now when ``choice`` says one is needed (``NP2TORCH_EARLY_SERVER=0``: leave it to Prefect)."""
+    if choice.mode != "temporary" or os.environ.get("NP2TORCH_EARLY_SERVER", "1") in ("0", "false", "no"):
+        return None
+    return TemporaryServer()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=4200)
     ap.add_argument("--log-level", default=os.environ.get("PREFECT_SERVER_LOGGING_LEVEL", "warning").lower())
+    ap.add_argument("--ephemeral", action="store_true", help="what Prefect's temporary server serves (API only, no UI)")
     args = ap.parse_args(argv)
 
     import prefect
@@ -124,7 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     from prefect.server.api.server import create_app
     from prefect.settings import get_current_settings
 
-    app = create_app(final=True, webserver_only=False)  # what `prefect server start` serves, services included
+    if args.ephemeral:  # as prefect.server.api.server.SubprocessASGIServer starts it
+        app = create_app(final=True, ephemeral=True)
+    else:
+        app = create_app(final=True, webserver_only=False)  # what `prefect server start` serves, services included
     print(f"np2torch: Prefect {prefect.__version__} server (busy writes retried in the server) at http://{args.host}:{args.port}",
           flush=True)
     uvicorn.run(app=RetryBusyWrites(app), host=args.host, port=args.port, log_level=args.log_level,
