@@ -5,13 +5,15 @@ data folder under a temporary directory; nothing is written into the repository.
 
 - ``--help``; a config error (a misspelled key); a missing source file;
 - keras-cnn ``convert`` with Prefect's temporary server: computed (empty cache), then cached;
-- ``server start`` (a lasting local server on a free port), then keras-cnn ``convert`` against
-  it, computed and cached, and ``batch`` of the six bundled conversions, computed and cached;
+- ``server start`` (a lasting local server on a free port, and its warm runner), then keras-cnn
+  ``convert`` against it through the warm runner (computed, cached, ``--refresh``) and in its
+  own process (``NP2TORCH_WARM=0``: cached, ``--refresh``), and ``batch`` of the six bundled
+  conversions (warm runner: computed, cached; own process: cached);
 - ``server stop``.
 
-The start-up breakdown: imports (``import np2torch.flows.convert``), temporary server (the
-same cached command with and without a running server), stages (the audit record's seconds),
-and the rest (flow and task bookkeeping, API calls, shutdown).
+The start-up breakdown of a cached convert: imports (``import np2torch.flows.convert``), the
+temporary server (temporary-server row minus own-process row), what the warm runner saves
+(own-process row minus warm-runner row), the stages (the audit record's seconds) and the rest.
 
     .venv/bin/python bench/startup.py            # prints a markdown table; --json for raw numbers
 """
@@ -61,6 +63,7 @@ def main() -> None:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "NP2TORCH_"))}
     base.update(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180", NP2TORCH_PROGRESS="0")
     rows: dict[str, float] = {}
+    warm_used: dict[str, bool] = {}
     kc = REPO / "configs" / "examples" / "keras-cnn.yaml"
     server_env = {**base, "NP2TORCH_DATA_DIR": str(tmp / "server-data")}
     try:
@@ -87,37 +90,48 @@ def main() -> None:
         port = _free_port()
         t = time.perf_counter()
         _, p = run(["server", "start", "--port", str(port)], server_env)
-        rows["server start (first: creates the database)"] = time.perf_counter() - t
+        rows["server start (first: creates the database; warms the runner)"] = time.perf_counter() - t
         out_s = tmp / "out-server"
-        rows["keras-cnn convert, running server, computed"], p1 = run(["convert", str(kc), "--set", f"export.dir={out_s}"], server_env)
-        cached = [run(["convert", str(kc), "--set", f"export.dir={out_s}"], server_env) for _ in range(2)]
-        rows["keras-cnn convert, running server, cached, best of 2"] = min(w for w, _ in cached)
+        conv = ["convert", str(kc), "--set", f"export.dir={out_s}"]
+        own = {**server_env, "NP2TORCH_WARM": "0"}  # the same command in its own process (no warm runner)
+        rows["keras-cnn convert, running server, warm runner, computed (first run)"], p1 = run(conv, server_env)
+        warm_used["computed"] = "(warm runner)" in p1.stdout
+        cached = [run(conv, server_env) for _ in range(2)]
+        rows["keras-cnn convert, running server, warm runner, cached, best of 2"] = min(w for w, _ in cached)
+        warm_used["cached"] = all("(warm runner)" in q.stdout for _, q in cached)
         p2 = cached[-1][1]
         stages_cached = stage_seconds(out_s / "report.json")
+        rows["keras-cnn convert, running server, warm runner, --refresh (all stages computed), best of 2"] = min(
+            run([*conv, "--refresh"], server_env)[0] for _ in range(2))
+        rows["keras-cnn convert, running server, own process, cached, best of 2"] = min(run(conv, own)[0] for _ in range(2))
+        rows["keras-cnn convert, running server, own process, --refresh, best of 2"] = min(run([*conv, "--refresh"], own)[0] for _ in range(2))
         batch = tmp / "six.yaml"
         entries = [{"config": str(REPO / "configs" / "examples" / f"{n}.yaml"), "set": [f"export.dir={tmp / 'batch-out' / n}"]}
                    for n in EXAMPLES]
         batch.write_text(json.dumps({"conversions": entries, "max_parallel": 2}))
-        rows["batch of six, running server, computed"], _ = run(["batch", str(batch)], server_env)
-        rows["batch of six, running server, cached"], _ = run(["batch", str(batch)], server_env)
+        rows["batch of six, running server, warm runner, computed"], _ = run(["batch", str(batch)], server_env)
+        rows["batch of six, running server, warm runner, cached, best of 2"] = min(run(["batch", str(batch)], server_env)[0] for _ in range(2))
+        rows["batch of six, running server, own process, cached"], _ = run(["batch", str(batch)], own)
         t = time.perf_counter()
         run(["server", "stop"], server_env)
-        rows["server stop"] = time.perf_counter() - t
+        rows["server stop (and its runner)"] = time.perf_counter() - t
         url_line = next((ln for ln in p2.stderr.splitlines() if "Prefect UI" in ln), "(no UI line)")
     finally:
         subprocess.run([sys.executable, "-m", "np2torch.flows.cli", "server", "stop"], env=server_env, capture_output=True, cwd=REPO)
         shutil.rmtree(tmp, ignore_errors=True)
 
     imports = rows["imports (np2torch.flows.convert + batch, Prefect, torch), best of 3"]
-    cached_local = rows["keras-cnn convert, running server, cached, best of 2"]
+    cached_own = rows["keras-cnn convert, running server, own process, cached, best of 2"]
+    cached_warm = rows["keras-cnn convert, running server, warm runner, cached, best of 2"]
     breakdown = {
-        "imports": imports,
-        "temporary server start + stop": rows["keras-cnn convert, temporary server, cached, best of 2"] - cached_local,
+        "imports (a fresh process; paid by the runner once, at `server start`)": imports,
+        "temporary server (start beside the imports, stop)": rows["keras-cnn convert, temporary server, cached, best of 2"] - cached_own,
+        "own process, beyond the warm runner (imports a cached run needs, start-up)": cached_own - cached_warm,
         "stages (audit record, cached run)": stages_cached,
-        "flow, tasks, API calls, shutdown": cached_local - imports - stages_cached,
+        "with the warm runner: client, preflight, fork, flow and task runs, API calls, artifacts": cached_warm - stages_cached,
     }
     res = {"machine": {"nproc": os.cpu_count(), "loadavg": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M %Z")}, "rows": rows,
-           "breakdown_cached_convert": breakdown, "ui_line": url_line}
+           "breakdown_cached_convert": breakdown, "ui_line": url_line, "warm_runner_used": warm_used}
     if args.json:
         print(json.dumps(res, indent=1))
         return
@@ -129,7 +143,7 @@ def main() -> None:
     print("| part | s |\n|---|---|")
     for k, v in breakdown.items():
         print(f"| {k} | {v:.2f} |")
-    print(f"\nUI line printed by convert: `{url_line}`")
+    print(f"\nUI line printed by convert: `{url_line}`; warm runner used: {warm_used}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from typing import Any
 
 from np2torch.tasks.errors import ConversionError
 from np2torch.tasks.paths import data_dir
+from np2torch.tasks.procs import pid_alive
 
 __all__ = ["ApiChoice", "ApiUnreachable", "TemporaryServer", "start_temporary_early", "choose_api", "using_api", "run_url", "server_state", "start_server", "stop_server",
            "server_status", "add_server_parser", "server_cli", "DEFAULT_HOST", "DEFAULT_PORT"]
@@ -91,17 +92,7 @@ def server_state() -> dict[str, Any] | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped) is not alive
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return True
+_pid_alive = pid_alive  # the name tests and older callers use
 
 
 def probe(api_url: str, *, timeout: float = _PROBE_TIMEOUT_S) -> str | None:

@@ -61,9 +61,10 @@ _PER_COMMAND = ("NP2TORCH_PROGRESS", "NP2TORCH_WARM", "NP2TORCH_IN_RUNNER")  # r
 
 
 def _server_dir() -> Path:
-    from np2torch.flows.server import server_dir
+    """The local server's folder (:func:`np2torch.flows.server.server_dir`): the runner lives beside it."""
+    from np2torch.tasks.paths import data_dir
 
-    return server_dir()
+    return data_dir() / "prefect-server"
 
 
 def socket_path() -> Path:
@@ -218,14 +219,21 @@ def _changed(snapshot: dict[str, tuple[int, int]]) -> str | None:
     return None
 
 
+# what a conversion imports, by name: the runner sits beside the CLI (it runs the CLI's entry point
+# in each child), so it names the modules it preloads rather than importing them as a dependency
+PRELOAD = ("torch", "torch.fx", "pandas", "pandera.pandas", "safetensors.torch", "np2torch.flows.cli", "np2torch.flows.convert",
+           "np2torch.flows.batch", "np2torch.tasks.prefect_tasks", "np2torch.tasks.infer_mapping", "np2torch.tasks.validate",
+           "np2torch.tasks.convert", "np2torch.tasks.verify", "np2torch.tasks.export")
+ENTRY = "np2torch.flows.cli:main"  # what each child runs, with the command's arguments
+
+
 def _warm_up() -> None:
     """Import what a conversion imports, and run torch's lazy paths once (a meta-device trace)."""
-    import torch
-    import torch.fx  # noqa: F401 - the mapping's tracer
+    import importlib
 
-    import np2torch.flows.batch  # noqa: F401
-    import np2torch.flows.convert  # noqa: F401
-    from np2torch.tasks import convert, export, infer_mapping, validate, verify  # noqa: F401
+    for name in PRELOAD:
+        importlib.import_module(name)
+    import torch
 
     with torch.device("meta"):
         m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(),
@@ -234,6 +242,13 @@ def _warm_up() -> None:
     m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
     with torch.no_grad():
         m(torch.zeros(1, 3, 8, 8))
+
+
+def _entry() -> Any:
+    import importlib
+
+    module, _, attr = ENTRY.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def _incompatible(req: dict[str, Any], env_snapshot: dict[str, str]) -> str | None:
@@ -347,8 +362,7 @@ def _child(conn: socket.socket, fds: list[int], req: dict[str, Any]) -> None:
         conn.settimeout(None)
         _send_msg(conn, {"ok": True, "pid": os.getpid()})
         threading.Thread(target=_watch_client, args=(conn,), daemon=True, name="np2torch-runner-client").start()
-        from np2torch.flows.cli import main
-
+        main = _entry()
         try:
             code = int(main(req["argv"]) or 0)
         except SystemExit as exc:
@@ -428,9 +442,9 @@ def wait_ready(timeout: float) -> bool:
 
 
 def _alive(pid: int) -> bool:
-    from np2torch.flows.server import _pid_alive
+    from np2torch.tasks.procs import pid_alive
 
-    return _pid_alive(pid)
+    return pid_alive(pid)
 
 
 def stop_runner() -> bool:
