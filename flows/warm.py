@@ -227,21 +227,34 @@ PRELOAD = ("torch", "torch.fx", "pandas", "pandera.pandas", "safetensors.torch",
 ENTRY = "np2torch.flows.cli:main"  # what each child runs, with the command's arguments
 
 
+def _native_threads() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
+
+
 def _warm_up() -> None:
-    """Import what a conversion imports, and run torch's lazy paths once (a meta-device trace)."""
+    """Import what a conversion imports, and run torch's lazy paths once (a meta-device trace).
+
+    Never a computation on the CPU: that starts the OpenMP thread pool, and a child forked after
+    it hangs in its first parallel loop (GNU OpenMP is not fork-safe). :func:`serve` checks that
+    no native thread was started beyond those ``import torch`` starts.
+    """
     import importlib
 
-    for name in PRELOAD:
-        importlib.import_module(name)
     import torch
 
+    baseline = _native_threads()
+    for name in PRELOAD:
+        importlib.import_module(name)
     with torch.device("meta"):
         m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(),
                                 torch.nn.Linear(144, 8), torch.nn.LayerNorm(8))
         m(torch.empty(2, 3, 8, 8))
-    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
-    with torch.no_grad():
-        m(torch.zeros(1, 3, 8, 8))
+    if _native_threads() > baseline or threading.active_count() != 1:
+        raise SystemExit(f"np2torch runner: warming up started threads ({_native_threads()} native, {threading.enumerate()}); "
+                         "a forked child could hang, so the runner does not serve; commands run in their own process")
 
 
 def _entry() -> Any:
@@ -267,8 +280,6 @@ def serve(path: Path) -> None:
 
     configure_prefect()
     _warm_up()
-    if threading.active_count() != 1:
-        raise SystemExit(f"np2torch runner: threads were started while warming up ({threading.enumerate()}); not safe to fork")
     env_snapshot = _compared_env(dict(os.environ))
     modules = _module_files()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel

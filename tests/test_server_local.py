@@ -196,11 +196,15 @@ def _warm_runner_runs_commands(config: Path, port: int) -> None:
 
     def run(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "np2torch.flows.cli", *args], env={**env, **extra}, capture_output=True,
-                              text=True, timeout=600)
+                              text=True, timeout=300)
 
     r = run("convert", str(config))
     assert r.returncode == 0, r.stderr
     assert "converted (success)" in r.stdout and "(warm runner)" in r.stdout
+    # every stage computed in a forked child: torch's CPU kernels and thread pools work there
+    computed = run("convert", str(config), "--refresh")
+    assert computed.returncode == 0 and "(warm runner)" in computed.stdout, computed.stderr
+    assert "cached" not in computed.stdout.split("converted", 1)[1].split("verification")[0]
     assert f"http://127.0.0.1:{port}/runs/flow-run/" in r.stderr
     # a failure inside a stage: exit 1 and the stage's message, on the command's own stderr
     bad = run("convert", str(config), "--set", "convert.dtype=float16", "--set", "verify.atol=0", "--set", "verify.rtol=0")
