@@ -109,21 +109,26 @@ def append_record(record: dict[str, Any], log: Path | None = None) -> Path:
     return log
 
 
+def _line_start_before(fd: int, end: int) -> int:
+    """Offset just after the last newline before ``end`` (0 when there is none): where that line starts."""
+    pos = end
+    while pos > 0:
+        start = max(0, pos - 65536)
+        nl = os.pread(fd, pos - start, start).rfind(b"\n")
+        if nl >= 0:
+            return start + nl + 1
+        pos = start
+    return 0
+
+
 def _last_line(fd: int) -> bytes | None:
     """The last complete line (without its newline), or None for an empty log."""
     size = os.fstat(fd).st_size
     if not size:
         return None
     end = size - 1  # the final newline
-    pos = end
-    while pos > 0:
-        start = max(0, pos - 65536)
-        chunk = os.pread(fd, pos - start, start)
-        nl = chunk.rfind(b"\n")
-        if nl >= 0:
-            return os.pread(fd, end - (start + nl + 1), start + nl + 1)
-        pos = start
-    return os.pread(fd, end, 0)
+    start = _line_start_before(fd, end)
+    return os.pread(fd, end - start, start)
 
 
 def _seq_of(line: bytes | None) -> int | None:
@@ -161,15 +166,7 @@ def _drop_torn_tail(fd: int, log: Path) -> None:
     size = os.fstat(fd).st_size
     if not size or os.pread(fd, 1, size - 1) == b"\n":
         return
-    pos = size
-    while pos > 0:
-        start = max(0, pos - 65536)
-        chunk = os.pread(fd, pos - start, start)
-        nl = chunk.rfind(b"\n")
-        if nl >= 0:
-            pos = start + nl + 1
-            break
-        pos = start
+    pos = _line_start_before(fd, size)
     logger.warning("audit log %s ended in a torn line (%d bytes) from an interrupted writer; dropped it", log, size - pos)
     os.ftruncate(fd, pos)
 
