@@ -148,8 +148,10 @@ def try_delegate(argv: list[str]) -> int | None:
     try:
         sock.settimeout(2.0)
         sock.connect(str(path))
+        umask = os.umask(0o022)
+        os.umask(umask)
         request = {"protocol": PROTOCOL, "argv": list(argv), "cwd": os.getcwd(), "env": dict(os.environ), "sys_path": list(sys.path),
-                   "executable": sys.executable}
+                   "executable": sys.executable, "umask": umask}
         _send_msg(sock, request, fds=[0, 1, 2])
         reply, _ = _recv_msg(sock)
     except (OSError, EOFError, ValueError):
@@ -364,6 +366,7 @@ def _child(conn: socket.socket, fds: list[int], req: dict[str, Any]) -> None:
             with contextlib.suppress(Exception):
                 stream.reconfigure(line_buffering=stream.isatty())
         os.chdir(req["cwd"])
+        os.umask(int(req.get("umask", 0o022)))  # the files it writes get the command's permissions
         os.environ.clear()
         os.environ.update(req["env"])
         os.environ["NP2TORCH_IN_RUNNER"] = "1"

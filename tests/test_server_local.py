@@ -205,6 +205,15 @@ def _warm_runner_runs_commands(config: Path, port: int) -> None:
     computed = run("convert", str(config), "--refresh")
     assert computed.returncode == 0 and "(warm runner)" in computed.stdout, computed.stderr
     assert "cached" not in computed.stdout.split("converted", 1)[1].split("verification")[0]
+    # the files get the command's umask, not the runner's: the same modes as a run in its own process
+    modes = {}
+    for where, extra in (("runner", {}), ("own", {"NP2TORCH_WARM": "0"})):
+        out = config.parent / f"umask-077-{where}"
+        r = subprocess.run([sys.executable, "-m", "np2torch.flows.cli", "convert", str(config), "--refresh", "--set", f"export.dir={out}"],
+                           env={**env, **extra}, capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.umask(0o077))
+        assert r.returncode == 0 and ("(warm runner)" in r.stdout) == (where == "runner"), r.stderr
+        modes[where] = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir() if p.is_file()}
+    assert modes["runner"] == modes["own"] and "0o600" in modes["runner"].values()
     assert f"http://127.0.0.1:{port}/runs/flow-run/" in r.stderr
     # a failure inside a stage: exit 1 and the stage's message, on the command's own stderr
     bad = run("convert", str(config), "--set", "convert.dtype=float16", "--set", "verify.atol=0", "--set", "verify.rtol=0")
