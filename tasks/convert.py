@@ -5,16 +5,17 @@ cast once into a buffer the size of that one tensor and written at its offset in
 file whose header was planned from the manifest. Peak memory is therefore a few of the largest
 tensors, not the model: worker threads cast ahead (a bounded window), this thread writes in
 file order while a helper thread feeds the same bytes into the file's sha256 (so the cache
-never re-reads the file to hash it), and the file is made durable by one ``fsync`` before its
-rename (``NP2TORCH_WRITEBACK=per-tensor`` starts write-back after each tensor instead; both
-measured in bench/README.md). The file is then loaded into the model (built on ``meta``) on the
+never re-reads the file to hash it). The file's blocks are allocated up front (``fallocate``),
+write-back of each tensor starts as soon as it is written, and one ``fsync`` before the rename
+makes the file durable (``NP2TORCH_WRITEBACK`` selects the other ways, measured in
+bench/README.md). Per-tensor digests of the written bytes are not computed here: the export
+links this very file, and only a copy (another file system) re-reads both to compare them. The file is then loaded into the model (built on ``meta``) on the
 configured device with ``strict=True`` semantics: nothing missing, nothing unexpected, every
 shape equal, and tied weights still tied.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
@@ -30,8 +31,9 @@ import numpy as np
 import torch
 
 from np2torch.tasks import transforms as T
+from np2torch.tasks.bytework import pwrite_all, reserve, start_writeback
 from np2torch.tasks.errors import ConvertError
-from np2torch.tasks.fingerprint import blake3_bytes, remember
+from np2torch.tasks.fingerprint import remember
 from np2torch.tasks.readers.access import ArrayRecord, open_array
 from np2torch.tasks.manifest import target_rows
 from np2torch.tasks.model import build_model, describe_targets, materialize_missing
@@ -100,43 +102,21 @@ class _BufferPool:
             self._free.put(buf)
 
 
-def _libc_sync_file_range():
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return fn
-
-
-_SYNC_FILE_RANGE = _libc_sync_file_range()
 _POOL_MIN_BYTES = 1 << 20  # tensors smaller than this are cheap to allocate
-_SYNC_FILE_RANGE_WRITE = 2
 
 
-def _writeback_per_tensor() -> bool:
-    """``NP2TORCH_WRITEBACK=per-tensor`` starts disk write-back after each tensor (the old way).
+def _writeback_mode() -> str:
+    """When the written bytes start going to disk (``NP2TORCH_WRITEBACK``).
 
-    The default writes every tensor into the page cache and makes the file durable with one
-    ``fsync`` before the rename, which is the same guarantee (nobody sees the file before the
-    rename, and the rename follows the fsync). Measured on the 1.6 GB benchmark (bench/README.md):
-    per-tensor write-back makes the writer wait on the disk queue while it still has tensors
-    to convert; one final fsync lets the conversion overlap with the kernel's own write-back.
+    ``early`` (default): a helper thread starts write-back of each tensor once it is written,
+    so the disk works while the next tensors are converted and the final ``fsync`` waits
+    only for the tail. ``final``: everything stays in the page cache until that ``fsync``.
+    ``per-tensor``: the writer itself starts write-back after each tensor (the first way,
+    kept for comparison). All three give the same guarantee: nobody sees the file before its
+    rename, and the rename follows the ``fsync``. Measured in bench/README.md.
     """
-    return os.environ.get("NP2TORCH_WRITEBACK", "final") == "per-tensor"
-
-
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    """Start writing these bytes to disk now, without waiting (Linux); fsync later waits for less."""
-    if _SYNC_FILE_RANGE is not None and length:
-        _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
-
-
-def _pwrite_all(fd: int, buf: bytes | memoryview, offset: int) -> None:
-    view = memoryview(buf).cast("B")
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
+    mode = os.environ.get("NP2TORCH_WRITEBACK", "early")
+    return mode if mode in ("early", "final", "per-tensor") else "early"
 
 
 def _default_workers() -> int:
@@ -161,7 +141,7 @@ def write_converted(rows: list[dict[str, Any]], records: dict[str, ArrayRecord],
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     info: dict[str, dict[str, Any]] = {}
     sha = hashlib.sha256(header)  # the tensors follow the header back to back, in plan order
-    per_tensor = _writeback_per_tensor()
+    writeback = _writeback_mode()
 
     largest = max([b - a for a, b in offsets.values()], default=0)
     workers = workers or _default_workers()
@@ -186,15 +166,17 @@ def write_converted(rows: list[dict[str, Any]], records: dict[str, ArrayRecord],
         if len(buf) != b - a:
             buffers.put(scratch)
             raise ConvertError("converted tensor has the wrong byte size", key=key, expected=b - a, actual=len(buf))
-        return key, buf, {"dtype": row["target_dtype"], "shape": json.loads(row["target_shape"]), "blake3": blake3_bytes(buf), "offsets": [a, b]}, scratch
+        return key, buf, {"dtype": row["target_dtype"], "shape": json.loads(row["target_shape"]), "offsets": [a, b]}, scratch
 
     def write(key: str, buf: bytes | memoryview, meta: dict[str, Any], scratch: torch.Tensor | None) -> None:
         a, b = offsets[key]
         hashed = hasher.submit(sha.update, buf)  # the file's sha256 runs while the bytes are written
-        _pwrite_all(fd, buf, a)
+        pwrite_all(fd, buf, a)
         hashed.result()
-        if per_tensor:
-            _start_writeback(fd, a, b - a)
+        if writeback == "per-tensor":
+            start_writeback(fd, a, b - a)
+        elif writeback == "early":  # on its own thread: the writer never waits for the disk queue
+            flusher.submit(start_writeback, fd, a, b - a)
         info[key] = meta
         del buf
         buffers.put(scratch)
@@ -203,9 +185,10 @@ def write_converted(rows: list[dict[str, Any]], records: dict[str, ArrayRecord],
 
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.ftruncate(fd, total)
-        _pwrite_all(fd, header, 0)
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, ThreadPoolExecutor(max_workers=1) as hasher:
+        reserve(fd, total)  # blocks allocated in one call: writing into them is then ~6x cheaper (bytework)
+        pwrite_all(fd, header, 0)
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, ThreadPoolExecutor(max_workers=1) as hasher, \
+                ThreadPoolExecutor(max_workers=1) as flusher:
             window: deque = deque()  # casts in flight, in file order; bounded so memory stays bounded
             for row in rows:
                 window.append(pool.submit(cast, row))
