@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import queue
+import mmap
 import warnings
 from collections import deque
 from collections.abc import Callable
@@ -60,70 +60,122 @@ def _native(a: np.ndarray) -> np.ndarray:
     return a if a.dtype.isnative or a.dtype.byteorder == "|" else a.astype(a.dtype.newbyteorder("="))
 
 
-def _cast_into(dst_dtype: str, src: np.ndarray, scratch: torch.Tensor | None = None) -> bytes | memoryview:
-    """One pass: byte order, strides (transposes) and dtype, into a C-contiguous buffer.
-
-    ``scratch`` (a uint8 tensor at least as large as the result) is reused instead of a fresh
-    allocation: a fresh 64 MiB buffer costs 16k page faults, each zeroing a page in the kernel,
-    which measured as most of the convert stage's time.
-    """
+def _cast_to(dst_dtype: str, src: np.ndarray, out: torch.Tensor) -> int:
+    """One pass: byte order, strides (transposes) and dtype, straight into ``out`` (a uint8
+    tensor over the tensor's bytes in the output file's map); returns the byte size the result
+    has, and writes nothing when that is not ``out``'s size (the caller reports it)."""
     np_dt = np_dtype_for(dst_dtype)
     t_dt = getattr(torch, dst_dtype)
-    nbytes = int(np.prod(src.shape, dtype=np.int64)) * (np_dt.itemsize if np_dt is not None else torch.empty(0, dtype=t_dt).element_size())
-    if nbytes == 0:
-        return b""
-    raw = scratch[:nbytes] if scratch is not None and scratch.numel() >= nbytes else torch.empty(nbytes, dtype=torch.uint8)
+    itemsize = np_dt.itemsize if np_dt is not None else torch.empty(0, dtype=t_dt).element_size()
+    nbytes = int(np.prod(src.shape, dtype=np.int64)) * itemsize
+    if nbytes == 0 or nbytes != out.numel():
+        return nbytes
+    if out.data_ptr() % itemsize:  # a tensor after an odd-sized one is not aligned for its dtype: cast beside, then copy
+        tmp = torch.empty(nbytes, dtype=torch.uint8)
+        _cast_to(dst_dtype, src, tmp)
+        out.copy_(tmp)
+        return nbytes
     if np_dt is not None and (not src.dtype.isnative or src.dtype.kind == "b" or np_dt.kind == "b"):
-        out = raw.numpy().view(np_dt).reshape(src.shape)
-        np.copyto(out, src, casting="unsafe")
-        return raw.numpy().data
+        np.copyto(out.numpy().view(np_dt).reshape(src.shape), src, casting="unsafe")
+        return nbytes
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # a read-only memmap: torch only reads it
         s = torch.from_numpy(np.asarray(src))
-    raw.view(t_dt).view(tuple(src.shape)).copy_(s)  # torch's copy is blocked and multithreaded for transposed sources
-    return raw.numpy().data
-
-
-class _BufferPool:
-    """A few reusable scratch buffers, each as large as the largest tensor: memory stays bounded
-    by the window of tensors in flight, and pages are faulted in once, not once per tensor."""
-
-    def __init__(self, n: int, nbytes: int):
-        self._free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
-        for _ in range(n if nbytes else 0):
-            self._free.put(torch.empty(nbytes, dtype=torch.uint8))
-        self.enabled = nbytes > 0
-
-    def get(self) -> torch.Tensor | None:
-        return self._free.get() if self.enabled else None
-
-    def put(self, buf: torch.Tensor | None) -> None:
-        if buf is not None:
-            self._free.put(buf)
-
-
-_POOL_MIN_BYTES = 1 << 20  # tensors smaller than this are cheap to allocate
+    out.view(t_dt).view(tuple(src.shape)).copy_(s)  # torch's transposed copy is cache-blocked
+    return nbytes
 
 
 def _writeback_mode() -> str:
     """When the written bytes start going to disk (``NP2TORCH_WRITEBACK``).
 
-    ``early`` (default): a helper thread starts write-back of each tensor once it is written,
-    so the disk works while the next tensors are converted and the final ``fsync`` waits
-    only for the tail. ``final``: everything stays in the page cache until that ``fsync``.
-    ``per-tensor``: the writer itself starts write-back after each tensor (the first way,
-    kept for comparison). All three give the same guarantee: nobody sees the file before its
-    rename, and the rename follows the ``fsync``. Measured in bench/README.md.
+    ``early`` (default): a helper thread starts write-back of each tensor once it is written
+    and hashed, so the disk works while the next tensors are converted and the final ``fsync``
+    waits only for the tail. ``final``: everything stays in the page cache until that ``fsync``.
+    ``per-tensor``: the writing thread itself starts write-back after each tensor (the first
+    way, kept for comparison). All three give the same guarantee: nobody sees the file before
+    its rename, and the rename follows the ``fsync``. Measured in bench/README.md.
     """
     mode = os.environ.get("NP2TORCH_WRITEBACK", "early")
     return mode if mode in ("early", "final", "per-tensor") else "early"
 
 
 def _default_workers() -> int:
-    """One tensor per worker: torch's transposed copy is already cache-blocked (single-threaded),
-    so tensors in parallel use the cores (measured faster than tiling one tensor over threads).
-    3 at most: memory is (workers + 2) buffers of the largest tensor."""
+    """One tensor per worker: torch's transposed copy is cache-blocked but single-threaded, so
+    tensors in parallel use the cores (measured faster than tiling one tensor over threads).
+    3 at most: the tensors in flight are mapped, and count in RSS until hashed."""
     return max(2, min(3, os.cpu_count() or 2))
+
+
+def _convert_row(row: dict[str, Any], by_key: dict[str, dict[str, Any]], records: dict[str, ArrayRecord],
+                 missing_values: dict[str, torch.Tensor], out: torch.Tensor) -> None:
+    """Convert one manifest row into ``out`` (its bytes in the output), or raise a ConvertError."""
+    key = row["target_key"]
+    src_row = by_key[row["tied_to"]] if row["how"] == "tied" else row
+    try:
+        if row["status"] == "allowed_missing":
+            t = missing_values[key].to(getattr(torch, row["target_dtype"])).contiguous().reshape(-1)
+            n = t.numel() * t.element_size()
+            if n == out.numel() and n:
+                out.copy_(t.view(torch.uint8))
+        else:
+            n = _cast_to(row["target_dtype"], source_tensor(src_row, records), out)
+    except (OSError, ValueError, TypeError, RuntimeError, KeyError) as exc:
+        raise ConvertError(f"converting failed: {type(exc).__name__}: {exc}", key=key, fix="check this row in `np2torch plan`") from None
+    if n != out.numel():
+        raise ConvertError("converted tensor has the wrong byte size", key=key, expected=out.numel(), actual=n)
+
+
+def _map_output(fd: int, total: int) -> mmap.mmap | None:
+    """A shared writable map of the output file; None where the file system cannot give one."""
+    try:
+        return mmap.mmap(fd, total)
+    except (OSError, ValueError):
+        return None
+
+
+class _Output:
+    """The output file's bytes as a shared writable map: workers convert each tensor straight into
+    its place (no scratch buffer, no ``pwrite`` copy), this thread hashes each finished tensor
+    from the map in file order, starts its write-back and drops its pages from the process (they
+    stay in the page cache, dirty, until written). Where the file cannot be mapped writable, each
+    tensor is converted into its own buffer and written with ``pwrite``."""
+
+    def __init__(self, fd: int, total: int, header: bytes) -> None:
+        self.fd, self.sha, self.writeback = fd, hashlib.sha256(header), _writeback_mode()
+        self.mm = _map_output(fd, total)
+
+    def region(self, a: int, b: int) -> torch.Tensor:
+        if self.mm is None or b <= a:
+            return torch.empty(b - a, dtype=torch.uint8)
+        return torch.frombuffer(self.mm, dtype=torch.uint8, count=b - a, offset=a)
+
+    def finish(self, out: torch.Tensor, a: int, b: int, flusher: ThreadPoolExecutor) -> None:
+        """``out`` (from :meth:`region`) holds the tensor's bytes: hash, write, start write-back, release."""
+        if b <= a:
+            return
+        if self.mm is None:
+            view = out.numpy().data
+            self.sha.update(view)
+            pwrite_all(self.fd, view, a)
+        else:
+            with memoryview(self.mm) as whole, whole[a:b] as view:
+                self.sha.update(view)  # from the page cache: what the file holds
+        if self.writeback == "per-tensor":
+            start_writeback(self.fd, a, b - a)
+        elif self.writeback == "early":  # on its own thread: this one never waits for the disk queue
+            flusher.submit(start_writeback, self.fd, a, b - a)
+        if self.mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            start = a - a % mmap.PAGESIZE  # a page shared with the next tensor faults back in if it is still written
+            self.mm.madvise(mmap.MADV_DONTNEED, start, b - start)
+
+    def close(self, *, flush: bool = True) -> None:
+        if self.mm is not None:
+            try:
+                if flush:
+                    self.mm.flush()  # msync: the POSIX way to hand mapped writes to the file (fsync follows)
+                self.mm.close()
+            except BufferError:  # a view still alive (an error's traceback): unmapped when collected
+                pass
 
 
 def write_converted(rows: list[dict[str, Any]], records: dict[str, ArrayRecord], out_path: Path, *,
@@ -133,80 +185,49 @@ def write_converted(rows: list[dict[str, Any]], records: dict[str, ArrayRecord],
     (``progress`` gets each tensor's bytes once written)."""
     rows = target_rows(rows)
     by_key = {r["target_key"]: r for r in rows}
-    missing_values = missing_values or {}
     plan = [(r["target_key"], r["target_dtype"], tuple(json.loads(r["target_shape"]))) for r in rows]
     header, offsets = plan_header(plan, metadata or {})
     total = max([b for _, b in offsets.values()], default=len(header))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    info: dict[str, dict[str, Any]] = {}
-    sha = hashlib.sha256(header)  # the tensors follow the header back to back, in plan order
-    writeback = _writeback_mode()
-
-    largest = max([b - a for a, b in offsets.values()], default=0)
     workers = workers or _default_workers()
-    window_size = max(1, workers)
-    # casts in flight (window_size + 1) plus the one being written; small tensors skip the pool
-    buffers = _BufferPool(window_size + 2, largest if largest >= _POOL_MIN_BYTES else 0)
 
-    def cast(row: dict[str, Any]) -> tuple[str, bytes | memoryview, dict[str, Any], torch.Tensor | None]:
-        key = row["target_key"]
-        src_row = by_key[row["tied_to"]] if row["how"] == "tied" else row
-        a, b = offsets[key]
-        scratch = buffers.get() if b - a >= _POOL_MIN_BYTES else None
-        try:
-            if row["status"] == "allowed_missing":
-                t = missing_values[key].to(getattr(torch, row["target_dtype"])).contiguous()
-                buf = t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b""
-            else:
-                buf = _cast_into(row["target_dtype"], source_tensor(src_row, records), scratch)
-        except (OSError, ValueError, TypeError, RuntimeError, KeyError) as exc:
-            buffers.put(scratch)
-            raise ConvertError(f"converting failed: {type(exc).__name__}: {exc}", key=key, fix="check this row in `np2torch plan`") from None
-        if len(buf) != b - a:
-            buffers.put(scratch)
-            raise ConvertError("converted tensor has the wrong byte size", key=key, expected=b - a, actual=len(buf))
-        return key, buf, {"dtype": row["target_dtype"], "shape": json.loads(row["target_shape"]), "offsets": [a, b]}, scratch
+    def convert_one(row: dict[str, Any]) -> torch.Tensor:
+        out = output.region(*offsets[row["target_key"]])
+        _convert_row(row, by_key, records, missing_values or {}, out)
+        return out
 
-    def write(key: str, buf: bytes | memoryview, meta: dict[str, Any], scratch: torch.Tensor | None) -> None:
-        a, b = offsets[key]
-        hashed = hasher.submit(sha.update, buf)  # the file's sha256 runs while the bytes are written
-        pwrite_all(fd, buf, a)
-        hashed.result()
-        if writeback == "per-tensor":
-            start_writeback(fd, a, b - a)
-        elif writeback == "early":  # on its own thread: the writer never waits for the disk queue
-            flusher.submit(start_writeback, fd, a, b - a)
-        info[key] = meta
-        del buf
-        buffers.put(scratch)
-        if progress is not None:
-            progress(b - a)
-
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    output = None
     try:
-        reserve(fd, total)  # blocks allocated in one call: writing into them is then ~6x cheaper (bytework)
+        reserve(fd, total)  # blocks allocated in one call (bytework)
         pwrite_all(fd, header, 0)
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, ThreadPoolExecutor(max_workers=1) as hasher, \
-                ThreadPoolExecutor(max_workers=1) as flusher:
-            window: deque = deque()  # casts in flight, in file order; bounded so memory stays bounded
-            for row in rows:
-                window.append(pool.submit(cast, row))
-                if len(window) > window_size:
-                    write(*window.popleft().result())
-            while window:
-                write(*window.popleft().result())
+        output = _Output(fd, total, header)  # the tensors follow the header back to back, in plan order
+        with ThreadPoolExecutor(max_workers=workers) as pool, ThreadPoolExecutor(max_workers=1) as flusher:
+            window: deque = deque()  # conversions in flight, in file order; bounded so memory stays bounded
+            for row in [*rows, None]:
+                if row is not None:
+                    window.append((pool.submit(convert_one, row), offsets[row["target_key"]]))
+                while window and (len(window) > workers or row is None):
+                    fut, (a, b) = window.popleft()
+                    output.finish(fut.result(), a, b, flusher)
+                    del fut  # it holds the tensor over the map until dropped
+                    if progress is not None:
+                        progress(b - a)
+        output.close()
         os.fsync(fd)
         os.close(fd)
         fd = -1
         os.replace(tmp, out_path)
-        remember(out_path, "sha256", sha.hexdigest(), own=True)
+        remember(out_path, "sha256", output.sha.hexdigest(), own=True)
     except BaseException:
+        if output is not None:
+            output.close(flush=False)
         if fd >= 0:
             os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
-    return {k: info[k] for k, _, _ in plan}
+    return {k: {"dtype": dt, "shape": list(shape), "offsets": list(offsets[k])} for k, dt, shape in plan}
 
 
 def _target_bytes(row: dict[str, Any]) -> int:
