@@ -115,10 +115,11 @@ def test_cast_into_a_misaligned_place_gives_the_same_bytes():
         assert _cast_to(dtype, src, torch.zeros(len(want) - 1, dtype=torch.uint8)) == len(want)  # wrong size: nothing written
 
 
-@pytest.mark.parametrize("how", ["no-map", "final", "per-tensor"])
+@pytest.mark.parametrize("how", ["map", "no-map", "pwrite", "final", "per-tensor", "small-blocks"])
 def test_every_write_path_gives_the_same_file(tmp_path, monkeypatch, how):
-    """Mapped output (default, early write-back), pwrite when the file cannot be mapped, and the
-    other write-back modes all write the same bytes, with the sha256 the cache remembers."""
+    """Streamed blocks (default, early write-back), whole tensors into a map of the output, into
+    scratch buffers when the file cannot be mapped, the other write-back modes, and blocks
+    smaller than a row all write the same bytes, with the sha256 the cache remembers."""
     import hashlib
 
     from np2torch.tasks import convert, fingerprint, manifest
@@ -129,7 +130,12 @@ def test_every_write_path_gives_the_same_file(tmp_path, monkeypatch, how):
     records = {r.key: r for r in stages.read_records(recs["load-arrays"])}
     missing = {"bn.num_batches_tracked": torch.tensor(7)}
     ref = convert.write_converted(rows, records, tmp_path / "ref.safetensors", missing_values=missing)
-    if how == "no-map":
+    if how in ("map", "pwrite", "no-map"):
+        monkeypatch.setenv("NP2TORCH_CONVERT_WRITE", "pwrite" if how == "pwrite" else "map")
+    if how == "small-blocks":
+        real_init = convert.BlockWriter.__init__
+        monkeypatch.setattr(convert.BlockWriter, "__init__", lambda self, *a, **k: real_init(self, *a, **{**k, "block": 6}))
+    elif how == "no-map":
         calls = []
 
         def refuse(fd, total):  # a file system that cannot map the output writable
@@ -137,7 +143,7 @@ def test_every_write_path_gives_the_same_file(tmp_path, monkeypatch, how):
             return None
 
         monkeypatch.setattr(convert, "_map_output", refuse)
-    else:
+    elif how in ("final", "per-tensor"):
         monkeypatch.setenv("NP2TORCH_WRITEBACK", how)
     got = convert.write_converted(rows, records, tmp_path / "got.safetensors", missing_values=missing)
     if how == "no-map":
