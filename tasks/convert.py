@@ -1,15 +1,19 @@
 """Stage 4, ``convert-to-device``: arrays + validated manifest + dtype/device → state dict.
 
-Each target tensor is read from its memory-mapped source, transformed (views where possible),
-cast once into a buffer the size of that one tensor and written at its offset in a safetensors
-file whose header was planned from the manifest. Peak memory is therefore a few of the largest
-tensors, not the model: worker threads cast ahead (a bounded window), this thread writes in
-file order while a helper thread feeds the same bytes into the file's sha256 (so the cache
-never re-reads the file to hash it). The file's blocks are allocated up front (``fallocate``),
-write-back of each tensor starts as soon as it is written, and one ``fsync`` before the rename
-makes the file durable (``NP2TORCH_WRITEBACK`` selects the other ways, measured in
-bench/README.md). Per-tensor digests of the written bytes are not computed here: the export
-links this very file, and only a copy (another file system) re-reads both to compare them. The file is then loaded into the model (built on ``meta``) on the
+Each target tensor is read from its memory-mapped source, transformed (views where possible)
+and written into a safetensors file whose header was planned from the manifest. By default the
+tensors are converted in file order, a cache-sized block of rows at a time (a block of a
+transposed matrix: its columns gathered, then transposed in cache), and each block is written
+with ``pwrite`` while it is still in cache, which on the benchmark VM costs a fraction of writing
+a whole tensor from memory; a helper thread folds the same blocks into the file's sha256 (so the
+cache never re-reads the file to hash it) and starts their write-back every 32 MiB, so the one
+``fsync`` before the rename waits only for the tail (:class:`np2torch.tasks.bytework.BlockWriter`).
+Memory stays at a few blocks whatever the model size. The file's blocks are allocated up front
+(``fallocate``). ``NP2TORCH_CONVERT_WRITE=map`` converts whole tensors in parallel straight into
+a shared map of the file instead, and ``NP2TORCH_WRITEBACK`` selects when write-back starts; both
+are kept to compare (bench/README.md). Per-tensor digests of the written bytes are not computed:
+the export links this very file, and only a copy (another file system) re-reads both to compare
+them. The file is then loaded into the model (built on ``meta``) on the
 configured device with ``strict=True`` semantics: nothing missing, nothing unexpected, every
 shape equal, and tied weights still tied.
 """
