@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from np2torch.tasks import transforms as T
-from np2torch.tasks.bytework import BlockWriter, WriteError, pwrite_all, reserve, start_writeback
+from np2torch.tasks import bytework
+from np2torch.tasks.bytework import WriteError, pwrite_all, reserve, start_writeback
 from np2torch.tasks.errors import ConvertError
 from np2torch.tasks.fingerprint import remember
 from np2torch.tasks.readers.access import ArrayRecord, open_array
@@ -102,6 +103,7 @@ def _cast_to(dst_dtype: str, src: np.ndarray, out: torch.Tensor) -> int:
     return nbytes
 
 
+_BLOCK = 512 << 10  # bytes of output converted and written at a time (fits a core's L2 cache)
 _SMALL_COPY = 2 << 20  # up to this size, a copy without a cast runs in NumPy
 _TORCH_BLOCK = 32767  # elements: a cast block below torch's grain size stays on one thread
 _LOCAL = threading.local()
@@ -227,7 +229,7 @@ class _Output:
                 pass
 
 
-def _emit_array(dst_dtype: str, src: np.ndarray, w: BlockWriter, views: dict[int, torch.Tensor]) -> int:
+def _emit_array(dst_dtype: str, src: np.ndarray, w: Any, views: dict[int, torch.Tensor]) -> int:
     """Convert ``src`` into the file's next bytes, block by block (rows of the result at a
     time, each block cast into a buffer of ``w`` and written while still in cache); returns the
     byte size the result has, having written nothing when that is not what the plan expects."""
@@ -245,7 +247,7 @@ def _emit_array(dst_dtype: str, src: np.ndarray, w: BlockWriter, views: dict[int
     return sum(_emit_block(dst_dtype, src[r : r + step], w, views, rowbytes * min(step, rows - r)) for r in range(0, rows, step))
 
 
-def _emit_bytes(data: np.ndarray, w: BlockWriter) -> None:
+def _emit_bytes(data: np.ndarray, w: Any) -> None:
     """Write these bytes (uint8) as the file's next ones, through the writer's buffers."""
     for i in range(0, data.size, w.block):
         buf = w.get()
@@ -254,7 +256,7 @@ def _emit_bytes(data: np.ndarray, w: BlockWriter) -> None:
         w.put(buf, piece.size)
 
 
-def _emit_block(dst_dtype: str, part: np.ndarray, w: BlockWriter, views: dict[int, torch.Tensor], n: int) -> int:
+def _emit_block(dst_dtype: str, part: np.ndarray, w: Any, views: dict[int, torch.Tensor], n: int) -> int:
     if n > w.block:  # a scalar larger than a block (only with tiny test blocks): cast beside, then copy
         tmp = torch.empty(n, dtype=torch.uint8)
         got = _cast_to(dst_dtype, part, tmp)
@@ -275,7 +277,7 @@ def _emit_block(dst_dtype: str, part: np.ndarray, w: BlockWriter, views: dict[in
 
 
 def _emit_row(row: dict[str, Any], by_key: dict[str, dict[str, Any]], records: dict[str, ArrayRecord],
-              missing_values: dict[str, torch.Tensor], w: BlockWriter, views: dict[int, torch.Tensor], size: int) -> None:
+              missing_values: dict[str, torch.Tensor], w: Any, views: dict[int, torch.Tensor], size: int) -> None:
     """Write one manifest row's tensor as the file's next ``size`` bytes, or raise a ConvertError."""
     key = row["target_key"]
     src_row = by_key[row["tied_to"]] if row["how"] == "tied" else row
@@ -296,23 +298,69 @@ def _emit_row(row: dict[str, Any], by_key: dict[str, dict[str, Any]], records: d
         raise ConvertError("converted tensor has the wrong byte size", key=key, expected=size, actual=n)
 
 
+class _Cursor:
+    """One tensor's bytes, written front to back from a cache-sized block of this thread's."""
+
+    def __init__(self, fd: int, pos: int) -> None:
+        self.fd, self.pos, self.block = fd, pos, _BLOCK
+        local = getattr(_LOCAL, "block", None)
+        if local is None or len(local[0]) != _BLOCK:
+            buf = bytearray(_BLOCK)
+            local = _LOCAL.block = (buf, {id(buf): torch.frombuffer(buf, dtype=torch.uint8)})
+        self._buf, self.views = local
+
+    def get(self) -> bytearray:
+        return self._buf
+
+    def put(self, buf: bytearray, n: int) -> None:
+        if n:
+            try:
+                bytework.pwrite_all(self.fd, memoryview(buf)[:n], self.pos)
+            except OSError as exc:
+                raise WriteError(exc.errno, exc.strerror) from exc
+            self.pos += n
+
+
+def _hash_range(fd: int, sha: Any, a: int, b: int, buf: bytearray) -> None:
+    """Fold bytes ``a:b`` of the file into ``sha``, read back from the page cache in cache-sized pieces."""
+    while a < b:
+        n = os.preadv(fd, [memoryview(buf)[: min(len(buf), b - a)]], a)
+        if not n:
+            raise OSError(f"the converted file ends at {a} bytes, before {b}")
+        with memoryview(buf) as view, view[:n] as piece:
+            sha.update(piece)
+        a += n
+
+
 def _write_streamed(fd: int, header: bytes, rows: list[dict[str, Any]], offsets: dict[str, tuple[int, int]], by_key: dict[str, dict[str, Any]],
-                    records: dict[str, ArrayRecord], missing_values: dict[str, torch.Tensor], progress: Callable[[int], None] | None) -> str:
-    """The default write: one thread converts the tensors in file order, block by block, and
-    writes each block at once; a helper hashes the same blocks (:class:`BlockWriter`). Returns the sha256."""
-    w = BlockWriter(fd, len(header), hashlib.sha256(header), writeback=_writeback_mode())
-    views: dict[int, torch.Tensor] = {}
-    try:
-        for row in rows:
-            a, b = offsets[row["target_key"]]
-            _emit_row(row, by_key, records, missing_values, w, views, b - a)
-            if w.writeback == "per-tensor":
-                start_writeback(fd, a, b - a)
-            if progress is not None:
-                progress(b - a)
-    finally:
-        w.close()
-    return w.sha.hexdigest()
+                    records: dict[str, ArrayRecord], missing_values: dict[str, torch.Tensor], workers: int,
+                    progress: Callable[[int], None] | None) -> str:
+    """The default write: worker threads convert one tensor each, a block of rows at a time, and
+    write each block at once (while it is still in cache); this thread hashes each finished
+    tensor in file order, read back from the page cache, and starts its write-back. Returns the sha256."""
+    sha, writeback, buf = hashlib.sha256(header), _writeback_mode(), bytearray(_BLOCK)
+
+    def produce(row: dict[str, Any]) -> None:
+        a, b = offsets[row["target_key"]]
+        cur = _Cursor(fd, a)
+        _emit_row(row, by_key, records, missing_values, cur, cur.views, b - a)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool, ThreadPoolExecutor(max_workers=1) as flusher:
+        window: deque = deque()  # tensors in flight, in file order
+        for row in [*rows, None]:
+            if row is not None:
+                window.append((pool.submit(produce, row), offsets[row["target_key"]]))
+            while window and (len(window) > 2 * workers or row is None):
+                fut, (a, b) = window.popleft()
+                fut.result()
+                _hash_range(fd, sha, a, b, buf)
+                if writeback == "early":
+                    flusher.submit(start_writeback, fd, a, b - a)
+                elif writeback == "per-tensor":
+                    start_writeback(fd, a, b - a)
+                if progress is not None:
+                    progress(b - a)
+    return sha.hexdigest()
 
 
 def _write_mapped(fd: int, total: int, header: bytes, rows: list[dict[str, Any]], offsets: dict[str, tuple[int, int]],
@@ -368,7 +416,7 @@ def write_converted(rows: list[dict[str, Any]], records: dict[str, ArrayRecord],
         if how in ("map", "pwrite"):
             digest = _write_mapped(fd, total, header, rows, offsets, by_key, records, missing_values or {}, workers, progress)
         else:
-            digest = _write_streamed(fd, header, rows, offsets, by_key, records, missing_values or {}, progress)
+            digest = _write_streamed(fd, header, rows, offsets, by_key, records, missing_values or {}, workers, progress)
         os.fsync(fd)
         os.close(fd)
         fd = -1

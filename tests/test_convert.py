@@ -133,8 +133,7 @@ def test_every_write_path_gives_the_same_file(tmp_path, monkeypatch, how):
     if how in ("map", "pwrite", "no-map"):
         monkeypatch.setenv("NP2TORCH_CONVERT_WRITE", "pwrite" if how == "pwrite" else "map")
     if how == "small-blocks":
-        real_init = convert.BlockWriter.__init__
-        monkeypatch.setattr(convert.BlockWriter, "__init__", lambda self, *a, **k: real_init(self, *a, **{**k, "block": 6}))
+        monkeypatch.setattr(convert, "_BLOCK", 6)
     elif how == "no-map":
         calls = []
 
