@@ -1,14 +1,14 @@
 """Stage 4, ``convert-to-device``: arrays + validated manifest + dtype/device → state dict.
 
 Each target tensor is read from its memory-mapped source, transformed (views where possible)
-and written into a safetensors file whose header was planned from the manifest. By default the
-tensors are converted in file order, a cache-sized block of rows at a time (a block of a
-transposed matrix: its columns gathered, then transposed in cache), and each block is written
-with ``pwrite`` while it is still in cache, which on the benchmark VM costs a fraction of writing
-a whole tensor from memory; a helper thread folds the same blocks into the file's sha256 (so the
-cache never re-reads the file to hash it) and starts their write-back every 32 MiB, so the one
-``fsync`` before the rename waits only for the tail (:class:`np2torch.tasks.bytework.BlockWriter`).
-Memory stays at a few blocks whatever the model size. The file's blocks are allocated up front
+and written into a safetensors file whose header was planned from the manifest. By default
+worker threads convert one tensor each, a cache-sized block of rows at a time (a block of a
+transposed matrix: its columns gathered, then transposed in cache), and write each block with
+``pwrite`` while it is still in cache, which on the benchmark VM costs a fraction of writing a
+whole tensor from memory; this thread folds each finished tensor into the file's sha256 in file
+order, read back from the page cache (the cache entry is never re-read from disk to hash it),
+and starts its write-back, so the one ``fsync`` before the rename waits only for the tail.
+Memory stays at one block per worker whatever the model size. The file's blocks are allocated up front
 (``fallocate``). ``NP2TORCH_CONVERT_WRITE=map`` converts whole tensors in parallel straight into
 a shared map of the file instead, and ``NP2TORCH_WRITEBACK`` selects when write-back starts; both
 are kept to compare (bench/README.md). Per-tensor digests of the written bytes are not computed:
@@ -133,9 +133,9 @@ def _writeback_mode() -> str:
 
 
 def _default_workers() -> int:
-    """One tensor per worker: torch's transposed copy is cache-blocked but single-threaded, so
-    tensors in parallel use the cores (measured faster than tiling one tensor over threads).
-    3 at most: the tensors in flight are mapped, and count in RSS until hashed."""
+    """One tensor per worker: a transpose is single-threaded (torch's thread pool costs more than
+    it gives on cache-sized blocks), so tensors in parallel use the cores. 3 at most: the
+    writes into the page cache, not the cores, bound it beyond that on the benchmark VM."""
     return max(2, min(3, os.cpu_count() or 2))
 
 

@@ -1,5 +1,5 @@
 """The large path's byte work: one streaming pass for sha256 + region digests + statistics,
-the block writer of the convert stage, and the export's check of a copied file."""
+the convert stage's writes, and the export's check of a copied file."""
 
 from __future__ import annotations
 
@@ -61,25 +61,6 @@ def test_value_statistics_of_a_streamed_array_are_exact(tmp_path: Path, monkeypa
     assert rec.absmin_nonzero == float(np.abs(finite[finite != 0]).min())
 
 
-def test_block_writer_writes_and_hashes_in_order(tmp_path: Path) -> None:
-    p = tmp_path / "out.bin"
-    fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    pieces = [os.urandom(n) for n in (5, 0, 64, 17, 64)]
-    try:
-        bytework.reserve(fd, 3 + sum(map(len, pieces)))
-        bytework.pwrite_all(fd, b"hdr", 0)
-        w = bytework.BlockWriter(fd, 3, hashlib.sha256(b"hdr"), block=64, n_buffers=2)
-        for piece in pieces:
-            buf = w.get()
-            buf[: len(piece)] = piece
-            w.put(buf, len(piece))
-        w.close()
-    finally:
-        os.close(fd)
-    assert p.read_bytes() == b"hdr" + b"".join(pieces)
-    assert w.sha.hexdigest() == hashlib.sha256(p.read_bytes()).hexdigest()
-
-
 def _tiny_rows(tmp_path: Path):
     cfg = load_config(write_tiny_case(tmp_path))
     recs = run_pipeline(cfg)
@@ -94,7 +75,7 @@ def test_a_failed_write_is_a_storage_error_and_leaves_nothing(tmp_path: Path, mo
     def full(fd, buf, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(bytework, "pwrite_all", full)  # the block writer's writes only (not the header's)
+    monkeypatch.setattr(bytework, "pwrite_all", full)  # the tensors' block writes only (not the header's)
     out = tmp_path / "conv" / "model.safetensors"
     with pytest.raises(OSError) as info:
         convert.write_converted(rows, records, out, missing_values={"bn.num_batches_tracked": torch.tensor(0)})
