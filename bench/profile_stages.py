@@ -3,8 +3,10 @@
 Generates the convert_large.py model at ``--gb`` (default 0.4), then, each in a fresh process
 with an empty cache, alternating so that machine noise hits both alike:
 
-- the six stages with ``NP2TORCH_WRITEBACK=per-tensor`` (write-back started after each
-  tensor) and with the default (one fsync before the rename);
+- the six stages with each way of writing the converted file: the default (tensors streamed in
+  cache-sized blocks, write-back started every 32 MiB, one fsync before the rename), the same
+  with write-back only at the fsync (``NP2TORCH_WRITEBACK=final``), and whole tensors converted
+  in parallel straight into a shared map of the file (``NP2TORCH_CONVERT_WRITE=map``);
 - micro-measurements of the pieces: reading the sources (``cat``), a transposed copy of one
   kernel (torch ``copy_``, 1 and N threads), ``pwrite`` of the converted bytes into the page
   cache, the final ``fsync``, sha256 and blake3 of the same bytes, ``os.link`` + rename.
@@ -62,7 +64,7 @@ def pieces(root: Path) -> dict[str, float]:
     t = time.perf_counter()
     for i in range(n):
         os.pwrite(fd, buf, i * buf.nbytes)
-    out["pwrite into page cache"] = time.perf_counter() - t
+    out["pwrite into page cache (from a 64 MiB buffer)"] = time.perf_counter() - t
     t = time.perf_counter()
     os.fsync(fd)
     out["fsync once"] = time.perf_counter() - t
@@ -76,6 +78,15 @@ def pieces(root: Path) -> dict[str, float]:
     for _ in range(n):
         blake3.blake3(buf.view(np.uint8), max_threads=blake3.blake3.AUTO).digest()
     out["blake3 (all threads)"] = time.perf_counter() - t
+    small = buf[: 64 << 10]  # 256 KiB, stays in cache
+    path.unlink()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.posix_fallocate(fd, 0, n * buf.nbytes)
+    t = time.perf_counter()
+    for off in range(0, n * buf.nbytes, small.nbytes):
+        os.pwrite(fd, small, off)
+    out["pwrite into page cache (256 KiB blocks, in cache, fallocated)"] = time.perf_counter() - t
+    os.close(fd)
     t = time.perf_counter()
     os.link(path, root / "linked.tmp")
     os.replace(root / "linked.tmp", root / "linked.bin")
@@ -101,23 +112,24 @@ def main() -> None:
         gen = cl.generate(root, args.gb)
         print(f"model {gen['model_bytes'] / 1e9:.3f} GB, load average {os.getloadavg()[0]:.1f}", flush=True)
         print(json.dumps(pieces(root), indent=1), flush=True)
-        runs: dict[str, list[dict]] = {"per-tensor": [], "final": []}
+        modes = {"stream, early": ("early", "stream"), "stream, final": ("final", "stream"), "map, early": ("early", "map")}
+        runs: dict[str, list[dict]] = {m: [] for m in modes}
         for rep in range(args.reps):
-            for mode in runs:
-                env = {**os.environ, "PYTHONPATH": str(REPO), "NP2TORCH_WRITEBACK": mode, "NP2TORCH_DATA_DIR": str(root / f"d-{mode}-{rep}"),
-                       "NP2TORCH_AUDIT_LOG": str(root / "audit.jsonl")}
+            for mode, (wb, how) in modes.items():
+                env = {**os.environ, "PYTHONPATH": str(REPO), "NP2TORCH_WRITEBACK": wb, "NP2TORCH_CONVERT_WRITE": how,
+                       "NP2TORCH_DATA_DIR": str(root / f"d-{rep}"), "NP2TORCH_AUDIT_LOG": str(root / "audit.jsonl")}
                 subprocess.run(["sync"], check=True)
                 p = subprocess.run([sys.executable, str(REPO / "bench" / "convert_large.py"), "--role", "stages", "--config",
                                     str(root / "npy-dir.yaml")], env=env, capture_output=True, text=True, check=True)
                 info = json.loads(p.stdout.strip().splitlines()[-1])
                 runs[mode].append(info)
                 st = ", ".join(f"{k} {v['s']:.2f}" for k, v in info["stages"].items())
-                print(f"writeback={mode:<10} rep {rep}: work {info['work_s']:.2f} s  [{st}]  load {os.getloadavg()[0]:.1f}", flush=True)
-                shutil.rmtree(root / f"d-{mode}-{rep}", ignore_errors=True)
+                print(f"{mode:<14} rep {rep}: work {info['work_s']:.2f} s  [{st}]  load {os.getloadavg()[0]:.1f}", flush=True)
+                shutil.rmtree(root / f"d-{rep}", ignore_errors=True)
                 shutil.rmtree(root / "out-npy-dir", ignore_errors=True)
         for mode, infos in runs.items():
             conv = [i["stages"]["convert-to-device"]["s"] for i in infos]
-            print(f"{mode:<10} convert-to-device min {min(conv):.2f} s, work min {min(i['work_s'] for i in infos):.2f} s")
+            print(f"{mode:<14} convert-to-device min {min(conv):.2f} s, work min {min(i['work_s'] for i in infos):.2f} s")
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -115,9 +115,14 @@ def _torch_name(code: str) -> str:
     return next(k for k, v in ST_DTYPES.items() if v == code)
 
 
-def check_export(path: Path, tensors: dict[str, dict[str, Any]], *, reread: bool = True,
+def check_export(path: Path, tensors: dict[str, dict[str, Any]], *, reread: bool = True, reference: Path | None = None,
                  progress: Callable[[int], None] | None = None) -> None:
     """Re-read ``path`` once and check every tensor against what the convert stage produced.
+
+    Each tensor's bytes are compared by blake3 with ``tensors[k]["blake3"]`` when the record
+    has one, else with the same tensor in ``reference`` (the converted file, read in the same
+    way: the convert stage no longer hashes each tensor, since the export links that very file
+    and only a copy needs the comparison).
 
     The same read yields the file's sha256 (remembered for the audit record) unless the stat
     cache already knows it. Without ``reread`` (the file is the converted file itself, linked),
@@ -149,11 +154,25 @@ def check_export(path: Path, tensors: dict[str, dict[str, Any]], *, reread: bool
     regions = [Region(base + header[k]["data_offsets"][0], header[k]["data_offsets"][1] - header[k]["data_offsets"][0], on_chunk=tick)
                for k in names]
     sha, digests = file_digests(path, regions, sha256=known_sha is None)
-    problems += [k for k, d in zip(names, digests) if d != tensors[k]["blake3"]]
+    expected = _expected_digests(names, tensors, reference)
+    problems += [k for k, d in zip(names, digests) if d != expected[k]]
     if problems:
         raise ExportError(f"{len(problems)} exported tensor(s) differ from the converted ones", key=problems[0], fix="the disk may be faulty; rerun with --refresh")
     if known_sha is None and stat_key(path) == version:
         remember(path, "sha256", sha, own=True)  # np2torch wrote it and just re-read every byte
+
+
+def _expected_digests(names: list[str], tensors: dict[str, dict[str, Any]], reference: Path | None) -> dict[str, str | None]:
+    """Each tensor's blake3: from the convert record, or read from the converted file ``reference``."""
+    out: dict[str, str | None] = {k: tensors[k].get("blake3") for k in names}
+    todo = [k for k in names if out[k] is None]
+    if todo and reference is not None:
+        header, base = read_header(reference)
+        regions = [Region(base + header[k]["data_offsets"][0], header[k]["data_offsets"][1] - header[k]["data_offsets"][0])
+                   for k in todo if k in header]
+        _, digests = file_digests(reference, regions, sha256=False)
+        out.update(zip([k for k in todo if k in header], digests))
+    return out
 
 
 def _staging_path(out_dir: Path, final: str) -> Path:
@@ -218,7 +237,7 @@ def export_outputs(*, converted: Path, tensors: dict[str, dict[str, Any]], manif
         linked = write_safetensors_with_metadata(converted, st, metadata)
         total = sum(int(t["offsets"][1]) - int(t["offsets"][0]) for t in tensors.values() if "offsets" in t) or None
         with track("export", "export (re-checking)", total, unit="B", progress=progress) as cb:
-            check_export(st, tensors, reread=not linked, progress=cb)
+            check_export(st, tensors, reread=not linked, reference=converted, progress=cb)
         if "pt" in formats:
             with MappedSafetensors(converted) as mapped, atomic_writer(stage("model.pt"), "wb") as fh:
                 torch.save(mapped.state, fh)

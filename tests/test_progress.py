@@ -24,7 +24,7 @@ def test_convert_and_export_report_every_tensor_byte(tmp_path: Path) -> None:
     assert sum(seen) == out.stat().st_size - base and len(seen) == res["n_tensors"]
 
     rechecked: list[int] = []
-    export.check_export(out, res["tensors"], reread=True, progress=rechecked.append)
+    export.check_export(out, res["tensors"], reread=True, reference=out, progress=rechecked.append)
     assert sum(rechecked) == out.stat().st_size - base
 
 

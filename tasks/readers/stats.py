@@ -26,6 +26,8 @@ __all__ = ["StatsFeed", "region_info", "info_of", "array_info", "fold"]
 # across the few passes each piece needs
 _STATS_CHUNK = 1 << 20
 _UINT_OF_SIZE = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+# the bit pattern of +Inf per float size: every pattern at or above it (sign cleared) is Inf or NaN
+_INF_BITS = {n: int(np.array([np.inf], dtype=f"f{n}").view(u)[0]) for n, u in _UINT_OF_SIZE.items()}
 
 
 def fold(flat: np.ndarray, acc: dict[str, Any]) -> None:
@@ -69,26 +71,41 @@ def _count_out_of_range(a: np.ndarray, hi: float, lo: float, acc: dict[str, Any]
             acc["n_out_of_range"][name] = [o + over, u + under]
 
 
+_LOCAL = threading.local()
+
+
+def _scratch(utype: type, n: int) -> np.ndarray:
+    """This thread's reusable scratch array of ``n`` unsigned integers (no allocation per piece)."""
+    key = f"s{np.dtype(utype).itemsize}"
+    buf = getattr(_LOCAL, key, None)
+    if buf is None or buf.size < n:
+        buf = np.empty(max(n, _STATS_CHUNK // np.dtype(utype).itemsize), dtype=utype)
+        setattr(_LOCAL, key, buf)
+    return buf[:n]
+
+
 def _stats_finite_float(flat: np.ndarray, acc: dict[str, Any]) -> bool:
     """The fast path for an all-finite float chunk (False, having done nothing, otherwise).
 
-    Four passes over cache-resident data and no masks: max and min (NaN propagates into them,
-    so finiteness falls out), then the bit patterns with the sign cleared, whose unsigned
-    integer order is the order of |x|: minus one wraps zero to the top, so their minimum plus
-    one is the smallest nonzero |x|.
+    Four passes over cache-resident data into a reused scratch array, no masks: the bit
+    patterns with the sign cleared, whose unsigned integer order is the order of |x| (NaN and
+    Inf sort above every finite value, so their maximum is the largest |x| and tells
+    finiteness), then minus one, which wraps zero to the top, so their minimum plus one is the
+    smallest nonzero |x|.
     """
     a = flat if flat.dtype.isnative else flat.astype(flat.dtype.newbyteorder("="))
-    hi, lo = a.max(), a.min()
-    if not (np.isfinite(hi) and np.isfinite(lo)):
-        return False
     utype = _UINT_OF_SIZE[a.dtype.itemsize]
-    bits = np.bitwise_and(a.view(utype), utype(np.iinfo(utype).max >> 1))
-    bits -= utype(1)
+    bits = _scratch(utype, a.size)
+    np.bitwise_and(a.view(utype), utype(np.iinfo(utype).max >> 1), out=bits)
+    top = bits.max()
+    if top >= _INF_BITS[a.dtype.itemsize]:
+        return False  # a NaN or Inf: the slow path counts them
+    np.subtract(bits, utype(1), out=bits)
     with np.errstate(over="ignore"):
         smallest = bits.min() + utype(1)  # wraps back to 0 when every value is zero
-    big = float(max(abs(hi), abs(lo)))
+    big = float(np.array([top], dtype=utype).view(a.dtype)[0])
     m = float(np.array([smallest], dtype=utype).view(a.dtype)[0]) if smallest else 0.0
-    if any(big > top or 0 < m <= tiny / 2 for top, tiny in FLOAT_LIMITS.values()):
+    if any(big > top_ or 0 < m <= tiny / 2 for top_, tiny in FLOAT_LIMITS.values()):
         return False  # values a cast would lose: the slow path counts them per dtype
     acc["absmax"] = max(acc["absmax"], big)
     if smallest:
