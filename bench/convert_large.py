@@ -215,7 +215,8 @@ def run_child(cmd: list[str], env: dict | None = None) -> dict:
         if line.startswith("{"):
             info = json.loads(line)
             break
-    return {"wall_s": wall, "maxrss_mb": int(maxrss_kb) / 1024, "cpu_s": float(user) + float(system), "info": info}
+    return {"wall_s": wall, "maxrss_mb": int(maxrss_kb) / 1024, "cpu_s": float(user) + float(system), "info": info,
+            "warm_runner": "(warm runner)" in p.stdout}
 
 
 def _free_port() -> int:
@@ -308,8 +309,14 @@ def report(root: Path, args: argparse.Namespace) -> None:
         srv = subprocess.run([py, "-m", "np2torch.flows.cli", "server", "start", "--port", str(_free_port())], env=srv_env, cwd=REPO,
                              capture_output=True, text=True)
         try:
+            # typed in the environment `server start` ran in: the warm runner runs it (a forked child
+            # that has imported everything already); /usr/bin/time sees only the small client, so the
+            # row's CPU and RSS are the client's, and the own-process row below gives the conversion's
+            r = go("np2torch CLI flow (running server)", cli, {**srv_env, "NP2TORCH_PROGRESS": "0"})
+            r["maxrss_mb"] = float("nan")
             api = next(ln.split("API:", 1)[1].strip() for ln in srv.stdout.splitlines() if "API:" in ln)
-            go("np2torch CLI flow (running server)", cli, {**env_for("cli-server"), "PREFECT_API_URL": api, "NP2TORCH_PROGRESS": "0"})
+            go("np2torch CLI flow (running server, own process)", cli,
+               {**env_for("cli-server"), "PREFECT_API_URL": api, "NP2TORCH_PROGRESS": "0", "NP2TORCH_WARM": "0"})
         finally:
             subprocess.run([py, "-m", "np2torch.flows.cli", "server", "stop"], env=srv_env, cwd=REPO, capture_output=True)
 
@@ -351,7 +358,8 @@ def markdown(res: dict) -> str:
         f"| rerun (work) / first (work) | {rerun['info']['work_s'] / st_work:.3f} | ≤ 0.10 |",
         f"| rerun (process wall) / first (process wall) | {rerun['wall_s'] / st['wall_s']:.3f} | |",
     ]
-    for name, target in (("np2torch CLI flow (running server)", "≤ 1.3"), ("np2torch CLI flow (temporary server)", "")):
+    for name, target in (("np2torch CLI flow (running server)", "≤ 1.3"), ("np2torch CLI flow (running server, own process)", ""),
+                         ("np2torch CLI flow (temporary server)", "")):
         if name in rows and rows[name]["wall_s"] == rows[name]["wall_s"]:
             lines.append(f"| {name[9:]} (wall) / np2torch stages (process wall) | {rows[name]['wall_s'] / st['wall_s']:.2f} | {target} |")
     return "\n".join(lines)

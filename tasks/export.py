@@ -39,6 +39,7 @@ from np2torch.tasks.errors import ExportError
 from np2torch.tasks.fingerprint import Region, file_digests, file_fingerprint, peek, remember, stat_key
 from np2torch.tasks.manifest import to_csv
 from np2torch.tasks.paths import atomic_writer
+from np2torch.tasks.procs import pid_alive
 from np2torch.tasks.progress import track
 from np2torch.tasks.st_io import ST_DTYPES, MappedSafetensors, plan_header, read_header
 
@@ -179,21 +180,11 @@ def _staging_path(out_dir: Path, final: str) -> Path:
     return out_dir / f".np2torch.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.{final}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _clear_dead_staging(out_dir: Path) -> None:
     """Remove staging files left by a killed export on this host (a live one's are kept)."""
     for p in out_dir.iterdir():
         m = _STAGED.match(p.name)
-        if m and m["host"] == _HOST and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+        if m and m["host"] == _HOST and int(m["pid"]) != os.getpid() and not pid_alive(int(m["pid"])):
             with contextlib.suppress(OSError):
                 p.unlink()
 

@@ -195,7 +195,7 @@ def validate_stage(cfg: Config, mapped: dict[str, Any], *, refresh: bool = False
 
 
 def convert_key(cfg: Config, loaded: dict[str, Any], validated: dict[str, Any]) -> str:
-    return cache.stage_key("convert-to-device", prev=validated["key"], code=cache.code_version(*(_T + m for m in ("convert", "st_io", "transforms", "state_dict"))),
+    return cache.stage_key("convert-to-device", prev=validated["key"], code=cache.code_version(*(_T + m for m in ("convert", "bytework", "st_io", "transforms", "state_dict"))),
                            convert=cfg.convert.model_dump(mode="json"), model=model_fingerprint(cfg))
 
 
