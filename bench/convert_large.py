@@ -164,6 +164,9 @@ def role_stages(config: Path, export_only: bool) -> dict:
     t0 = time.perf_counter()
     from np2torch.tasks import stages
     from np2torch.tasks.config import load_config
+    # the stage modules (torch, pandera) are imported by a stage when it first computes; import
+    # them here so that, as for the plain script, "work" excludes the imports
+    from np2torch.tasks import convert, export, infer_mapping, validate, verify  # noqa: F401
 
     def maxrss() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
