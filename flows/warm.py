@@ -17,7 +17,8 @@ When the runner is not used (the command runs in its own process, as without a s
 - no runner answers, or it is busy starting;
 - this command would report to another Prefect API than the runner's, or its environment
   differs in a variable that is read at import time (``PREFECT_*``, ``NP2TORCH_*``, thread
-  counts, CUDA, ``PYTHONPATH``, …), or it runs another Python interpreter;
+  counts, CUDA, ``PYTHONPATH``, …), or in a resource limit (``ulimit -v``, ``-n``, …), or it
+  runs another Python interpreter;
 - any module file the runner imported has changed since it started (np2torch or a package
   was edited or upgraded): the runner restarts itself with the new code, and this command runs
   in its own process meanwhile.
@@ -88,6 +89,16 @@ def runner_state() -> dict[str, Any] | None:
         return None
 
 
+# resource limits a user sets to bound a run (`ulimit -v`, `-n`, …): a child would inherit the runner's
+_LIMITS = ("RLIMIT_AS", "RLIMIT_DATA", "RLIMIT_RSS", "RLIMIT_NOFILE", "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_STACK", "RLIMIT_NPROC")
+
+
+def _limits() -> dict[str, list[int]]:
+    import resource
+
+    return {name: list(resource.getrlimit(getattr(resource, name))) for name in _LIMITS if hasattr(resource, name)}
+
+
 def _compared_env(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k.startswith(ENV_COMPARED) and k not in _PER_COMMAND}
 
@@ -151,7 +162,7 @@ def try_delegate(argv: list[str]) -> int | None:
         umask = os.umask(0o022)
         os.umask(umask)
         request = {"protocol": PROTOCOL, "argv": list(argv), "cwd": os.getcwd(), "env": dict(os.environ), "sys_path": list(sys.path),
-                   "executable": sys.executable, "umask": umask}
+                   "executable": sys.executable, "umask": umask, "limits": _limits()}
         _send_msg(sock, request, fds=[0, 1, 2])
         reply, _ = _recv_msg(sock)
     except (OSError, EOFError, ValueError):
@@ -266,13 +277,15 @@ def _entry() -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def _incompatible(req: dict[str, Any], env_snapshot: dict[str, str]) -> str | None:
+def _incompatible(req: dict[str, Any], env_snapshot: dict[str, str], limits: dict[str, list[int]] | None = None) -> str | None:
     if req.get("protocol") != PROTOCOL:
         return "protocol"
     if req.get("executable") != sys.executable:
         return "interpreter"
     if _compared_env(req.get("env") or {}) != env_snapshot:
         return "environment"
+    if (req.get("limits") or {}) != (_limits() if limits is None else limits):
+        return "resource limits"
     return None
 
 

@@ -224,4 +224,10 @@ def _warm_runner_runs_commands(config: Path, port: int) -> None:
     assert own.returncode == 0 and "converted (success)" in own.stdout and "(warm runner)" not in own.stdout
     other = run("convert", str(config), OMP_NUM_THREADS="1")
     assert other.returncode == 0 and "(warm runner)" not in other.stdout
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limited = subprocess.run([sys.executable, "-m", "np2torch.flows.cli", "convert", str(config)], env=env, capture_output=True, text=True,
+                             timeout=300, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 4096) - 1, hard)))
+    assert limited.returncode == 0 and "(warm runner)" not in limited.stdout, limited.stderr
     assert warm.runner_state() is not None

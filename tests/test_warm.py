@@ -18,7 +18,7 @@ from np2torch.flows import warm
 
 def _request(**over: object) -> dict:
     env = {"PATH": "/usr/bin", "PREFECT_API_URL": "http://127.0.0.1:4200/api", "HOME": "/home/u", "TERM": "xterm"}
-    return {"protocol": warm.PROTOCOL, "executable": sys.executable, "env": env, **over}
+    return {"protocol": warm.PROTOCOL, "executable": sys.executable, "env": env, "limits": warm._limits(), **over}
 
 
 def test_a_command_in_the_runners_environment_is_accepted():
@@ -80,3 +80,12 @@ def test_the_socket_path_fits_a_unix_socket_even_under_a_deep_data_folder(tmp_pa
     assert len(str(p).encode()) < 108 and str(os.getuid()) in p.name
     monkeypatch.setenv("NP2TORCH_DATA_DIR", str(tmp_path / "other"))
     assert warm.socket_path() != p or len(str(tmp_path / "other" / "prefect-server" / "runner.sock")) < 100
+
+
+def test_a_command_under_other_resource_limits_runs_in_its_own_process():
+    """`ulimit -v 8000000; np2torch convert …` must be bounded by that limit, not by the runner's."""
+    snap = warm._compared_env(_request()["env"])
+    limits = warm._limits()
+    assert warm._incompatible(_request(), snap, limits) is None
+    lower = {**limits, "RLIMIT_AS": [8_000_000_000, limits["RLIMIT_AS"][1]]}
+    assert warm._incompatible(_request(limits=lower), snap, limits) == "resource limits"
