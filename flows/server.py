@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from typing import Any
 
 from np2torch.tasks.errors import ConversionError
 from np2torch.tasks.paths import data_dir
-from np2torch.tasks.procs import pid_alive
+from np2torch.tasks.procs import pid_alive, stop_pid
 
 __all__ = ["ApiChoice", "ApiUnreachable", "TemporaryServer", "start_temporary_early", "choose_api", "using_api", "run_url", "server_state", "start_server", "stop_server",
            "server_status", "add_server_parser", "server_cli", "DEFAULT_HOST", "DEFAULT_PORT"]
@@ -359,19 +358,7 @@ def stop_server(*, timeout: float = 30.0) -> bool:
     state = server_state()
     if state is None:
         return False
-    pid = int(state["pid"])
-    alive = _pid_alive(pid)
-    if alive:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGTERM)  # start_new_session made the server its group's leader
-        t0 = time.monotonic()
-        while _pid_alive(pid) and time.monotonic() - t0 < timeout:
-            time.sleep(0.1)
-        if _pid_alive(pid):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)  # reap it when this process started it
+    alive = stop_pid(int(state["pid"]), group=True, timeout=timeout)  # start_new_session made the server its group's leader
     _state_file().unlink(missing_ok=True)
     return alive
 

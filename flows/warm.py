@@ -46,6 +46,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from np2torch.tasks.procs import pid_alive, stop_pid
+
 __all__ = ["socket_path", "try_delegate", "serve", "runner_state", "start_runner", "stop_runner", "ENV_COMPARED", "PROTOCOL"]
 
 PROTOCOL = 1
@@ -459,7 +461,7 @@ def wait_ready(timeout: float) -> bool:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         st = runner_state()
-        if st is None or not _alive(int(st["pid"])):
+        if st is None or not pid_alive(int(st["pid"])):
             return False
         with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.connect(str(socket_path()))
@@ -468,29 +470,11 @@ def wait_ready(timeout: float) -> bool:
     return False
 
 
-def _alive(pid: int) -> bool:
-    from np2torch.tasks.procs import pid_alive
-
-    return pid_alive(pid)
-
-
 def stop_runner() -> bool:
     st = runner_state()
     if st is None:
         return False
-    pid = int(st["pid"])
-    alive = _alive(pid)
-    if alive:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGTERM)  # its children (running commands) finish on their own
-        t0 = time.monotonic()
-        while _alive(pid) and time.monotonic() - t0 < 5:
-            time.sleep(0.05)
-        if _alive(pid):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
+    alive = stop_pid(int(st["pid"]), timeout=5.0)  # its children (running commands) finish on their own
     with contextlib.suppress(OSError):
         Path(st.get("socket") or socket_path()).unlink()
     _state_file().unlink(missing_ok=True)
