@@ -23,12 +23,12 @@ def _task_states(run_id: str) -> dict[str, str]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    # task-run states reach the API as events, recorded asynchronously by the server: wait for them
+    # task-run states reach the API as events, recorded asynchronously by the server: wait for the final ones
     deadline = time.monotonic() + 20
     with get_client(sync_client=True) as client:
         while True:
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
-            if all(r.state is not None for r in runs) or time.monotonic() > deadline:
+            if all(r.state is not None and r.state.is_final() for r in runs) or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
     return {r.name.rsplit("-", 1)[0]: r.state.name if r.state else "no state recorded" for r in runs}
