@@ -207,9 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=_HERE / "examples",
                     help="output folder (default: data/examples next to this script)")
     args = ap.parse_args(argv)
-    for name, d in make_examples(args.out).items():
+    made = make_examples(args.out)
+    print(f"example data (the bundled examples' weights, inputs and reference outputs) in {args.out}:")
+    for name, d in made.items():
         size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-        print(f"{name:13s} {d}  ({size / 1e6:.2f} MB)")
+        print(f"  example {name:13s} {d}  ({size / 1e6:.2f} MB)")
     return 0
 
 

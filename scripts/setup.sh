@@ -12,9 +12,11 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first: 2.13.0 is the CPU build this machine keeps on disk; later requirements then
 # find torch already satisfied and install nothing more.
+echo "setup: installing the CPU build of torch 2.13.0 into .venv"
 .venv/bin/python -m pip install -q "torch==2.13.0"
 EXTRAS="dev,frameworks"
 [ "${NP2TORCH_NO_FRAMEWORKS:-0}" = 1 ] && EXTRAS="dev"
+echo "setup: installing np2torch with extras [$EXTRAS] into .venv"
 .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
 # nothing may replace the CPU torch installed above
 .venv/bin/python -c 'import importlib.metadata as m, sys; v = m.version("torch"); sys.exit(0 if v.startswith("2.13.0") else f"torch {v} replaced 2.13.0")' 
@@ -22,9 +24,13 @@ EXTRAS="dev,frameworks"
 # The browser test drives Debian's Chromium through Playwright (never a downloaded browser).
 if [ ! -x /usr/bin/chromium ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing Debian's chromium (system package, used only by the Prefect UI browser test)"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
   else
     echo "note: /usr/bin/chromium is missing; the browser test will be skipped (apt-get install chromium)"
   fi
 fi
-echo "np2torch is set up. Activate it with: source .venv/bin/activate"
+echo
+echo "np2torch is set up. Next:"
+echo "  source .venv/bin/activate"
+echo "  np2torch convert configs/examples/keras-cnn.yaml    # or: python -m pytest -q"
