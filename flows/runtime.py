@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
-__all__ = ["PREFECT_DEFAULTS", "configure_prefect", "quiet_expected_tracebacks"]
+__all__ = ["PREFECT_DEFAULTS", "configure_prefect", "quiet_expected_tracebacks", "log_file"]
 
 PREFECT_DEFAULTS: dict[str, str] = {
     # the anonymous usage heartbeat of the temporary API server only adds noise to a run: with
@@ -29,19 +30,43 @@ def configure_prefect() -> None:
         os.environ.setdefault(name, value)
 
 
-def quiet_expected_tracebacks() -> None:
-    """Log a failed run's :class:`ConversionError` as its message, without the traceback.
+def log_file() -> Path:
+    """Where Prefect's own log lines go when the terminal does not show them: one file in the home."""
+    from np2torch.tasks.paths import home
 
-    Prefect prints the traceback of a failed flow to the terminal; for a ConversionError the
-    message already names the stage, the key and the fix (the traceback still reaches the
-    Prefect API and UI). Idempotent.
+    return home() / "logs" / "np2torch.log"
+
+
+def quiet_expected_tracebacks(verbose: bool = False) -> None:
+    """Keep the terminal to np2torch's own lines; Prefect's go to the run (UI) and a log file.
+
+    Prefect's INFO lines ("attempt 1 of 4", "Finished in state Cached(...)") reach the terminal
+    only when ``verbose``; they always reach the Prefect API (the run's logs in the UI) and
+    :func:`log_file`. Warnings and errors still print. A failed run's :class:`ConversionError`
+    prints as its message, without the traceback: the message already names the stage, the key
+    and the fix (the traceback still reaches the Prefect API and the log file). Idempotent.
     """
     from prefect.logging.handlers import PrefectConsoleHandler
 
     from np2torch.tasks.errors import ConversionError
 
+    root = logging.getLogger()
+    if not any(getattr(h, "_np2torch_file", False) for h in root.handlers):
+        try:
+            path = log_file()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fh = logging.FileHandler(path, encoding="utf-8", delay=True)
+        except OSError:  # a read-only home: the terminal and the UI still have everything
+            fh = None
+        if fh is not None:
+            fh.setLevel(logging.INFO)
+            fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            fh._np2torch_file = True  # type: ignore[attr-defined]
+            root.addHandler(fh)
     for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", ""):
         for h in logging.getLogger(name).handlers:
+            if isinstance(h, PrefectConsoleHandler):
+                h.setLevel(logging.NOTSET if verbose else logging.WARNING)
             if isinstance(h, PrefectConsoleHandler) and not getattr(h, "_np2torch_quiet", False):
                 orig = h.format
 
