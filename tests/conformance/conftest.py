@@ -30,6 +30,40 @@ def need(module: str):
     return pytest.importorskip(module, reason=f"{module} is not installed or does not import: {INSTALL}", exc_type=ImportError)
 
 
+def need_timm():
+    """timm, with torchvision importable on the CPU build of torch.
+
+    PyPI's torchvision 0.28 (the release built for torch 2.13) is a CUDA build: its compiled ops
+    do not load beside the CPU torch, and its import then fails registering fake kernels for two
+    ops it never defined. Declaring those two schemas lets the pure-Python parts import; timm's
+    models (and its ``_load_weights``, the oracle for JAX ViT files) use none of torchvision's ops.
+    """
+    import torch
+
+    try:
+        import torchvision  # noqa: F401
+    except RuntimeError:
+        lib = torch.library.Library("torchvision", "FRAGMENT")
+        for op in ("nms", "qnms"):
+            try:
+                lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            except RuntimeError:  # already declared by an earlier attempt
+                pass
+        need_timm._lib = lib  # keep the registration alive
+        import sys
+
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+    except ImportError:
+        pass
+    return need("timm")
+
+
+@pytest.fixture
+def timm():
+    return need_timm()
+
+
 @pytest.fixture
 def transformers():
     return need("transformers")
