@@ -18,6 +18,14 @@ EXTRAS="dev,frameworks"
 [ "${NP2TORCH_NO_FRAMEWORKS:-0}" = 1 ] && EXTRAS="dev"
 echo "setup: installing np2torch with extras [$EXTRAS] into .venv"
 .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
+if [ "$EXTRAS" = "dev,frameworks" ]; then
+  # timm and its own JAX ViT loader are the conformance oracle for Google ViT files. PyPI's
+  # torchvision for torch 2.13 is a CUDA build whose import fails beside the CPU torch (and
+  # would then break transformers' imports), so they go to a folder of their own that only the
+  # tests that need timm put on sys.path.
+  echo "setup: installing timm (test oracle) into .venv/timm-oracle"
+  .venv/bin/python -m pip install -q --no-deps --upgrade --target .venv/timm-oracle "timm==1.0.31" "torchvision==0.28.0" "pillow>=10"
+fi
 # nothing may replace the CPU torch installed above
 .venv/bin/python -c 'import importlib.metadata as m, sys; v = m.version("torch"); sys.exit(0 if v.startswith("2.13.0") else f"torch {v} replaced 2.13.0")' 
 .venv/bin/python data/make_examples.py
