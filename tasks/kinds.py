@@ -25,25 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-__all__ = [
-    "KINDS",
-    "UNKNOWN_TARGET_LAYOUTS",
-    "Channels",
-    "Kind",
-    "Misfit",
-    "Recogniser",
-    "Recurrent",
-    "TargetLayout",
-    "conv_layouts",
-    "leaf_layout",
-    "leaf_role",
-    "matrix_layouts",
-    "module_kind",
-    "of_module",
-    "recurrent",
-    "recurrent_gate_counts",
-    "source_kind",
-]
+__all__ = ["KINDS", "UNKNOWN_TARGET_LAYOUTS", "Channels", "Kind", "Misfit", "Recogniser", "Recurrent", "TargetLayout", "conv_layouts",
+           "leaf_layout", "leaf_role", "matrix_layouts", "module_kind", "of_module", "recurrent", "recurrent_gate_counts", "source_kind"]
 
 Shape = tuple[int, ...]
 Leaves = dict[str, Shape]  # a source layer: its leaf names (as the source spells them) → shapes
@@ -81,7 +64,6 @@ class Misfit:
 
 @dataclass(frozen=True)
 class Recurrent:
-    gates: int
     gate_order: tuple[str, str]  # (source order, torch order), gates named as torch names them
     bias_rows: int  # 1: one bias (G*u,); 2: (2, G*u) input and recurrent biases
     # source leaf → [(torch leaf prefix, transform, why)]; the slot suffix (_l0, _l1_reverse) is appended
@@ -89,6 +71,10 @@ class Recurrent:
     zeros: tuple[str, ...]  # torch leaves the source has no counterpart for
     why: str
     misfit: Callable[[Leaves], Misfit | None] | None = None
+
+    @property
+    def gates(self) -> int:
+        return len(self.gate_order[0])
 
 
 @dataclass(frozen=True)
@@ -214,7 +200,7 @@ def _recurrent_kind(name: str, torch_class: str, rank: int, order: tuple[str, st
                 source_layouts={("recurrent_kernel", 2): ([["transpose", None]],
                                                           "LSTM/GRU recurrent kernel (u, G*u) → weight_hh (G*u, u)")},
                 target_layouts=(matrix_layouts,),
-                recurrent=Recurrent(gates, order, bias_rows, {"kernel": [("weight_ih", t, notes[0])],
+                recurrent=Recurrent(order, bias_rows, {"kernel": [("weight_ih", t, notes[0])],
                                                               "recurrent_kernel": [("weight_hh", t, notes[1])], "bias": bias},
                                     zeros, why, misfit))
 

@@ -29,18 +29,8 @@ from dataclasses import dataclass, field
 
 from np2torch.tasks import kinds as K
 
-__all__ = [
-    "KERAS_VARS",
-    "PRESETS",
-    "Preset",
-    "SourceView",
-    "is_backward_scope",
-    "layer_leaf_transform",
-    "name_numbered_vars",
-    "natural_key",
-    "split_separable",
-    "view",
-]
+__all__ = ["KERAS_VARS", "PRESETS", "Preset", "SourceView", "is_backward_scope", "layer_leaf_transform", "name_numbered_vars",
+           "natural_key", "split_separable", "view"]
 
 Shape = tuple[int, ...]
 
