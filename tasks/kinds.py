@@ -76,6 +76,12 @@ class Recurrent:
     def gates(self) -> int:
         return len(self.gate_order[0])
 
+    def source_shapes(self, n_in: int, units: int, bias: bool) -> dict[str, list[int]]:
+        """The Keras layer's leaves and their shapes, in the order Keras builds them (a flat vector holds them so)."""
+        gu = self.gates * units
+        shapes = {"kernel": [n_in, gu], "recurrent_kernel": [units, gu]}
+        return shapes | ({"bias": [self.bias_rows, gu] if self.bias_rows > 1 else [gu]} if bias else {})
+
 
 @dataclass(frozen=True)
 class Kind:

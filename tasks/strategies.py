@@ -439,11 +439,7 @@ def _flat_recurrent(st: MapState, targets: list[TargetInfo], ti: int, key: str, 
     slot = [x for x in targets[ti:] if x.module == t.module and _slot_suffix(kind, x.key) == suffix]
     if suffix is None or any(x is not targets[ti + i] for i, x in enumerate(slot)):
         return None
-    gu, n_in = t.shape
-    u = st.targets[f"{t.module}.weight_hh{suffix}"].shape[1]
-    shapes = {"kernel": [n_in, gu], "recurrent_kernel": [u, gu]}
-    if any(".bias_" in x.key for x in slot):
-        shapes["bias"] = [r.bias_rows, gu] if r.bias_rows > 1 else [gu]
+    shapes = r.source_shapes(t.shape[1], st.targets[f"{t.module}.weight_hh{suffix}"].shape[1], any(".bias_" in x.key for x in slot))
     need = sum(int(np.prod(v)) for v in shapes.values())
     if rec.numel - pos < need:
         return None

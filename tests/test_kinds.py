@@ -65,8 +65,7 @@ def test_source_layouts_give_the_torch_modules_shapes(kind: str) -> None:
 def test_recurrent_rows_fill_every_torch_leaf(kind: str, module: nn.Module) -> None:
     rec = K.recurrent(kind)
     assert rec is not None and len(rec.gate_order[0]) == rec.gates and sorted(rec.gate_order[0]) == sorted(rec.gate_order[1])
-    g = rec.gates * 5
-    keras = {"kernel": (3, g), "recurrent_kernel": (5, g), "bias": (rec.bias_rows, g) if rec.bias_rows > 1 else (g,)}
+    keras = {leaf: tuple(shape) for leaf, shape in rec.source_shapes(3, 5, bias=True).items()}
     assert K.source_kind({k: v for k, v in keras.items() if k != "bias"}, "layer") == kind
     filled = {f"{leaf}_l0": T.apply_shape(keras[src], spec) for src, outs in rec.leaves.items() for leaf, spec, _ in outs}
     filled |= {f"{z}_l0": tuple(getattr(module, f"{z}_l0").shape) for z in rec.zeros}
