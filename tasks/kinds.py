@@ -11,6 +11,7 @@ A row of :data:`KINDS` says, for one kind of layer (Dense, Conv, LSTM …):
 - the layouts a torch weight of the kind may arrive in when only shapes can tell (``target_layouts``),
   whether a grouped weight may come from a depthwise kernel (``grouped``);
 - where its channel count is, for a flatten that follows it, and where a flatten feeds it (``channels``, ``features``);
+- a source layer that is several torch modules (``split``: a Keras SeparableConv is two convs);
 - for recurrent layers, the gate order, the bias layout and the torch leaves (``recurrent``).
 
 :mod:`np2torch.tasks.presets`, :mod:`np2torch.tasks.layouts` and the mapping strategies read this
@@ -23,10 +24,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 __all__ = ["KINDS", "UNKNOWN_TARGET_LAYOUTS", "Channels", "Kind", "Misfit", "Recogniser", "Recurrent", "TargetLayout", "conv_layouts",
-           "leaf_layout", "leaf_role", "matrix_layouts", "module_kind", "of_module", "recurrent", "recurrent_gate_counts", "source_kind"]
+           "leaf_layout", "leaf_role", "matrix_layouts", "module_kind", "of_module", "recurrent", "recurrent_gate_counts", "source_kind",
+           "split_layer"]
 
 Shape = tuple[int, ...]
 Leaves = dict[str, Shape]  # a source layer: its leaf names (as the source spells them) → shapes
@@ -99,6 +101,8 @@ class Kind:
     channels: Channels | None = None  # the output channel count a flatten after the module sees
     features: Channels | None = None  # the input feature count, when a flatten feeds the module
     recurrent: Recurrent | None = None
+    # a source layer that fills several torch modules of this kind: (scope, leaves) per module, else None
+    split: Callable[[str, dict[str, Any]], list[tuple[str, dict[str, Any]]] | None] | None = None
 
     def layout(self, leaf: str, ndim: int) -> list | None:
         hit = self.source_layouts.get((self.leaf_aliases.get(leaf, leaf), ndim))
@@ -166,6 +170,16 @@ _CONV_KERNELS = {
     ("pointwise_kernel", 3): ([["permute", [2, 1, 0]]], "SeparableConv1D pointwise kernel (1, C*mult, O) → Conv1d (O, C*mult, 1)"),
 }
 
+def _separable(scope: str, leaves: dict[str, Any]) -> list[tuple[str, dict[str, Any]]] | None:
+    """A Keras SeparableConv layer is two torch convs: the depthwise one (no bias), then the 1×1
+    pointwise one, which takes the layer's bias."""
+    if not {"depthwise_kernel", "pointwise_kernel"} <= leaves.keys():
+        return None
+    rest = {k: v for k, v in leaves.items() if k not in ("depthwise_kernel", "pointwise_kernel")}
+    return [(f"{scope}.depthwise" if scope else "depthwise", {"depthwise_kernel": leaves["depthwise_kernel"]}),
+            (f"{scope}.pointwise" if scope else "pointwise", {"pointwise_kernel": leaves["pointwise_kernel"], **rest})]
+
+
 _SLIM = {"weights": "kernel"}  # tf.contrib.layers / slim name a kernel 'weights'
 _TORCH_LEAVES = {"weight": "weight", "bias": "bias"}
 _NORM_LEAVES = {"gamma": "weight", "scale": "weight", "beta": "bias", "bias": "bias", "weight": "weight"}
@@ -229,7 +243,7 @@ _ROWS = [
           Recogniser(120, lambda leaves, scope: len(leaves.get("weight", ())) >= 3, "torch conv weight (O, I, *S)")),
          leaf_roles={"kernel": "weight", "weights": "weight", "depthwise_kernel": "weight", "pointwise_kernel": "weight", "bias": "bias",
                      "biases": "bias", **_TORCH_LEAVES},
-         source_layouts=_CONV_KERNELS, leaf_aliases=_SLIM, target_layouts=(matrix_layouts, conv_layouts), grouped=True,
+         source_layouts=_CONV_KERNELS, leaf_aliases=_SLIM, target_layouts=(matrix_layouts, conv_layouts), grouped=True, split=_separable,
          channels=Channels("weight", 0, "out_channels: weight (O, I, *S)")),
     Kind("conv_transpose", "Keras Conv1D/2D/3DTranspose → nn.ConvTransposeNd", ("ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"),
          (Recogniser(30, lambda leaves, scope: _kernel_ndim(leaves) >= 3 and bool(re.search(r"(?i)transpose|deconv", scope)),
@@ -305,6 +319,11 @@ def leaf_layout(leaf: str, ndim: int) -> tuple[list, str] | None:
 def leaf_role(kind: str, leaf: str) -> str | None:
     """The torch leaf a source leaf fills in a layer of ``kind`` (BERT's ``word_embeddings`` &c. are tables: ``weight``)."""
     return KINDS[kind].leaf_roles.get(leaf) or ("weight" if leaf.endswith("_embeddings") else None)
+
+
+def split_layer(scope: str, leaves: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """A source layer as the torch modules it fills: most are one, a SeparableConv is two."""
+    return next((parts for k in KINDS.values() if k.split and (parts := k.split(scope, leaves))), [(scope, leaves)])
 
 
 def recurrent(kind: str | None) -> Recurrent | None:

@@ -15,8 +15,7 @@ Conventions covered (keras / tf / flax):
 - TF1 / OpenAI checkpoints (``tf``): ``w``/``b``/``g`` leaves, ``h0`` → ``h.0``, a ``model/`` root
   scope, variables that are the layer's table (``wte``), 1×1-conv weights ``(1, in, out)`` that
   load into a transformers ``Conv1D`` ``(in, out)`` or (transposed) a ``Linear``;
-- layouts: per kind (:data:`np2torch.tasks.kinds.KINDS`); a SeparableConv is two torch convs
-  (:func:`split_separable`); Bidirectional ``forward_*`` / ``backward_*`` scopes (torch
+- layouts: per kind (:data:`np2torch.tasks.kinds.KINDS`); Bidirectional ``forward_*`` / ``backward_*`` scopes (torch
   ``*_l0`` / ``*_l0_reverse``, :func:`is_backward_scope`); stacked ``lstm``, ``lstm_1`` (``*_l0``, ``*_l1``);
   Keras 3 ``vars/0``, ``vars/1`` … named by build order (:data:`KERAS_VARS`).
 """
@@ -30,7 +29,7 @@ from dataclasses import dataclass, field
 from np2torch.tasks import kinds as K
 
 __all__ = ["KERAS_VARS", "PRESETS", "Preset", "SourceView", "is_backward_scope", "layer_leaf_transform", "name_numbered_vars",
-           "natural_key", "split_separable", "view"]
+           "natural_key", "view"]
 
 Shape = tuple[int, ...]
 
@@ -160,16 +159,6 @@ def view(key: str, shape: Shape, preset: Preset) -> SourceView:
 def natural_key(text: str) -> tuple:
     """Sort key reading digit runs as numbers: dense < dense_1 < dense_2 < dense_10."""
     return tuple((0, int(t)) if t.isdigit() else (1, t) for t in re.split(r"(\d+)", text) if t)
-
-
-def split_separable(scope: str, leaves: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
-    """A Keras SeparableConv layer is two torch convs: the depthwise one (no bias), then the 1×1
-    pointwise one, which takes the layer's bias. Other layers pass through unchanged."""
-    if "depthwise_kernel" not in leaves or "pointwise_kernel" not in leaves:
-        return [(scope, leaves)]
-    rest = {k: v for k, v in leaves.items() if k not in ("depthwise_kernel", "pointwise_kernel")}
-    return [(f"{scope}.depthwise" if scope else "depthwise", {"depthwise_kernel": leaves["depthwise_kernel"]}),
-            (f"{scope}.pointwise" if scope else "pointwise", {"pointwise_kernel": leaves["pointwise_kernel"], **rest})]
 
 
 # Keras 3 ``.weights.h5`` stores a layer's variables as ``layers/<name>/vars/0``, ``vars/1`` … in

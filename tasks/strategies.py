@@ -245,7 +245,7 @@ def _source_layers(st: MapState) -> list[tuple[str, str, dict[str, str]]]:
                 groups[scope] = dict(zip(names, keys))
     layers = []
     for group_scope, group in groups.items():
-        for scope, leaves in P.split_separable(group_scope, group):
+        for scope, leaves in K.split_layer(group_scope, group):
             kind = K.source_kind({leaf: st.records[k].shape for leaf, k in leaves.items()}, scope)
             if kind is not None:
                 layers.append((scope, kind, leaves))
@@ -551,7 +551,7 @@ def _by_layer_kind(st: MapState) -> bool:
     for names in split:
         leaves = dict(zip(names, free[i:i + len(names)]))
         i += len(names)
-        for scope, part in P.split_separable(f"#{len(layers)}", leaves):
+        for scope, part in K.split_layer(f"#{len(layers)}", leaves):
             kind = K.source_kind({leaf: st.records[k].shape for leaf, k in part.items()}, scope)
             if kind is None:
                 return False
