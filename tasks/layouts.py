@@ -3,9 +3,9 @@
 Domain module of the mapping stage (no stage imports). For a torch target, the known layouts are
 data, per kind (:data:`np2torch.tasks.kinds.KINDS`): a Linear weight ``(out, in)`` arrives as-is or
 as a ``(in, out)`` kernel; a conv weight ``(O, I, *S)`` as-is or channels-last ``(*S, I, O)`` (or
-``(*S, O, I)``); a grouped conv ``(C*M, 1, *S)`` as a depthwise ``(*S, C, M)`` kernel. :func:`layout_candidates` lists every one
-that turns a source shape into the target shape, deduplicated by effect (two specs that move
-every element to the same place are one candidate). A reshape by element count is only ever a
+``(*S, O, I)``); a grouped conv ``(C*M, 1, *S)`` as a depthwise ``(*S, C, M)`` kernel.
+:func:`layout_candidates` lists every one that turns a source shape into the target shape,
+deduplicated by effect (two specs that move every element to the same place are one candidate). A reshape by element count is only ever a
 candidate, never a silent choice, when the row came from order matching.
 """
 
