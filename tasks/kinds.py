@@ -220,8 +220,8 @@ def _recurrent_kind(name: str, torch_class: str, rank: int, order: tuple[str, st
                 source_layouts={("recurrent_kernel", 2): ([["transpose", None]],
                                                           "LSTM/GRU recurrent kernel (u, G*u) → weight_hh (G*u, u)")},
                 target_layouts=(matrix_layouts,),
-                recurrent=Recurrent(order, bias_rows, {"kernel": [("weight_ih", t, notes[0])], "recurrent_kernel": [("weight_hh", t, notes[1])],
-                                                       "bias": bias}, zeros, why, misfit))
+                recurrent=Recurrent(order, bias_rows, {"kernel": [("weight_ih", t, notes[0])],
+                                                       "recurrent_kernel": [("weight_hh", t, notes[1])], "bias": bias}, zeros, why, misfit))
 
 
 # ---------------------------------------------------------------------------------------------
