@@ -1,11 +1,11 @@
 """Layouts a target tensor may arrive in, and the candidates a row's shapes cannot tell apart.
 
 Domain module of the mapping stage (no stage imports). For a torch target, the known layouts are
-data: a Linear weight ``(out, in)`` arrives as-is or as a ``(in, out)`` kernel; a conv weight
-``(O, I, *S)`` as-is or channels-last ``(*S, I, O)`` (or ``(*S, O, I)``); a grouped conv
-``(C*M, 1, *S)`` as a depthwise ``(*S, C, M)`` kernel. :func:`layout_candidates` lists every one
-that turns a source shape into the target shape, deduplicated by effect (two specs that move
-every element to the same place are one candidate). A reshape by element count is only ever a
+data, per kind (:data:`np2torch.tasks.kinds.KINDS`): a Linear weight ``(out, in)`` arrives as-is or
+as a ``(in, out)`` kernel; a conv weight ``(O, I, *S)`` as-is or channels-last ``(*S, I, O)`` (or
+``(*S, O, I)``); a grouped conv ``(C*M, 1, *S)`` as a depthwise ``(*S, C, M)`` kernel.
+:func:`layout_candidates` lists every one that turns a source shape into the target shape,
+deduplicated by effect (two specs that move every element to the same place are one candidate). A reshape by element count is only ever a
 candidate, never a silent choice, when the row came from order matching.
 """
 
@@ -16,52 +16,34 @@ from typing import Any
 
 import numpy as np
 
-from np2torch.tasks import presets as P
+from np2torch.tasks import kinds as K
 from np2torch.tasks import transforms as T
 from np2torch.tasks.model import TargetInfo
 
-__all__ = ["alternatives", "source_layouts", "fitting_layouts", "refit", "layout_candidates", "flatten_heuristic", "AMBIGUOUS_CONFIDENCE"]
+__all__ = ["AMBIGUOUS_CONFIDENCE", "alternatives", "fitting_layouts", "flatten_heuristic", "layout_candidates", "refit", "source_layouts"]
 
 AMBIGUOUS_CONFIDENCE = 0.5  # a row whose layout the shapes cannot pin down is a guess until evidence says otherwise
 
 
-def _conv_alts(nd: int) -> list[tuple[Any, list, str]]:
-    s = nd - 2  # spatial axes
-    return [
-        (lambda t: t, [], "torch layout (O, I, *S)"),
-        (lambda t: (*t[2:], t[1], t[0]), [["permute", [s + 1, s, *range(s)]]], "channels-last (*S, I, O): Keras/TF/Flax"),
-        (lambda t: (*t[2:], t[0], t[1]), [["permute", [s, s + 1, *range(s)]]], "channels-last with I/O swapped (*S, O, I)"),
-    ]
+_ONE = [K.TargetLayout(lambda s: s, [], "one layout")]
 
 
-_MATRIX_ALTS = [
-    (lambda t: t, [], "torch layout (out, in)"),
-    (lambda t: (t[1], t[0]), [["transpose", None]], "(in, out): Keras/TF/Flax kernels, x @ W"),
-]
-
-_ONE = [(lambda s: s, [], "one layout")]
-
-# module kinds whose 2-D/N-D weights have several plausible layouts; anything else (Embedding,
-# 1-D vectors) has one layout and is never ambiguous
-_AMBIGUOUS_KINDS = {"dense", "conv", "conv_transpose", "lstm", "gru", "rnn", None}
-
-
-def alternatives(t: TargetInfo) -> list[tuple[Any, list, str]]:
-    """(source shape from target shape, transform to torch, why) per layout the target's kind allows."""
-    kind = P.TORCH_KINDS.get(t.module_type)
-    if kind not in _AMBIGUOUS_KINDS:
-        return _ONE
-    if len(t.shape) == 2:
-        return _MATRIX_ALTS
-    if len(t.shape) >= 3 and kind in ("conv", "conv_transpose", None):
-        return _conv_alts(len(t.shape))
+def alternatives(t: TargetInfo) -> list[K.TargetLayout]:
+    """(source shape from target shape, transform to torch, why) per layout the target's kind allows;
+    a kind with one layout (Embedding, 1-D vectors) is never ambiguous."""
+    kind = K.of_module(t.module_type)
+    for family in kind.target_layouts if kind else K.UNKNOWN_TARGET_LAYOUTS:
+        alts = family(len(t.shape))
+        if alts:
+            return alts
     return _ONE
 
 
 def _depthwise_fits(src: tuple[int, ...], t: TargetInfo) -> bool:
     """A (*S, C, M) depthwise kernel for a grouped conv weight (C*M, 1, *S), whatever the kernel's leaf
     is called (Keras 3 names a DepthwiseConv2D kernel ``kernel``; Keras 2 ``depthwise_kernel``)."""
-    return (P.TORCH_KINDS.get(t.module_type) in ("conv", None) and len(t.shape) >= 3 and t.shape[1] == 1 and len(src) == len(t.shape)
+    kind = K.of_module(t.module_type)
+    return ((kind is None or kind.grouped) and len(t.shape) >= 3 and t.shape[1] == 1 and len(src) == len(t.shape)
             and tuple(src[:-2]) == tuple(t.shape[2:]) and src[-2] * src[-1] == t.shape[0] and src[-2] > 1)
 
 
@@ -118,16 +100,14 @@ def flatten_heuristic(targets: Sequence[TargetInfo]) -> dict[str, list[int]]:
     for t in targets:
         if t.module in seen:
             continue
-        kind = P.TORCH_KINDS.get(t.module_type)
-        if kind in ("conv", "conv_transpose") and t.key.endswith(".weight") and len(t.shape) >= 3:
+        kind = K.of_module(t.module_type)
+        ch, feat = (kind.channels, kind.features) if kind else (None, None)
+        if ch and t.key.endswith(f".{ch.leaf}") and len(t.shape) > ch.axis:
             seen.add(t.module)
-            channels = t.shape[0] if kind == "conv" else t.shape[1]
-        elif kind == "batchnorm" and t.key.endswith(".running_mean"):
+            channels = t.shape[ch.axis]
+        elif feat and t.key.endswith(f".{feat.leaf}") and len(t.shape) > feat.axis:
             seen.add(t.module)
-            channels = t.shape[0]
-        elif kind == "dense" and t.key.endswith(".weight"):
-            seen.add(t.module)
-            f = t.shape[1]
+            f = t.shape[feat.axis]
             if channels and f % channels == 0 and f // channels > 1:
                 hw = f // channels
                 side = int(round(hw ** 0.5))
@@ -140,7 +120,8 @@ def _candidate_specs(src: tuple[int, ...], spec: list, t: TargetInfo, flat: bool
     if not flat:
         return source_layouts(src, t, spec)
     specs: list[list] = []
-    if P.TORCH_KINDS.get(t.module_type) == "conv" and len(t.shape) >= 3 and t.shape[1] == 1:
+    kind = K.of_module(t.module_type)
+    if kind and kind.grouped and len(t.shape) >= 3 and t.shape[1] == 1:
         # a grouped conv from a flat slice: a depthwise (*S, C, M) kernel for every C·M = out channels
         out = t.shape[0]
         for c in (d for d in range(2, out + 1) if out % d == 0):

@@ -1,9 +1,9 @@
 """Naming and layout conventions of the frameworks weights come from, as tables of data.
 
 A preset turns a source key and shape into (a) the PyTorch-style names it most likely has and
-(b) the transform that brings its layout to PyTorch's. It also says which kind of layer a
-group of source keys is (Dense, Conv2D, LSTM …) so the mapping stage can align source and model
-layer by layer when names differ. Every entry says why it exists.
+(b) the transform that brings its layout to PyTorch's. What each kind of layer (Dense, Conv2D,
+LSTM …) looks like in a source and in torch is the kinds table (:mod:`np2torch.tasks.kinds`),
+which a channels-last preset reads for its layouts. Every entry says why it exists.
 
 Conventions covered (keras / tf / flax):
 
@@ -15,12 +15,9 @@ Conventions covered (keras / tf / flax):
 - TF1 / OpenAI checkpoints (``tf``): ``w``/``b``/``g`` leaves, ``h0`` → ``h.0``, a ``model/`` root
   scope, variables that are the layer's table (``wte``), 1×1-conv weights ``(1, in, out)`` that
   load into a transformers ``Conv1D`` ``(in, out)`` or (transposed) a ``Linear``;
-- layouts: Dense ``(in, out)``; Conv1D/2D/3D channels-last ``(*S, I, O)``; depthwise
-  ``(*S, C, mult)``; separable = depthwise ``(*S, C, mult)`` + pointwise ``(1…, C*mult, O)`` (two
-  torch convs, :func:`split_separable`); transposed ``(*S, O, I)``; Embedding ``(vocab, dim)`` (same as torch);
-  LSTM/GRU ``kernel (in, G*u)`` / ``recurrent_kernel (u, G*u)`` / ``bias`` (gate order and
-  bias layout per :data:`RECURRENT`); Bidirectional ``forward_*`` / ``backward_*`` scopes (torch
-  ``*_l0`` / ``*_l0_reverse``, :func:`is_backward_scope`); stacked ``lstm``, ``lstm_1`` (``*_l0``, ``*_l1``).
+- layouts: per kind (:data:`np2torch.tasks.kinds.KINDS`); Bidirectional ``forward_*`` / ``backward_*`` scopes (torch
+  ``*_l0`` / ``*_l0_reverse``, :func:`is_backward_scope`); stacked ``lstm``, ``lstm_1`` (``*_l0``, ``*_l1``);
+  Keras 3 ``vars/0``, ``vars/1`` … named by build order (:data:`KERAS_VARS`).
 """
 
 from __future__ import annotations
@@ -29,34 +26,13 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["Preset", "PRESETS", "SourceView", "view", "LayerKind", "source_layer_kind", "TORCH_KINDS", "LEAF_ROLES", "RECURRENT",
-           "natural_key", "layer_leaf_transform",
-           "split_separable", "is_backward_scope", "KERAS_VARS", "name_numbered_vars"]
+from np2torch.tasks import kinds as K
+
+__all__ = ["KERAS_VARS", "PRESETS", "Preset", "SourceView", "is_backward_scope", "layer_leaf_transform", "name_numbered_vars",
+           "natural_key", "view"]
 
 Shape = tuple[int, ...]
 
-
-# ---------------------------------------------------------------------------------------------
-# layouts: (source leaf, ndim) → transform to torch's layout, with the reason
-
-
-def _why(spec: list, why: str) -> tuple[list, str]:
-    return spec, why
-
-
-_CHANNELS_LAST_KERNELS: dict[tuple[str, int], tuple[list, str]] = {
-    ("kernel", 2): _why([["transpose", None]], "Dense kernel (in, out) → Linear weight (out, in)"),
-    ("kernel", 3): _why([["permute", [2, 1, 0]]], "Conv1D kernel (W, I, O) → Conv1d weight (O, I, W)"),
-    ("kernel", 4): _why([["permute", [3, 2, 0, 1]]], "Conv2D kernel (H, W, I, O) → Conv2d weight (O, I, H, W); "
-                        "Conv2DTranspose (H, W, O, I) → ConvTranspose2d (I, O, H, W) is the same permutation"),
-    ("kernel", 5): _why([["permute", [4, 3, 0, 1, 2]]], "Conv3D kernel (D, H, W, I, O) → Conv3d weight (O, I, D, H, W)"),
-    ("depthwise_kernel", 4): _why([["depthwise_to_grouped", None]], "DepthwiseConv2D (H, W, C, mult) → Conv2d(groups=C) (C*mult, 1, H, W)"),
-    ("depthwise_kernel", 3): _why([["depthwise_to_grouped", None]], "DepthwiseConv1D (W, C, mult) → Conv1d(groups=C) (C*mult, 1, W)"),
-    ("pointwise_kernel", 4): _why([["permute", [3, 2, 0, 1]]], "SeparableConv2D pointwise kernel (1, 1, C*mult, O) → the 1×1 Conv2d "
-                                  "weight (O, C*mult, 1, 1) after the depthwise one"),
-    ("pointwise_kernel", 3): _why([["permute", [2, 1, 0]]], "SeparableConv1D pointwise kernel (1, C*mult, O) → Conv1d (O, C*mult, 1)"),
-    ("recurrent_kernel", 2): _why([["transpose", None]], "LSTM/GRU recurrent kernel (u, G*u) → weight_hh (G*u, u)"),
-}
 
 _KERAS_LEAVES: dict[str, tuple[str, str]] = {
     "kernel": ("weight", "Dense/Conv weights"),
@@ -77,21 +53,26 @@ class Preset:
     strip: tuple[tuple[str, str], ...] = ()
     # leaf parameter names → (PyTorch leaf, why)
     leaf_names: dict[str, tuple[str, str]] = field(default_factory=dict)
-    # (leaf, ndim) → (transform bringing the source layout to PyTorch's, why)
+    # (leaf, ndim) → (transform bringing the source layout to PyTorch's, why): this framework's own spellings
     layouts: dict[tuple[str, int], tuple[list, str]] = field(default_factory=dict)
-    # activations are channels-last, so a Flatten after convolutions orders features (H, W, C)
+    # activations are channels-last, so a Flatten after convolutions orders features (H, W, C), and
+    # the kinds' channels-last layouts apply (to every leaf, or to ``kind_leaves`` only)
     channels_last: bool = False
+    kind_leaves: frozenset[str] | None = None
 
     def layout(self, leaf: str, ndim: int) -> list:
-        return [list(s) for s in self.layouts.get((leaf, ndim), ([], ""))[0]]
+        """The layout guessed from the leaf's name alone (the layer's kind is not known yet)."""
+        hit = self.layouts.get((leaf, ndim))
+        if hit is None and self.channels_last and (self.kind_leaves is None or leaf in self.kind_leaves):
+            hit = K.leaf_layout(leaf, ndim)
+        return [list(s) for s in hit[0]] if hit else []
 
 
 _TF_VARIABLE_SUFFIX = (r":\d+$", "TF variable names end in ':0'")
 
 PRESETS: dict[str, Preset] = {
     "none": Preset("none"),
-    "keras": Preset("keras", strip=(_TF_VARIABLE_SUFFIX,), leaf_names=dict(_KERAS_LEAVES), layouts=dict(_CHANNELS_LAST_KERNELS),
-                    channels_last=True),
+    "keras": Preset("keras", strip=(_TF_VARIABLE_SUFFIX,), leaf_names=dict(_KERAS_LEAVES), channels_last=True),
     "tf": Preset(
         "tf",
         strip=(_TF_VARIABLE_SUFFIX,
@@ -102,11 +83,11 @@ PRESETS: dict[str, Preset] = {
                     "g": ("weight", "… LayerNorm gain (OpenAI 'g'/'b')"),
                     "output_weights": ("weight", "TF1 BERT classifier 'cls/seq_relationship/output_weights' (labels, hidden): torch's layout"),
                     "output_bias": ("bias", "TF1 BERT 'output_bias' (cls/predictions/output_bias → cls.predictions.bias)")},
-        layouts={**_CHANNELS_LAST_KERNELS, ("weights", 2): _why([["transpose", None]], "slim fully_connected weights (in, out)"),
-                 ("weights", 4): _why([["permute", [3, 2, 0, 1]]], "slim conv2d weights (H, W, I, O)"),
-                 ("w", 2): _why([["transpose", None]], "TF1 matmul weight (in, out) → Linear (out, in)"),
-                 ("w", 3): _why([["index", 0]], "OpenAI conv1d weight (1, in, out) as a dense layer → transformers Conv1D (in, out); "
-                                "a Linear takes its transpose (the target module decides)")},
+        layouts={("weights", 2): ([["transpose", None]], "slim fully_connected weights (in, out)"),
+                 ("weights", 4): ([["permute", [3, 2, 0, 1]]], "slim conv2d weights (H, W, I, O)"),
+                 ("w", 2): ([["transpose", None]], "TF1 matmul weight (in, out) → Linear (out, in)"),
+                 ("w", 3): ([["index", 0]], ("OpenAI conv1d weight (1, in, out) as a dense layer → transformers Conv1D (in, out); "
+                                             "a Linear takes its transpose (the target module decides)"))},
         channels_last=True,
     ),
     "flax": Preset(
@@ -116,8 +97,7 @@ PRESETS: dict[str, Preset] = {
                     "scale": ("weight", "nn.LayerNorm / nn.BatchNorm scale"),
                     "embedding": ("weight", "nn.Embed table (num_embeddings, features): same layout as torch"),
                     "mean": ("running_mean", "nn.BatchNorm 'batch_stats' collection"), "var": ("running_var", "… its variance")},
-        layouts={k: v for k, v in _CHANNELS_LAST_KERNELS.items() if k[0] == "kernel"},
-        channels_last=True,
+        channels_last=True, kind_leaves=frozenset({"kernel"}),
     ),
 }
 
@@ -181,69 +161,12 @@ def natural_key(text: str) -> tuple:
     return tuple((0, int(t)) if t.isdigit() else (1, t) for t in re.split(r"(\d+)", text) if t)
 
 
-# ---------------------------------------------------------------------------------------------
-# layer kinds: which source groups are which layers, and which torch modules they can fill
-
-
-@dataclass(frozen=True)
-class LayerKind:
-    kind: str
-    test: Callable[[dict[str, Shape], str], bool]  # (leaf → shape, scope) → is this kind
-    why: str
-
-
-def _rk_gates(leaves: dict[str, Shape]) -> int:
-    k, rk = leaves.get("kernel"), leaves.get("recurrent_kernel")
-    if not k or not rk or len(rk) != 2 or rk[0] == 0 or k[-1] % rk[0]:
-        return 0
-    return k[-1] // rk[0]
-
-
-def _kernel_ndim(leaves: dict[str, Shape]) -> int:
-    k = leaves.get("kernel", leaves.get("weights"))
-    return len(k) if k is not None else 0
-
-
-# First match wins; leaf names are the source's own (kernel, gamma, …).
-SOURCE_KINDS: list[LayerKind] = [
-    LayerKind("lstm", lambda l, s: _rk_gates(l) == 4, "kernel (in, 4u) + recurrent_kernel (u, 4u): 4 gates i, f, c, o"),
-    LayerKind("gru", lambda l, s: _rk_gates(l) == 3, "kernel (in, 3u) + recurrent_kernel (u, 3u): 3 gates z, r, h"),
-    LayerKind("rnn", lambda l, s: _rk_gates(l) == 1, "SimpleRNN: kernel (in, u) + recurrent_kernel (u, u)"),
-    LayerKind("conv", lambda l, s: "depthwise_kernel" in l, "DepthwiseConv: becomes a grouped torch conv"),
-    LayerKind("conv_transpose", lambda l, s: _kernel_ndim(l) >= 3 and bool(re.search(r"(?i)transpose|deconv", s)),
-              "Conv2DTranspose: the layer name says so; its kernel is (*S, O, I)"),
-    LayerKind("conv", lambda l, s: _kernel_ndim(l) >= 3, "kernel with spatial axes"),
-    LayerKind("embedding", lambda l, s: any(k in ("embeddings", "embedding") or (k.endswith("_embeddings") and len(v) == 2) for k, v in l.items()),
-              "an embedding table"),
-    LayerKind("batchnorm", lambda l, s: ("moving_mean" in l and "moving_variance" in l) or ("mean" in l and "var" in l),
-              "normalisation with running statistics"),
-    LayerKind("layernorm", lambda l, s: ("gamma" in l or "scale" in l) and not any(k in l for k in ("moving_mean", "mean")),
-              "normalisation without running statistics (LayerNorm)"),
-    LayerKind("dense", lambda l, s: _kernel_ndim(l) == 2, "a 2-D kernel"),
-    # sources already in torch naming whose module names differ from the model's
-    LayerKind("batchnorm", lambda l, s: "running_mean" in l and "running_var" in l, "torch BatchNorm leaves"),
-    LayerKind("conv", lambda l, s: len(l.get("weight", ())) >= 3, "torch conv weight (O, I, *S)"),
-    LayerKind("dense", lambda l, s: len(l.get("weight", ())) == 2, "torch Linear weight (out, in)"),
-    LayerKind("layernorm", lambda l, s: len(l.get("weight", ())) == 1 and "bias" in l, "torch LayerNorm leaves"),
-]
-
-
-def split_separable(scope: str, leaves: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
-    """A Keras SeparableConv layer is two torch convs: the depthwise one (no bias), then the 1×1
-    pointwise one, which takes the layer's bias. Other layers pass through unchanged."""
-    if "depthwise_kernel" not in leaves or "pointwise_kernel" not in leaves:
-        return [(scope, leaves)]
-    rest = {k: v for k, v in leaves.items() if k not in ("depthwise_kernel", "pointwise_kernel")}
-    return [(f"{scope}.depthwise" if scope else "depthwise", {"depthwise_kernel": leaves["depthwise_kernel"]}),
-            (f"{scope}.pointwise" if scope else "pointwise", {"pointwise_kernel": leaves["pointwise_kernel"], **rest})]
-
-
 # Keras 3 ``.weights.h5`` stores a layer's variables as ``layers/<name>/vars/0``, ``vars/1`` … in
 # the order the layer built them, without their names: the shapes say which layer it is, and the
 # build order then names them. First match wins.
 def _recurrent_vars(s: list[Shape]) -> bool:
     return (len(s) in (2, 3) and len(s[0]) == 2 and len(s[1]) == 2 and s[1][0] > 0 and s[0][1] == s[1][1] and s[1][1] % s[1][0] == 0
-            and s[1][1] // s[1][0] in (1, 3, 4))
+            and s[1][1] // s[1][0] in K.recurrent_gate_counts())
 
 
 KERAS_VARS: list[tuple[Callable[[list[Shape]], bool], tuple[str, ...], str]] = [
@@ -279,79 +202,10 @@ def is_backward_scope(scope: str) -> bool:
     return bool(_BACKWARD_SCOPE.search(scope))
 
 
-def source_layer_kind(leaves: dict[str, Shape], scope: str) -> str | None:
-    for k in SOURCE_KINDS:
-        if k.test(leaves, scope):
-            return k.kind
-    return None
-
-
-# torch module class → layer kind it can be filled from
-TORCH_KINDS: dict[str, str] = {
-    "Linear": "dense", "LazyLinear": "dense", "NonDynamicallyQuantizableLinear": "dense",
-    "Conv1d": "conv", "Conv2d": "conv", "Conv3d": "conv",
-    "ConvTranspose1d": "conv_transpose", "ConvTranspose2d": "conv_transpose", "ConvTranspose3d": "conv_transpose",
-    "BatchNorm1d": "batchnorm", "BatchNorm2d": "batchnorm", "BatchNorm3d": "batchnorm", "SyncBatchNorm": "batchnorm",
-    "LayerNorm": "layernorm", "Embedding": "embedding",
-    "LSTM": "lstm", "GRU": "gru", "RNN": "rnn",
-}
-
-# per kind: source leaf → torch leaf (within one layer); None: the leaf depends on the slot (RNNs)
-_TORCH_LEAVES = {"weight": "weight", "bias": "bias"}
-
-LEAF_ROLES: dict[str, dict[str, str]] = {
-    "dense": {"kernel": "weight", "weights": "weight", "bias": "bias", "biases": "bias", **_TORCH_LEAVES},
-    "conv": {"kernel": "weight", "weights": "weight", "depthwise_kernel": "weight", "pointwise_kernel": "weight", "bias": "bias", "biases": "bias", **_TORCH_LEAVES},
-    "conv_transpose": {"kernel": "weight", "bias": "bias"},
-    "batchnorm": {"gamma": "weight", "scale": "weight", "beta": "bias", "bias": "bias", "moving_mean": "running_mean", "mean": "running_mean",
-                  "moving_variance": "running_var", "var": "running_var", "weight": "weight", "running_mean": "running_mean",
-                  "running_var": "running_var", "num_batches_tracked": "num_batches_tracked"},
-    "layernorm": {"gamma": "weight", "scale": "weight", "beta": "bias", "bias": "bias", "weight": "weight"},
-    "embedding": {"embeddings": "weight", "embedding": "weight"},
-}
-
-
-@dataclass(frozen=True)
-class Recurrent:
-    gates: int
-    # source leaf → [(torch leaf prefix, transform, why)]; the slot suffix (_l0, _l1_reverse) is appended
-    leaves: dict[str, list[tuple[str, list, str]]]
-    zeros: tuple[str, ...]  # torch leaves the source has no counterpart for
-    why: str
-
-
-# Keras gate order: LSTM i, f, c, o (same as torch i, f, g, o); GRU z, r, h (torch r, z, n).
-RECURRENT: dict[str, Recurrent] = {
-    "lstm": Recurrent(4, {
-        "kernel": [("weight_ih", [["transpose", None]], "(in, 4u) → (4u, in); gate order i, f, c, o is torch's i, f, g, o")],
-        "recurrent_kernel": [("weight_hh", [["transpose", None]], "(u, 4u) → (4u, u)")],
-        "bias": [("bias_ih", [], "Keras has one bias; torch adds bias_ih + bias_hh, so bias_hh is zeros")],
-    }, ("bias_hh",), "Keras LSTM → torch nn.LSTM"),
-    "gru": Recurrent(3, {
-        "kernel": [("weight_ih", [["transpose", None], ["reorder_chunks", [1, 0, 2]]], "(in, 3u) z, r, h → (3u, in) r, z, n")],
-        "recurrent_kernel": [("weight_hh", [["transpose", None], ["reorder_chunks", [1, 0, 2]]], "(u, 3u) z, r, h → (3u, u) r, z, n")],
-        # reset_after=True (Keras 2 default, the only GRU torch implements): bias (2, 3u) = input, recurrent
-        "bias": [("bias_ih", [["index", 0], ["reorder_chunks", [1, 0, 2]]], "row 0 of the (2, 3u) reset_after bias: input bias"),
-                 ("bias_hh", [["index", 1], ["reorder_chunks", [1, 0, 2]]], "row 1: recurrent bias (applied inside r * (…))")],
-    }, (), "Keras GRU(reset_after=True) → torch nn.GRU"),
-    "rnn": Recurrent(1, {
-        "kernel": [("weight_ih", [["transpose", None]], "(in, u) → (u, in)")],
-        "recurrent_kernel": [("weight_hh", [["transpose", None]], "(u, u) → (u, u)ᵀ")],
-        "bias": [("bias_ih", [], "one bias; bias_hh is zeros")],
-    }, ("bias_hh",), "Keras SimpleRNN → torch nn.RNN(tanh)"),
-}
-
-
 def layer_leaf_transform(kind: str, src_leaf: str, shape: Shape, preset: Preset) -> list:
-    """Layout transform for one leaf of a layer of ``kind`` (structural matching)."""
+    """Layout transform for one leaf of a layer of ``kind`` (structural matching): the kind's own
+    layout for the leaf (a Conv2DTranspose kernel is ``(*S, O, I)``), else the preset's guess by name."""
     if not preset.channels_last:
         return []
-    if kind == "conv_transpose" and src_leaf == "kernel":
-        nd = len(shape)
-        return [["permute", [nd - 1, nd - 2, *range(nd - 2)]]]  # (*S, O, I) → (I, O, *S)
-    spec = preset.layout(src_leaf, len(shape))
-    if not spec and src_leaf in ("kernel", "weights"):
-        spec = PRESETS["keras"].layout("kernel", len(shape))
-    if not spec and src_leaf in ("depthwise_kernel", "pointwise_kernel"):
-        spec = PRESETS["keras"].layout(src_leaf, len(shape))
-    return spec
+    own = K.KINDS[kind].layout(src_leaf, len(shape))
+    return own if own is not None else preset.layout(src_leaf, len(shape))

@@ -135,7 +135,7 @@ def infer_mapping_key(cfg: Config, loaded: dict[str, Any]) -> str:
     # must not rerun when verify.atol changes. A manifest that did depend on them (ambiguous rows,
     # resolved or not) records their digest, and mapping_still_valid rejects it when they change.
     return cache.stage_key(
-        "infer-mapping", prev=loaded["key"], code=cache.code_version(*(_T + m for m in ("infer_mapping", "strategies", "layouts", "evidence", "forward", "presets", "transforms",
+        "infer-mapping", prev=loaded["key"], code=cache.code_version(*(_T + m for m in ("infer_mapping", "strategies", "layouts", "evidence", "forward", "presets", "kinds", "transforms",
                                                                       "manifest", "model"))),
         mapping=cfg.mapping.model_dump(mode="json"), model=model_fingerprint(cfg), dtype=cfg.convert.dtype,
     )

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from np2torch.tasks import kinds as K
 from np2torch.tasks import layouts as L
 from np2torch.tasks import presets as P
 from np2torch.tasks import transforms as T
@@ -244,8 +245,8 @@ def _source_layers(st: MapState) -> list[tuple[str, str, dict[str, str]]]:
                 groups[scope] = dict(zip(names, keys))
     layers = []
     for group_scope, group in groups.items():
-        for scope, leaves in P.split_separable(group_scope, group):
-            kind = P.source_layer_kind({leaf: st.records[k].shape for leaf, k in leaves.items()}, scope)
+        for scope, leaves in K.split_layer(group_scope, group):
+            kind = K.source_kind({leaf: st.records[k].shape for leaf, k in leaves.items()}, scope)
             if kind is not None:
                 layers.append((scope, kind, leaves))
     if len(layers) > 1 and free == sorted(free):
@@ -260,7 +261,7 @@ def _target_slots(st: MapState) -> list[tuple[str, str, str]]:
     seen: set[tuple[str, str]] = set()
     free = {t.key for t in st.free_targets()}
     for t in st.targets.values():
-        kind = P.TORCH_KINDS.get(t.module_type)
+        kind = K.module_kind(t.module_type)
         if kind is None or t.key not in free:
             continue
         suffix = _slot_suffix(kind, t.key)
@@ -273,7 +274,7 @@ def _target_slots(st: MapState) -> list[tuple[str, str, str]]:
 
 
 def _slot_suffix(kind: str, key: str) -> str | None:
-    if kind not in P.RECURRENT:
+    if K.recurrent(kind) is None:
         return ""
     m = re.search(r"(_l\d+(?:_reverse)?)$", key)
     return m.group(1) if m else None
@@ -284,8 +285,8 @@ def _layer_claims(st: MapState, kind: str, leaves: dict[str, str], module: str, 
     """Claims filling one module (slot) from one source layer, or ``None`` when anything misfits."""
     prefix = f"{module}." if module else ""
     out: list[tuple[str, Claim]] = []
-    if kind in P.RECURRENT:
-        rec = P.RECURRENT[kind]
+    rec = K.recurrent(kind)
+    if rec is not None:
         for leaf, key in leaves.items():
             outs = rec.leaves.get(leaf)
             if outs is None:
@@ -295,9 +296,8 @@ def _layer_claims(st: MapState, kind: str, leaves: dict[str, str], module: str, 
         for z in rec.zeros:
             out.append((f"{prefix}{z}{suffix}", Claim([], [["zeros", None]], how, confidence, zeros=True, note=f"{rec.why}: no source; zeros")))
     else:
-        roles = P.LEAF_ROLES.get(kind, {})
         for leaf, key in leaves.items():
-            tleaf = roles.get(leaf) or ("weight" if leaf.endswith("_embeddings") else None)
+            tleaf = K.leaf_role(kind, leaf)
             if tleaf is None:
                 return None
             spec = _leaf_spec(st, kind, leaf, key, f"{prefix}{tleaf}")
@@ -309,7 +309,7 @@ def _layer_claims(st: MapState, kind: str, leaves: dict[str, str], module: str, 
         if c.zeros:
             continue
         # e.g. OpenAI (1, in, out) weights into a Linear; a recurrent layer's gate layout is the preset's alone
-        fitted = L.refit(st.records[c.sources[0]].shape, c.spec, st.targets[target], alternatives=kind not in P.RECURRENT)
+        fitted = L.refit(st.records[c.sources[0]].shape, c.spec, st.targets[target], alternatives=rec is None)
         if fitted is None:
             return None
         c.spec = fitted
@@ -334,14 +334,14 @@ def _leaf_spec(st: MapState, kind: str, leaf: str, key: str, target: str) -> lis
     return alts[0] if alts else spec
 
 
-def _gru_problem(st: MapState, leaves: dict[str, str]) -> None:
-    if "bias" in leaves and len(st.records[leaves["bias"]].shape) == 1:
-        # order/shape matching would load it "successfully" and wrongly: stop here
-        st.problems.append(Problem(
-            leaves["bias"], "a GRU bias of shape (3u,) is Keras' reset_after=False GRU (reset gate applied before the "
-            "recurrent matmul), which torch's nn.GRU cannot express", expected="bias of shape (2, 3u) (reset_after=True)",
-            actual=list(st.records[leaves["bias"]].shape),
-            fix="export the Keras model with GRU(reset_after=True) weights, or port the layer as a custom torch module"))
+def _misfit_problem(st: MapState, kind: str, leaves: dict[str, str]) -> None:
+    """A source layer its kind says no torch module can take (Keras GRU reset_after=False): a problem,
+    since order/shape matching would otherwise load it "successfully" and wrongly."""
+    rec = K.recurrent(kind)
+    m = rec.misfit({leaf: st.records[k].shape for leaf, k in leaves.items()}) if rec and rec.misfit else None
+    if m is not None:
+        key = leaves[m.leaf]
+        st.problems.append(Problem(key, m.why, expected=m.expected, actual=list(st.records[key].shape), fix=m.fix))
 
 
 def _align(st: MapState, kind: str, src: list[tuple[str, dict[str, str]]], tgt: list[tuple[str, str]], how: str = "structure") -> None:
@@ -350,8 +350,7 @@ def _align(st: MapState, kind: str, src: list[tuple[str, dict[str, str]]], tgt: 
         pairs = _layer_claims(st, kind, leaves, module, suffix, how=how, confidence=0.8 if how == "structure" else 0.7)
         if pairs is None:
             st.notes.append(f"structural alignment of {kind} layers stopped at source layer {scope!r} vs module {module!r}{suffix}")
-            if kind == "gru":
-                _gru_problem(st, leaves)
+            _misfit_problem(st, kind, leaves)
             break
         for target, c in pairs:
             c.reshape_candidate = how == "order" and not c.zeros
@@ -367,7 +366,7 @@ def _align_by_kind(st: MapState, layers: list[tuple[str, str, dict[str, str]]], 
     for kind in dict.fromkeys(k for _, k, _ in layers):
         src = [(s, leaves) for s, k, leaves in layers if k == kind]
         tgt = [(m, suf) for m, k, suf in slots if k == kind]
-        if kind in P.RECURRENT:
+        if K.recurrent(kind) is not None:
             # Bidirectional: backward_* layers fill the *_reverse slots, whatever the key order
             # (sorted keys put backward_lstm before forward_lstm)
             for backward in (False, True):
@@ -407,8 +406,8 @@ def _order_layout(st: MapState, key: str, t: TargetInfo) -> tuple[list, str, boo
 def _order_recurrent(st: MapState, targets: list[TargetInfo], ti: int, sources: list[str], si: int) -> tuple[int, int] | None:
     """A Keras-layout recurrent layer (kernel, recurrent_kernel[, bias]) filling one torch RNN slot."""
     t = targets[ti]
-    kind = P.TORCH_KINDS.get(t.module_type)
-    suffix = _slot_suffix(kind, t.key) if kind in P.RECURRENT else None
+    kind = K.module_kind(t.module_type)
+    suffix = _slot_suffix(kind, t.key) if K.recurrent(kind) is not None else None
     if suffix is None or st.records[sources[si]].shape == t.shape:
         return None  # torch layout: per-target order matching fits it
     slot = [x for x in targets[ti:] if x.module == t.module and _slot_suffix(kind, x.key) == suffix]
@@ -432,22 +431,18 @@ def _flat_recurrent(st: MapState, targets: list[TargetInfo], ti: int, key: str, 
     kernel (u, G·u) and bias ((G·u,), GRU (2, 3u)) sliced in that order, laid out as structure does.
     Returns (targets filled, new position: 0 when the vector is used up)."""
     t, rec = targets[ti], st.records[key]
-    kind = P.TORCH_KINDS.get(t.module_type)
-    if kind not in P.RECURRENT or not st.preset.channels_last or len(rec.shape) != 1 or not t.key.startswith(f"{t.module}.weight_ih"):
+    kind = K.module_kind(t.module_type)
+    r = K.recurrent(kind)
+    if r is None or not st.preset.channels_last or len(rec.shape) != 1 or not t.key.startswith(f"{t.module}.weight_ih"):
         return None
     suffix = _slot_suffix(kind, t.key)
     slot = [x for x in targets[ti:] if x.module == t.module and _slot_suffix(kind, x.key) == suffix]
     if suffix is None or any(x is not targets[ti + i] for i, x in enumerate(slot)):
         return None
-    gu, n_in = t.shape
-    u = st.targets[f"{t.module}.weight_hh{suffix}"].shape[1]
-    shapes = {"kernel": [n_in, gu], "recurrent_kernel": [u, gu]}
-    if any(".bias_" in x.key for x in slot):
-        shapes["bias"] = [2, gu] if kind == "gru" else [gu]
+    shapes = r.source_shapes(t.shape[1], st.targets[f"{t.module}.weight_hh{suffix}"].shape[1], any(".bias_" in x.key for x in slot))
     need = sum(int(np.prod(v)) for v in shapes.values())
     if rec.numel - pos < need:
         return None
-    r = P.RECURRENT[kind]
     for leaf, shp in shapes.items():
         n = int(np.prod(shp))
         for tleaf, spec, why in r.leaves[leaf]:
@@ -556,8 +551,8 @@ def _by_layer_kind(st: MapState) -> bool:
     for names in split:
         leaves = dict(zip(names, free[i:i + len(names)]))
         i += len(names)
-        for scope, part in P.split_separable(f"#{len(layers)}", leaves):
-            kind = P.source_layer_kind({leaf: st.records[k].shape for leaf, k in part.items()}, scope)
+        for scope, part in K.split_layer(f"#{len(layers)}", leaves):
+            kind = K.source_kind({leaf: st.records[k].shape for leaf, k in part.items()}, scope)
             if kind is None:
                 return False
             layers.append((scope, kind, part))
@@ -654,7 +649,7 @@ def find_pairings(st: MapState, graph: Callable[[], Callable[[str, str], bool] |
     gives ``parallel(a, b)`` (it traces the model, so it is only called when two modules share a
     signature); ``None`` when the model cannot be traced.
     """
-    modules = list(dict.fromkeys(t.module for t in st.targets.values() if P.TORCH_KINDS.get(t.module_type)))
+    modules = list(dict.fromkeys(t.module for t in st.targets.values() if K.of_module(t.module_type)))
     sigs = {m: s for m in modules if (s := _signature(st, m)) is not None}
     if len(set(sigs.values())) == len(sigs):
         return []

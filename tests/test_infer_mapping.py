@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from np2torch.tasks import forward, presets as P, transforms as T
+from np2torch.tasks import forward, kinds as K, presets as P, transforms as T
 from np2torch.tasks.config import MappingSpec
 from np2torch.tasks.errors import MappingError
 from np2torch.tasks.infer_mapping import flatten_heuristic, infer_manifest, layout_candidates
@@ -50,7 +50,7 @@ def test_every_preset_entry_says_why() -> None:
         assert all(why for _, why in preset.strip)
         assert all(why for _, why in preset.leaf_names.values())
         assert all(why for _, why in preset.layouts.values())
-    assert all(k.why for k in P.SOURCE_KINDS)
+    assert all(k.why and all(r.why for r in k.recognise) and all(why for _, why in k.source_layouts.values()) for k in K.KINDS.values())
     assert all(t.why for t in T.TRANSFORMS.values())
 
 
@@ -70,11 +70,11 @@ def test_natural_order_recovers_layer_numbers() -> None:
     ({"kernel": (8, 4), "bias": (4,)}, "dense"),
 ])
 def test_source_layer_kinds(leaves: dict, kind: str) -> None:
-    assert P.source_layer_kind(leaves, "layer") == kind
+    assert K.source_kind(leaves, "layer") == kind
 
 
 def test_conv_transpose_kind_and_layout() -> None:
-    assert P.source_layer_kind({"kernel": (3, 3, 4, 2)}, "conv2d_transpose") == "conv_transpose"
+    assert K.source_kind({"kernel": (3, 3, 4, 2)}, "conv2d_transpose") == "conv_transpose"
     spec = P.layer_leaf_transform("conv_transpose", "kernel", (3, 3, 4, 2), P.PRESETS["keras"])  # (H, W, O, I)
     assert T.apply_shape((3, 3, 4, 2), spec) == tuple(nn.ConvTranspose2d(2, 4, 3).weight.shape)  # (I, O, H, W)
 
