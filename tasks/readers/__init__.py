@@ -26,11 +26,11 @@ msgpack            Flax ``to_bytes`` checkpoints               :mod:`.flax_msgpa
 
 from np2torch.tasks.readers.access import fingerprint_files, open_array, scan_source, source_files
 from np2torch.tasks.readers.base import ArrayRecord, Reader, ScanContext, natural_key
-from np2torch.tasks.readers.stats import Layout, layout_infos
+from np2torch.tasks.readers.stats import Layout, layout_infos, scan_layouts
 from np2torch.tasks.readers.table import READERS, detect_format, formats, reader_of, register_reader
 
 __all__ = ["ArrayRecord", "Reader", "ScanContext", "READERS", "register_reader", "formats", "reader_of", "detect_format", "scan_source",
-           "open_array", "source_files", "fingerprint_files", "Layout", "layout_infos", "natural_key", "reader_modules"]
+           "open_array", "source_files", "fingerprint_files", "Layout", "layout_infos", "scan_layouts", "natural_key", "reader_modules"]
 
 
 def reader_modules() -> list[str]:

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from np2torch.tasks.errors import LoadError, short
-from np2torch.tasks.fingerprint import cached_by_stat, open_regular
+from np2torch.tasks.fingerprint import open_regular
 from np2torch.tasks.readers.base import MAX_ARRAYS, MAX_NDIM, ArrayRecord, ScanContext, nbytes_of
-from np2torch.tasks.readers.stats import Layout, layout_infos
+from np2torch.tasks.readers.stats import Layout, scan_layouts
 
 __all__ = ["scan", "sniff"]
 
@@ -193,6 +193,4 @@ def scan(path: Path, ctx: ScanContext) -> list[ArrayRecord]:
     if not arrays:
         raise LoadError("Flax msgpack checkpoint holds no arrays", key=str(path), fix=_FIX)
     layouts = [Layout(k, shape, dtype, off) for k, shape, dtype, off, _ in arrays]
-    infos = cached_by_stat(path, "msgpack-info2", lambda: layout_infos(path, layouts, ctx.progress))
-    return [ArrayRecord(lay.key, str(path), None, None, lay.offset, lay.shape, lay.dtype.str, False, nbytes_of(lay.shape, lay.dtype), **info)
-            for lay, info in zip(layouts, infos)]
+    return scan_layouts(path, layouts, ctx)

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from np2torch.tasks.errors import LoadError, short
-from np2torch.tasks.fingerprint import cached_by_stat, open_regular
+from np2torch.tasks.fingerprint import open_regular
 from np2torch.tasks.readers.base import MAX_ARRAYS, ArrayRecord, ScanContext, as_int_shape, nbytes_of
-from np2torch.tasks.readers.stats import Layout, layout_infos
+from np2torch.tasks.readers.stats import Layout, scan_layouts
 
 __all__ = ["scan", "sniff", "MAX_HEADER"]
 
@@ -112,9 +112,7 @@ def scan(path: Path, ctx: ScanContext) -> list[ArrayRecord]:
     layouts = _layouts(path)
     if not layouts:
         raise LoadError("safetensors file holds no tensors", key=str(path), fix=_FIX)
-    infos = cached_by_stat(path, "safetensors-info2", lambda: layout_infos(path, layouts, ctx.progress))
-    return [ArrayRecord(lay.key, str(path), None, None, lay.offset, lay.shape, lay.dtype.str, False, nbytes_of(lay.shape, lay.dtype), **info)
-            for lay, info in zip(layouts, infos)]
+    return scan_layouts(path, layouts, ctx)
 
 
 def sniff(head: bytes, size: int) -> bool:

@@ -22,9 +22,10 @@ import numpy as np
 
 from np2torch.tasks import fingerprint
 from np2torch.tasks.dtypes import FLOAT_LIMITS
-from np2torch.tasks.fingerprint import Region, remember, stat_key
+from np2torch.tasks.fingerprint import Region, cached_by_stat, remember, stat_key
+from np2torch.tasks.readers.base import ArrayRecord, ScanContext
 
-__all__ = ["StatsFeed", "Layout", "layout_infos", "array_info", "fingerprint_of", "fold"]
+__all__ = ["StatsFeed", "Layout", "layout_infos", "scan_layouts", "array_info", "fingerprint_of", "fold"]
 
 # value statistics are folded over pieces of this many bytes: small enough to stay in L2 cache
 # across the few passes each piece needs
@@ -243,6 +244,16 @@ def layout_infos(path: Path, layouts: list[Layout], progress=None, *, data: byte
     remember(path, "sha256", sha, version=version)
     return [{**f.acc, "fingerprint": fingerprint_of(["file", sha, lay.member, lay.offset, lay.nbytes, lay.dtype.str, list(lay.shape),
                                                       lay.fortran])} for lay, f in zip(layouts, feeds)]
+
+
+def scan_layouts(path: Path, layouts: list[Layout], ctx: ScanContext) -> list[ArrayRecord]:
+    """The records of arrays stored as byte ranges of one file (memory-mapped later), their
+    fingerprints and statistics from one read, remembered by the file's stat for the next run."""
+    what = "layouts1-" + hashlib.sha256(json.dumps([[lay.key, lay.offset, lay.dtype.str, lay.shape, lay.member, lay.fortran]
+                                                    for lay in layouts]).encode()).hexdigest()[:16]
+    infos = cached_by_stat(path, what, lambda: layout_infos(path, layouts, ctx.progress))
+    return [ArrayRecord(lay.key, str(path), lay.member, None, lay.offset, lay.shape, lay.dtype.str, lay.fortran, lay.nbytes, **info)
+            for lay, info in zip(layouts, infos)]
 
 
 def array_info(arr: np.ndarray) -> dict[str, Any]:

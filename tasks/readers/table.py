@@ -16,7 +16,12 @@ from pathlib import Path
 
 from np2torch.tasks.errors import LoadError
 from np2torch.tasks.fingerprint import open_regular
-from np2torch.tasks.readers import flax_msgpack, keras_h5, npy, npz, pickled, safetensors_file
+import np2torch.tasks.readers.flax_msgpack as flax_msgpack
+import np2torch.tasks.readers.keras_h5 as keras_h5
+import np2torch.tasks.readers.npy as npy
+import np2torch.tasks.readers.npz as npz
+import np2torch.tasks.readers.pickled as pickled
+import np2torch.tasks.readers.safetensors_file as safetensors_file
 from np2torch.tasks.readers.base import Reader
 
 __all__ = ["READERS", "register_reader", "formats", "reader_of", "detect_format"]
