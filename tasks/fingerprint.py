@@ -1,15 +1,16 @@
 """Content fingerprints, computed once per file version and remembered by stat.
 
-A file's sha256 (the audit record's proof) and the per-array blake3 fingerprints (the cache's
-content keys) are stored in a stat cache keyed by (device, inode, size, mtime_ns, ctime_ns), as
-DVC does (plus ctime): an unchanged file is never re-read to be re-hashed, and any write to its
+A file's sha256 (the audit record's proof, and what every array fingerprint of the file is derived
+from) and what the readers computed in the same read are stored in a stat cache keyed by
+(device, inode, size, mtime_ns, ctime_ns), as DVC does (plus ctime): an unchanged file is never re-read to be re-hashed, and any write to its
 bytes changes its ctime, which no user call can set back, so a changed file is always noticed
 even when its size and mtime are restored.
 
-:func:`file_digests` reads a file once and computes, from the same buffers, its sha256 (on a
-helper thread: hashlib releases the GIL), the blake3 of chosen byte regions and whatever a
-region's ``on_chunk`` callback folds in (value statistics, a zip CRC). A writer that hashed
-the bytes as it wrote them records the digest with :func:`remember`, so nothing is re-read.
+:func:`file_digests` reads a file ONCE and computes, from the same buffers, its sha256 (on a
+helper thread: hashlib releases the GIL) and whatever a region's ``on_chunk`` callback folds in
+(value statistics, a zip CRC, an inflated member); a region's blake3 only when asked (export's
+per-tensor check, until it goes). A writer that hashed the bytes as it wrote them records the
+digest with :func:`remember`, so nothing is re-read.
 """
 
 from __future__ import annotations
