@@ -36,9 +36,9 @@ from np2torch.tasks.paths import cache_dir
 __all__ = ["pack", "SMALL_FILE", "open_regular", "check_regular", "sha256_file", "blake3_bytes", "blake3_region", "stat_key", "cached_by_stat", "remember", "peek", "file_fingerprint",
            "Region", "file_digests"]
 
-_CHUNK = 16 << 20
 _RACY_NS = 2_000_000_000  # a stat is trusted only for files last modified more than this ago
-_PIECE = 256 << 10  # read size of file_digests: a piece is hashed while it is still in the core's L2 cache
+_PIECE = 1 << 20  # read size of file_digests: a piece is hashed and folded while it is still in the cores' L2 caches (1 MiB measured
+# ~20 % less CPU than 256 KiB on a 2-core EPYC: fewer hand-offs between the reading and the hashing thread)
 SMALL_FILE = _SMALL_FILE = 1 << 20  # files up to this size are read in one piece and hashed on the calling thread
 
 
