@@ -18,9 +18,9 @@ from typing import Any
 
 from np2torch.tasks.dtypes import FLOAT_LIMITS
 from np2torch.tasks.fingerprint import file_fingerprint
-from np2torch.tasks.readers import ArrayRecord, detect_format, fingerprint_files, formats, open_array, reader_modules, scan_source
+from np2torch.tasks.readers import ArrayRecord, detect_format, fingerprint_files, open_array, reader_modules, scan_source
 
-__all__ = ["ArrayRecord", "FLOAT_LIMITS", "scan_source", "open_array", "read_table", "write_table", "detect_format", "formats",
+__all__ = ["ArrayRecord", "FLOAT_LIMITS", "scan_source", "open_array", "read_table", "write_table", "detect_format",
            "fingerprint_files", "input_fingerprints", "source_files", "READER_MODULES"]  # noqa: F822 (module __getattr__)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from np2torch.tasks.errors import LoadError
 from np2torch.tasks.fingerprint import check_regular, file_fingerprint, pack
 from np2torch.tasks.readers.base import ArrayRecord, ScanContext, check_keys, with_key
-from np2torch.tasks.readers.table import READERS, detect_format, reader_of
+from np2torch.tasks.readers.table import detect_format, reader_of
 
 __all__ = ["ArrayRecord", "scan_source", "open_array", "source_files", "fingerprint_files"]
 
@@ -35,10 +35,9 @@ def scan_source(path: str | Path, *, fmt: str = "auto", allow_pickle: bool = Fal
         raise LoadError("source path does not exist", key=str(path), fix="check source.path (relative paths are relative to the config file)")
     reader = reader_of(detect_format(path, fmt), str(path))
     if reader.folder != path.is_dir():
-        folder = next((r.name for r in READERS.values() if r.folder), "a folder format")
-        raise LoadError(f"format {reader.name} needs a {'folder' if reader.folder else 'file'}, got a {'file' if reader.folder else 'folder'}",
-                        key=str(path), fix=f"point source.path at a {'folder' if reader.folder else 'file'}, or set source.format"
-                        + ("" if reader.folder else f" (a folder: {folder})"))
+        want, got = ("folder", "file") if reader.folder else ("file", "folder")
+        raise LoadError(f"format {reader.name} needs a {want}, got a {got}", key=str(path),
+                        fix=f"point source.path at a {want}, or set source.format: auto (it tells the format from the {got})")
     if not reader.folder:
         check_regular(path)
     ctx = ScanContext(allow_pickle=allow_pickle, progress=progress)

@@ -211,8 +211,8 @@ def _member_infos(path: Path, fh, zf: zipfile.ZipFile, plan, progress=None) -> d
     size = os.fstat(fh.fileno()).st_size
     todo = [(info, off, h) for info, off, h in plan if not h.dtype.hasobject and h.dtype.kind in NUMERIC_KINDS]
     regions: list[Region] = []
-    feeds: dict[str, Any] = {}  # member → its StatsFeed (stored) or _Inflate (deflated); a list of its CRC (stored)
-    crcs: dict[str, list[int]] = {}
+    feeds: dict[str, Any] = {}  # member → its StatsFeed (stored) or _Inflate (deflated)
+    crcs: dict[str, list[int]] = {}  # stored member → [its CRC so far]
     later = []  # compressed by something other than deflate: read through zipfile afterwards
     for info, off, h in todo:
         where = f"{path}::{info.filename}"

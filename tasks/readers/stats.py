@@ -23,7 +23,7 @@ import numpy as np
 from np2torch.tasks import fingerprint
 from np2torch.tasks.dtypes import FLOAT_LIMITS
 from np2torch.tasks.fingerprint import Region, cached_by_stat, remember, stat_key
-from np2torch.tasks.readers.base import ArrayRecord, ScanContext
+from np2torch.tasks.readers.base import ArrayRecord, ScanContext, nbytes_of
 
 __all__ = ["StatsFeed", "Layout", "layout_infos", "scan_layouts", "array_info", "fingerprint_of", "fold"]
 
@@ -212,10 +212,7 @@ class Layout:
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for d in self.shape:
-            n *= d
-        return n
+        return nbytes_of(self.shape, self.dtype)
 
 
 def fingerprint_of(place: list[Any]) -> str:
