@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = _sub(sub, "inspect", "table of the arrays in a file or folder", "np2torch inspect weights.npz --format json",
              ok="the arrays were read", fail="the file cannot be read safely (the message says why)")
-    i.add_argument("path", help="a .npz, .npy, folder of .npy files, pickled list (with --allow-pickle) or flat vector")
+    i.add_argument("path", help="a weights file or folder, in any format --source-format lists (pickles only with --allow-pickle)")
     i.add_argument("--allow-pickle", action="store_true", help="allow pickled lists/object arrays (restricted unpickler)")
     i.add_argument("--source-format", dest="format", default="auto", choices=_SourceFormats(), metavar="FORMAT",
                    help="how to read PATH: %(choices)s (default: auto)")
