@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from np2torch.tasks import fingerprint, load_arrays, stages
+from np2torch.tasks import fingerprint, stages
 from np2torch.tasks.readers import stats
 from np2torch.tasks.config import load_config
 from np2torch.tasks.load_arrays import open_array, scan_source
