@@ -145,6 +145,21 @@ def _desc(spec: list) -> str:
     return describe(spec) or "as-is"
 
 
+class _SourceFormats:
+    """``source.format``'s values, read from the readers table only when argparse checks or lists them (not for --help)."""
+
+    def _names(self) -> tuple[str, ...]:
+        from np2torch.tasks.readers import formats
+
+        return formats()
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from np2torch.api import array_rows
 
@@ -241,9 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = _sub(sub, "inspect", "table of the arrays in a file or folder", "np2torch inspect weights.npz --format json",
              ok="the arrays were read", fail="the file cannot be read safely (the message says why)")
-    i.add_argument("path", help="a .npz, .npy, folder of .npy files, pickled list (with --allow-pickle) or flat vector")
+    i.add_argument("path", help="a weights file or folder, in any format --source-format lists (pickles only with --allow-pickle)")
     i.add_argument("--allow-pickle", action="store_true", help="allow pickled lists/object arrays (restricted unpickler)")
-    i.add_argument("--source-format", dest="format", default="auto", choices=["auto", "npz", "npy", "npy-dir", "pickle-list", "flat", "h5", "msgpack", "safetensors"])
+    i.add_argument("--source-format", dest="format", default="auto", choices=_SourceFormats(), metavar="FORMAT",
+                   help="how to read PATH: %(choices)s (default: auto)")
     i.add_argument("--format", dest="format_out", choices=["table", "json"], default="table")
     i.set_defaults(func=cmd_inspect)
 

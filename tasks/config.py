@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from np2torch.tasks.errors import ConfigError
+from np2torch.tasks.readers import formats
 
 __all__ = [
     "Config",
@@ -55,10 +56,17 @@ class _Strict(BaseModel):
 
 class SourceSpec(_Strict):
     path: Path  # a file or a folder, absolute after loading
-    format: Literal["auto", "npz", "npy", "npy-dir", "pickle-list", "flat", "h5", "msgpack", "safetensors"] = "auto"
+    format: str = "auto"  # "auto" or a row of the readers table (np2torch.tasks.readers.formats())
     allow_pickle: bool = False  # object arrays / pickled lists load only when true
     key_prefix: str = ""  # stripped from every source key when present
     allow_nonfinite: bool = False  # NaN/Inf in source arrays are an error unless true
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        if v not in formats():
+            raise ValueError(f"source.format {v!r} is not a format np2torch reads; use one of {' | '.join(formats())}")
+        return v
 
 
 class ModelSpec(_Strict):

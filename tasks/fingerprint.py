@@ -1,15 +1,16 @@
 """Content fingerprints, computed once per file version and remembered by stat.
 
-A file's sha256 (the audit record's proof) and the per-array blake3 fingerprints (the cache's
-content keys) are stored in a stat cache keyed by (device, inode, size, mtime_ns, ctime_ns), as
-DVC does (plus ctime): an unchanged file is never re-read to be re-hashed, and any write to its
+A file's sha256 (the audit record's proof, and what every array fingerprint of the file is derived
+from) and what the readers computed in the same read are stored in a stat cache keyed by
+(device, inode, size, mtime_ns, ctime_ns), as DVC does (plus ctime): an unchanged file is never re-read to be re-hashed, and any write to its
 bytes changes its ctime, which no user call can set back, so a changed file is always noticed
 even when its size and mtime are restored.
 
-:func:`file_digests` reads a file once and computes, from the same buffers, its sha256 (on a
-helper thread: hashlib releases the GIL), the blake3 of chosen byte regions and whatever a
-region's ``on_chunk`` callback folds in (value statistics, a zip CRC). A writer that hashed
-the bytes as it wrote them records the digest with :func:`remember`, so nothing is re-read.
+:func:`file_digests` reads a file ONCE and computes, from the same buffers, its sha256 (on a
+helper thread: hashlib releases the GIL) and whatever a region's ``on_chunk`` callback folds in
+(value statistics, a zip CRC, an inflated member); a region's blake3 only when asked (export's
+per-tensor check, until it goes). A writer that hashed the bytes as it wrote them records the
+digest with :func:`remember`, so nothing is re-read.
 """
 
 from __future__ import annotations
@@ -24,20 +25,20 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import blake3
-
 from np2torch.tasks.paths import cache_dir
 
 __all__ = ["pack", "SMALL_FILE", "open_regular", "check_regular", "sha256_file", "blake3_bytes", "blake3_region", "stat_key", "cached_by_stat", "remember", "peek", "file_fingerprint",
            "Region", "file_digests"]
 
-_CHUNK = 16 << 20
 _RACY_NS = 2_000_000_000  # a stat is trusted only for files last modified more than this ago
-_PIECE = 256 << 10  # read size of file_digests: a piece is hashed while it is still in the core's L2 cache
+_PIECE = 1 << 20  # read size of file_digests: a piece is hashed and folded while it is still in the cores' L2 caches (1 MiB measured
+# ~20 % less CPU than 256 KiB on a 2-core EPYC: fewer hand-offs between the reading and the hashing thread)
 SMALL_FILE = _SMALL_FILE = 1 << 20  # files up to this size are read in one piece and hashed on the calling thread
 
 
@@ -154,58 +155,68 @@ def _digest_whole(path: str | Path, view: memoryview, regions: Sequence[Region],
 
 def _digest_stream(path: str | Path, fh, regions: Sequence[Region], sha256: bool,
                    progress: Callable[[int], None] | None) -> tuple[str | None, list[str | None]]:
-    """The streaming pass, as two readers of the same file side by side: a helper thread reads
-    the whole file for its sha256 while this thread reads the regions for their blake3 and
-    callbacks. Each reads in cache-sized pieces with ``pread`` and hashes a piece while it is
-    still in the core's cache: on a 2-core VM, 8 MiB buffers handed between threads measured
-    3-4x slower (every byte went through DRAM three times: copied in, hashed, folded)."""
+    """The streaming pass: ONE read of every byte. This thread reads the file in cache-sized
+    pieces with ``pread`` and folds each piece into the regions it overlaps (callbacks: value
+    statistics, CRCs, inflation) while a helper thread folds the same piece into the file's
+    sha256 (hashlib releases the GIL), so both cores work on bytes still in cache and a piece's
+    buffer is refilled only once both are done with it."""
     fd = fh.fileno()
     size = os.fstat(fd).st_size
     hashers = [blake3.blake3(max_threads=1) if r.blake3 else None for r in regions]
-    reported = [0]
-
-    def tick(n: int) -> None:
-        if progress is not None and n > 0:
-            reported[0] += n
-            progress(n)
-
-    sha_result: list[Any] = []
-    helper = None
-    if sha256 and regions:
-        helper = threading.Thread(target=lambda: sha_result.append(_sha_pass(fd, size)), name="np2torch-sha256", daemon=True)
-        helper.start()
+    order = sorted(range(len(regions)), key=lambda i: regions[i].offset)
+    sha = hashlib.sha256() if sha256 else None
+    helper = ThreadPoolExecutor(1, thread_name_prefix="np2torch-sha256") if sha is not None and regions else None
+    bufs = [bytearray(_PIECE) for _ in range(3 if helper is not None else 1)]
+    pending: list[Future | None] = [None] * len(bufs)
+    lo = i = 0
+    end = 0
     try:
-        end = _regions_pass(fd, size, regions, hashers, tick) if regions else 0
+        for a, b in [(0, size)] if sha is not None else _merged(regions):
+            pos = a
+            while pos < b:
+                k = i % len(bufs)
+                i += 1
+                if pending[k] is not None:
+                    pending[k].result()  # the sha256 thread is done with this buffer
+                n = os.preadv(fd, [memoryview(bufs[k])[: min(_PIECE, b - pos)]], pos)
+                if not n:
+                    break
+                view = memoryview(bufs[k])[:n]
+                if helper is not None:
+                    pending[k] = helper.submit(sha.update, view)
+                elif sha is not None:
+                    sha.update(view)
+                stop = pos + n
+                while lo < len(order) and regions[order[lo]].offset + regions[order[lo]].length <= pos:
+                    lo += 1
+                work: list = []
+                j = lo
+                while j < len(order) and regions[order[j]].offset < stop:
+                    r = regions[order[j]]
+                    x, y = max(r.offset, pos), min(r.offset + r.length, stop)
+                    if x < y:
+                        piece = view[x - pos : y - pos]
+                        if hashers[order[j]] is not None:
+                            hashers[order[j]].update(piece)
+                        if r.on_chunk is not None:
+                            work += r.on_chunk(piece) or ()
+                    j += 1
+                for f in work:  # the buffer is refilled only once everything reading it has finished
+                    f.result()
+                if progress is not None:
+                    progress(n)
+                pos = end = stop
     finally:
+        for f in pending:
+            if f is not None:
+                f.result()
         if helper is not None:
-            helper.join()
-    if sha256 and helper is None:
-        sha_result.append(_sha_pass(fd, size, tick))
-    if sha_result and isinstance(sha_result[0], BaseException):
-        raise sha_result[0]
-    tick(size - reported[0])
-    if any(r.offset + r.length > end for r in regions):
+            helper.shutdown()
+    if any(r.offset + r.length > end for r in regions if r.length):
         raise OSError(f"{path} is shorter ({end} bytes) than a region to hash")
-    return sha_result[0] if sha256 else None, [h.hexdigest() if h is not None else None for h in hashers]
-
-
-def _sha_pass(fd: int, size: int, tick: Callable[[int], None] | None = None) -> str | BaseException:
-    """sha256 of a whole file, read with ``pread`` in cache-sized pieces (the error, if reading fails)."""
-    try:
-        sha = hashlib.sha256()
-        buf = bytearray(_PIECE)
-        view = memoryview(buf)
-        pos = 0
-        while True:
-            n = os.preadv(fd, [buf], pos)
-            if not n:
-                return sha.hexdigest()
-            sha.update(view[:n])
-            pos += n
-            if tick is not None:
-                tick(n)
-    except BaseException as exc:  # handed to the caller's thread
-        return exc
+    if sha is not None and end != size:
+        raise OSError(f"{path} changed size while it was read ({end} of {size} bytes)")
+    return sha.hexdigest() if sha is not None else None, [h.hexdigest() if h is not None else None for h in hashers]
 
 
 def _merged(regions: Sequence[Region]) -> list[tuple[int, int]]:
@@ -218,42 +229,6 @@ def _merged(regions: Sequence[Region]) -> list[tuple[int, int]]:
         else:
             spans.append([r.offset, r.offset + r.length])
     return [(a, b) for a, b in spans]
-
-
-def _regions_pass(fd: int, size: int, regions: Sequence[Region], hashers: list, tick: Callable[[int], None]) -> int:
-    """Read the byte ranges the regions cover, in order; feed each piece to every region it
-    overlaps. Returns where reading stopped (the file's end, or the regions' end)."""
-    order = sorted(range(len(regions)), key=lambda i: regions[i].offset)
-    buf = bytearray(_PIECE)
-    lo = 0
-    spans = _merged(regions)
-    for a, b in spans:
-        pos = a
-        while pos < b:
-            n = os.preadv(fd, [memoryview(buf)[: min(_PIECE, b - pos)]], pos)
-            if not n:
-                return pos
-            view = memoryview(buf)[:n]
-            end = pos + n
-            while lo < len(order) and regions[order[lo]].offset + regions[order[lo]].length <= pos:
-                lo += 1
-            work: list = []
-            j = lo
-            while j < len(order) and regions[order[j]].offset < end:
-                r = regions[order[j]]
-                x, y = max(r.offset, pos), min(r.offset + r.length, end)
-                if x < y:
-                    piece = view[x - pos : y - pos]
-                    if hashers[order[j]] is not None:
-                        hashers[order[j]].update(piece)
-                    if r.on_chunk is not None:
-                        work += r.on_chunk(piece) or ()
-                j += 1
-            for f in work:  # the buffer is refilled only once everything reading it has finished
-                f.result()
-            tick(n)
-            pos = end
-    return max(size, spans[-1][1]) if spans else size
 
 
 def stat_key(path: str | Path, st: os.stat_result | None = None) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from torch.overrides import TorchFunctionMode
 
 from np2torch.tasks.config import InputSpec
 from np2torch.tasks.errors import LoadError, VerifyError
-from np2torch.tasks.load_arrays import open_array, scan_source
+from np2torch.tasks.readers import open_array, scan_source
 
 __all__ = ["make_inputs", "load_reference", "compare", "run_forward", "load_activations", "compare_activation", "Recorder",
            "localise", "ForwardTrace", "trace_forward", "probe_flatten"]

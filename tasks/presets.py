@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from np2torch.tasks import kinds as K
 
 __all__ = ["KERAS_VARS", "PRESETS", "Preset", "SourceView", "is_backward_scope", "layer_leaf_transform", "name_numbered_vars",
-           "natural_key", "view"]
+           "view"]
 
 Shape = tuple[int, ...]
 
@@ -154,11 +154,6 @@ def view(key: str, shape: Shape, preset: Preset) -> SourceView:
             alts += [f"{name}.weight", f"{bare_scope}.{src_leaf}.weight" if bare_scope else f"{src_leaf}.weight"]
     alts = tuple(n for n in dict.fromkeys(alts) if n != name)
     return SourceView(key, name, scope, torch_leaf, transform, src_leaf, alts)
-
-
-def natural_key(text: str) -> tuple:
-    """Sort key reading digit runs as numbers: dense < dense_1 < dense_2 < dense_10."""
-    return tuple((0, int(t)) if t.isdigit() else (1, t) for t in re.split(r"(\d+)", text) if t)
 
 
 # Keras 3 ``.weights.h5`` stores a layer's variables as ``layers/<name>/vars/0``, ``vars/1`` … in

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from np2torch.tasks import cache, load_arrays, manifest
+from np2torch.tasks import cache, load_arrays, manifest, readers
 from np2torch.tasks.config import Config
 from np2torch.tasks.fingerprint import file_fingerprint, sha256_file, cached_by_stat
 from np2torch.tasks.progress import track
@@ -39,10 +39,7 @@ def _entry(rec: dict[str, Any], name: str) -> Path:
 
 def source_files_of(cfg: Config) -> tuple[Path, list[Path]]:
     """The source root and every file the source consists of (what its cache key hashes)."""
-    p = cfg.source.path
-    if p.is_dir():
-        return p, sorted(f for f in p.rglob("*.npy") if f.is_file())
-    return p.parent, [p] if p.exists() else []
+    return readers.source_files(cfg.source.path, cfg.source.format)
 
 
 def read_records(loaded: dict[str, Any]) -> list[load_arrays.ArrayRecord]:

@@ -13,6 +13,7 @@ from torch import nn
 from np2torch.tasks import forward, kinds as K, presets as P, transforms as T
 from np2torch.tasks.config import MappingSpec
 from np2torch.tasks.errors import MappingError
+from np2torch.tasks.readers import natural_key
 from np2torch.tasks.infer_mapping import flatten_heuristic, infer_manifest, layout_candidates
 from np2torch.tasks.load_arrays import scan_source
 from np2torch.tasks.model import describe_targets
@@ -56,7 +57,7 @@ def test_every_preset_entry_says_why() -> None:
 
 def test_natural_order_recovers_layer_numbers() -> None:
     names = ["dense_10", "dense_2", "dense", "dense_1"]
-    assert sorted(names, key=P.natural_key) == ["dense", "dense_1", "dense_2", "dense_10"]
+    assert sorted(names, key=natural_key) == ["dense", "dense_1", "dense_2", "dense_10"]
 
 
 @pytest.mark.parametrize("leaves, kind", [

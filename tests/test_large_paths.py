@@ -7,6 +7,7 @@ unchanged file is never re-read to be re-hashed, yet a changed one is always not
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from np2torch.tasks import fingerprint, load_arrays, stages
+from np2torch.tasks import fingerprint, stages
 from np2torch.tasks.readers import stats
 from np2torch.tasks.config import load_config
 from np2torch.tasks.load_arrays import open_array, scan_source
@@ -349,3 +350,31 @@ def test_export_links_or_copies_and_records_true_sha256(tmp_path: Path) -> None:
     assert {o["sha256"] for o in second["outputs"]} >= {sha(st)}
     assert load_file(str(st)).keys() == _expected(arrs).keys()
     _assert_bit_exact(tmp_path / "out", _expected(arrs))
+
+
+@pytest.mark.parametrize("kind", ["npy", "npz", "npz-deflated", "safetensors"])
+def test_load_arrays_reads_every_source_byte_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """The key's hashing pass (sha256) and the scan (value statistics, CRCs, inflation, fingerprints)
+    are ONE read: the bytes read are the file's size, and the fingerprints need no second hash."""
+    from safetensors.numpy import save_file
+
+    from np2torch.tasks.readers import fingerprint_files
+
+    rng = np.random.default_rng(7)
+    arrs = {"a": rng.standard_normal((700, 1000)).astype(np.float32), "b": rng.standard_normal(3000).astype(np.float64)}
+    p = tmp_path / {"npy": "a.npy", "npz": "w.npz", "npz-deflated": "w.npz", "safetensors": "w.safetensors"}[kind]
+    {"npy": lambda: np.save(p, arrs["a"]), "npz": lambda: np.savez(p, **arrs), "npz-deflated": lambda: np.savez_compressed(p, **arrs),
+     "safetensors": lambda: save_file(arrs, str(p))}[kind]()
+    _settle(p)
+    read: list[int] = []
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, pos: read.append(real(fd, bufs, pos)) or read[-1])
+    (info,) = fingerprint_files([p])
+    records = scan_source(p)
+    assert sum(read) == p.stat().st_size > fingerprint.SMALL_FILE
+    assert info["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
+    for r in records:
+        want = arrs[r.key] if kind != "npy" else arrs["a"]
+        assert r.absmax == float(np.abs(want).max()) and r.n_nonfinite == 0
+        assert np.array_equal(open_array(r), want)
+    assert len({r.fingerprint for r in records}) == len(records)

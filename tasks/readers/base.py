@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,8 +20,8 @@ import numpy as np
 from np2torch.tasks.dtypes import FLOAT_LIMITS
 from np2torch.tasks.errors import LoadError, Problem, short
 
-__all__ = ["ArrayRecord", "FLOAT_LIMITS", "NUMERIC_KINDS", "MAX_ARRAYS", "MAX_NDIM", "check_dtype", "nbytes_of", "check_keys",
-           "with_key", "bad_key_char", "OPT_IN"]
+__all__ = ["ArrayRecord", "Reader", "ScanContext", "FLOAT_LIMITS", "NUMERIC_KINDS", "MAX_ARRAYS", "MAX_NDIM", "check_dtype",
+           "nbytes_of", "check_keys", "with_key", "bad_key_char", "natural_key", "OPT_IN"]
 
 # dtypes a parameter or buffer can have; anything else cannot be a tensor of a model
 NUMERIC_KINDS = "fiub"
@@ -61,13 +63,14 @@ class ArrayRecord:
     dtype: str  # numpy dtype string with byte order, e.g. '<f4', '>f8'
     fortran_order: bool
     nbytes: int
-    fingerprint: str  # blake3 of dtype, shape and data bytes
+    fingerprint: str  # from the file's sha256 and the array's place in it, or the sha256 of its decoded bytes (stats.fingerprint_of)
     n_nonfinite: int = 0  # NaN/Inf count (validate refuses them unless allowed)
     absmax: float = 0.0  # largest |x| among finite values (dtype overflow check before casting)
     absmin_nonzero: float = 0.0  # smallest nonzero |x| (underflow check); 0 when all zero
     # per float dtype of FLOAT_LIMITS: [count that overflows, count of nonzeros that underflow to 0];
     # only dtypes with a nonzero count are listed
     n_out_of_range: dict[str, list[int]] = field(default_factory=dict)
+    reader: str = ""  # the format whose reader opens it when it cannot be memory-mapped (set by scan_source)
 
     @property
     def numel(self) -> int:
@@ -76,6 +79,44 @@ class ArrayRecord:
     @property
     def byte_order(self) -> str:
         return {"<": "little", ">": "big", "|": "n/a", "=": "little"}[np.dtype(self.dtype).str[0]]
+
+
+@dataclass
+class ScanContext:
+    """What every reader's ``scan(path, ctx)`` gets besides the path."""
+
+    allow_pickle: bool = False  # pickled arrays load only when true (source.allow_pickle)
+    progress: Callable[[int], None] | None = None  # called with the number of source bytes read, as they are read
+    problems: list[Problem] = field(default_factory=list)  # arrays that cannot be parameters, reported together
+
+
+def _one_file(path: Path) -> list[Path]:
+    return [path]
+
+
+@dataclass(frozen=True)
+class Reader:
+    """One row of the readers table (:mod:`np2torch.tasks.readers`): everything np2torch knows
+    about a ``source.format``.
+
+    - ``scan(path, ctx)``: the source's arrays as :class:`ArrayRecord` rows, from headers plus
+      ONE read of each file (its sha256, every array's value statistics; see ``stats.layout_infos``).
+    - ``suffixes``: a file with one of these suffixes is this format (``source.format: auto``);
+      ``sniff(head, size)``: else, is a file whose first 16 bytes are ``head`` this format.
+    - ``folder``: the source is a folder (``auto`` picks the first folder reader for a folder).
+    - ``files(path)``: the files that make up the source, the ones its cache key hashes.
+    - ``open(record)``: an array the reader could not describe as a byte range (``offset < 0``);
+      every other array is memory-mapped from its file.
+    """
+
+    name: str
+    scan: Callable[[Path, ScanContext], list[ArrayRecord]]
+    about: str  # what it reads, for help texts and errors
+    suffixes: tuple[str, ...] = ()
+    sniff: Callable[[bytes, int], bool] | None = None
+    folder: bool = False
+    files: Callable[[Path], list[Path]] = _one_file
+    open: Callable[[ArrayRecord], Any] | None = None
 
 
 def with_key(r: ArrayRecord, key: str) -> ArrayRecord:
@@ -131,3 +172,8 @@ def as_int_shape(shape: Any, where: str) -> tuple[int, ...]:
     if not isinstance(shape, (tuple, list)) or len(shape) > MAX_NDIM or any(type(d) is not int or d < 0 for d in shape):
         raise LoadError(f"header declares an invalid shape {short(repr(shape), 200)}", key=where, fix="re-export the file")
     return tuple(shape)
+
+
+def natural_key(text: str) -> tuple:
+    """Sort key reading digit runs as numbers: dense < dense_1 < dense_2 < dense_10 (the one natural sort)."""
+    return tuple((0, int(t)) if t.isdigit() else (1, t) for t in re.split(r"(\d+)", text) if t)

@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 
 from np2torch.tasks.errors import LoadError, short
-from np2torch.tasks.fingerprint import cached_by_stat, open_regular
-from np2torch.tasks.readers.base import MAX_ARRAYS, MAX_NDIM, ArrayRecord, nbytes_of
-from np2torch.tasks.readers.regions import Layout, layout_infos
+from np2torch.tasks.fingerprint import open_regular
+from np2torch.tasks.readers.base import MAX_ARRAYS, MAX_NDIM, ArrayRecord, ScanContext, nbytes_of
+from np2torch.tasks.readers.stats import Layout, scan_layouts
 
-__all__ = ["scan_msgpack", "looks_like_msgpack"]
+__all__ = ["scan", "sniff"]
 
 _MAX_DEPTH = 64
 _EXT_NDARRAY, _EXT_COMPLEX, _EXT_SCALAR = 1, 2, 3
@@ -164,7 +164,7 @@ class _Reader:
         self.arrays.append((path, tuple(shape), dtype, offset, ln))
 
 
-def looks_like_msgpack(head: bytes) -> bool:
+def sniff(head: bytes, size: int) -> bool:
     """A Flax checkpoint starts with a map (fixmap, map16 or map32)."""
     return bool(head) and (0x80 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF))
 
@@ -188,11 +188,9 @@ def _walk(path: Path) -> list[tuple[str, tuple[int, ...], np.dtype, int, int]]:
             return r.arrays
 
 
-def scan_msgpack(path: Path, progress=None) -> list[ArrayRecord]:
+def scan(path: Path, ctx: ScanContext) -> list[ArrayRecord]:
     arrays = _walk(path)
     if not arrays:
         raise LoadError("Flax msgpack checkpoint holds no arrays", key=str(path), fix=_FIX)
     layouts = [Layout(k, shape, dtype, off) for k, shape, dtype, off, _ in arrays]
-    infos = cached_by_stat(path, "msgpack-info1", lambda: layout_infos(path, layouts, progress))
-    return [ArrayRecord(lay.key, str(path), None, None, lay.offset, lay.shape, lay.dtype.str, False, nbytes_of(lay.shape, lay.dtype), **info)
-            for lay, info in zip(layouts, infos)]
+    return scan_layouts(path, layouts, ctx)

@@ -34,11 +34,10 @@ import numpy as np
 
 from np2torch.tasks.errors import LoadError, Problem, short
 from np2torch.tasks.fingerprint import cached_by_stat, open_regular
-from np2torch.tasks.readers.base import MAX_ARRAYS, NUMERIC_KINDS, ArrayRecord, check_dtype, nbytes_of
-from np2torch.tasks.readers.regions import Layout, layout_infos
-from np2torch.tasks.readers.stats import array_info
+from np2torch.tasks.readers.base import MAX_ARRAYS, NUMERIC_KINDS, ArrayRecord, ScanContext, check_dtype, nbytes_of
+from np2torch.tasks.readers.stats import Layout, array_info, layout_infos
 
-__all__ = ["scan_h5", "read_dataset", "H5_MAGIC"]
+__all__ = ["scan", "sniff", "open_dataset", "H5_MAGIC"]
 
 H5_MAGIC = b"\x89HDF\r\n\x1a\n"
 MAX_COMPRESSION_RATIO = 200
@@ -206,8 +205,8 @@ def _check_dataset(ds, key: str, where: str, size: int, problems: list[Problem])
     return dtype, shape, -1
 
 
-def scan_h5(path: Path, progress=None) -> list[ArrayRecord]:
-    problems: list[Problem] = []
+def scan(path: Path, ctx: ScanContext) -> list[ArrayRecord]:
+    problems: list[Problem] = []  # reported here, with the file: a dataset that cannot be a parameter is not read
     size = os.stat(path).st_size
     with _open(path) as f:
         legacy = "layer_names" in f.attrs or ("model_weights" in f and "layer_names" in f["model_weights"].attrs)
@@ -225,7 +224,7 @@ def scan_h5(path: Path, progress=None) -> list[ArrayRecord]:
             rows.append((key, ds.name, *_check_dataset(ds, key, where, size, problems)))
         if problems:
             raise LoadError(f"{len(problems)} array(s) cannot be model parameters", key=str(path), problems=problems, fix=problems[0]["fix"])
-        infos = cached_by_stat(path, "h5-info1", lambda: _infos(path, f, rows, progress))
+        infos = cached_by_stat(path, "h5-info2", lambda: _infos(path, f, rows, ctx.progress))
     return [ArrayRecord(key, str(path), name, None, off, shape, dtype.str, False, nbytes_of(shape, dtype), **info)
             for (key, name, dtype, shape, off), info in zip(rows, infos)]
 
@@ -233,7 +232,7 @@ def scan_h5(path: Path, progress=None) -> list[ArrayRecord]:
 def _infos(path: Path, f, rows, progress) -> list[dict[str, Any]]:
     mapped = [i for i, r in enumerate(rows) if r[4] >= 0]
     infos: list[Any] = [None] * len(rows)
-    got = layout_infos(path, [Layout(rows[i][0], rows[i][3], rows[i][2], rows[i][4]) for i in mapped], progress)
+    got = layout_infos(path, [Layout(rows[i][0], rows[i][3], rows[i][2], rows[i][4], member=rows[i][1]) for i in mapped], progress)
     for i, info in zip(mapped, got):
         infos[i] = info
     for i, (key, name, dtype, shape, off) in enumerate(rows):
@@ -249,7 +248,11 @@ def _read(f, name: str, where: str) -> np.ndarray:
         raise LoadError(f"HDF5 dataset is corrupt: {short(str(exc))}", key=where, fix=_FIX) from None
 
 
-def read_dataset(path: str, name: str) -> np.ndarray:
+def open_dataset(rec: ArrayRecord) -> np.ndarray:
     """A chunked or compressed dataset's values (contiguous ones are memory-mapped instead)."""
-    with _open(Path(path)) as f:
-        return _read(f, name, f"{path}::{name}")
+    with _open(Path(rec.file)) as f:
+        return _read(f, rec.member, f"{rec.file}::{rec.member}")
+
+
+def sniff(head: bytes, size: int) -> bool:
+    return head[:8] == H5_MAGIC

@@ -1,24 +1,23 @@
-"""``.npy`` files and folders of them (formats ``npy``, ``flat``, ``npy-dir``); the header
-itself is parsed and checked in :mod:`.npy_header`."""
+"""``.npy`` files and folders of them (formats ``npy``, ``flat``, ``npy-dir``, and ``pickle-list``
+for an ``np.save`` of ``get_weights()``); the header itself is parsed and checked in :mod:`.npy_header`."""
 
 from __future__ import annotations
 
 import io
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from np2torch.tasks.errors import LoadError, Problem
+from np2torch.tasks.errors import LoadError
 from np2torch.tasks.fingerprint import SMALL_FILE, cached_by_stat, check_regular, open_regular, pack, stat_key
-from np2torch.tasks.readers.base import MAX_ARRAYS, ArrayRecord, check_dtype, nbytes_of
+from np2torch.tasks.readers.base import MAX_ARRAYS, ArrayRecord, ScanContext, check_dtype, natural_key, nbytes_of
 from np2torch.tasks.readers.npy_header import MAGIC, NpyHeader, check_fits, read_header
 from np2torch.tasks.readers.pickled import scan_pickled
-from np2torch.tasks.readers.stats import region_info
+from np2torch.tasks.readers.stats import Layout, layout_infos
 
-__all__ = ["NpyHeader", "read_header", "check_fits", "scan_npy_file", "scan_dir", "prime_npy", "npy_files", "MAGIC"]
+__all__ = ["scan", "scan_flat", "scan_dir", "scan_pickle_list", "sniff", "npy_files", "MAGIC"]
 
 
 def _open_header(path: Path) -> tuple[NpyHeader, int, bytes | None, dict[str, Any]]:
@@ -39,32 +38,50 @@ def _record_info(path: Path, progress=None) -> dict[str, Any]:
     if h.dtype.hasobject:
         return {"pickle": h.hlen}
     check_fits(h, size, str(path))
-    info = region_info(path, h.hlen, h.nbytes, h.dtype, h.shape, progress, data=data, version=version)
+    (info,) = layout_infos(path, [Layout(path.name, h.shape, h.dtype, h.hlen, fortran=h.fortran)], progress, data=data, version=version)
     return {"hlen": h.hlen, "shape": list(h.shape), "dtype": h.dtype.str, "fortran": h.fortran, "info": info}
 
 
-def scan_npy_file(path: Path, key: str, *, allow_pickle: bool, problems: list[Problem], progress=None) -> list[ArrayRecord]:
+def _scan_one(path: Path, key: str, ctx: ScanContext) -> list[ArrayRecord]:
     check_regular(path)
-    rec = cached_by_stat(path, "npy-record1", lambda: _record_info(path, progress))
+    rec = cached_by_stat(path, "npy-record2", lambda: _record_info(path, ctx.progress))
     if "pickle" in rec:
-        return scan_pickled(path, allow_pickle=allow_pickle, payload_offset=rec["pickle"], problems=problems)
+        return scan_pickled(path, allow_pickle=ctx.allow_pickle, payload_offset=rec["pickle"], problems=ctx.problems)
     dtype, shape = np.dtype(rec["dtype"]), tuple(rec["shape"])
-    check_dtype(dtype, key, problems)
+    check_dtype(dtype, key, ctx.problems)
     return [ArrayRecord(key, str(path), None, None, rec["hlen"], shape, rec["dtype"], rec["fortran"], nbytes_of(shape, dtype), **rec["info"])]
 
 
-def prime_npy(path: Path) -> None:
-    """Compute what :func:`scan_npy_file` needs in the read that hashes the file (errors are left to the scan)."""
-    cached_by_stat(path, "npy-record1", lambda: _record_info(path))
+def scan(path: Path, ctx: ScanContext) -> list[ArrayRecord]:
+    """Format ``npy``: one array (or, with ``allow_pickle``, the arrays of a pickled object array)."""
+    return _scan_one(path, path.stem, ctx)
 
 
-def _natural_key(s: str) -> list[Any]:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+def scan_flat(path: Path, ctx: ScanContext) -> list[ArrayRecord]:
+    """Format ``flat``: one 1-D vector holding every parameter, to be split by the mapping."""
+    records = scan(path, ctx)
+    if len(records) != 1 or len(records[0].shape) != 1:
+        raise LoadError("format flat needs one 1-D vector", key=str(path), expected="1 array of shape (N,)",
+                        actual=[list(r.shape) for r in records], fix="set source.format: npy")
+    return records
+
+
+def scan_pickle_list(path: Path, ctx: ScanContext) -> list[ArrayRecord]:
+    """Format ``pickle-list``: an ``np.save`` of ``get_weights()`` or a ``.pkl`` list/dict of arrays."""
+    with open_regular(path) as fh:
+        is_npy = fh.read(6) == MAGIC
+    if is_npy:
+        return scan(path, ctx)
+    return scan_pickled(path, allow_pickle=ctx.allow_pickle, problems=ctx.problems)
+
+
+def sniff(head: bytes, size: int) -> bool:
+    return head[:6] == MAGIC
 
 
 def npy_files(path: Path) -> list[Path]:
     """The ``.npy`` files under a folder, in natural order; anything else named ``*.npy`` is refused."""
-    out: list[tuple[list[Any], Path]] = []
+    out: list[tuple[tuple, Path]] = []
     stack = [path]
     while stack:
         with os.scandir(stack.pop()) as it:
@@ -75,7 +92,7 @@ def npy_files(path: Path) -> list[Path]:
                     if not e.is_file():  # follows links: a link to /dev/zero or a FIFO is refused, not skipped
                         check_regular(e.path)
                     rel = os.path.relpath(e.path, path).replace(os.sep, "/")
-                    out.append((_natural_key(rel), Path(e.path)))
+                    out.append((natural_key(rel), Path(e.path)))
                     if len(out) > MAX_ARRAYS:
                         raise LoadError(f"folder holds more than {MAX_ARRAYS} .npy files; this is not a checkpoint", key=str(path),
                                         expected=f"at most {MAX_ARRAYS}", actual=f"more than {MAX_ARRAYS}",
@@ -84,7 +101,8 @@ def npy_files(path: Path) -> list[Path]:
     return [p for _, p in out]
 
 
-def scan_dir(path: Path, *, allow_pickle: bool, problems: list[Problem], progress=None) -> list[ArrayRecord]:
+def scan_dir(path: Path, ctx: ScanContext) -> list[ArrayRecord]:
+    """Format ``npy-dir``: a folder of ``.npy`` files (nested folders), keyed by their relative paths."""
     files = npy_files(path)
     if not files:
         raise LoadError("folder holds no .npy files", key=str(path), fix="point source.path at the folder of .npy files, or set source.format")
@@ -93,5 +111,5 @@ def scan_dir(path: Path, *, allow_pickle: bool, problems: list[Problem], progres
     with pack(files):
         for f in files:
             key = str(f)[len(root):].replace(os.sep, "/")[: -len(".npy")]
-            records += scan_npy_file(f, key, allow_pickle=allow_pickle, problems=problems, progress=progress)
+            records += _scan_one(f, key, ctx)
     return records

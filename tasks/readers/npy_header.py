@@ -54,12 +54,12 @@ def _fast_header(fh, start: int) -> NpyHeader | None:
         return None
     fmt = _LEN[head[6]]
     if fmt == "<H":
-        n, pre = struct.unpack_from("<H", head, 8)[0], b""
+        n = struct.unpack_from("<H", head, 8)[0]
     else:
         more = fh.read(2)
         if len(more) < 2:
             return None
-        n, pre = struct.unpack("<I", head[8:] + more)[0], b""
+        n = struct.unpack("<I", head[8:] + more)[0]
     if n > 4096:
         return None
     text = fh.read(n)

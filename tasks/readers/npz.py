@@ -1,14 +1,17 @@
 """``.npz`` archives (``np.savez`` / ``np.savez_compressed``).
 
-Stored members are memory-mapped in place (their data offset inside the zip) and hashed, CRC
-checked and summarised in ONE read of the archive; compressed members are inflated one at a
-time through the already-open archive, after a ratio check against zip bombs. The member count
-is read from the end-of-archive record and capped before the directory is parsed.
+Stored members are memory-mapped in place (their data offset inside the zip); deflated members
+(``np.savez_compressed``) are inflated as their bytes stream past, after a ratio check against
+zip bombs. ONE read of the archive computes its sha256, checks every member's CRC, and folds
+every array's values into its statistics (and an inflated array's bytes into their sha256, its
+fingerprint). The member count is read from the end-of-archive record and capped before the
+directory is parsed.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import struct
 import zipfile
@@ -19,14 +22,14 @@ from typing import Any
 import numpy as np
 
 from np2torch.tasks import fingerprint
-from np2torch.tasks.errors import LoadError, Problem, short
+from np2torch.tasks.errors import LoadError, short
 from np2torch.tasks.fingerprint import Region, cached_by_stat, open_regular, remember, stat_key
-from np2torch.tasks.readers.base import MAX_ARRAYS, NUMERIC_KINDS, ArrayRecord, bad_key_char, check_dtype
+from np2torch.tasks.readers.base import MAX_ARRAYS, NUMERIC_KINDS, ArrayRecord, ScanContext, bad_key_char, check_dtype
 from np2torch.tasks.readers.npy_header import NpyHeader, check_fits, read_header
 from np2torch.tasks.readers.pickled import scan_pickled
-from np2torch.tasks.readers.stats import StatsFeed, array_info, info_of
+from np2torch.tasks.readers.stats import StatsFeed, array_info, fingerprint_of
 
-__all__ = ["scan_npz", "prime_npz", "open_member", "MAX_COMPRESSION_RATIO", "MAX_MEMBERS"]
+__all__ = ["scan", "sniff", "open_member", "MAX_COMPRESSION_RATIO", "MAX_MEMBERS"]
 
 # Refuse to inflate a compressed member beyond this many bytes per compressed byte: a zip bomb
 # declares a tiny compressed size and a huge file size. Real float weights compress ~1.1-3x.
@@ -34,7 +37,7 @@ MAX_COMPRESSION_RATIO = 200
 MAX_MEMBER_BYTES = 1 << 40
 MAX_MEMBERS = MAX_ARRAYS
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
-_INFO = "npz-members3"  # stat-cache entry: {member: fingerprint and statistics} for the whole archive
+_INFO = "npz-members4"  # stat-cache entry: {member: fingerprint and statistics} for the whole archive
 
 
 def _open_zip(fh, path: Path) -> zipfile.ZipFile:
@@ -153,31 +156,96 @@ def _plan(path: Path, fh, zf: zipfile.ZipFile, size: int) -> list[tuple[zipfile.
     return plan
 
 
+class _Inflate:
+    """A deflated member, inflated as its compressed bytes stream past in the archive's one read:
+    its CRC over everything inflated, its sha256 and value statistics over the array data that
+    follows the ``.npy`` header; never more than the size its directory entry declares."""
+
+    _STEP = 1 << 20  # inflated bytes per step: memory stays bounded whatever the ratio
+
+    def __init__(self, info: zipfile.ZipInfo, h: NpyHeader) -> None:
+        self.z, self.info, self.h = zlib.decompressobj(-15), info, h
+        self.skip, self.left, self.crc = h.hlen, info.file_size, 0
+        self.sha, self.feed, self.error = hashlib.sha256(), StatsFeed(h.dtype), ""
+
+    def __call__(self, piece: memoryview) -> list:
+        futures: list = []
+        try:
+            data = self.z.decompress(piece, self._STEP)
+            while not self.error:
+                futures += self._take(data)
+                if not self.z.unconsumed_tail:
+                    break
+                data = self.z.decompress(self.z.unconsumed_tail, self._STEP)
+        except zlib.error as exc:
+            self.error = self.error or str(exc)
+        return futures
+
+    def _take(self, out: bytes) -> list:
+        if len(out) > self.left:
+            self.error = f"it inflates to more than the {self.info.file_size} bytes its directory entry declares"
+            return []
+        self.left -= len(out)
+        self.crc = zlib.crc32(out, self.crc)
+        cut = min(self.skip, len(out))
+        self.skip -= cut
+        if cut == len(out):
+            return []
+        self.sha.update(memoryview(out)[cut:])
+        return self.feed(memoryview(out)[cut:])
+
+    def info_of(self, where: str) -> dict[str, Any]:
+        if not self.error:
+            self._take(self.z.flush())
+        if self.error or not self.z.eof or self.left:
+            raise LoadError(f"archive member is corrupt: {self.error or 'its deflate stream ends early'}", key=where, fix="re-create the .npz")
+        if self.crc & 0xFFFFFFFF != self.info.CRC:
+            raise _crc_error(where, self.info.CRC, self.crc & 0xFFFFFFFF)
+        h = self.h
+        return {**self.feed.acc, "fingerprint": fingerprint_of(["data", self.sha.hexdigest(), h.dtype.str, list(h.shape), h.fortran])}
+
+
 def _member_infos(path: Path, fh, zf: zipfile.ZipFile, plan, progress=None) -> dict[str, Any]:
-    """Fingerprint and statistics of every numeric member: stored ones in one read of the archive."""
+    """Fingerprint and statistics of every numeric member, in one read of the archive."""
     version = stat_key(path)
+    size = os.fstat(fh.fileno()).st_size
     todo = [(info, off, h) for info, off, h in plan if not h.dtype.hasobject and h.dtype.kind in NUMERIC_KINDS]
-    regions, feeds, crcs = [], [], []
-    for info, off, h in todo:
-        if off < 0:
-            continue
-        crc = [0]
-        crcs.append(crc)
-        feeds.append(StatsFeed(h.dtype))
-        regions.append(Region(off - h.hlen, info.file_size, blake3=False, on_chunk=lambda piece, crc=crc: crc.__setitem__(0, zlib.crc32(piece, crc[0]))))
-        regions.append(Region(off, h.nbytes, on_chunk=feeds[-1]))
-    sha, digests = fingerprint.file_digests(path, regions, progress=progress)
-    out: dict[str, Any] = {}
-    k = 0
+    regions: list[Region] = []
+    feeds: dict[str, Any] = {}  # member → its StatsFeed (stored) or _Inflate (deflated)
+    crcs: dict[str, list[int]] = {}  # stored member → [its CRC so far]
+    later = []  # compressed by something other than deflate: read through zipfile afterwards
     for info, off, h in todo:
         where = f"{path}::{info.filename}"
         if off >= 0:
-            if crcs[k][0] & 0xFFFFFFFF != info.CRC:
-                raise _crc_error(where, info.CRC, crcs[k][0] & 0xFFFFFFFF)
-            out[info.filename] = info_of(feeds[k], h.dtype, h.shape, digests[2 * k + 1])
-            k += 1
+            crc = crcs[info.filename] = [0]
+            feeds[info.filename] = StatsFeed(h.dtype)
+            regions.append(Region(off - h.hlen, info.file_size, blake3=False,
+                                  on_chunk=lambda piece, crc=crc: crc.__setitem__(0, zlib.crc32(piece, crc[0]))))
+            regions.append(Region(off, h.nbytes, blake3=False, on_chunk=feeds[info.filename]))
+        elif info.compress_type == zipfile.ZIP_DEFLATED:
+            start = _data_offset(fh, info, where)
+            if start + info.compress_size > size:
+                raise LoadError("archive member is truncated", key=where, expected=info.compress_size, actual=max(0, size - start),
+                                fix="re-copy the file")
+            feeds[info.filename] = _Inflate(info, h)
+            regions.append(Region(start, info.compress_size, blake3=False, on_chunk=feeds[info.filename]))
         else:
-            out[info.filename] = array_info(_read_compressed(zf, info, where))
+            later.append((info, where))
+    sha, _ = fingerprint.file_digests(path, regions, progress=progress)
+    out: dict[str, Any] = {}
+    for info, off, h in todo:
+        where = f"{path}::{info.filename}"
+        feed = feeds.get(info.filename)
+        if isinstance(feed, _Inflate):
+            out[info.filename] = feed.info_of(where)
+        elif feed is not None:
+            got = crcs[info.filename][0] & 0xFFFFFFFF
+            if got != info.CRC:
+                raise _crc_error(where, info.CRC, got)
+            out[info.filename] = {**feed.acc, "fingerprint": fingerprint_of(["file", sha, info.filename, off, h.nbytes, h.dtype.str,
+                                                                             list(h.shape), h.fortran])}
+    for info, where in later:
+        out[info.filename] = array_info(_read_compressed(zf, info, where))
     remember(path, "sha256", sha, version=version)
     return out
 
@@ -190,19 +258,19 @@ def _read_compressed(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> 
         raise LoadError(f"archive member is corrupt: {short(str(exc))}", key=where, fix="re-create the .npz") from None
 
 
-def scan_npz(path: Path, *, allow_pickle: bool, problems: list[Problem], progress=None) -> list[ArrayRecord]:
+def scan(path: Path, ctx: ScanContext) -> list[ArrayRecord]:
     with open_regular(path) as fh:
         size = os.fstat(fh.fileno()).st_size
         with _open_zip(fh, path) as zf:
             plan = _plan(path, fh, zf, size)
             for info, _, h in plan:
                 if not h.dtype.hasobject:
-                    check_dtype(h.dtype, info.filename[:-4] if info.filename.endswith(".npy") else info.filename, problems)
-            infos = cached_by_stat(path, _INFO, lambda: _member_infos(path, fh, zf, plan, progress))
+                    check_dtype(h.dtype, info.filename[:-4] if info.filename.endswith(".npy") else info.filename, ctx.problems)
+            infos = cached_by_stat(path, _INFO, lambda: _member_infos(path, fh, zf, plan, ctx.progress))
     records: list[ArrayRecord] = []
     for info, offset, h in plan:
         if h.dtype.hasobject:
-            records += scan_pickled(path, allow_pickle=allow_pickle, member=info.filename, problems=problems)
+            records += scan_pickled(path, allow_pickle=ctx.allow_pickle, member=info.filename, problems=ctx.problems)
             continue
         key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
         if info.filename in infos:
@@ -211,13 +279,8 @@ def scan_npz(path: Path, *, allow_pickle: bool, problems: list[Problem], progres
     return records
 
 
-def prime_npz(path: Path) -> None:
-    """Fill the stat cache that :func:`scan_npz` reads, in the read that hashes the file (errors are left to the scan)."""
-    with open_regular(path) as fh:
-        size = os.fstat(fh.fileno()).st_size
-        with _open_zip(fh, path) as zf:
-            plan = _plan(path, fh, zf, size)
-            cached_by_stat(path, _INFO, lambda: _member_infos(path, fh, zf, plan))
+def sniff(head: bytes, size: int) -> bool:
+    return head[:4] == b"PK\x03\x04"
 
 
 @functools.lru_cache(maxsize=4)
@@ -225,9 +288,9 @@ def _zip(path: str, version: tuple) -> zipfile.ZipFile:
     return zipfile.ZipFile(open_regular(path))
 
 
-def open_member(path: str, member: str) -> np.ndarray:
+def open_member(rec: ArrayRecord) -> np.ndarray:
     """A compressed member's array, through an archive whose directory is parsed once, not per member."""
-    st = os.stat(path)
-    zf = _zip(path, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
-    with zf.open(member) as mf:
+    st = os.stat(rec.file)
+    zf = _zip(rec.file, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    with zf.open(rec.member) as mf:
         return np.lib.format.read_array(mf, allow_pickle=False)

@@ -20,7 +20,7 @@ from np2torch.tasks.readers.npy_header import read_header
 from np2torch.tasks.readers.stats import array_info
 from np2torch.tasks.safe_pickle import UnsafePickleError, safe_loads
 
-__all__ = ["scan_pickled", "load_pickled", "payload_offset"]
+__all__ = ["scan_pickled", "open_record"]
 
 
 def _payload(path: Path, member: str | None, offset: int | None) -> bytes:
@@ -90,14 +90,18 @@ def scan_pickled(path: Path, *, allow_pickle: bool, member: str | None = None, p
     for i, (k, arr) in enumerate(items):
         check_dtype(arr.dtype, f"{where}[{k}]", problems)
         records.append(
-            ArrayRecord(prefix + k, str(path), member, i, -1, tuple(arr.shape), arr.dtype.str, bool(arr.flags.f_contiguous and not arr.flags.c_contiguous), arr.nbytes, **array_info(arr))
+            ArrayRecord(prefix + k, str(path), member, i, -1, tuple(arr.shape), arr.dtype.str,
+                        bool(arr.flags.f_contiguous and not arr.flags.c_contiguous), arr.nbytes, **array_info(arr), reader="pickle-list")
         )
     return records
 
 
+def open_record(rec: ArrayRecord) -> np.ndarray:
+    """A pickled array's values, re-read through the same restricted unpickler (the scan checked ``allow_pickle``)."""
+    return load_pickled(rec.file, rec.member, _payload_offset(rec), os.stat(rec.file).st_mtime_ns)[rec.index][1]
 
 
-def payload_offset(rec: ArrayRecord) -> int | None:
+def _payload_offset(rec: ArrayRecord) -> int | None:
     """Where the pickle starts in a record's file: after the ``.npy`` header of an object array."""
     if rec.member is not None:
         return None

@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 
 from np2torch.tasks.errors import LoadError, short
-from np2torch.tasks.fingerprint import cached_by_stat, open_regular
-from np2torch.tasks.readers.base import MAX_ARRAYS, ArrayRecord, as_int_shape, nbytes_of
-from np2torch.tasks.readers.regions import Layout, layout_infos
+from np2torch.tasks.fingerprint import open_regular
+from np2torch.tasks.readers.base import MAX_ARRAYS, ArrayRecord, ScanContext, as_int_shape, nbytes_of
+from np2torch.tasks.readers.stats import Layout, scan_layouts
 
-__all__ = ["scan_safetensors", "MAX_HEADER"]
+__all__ = ["scan", "sniff", "MAX_HEADER"]
 
 MAX_HEADER = 100 << 20  # the safetensors library's own limit
 _DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "|i1",
@@ -108,10 +108,16 @@ def _layouts(path: Path) -> list[Layout]:
     return out
 
 
-def scan_safetensors(path: Path, progress=None) -> list[ArrayRecord]:
+def scan(path: Path, ctx: ScanContext) -> list[ArrayRecord]:
     layouts = _layouts(path)
     if not layouts:
         raise LoadError("safetensors file holds no tensors", key=str(path), fix=_FIX)
-    infos = cached_by_stat(path, "safetensors-info1", lambda: layout_infos(path, layouts, progress))
-    return [ArrayRecord(lay.key, str(path), None, None, lay.offset, lay.shape, lay.dtype.str, False, nbytes_of(lay.shape, lay.dtype), **info)
-            for lay, info in zip(layouts, infos)]
+    return scan_layouts(path, layouts, ctx)
+
+
+def sniff(head: bytes, size: int) -> bool:
+    """An 8-byte little-endian header length that fits the file, then the JSON header's ``{``."""
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return 2 <= n <= size - 8 and head[8:9] == b"{"

@@ -2,25 +2,30 @@
 
 Per array: NaN/Inf count, largest finite |x|, smallest nonzero |x| and, per float dtype a cast
 could go to, how many values would overflow or underflow (``FLOAT_LIMITS``). They are computed
-in the same read that hashes the file (:func:`np2torch.tasks.fingerprint.file_digests`), so
-each source byte is read once.
+in the same read that computes the file's sha256 (:func:`np2torch.tasks.fingerprint.file_digests`),
+so each source byte is read once, and an array's fingerprint is derived from that sha256 and the
+array's place in the file (:func:`fingerprint_of`), not from a second hash of its bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from np2torch.tasks import fingerprint
-from np2torch.tasks.fingerprint import Region, blake3_bytes, remember, stat_key
 from np2torch.tasks.dtypes import FLOAT_LIMITS
+from np2torch.tasks.fingerprint import Region, cached_by_stat, remember, stat_key
+from np2torch.tasks.readers.base import ArrayRecord, ScanContext, nbytes_of
 
-__all__ = ["StatsFeed", "region_info", "info_of", "array_info", "fold"]
+__all__ = ["StatsFeed", "Layout", "layout_infos", "scan_layouts", "array_info", "fingerprint_of", "fold"]
 
 # value statistics are folded over pieces of this many bytes: small enough to stay in L2 cache
 # across the few passes each piece needs
@@ -194,11 +199,35 @@ class StatsFeed:
         return futures
 
 
-def region_info(path: Path, offset: int, nbytes: int, dtype: np.dtype, shape: tuple[int, ...],
-                progress=None, *, data: bytes | None = None, version: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Fingerprint and value statistics of an array stored at ``offset``, in one read of the file.
+@dataclass(frozen=True)
+class Layout:
+    """Where an array's bytes lie in its file, as the reader found them in the file's headers."""
 
-    The same pass yields the file's sha256, which is remembered for the audit record's inputs.
+    key: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    offset: int
+    member: str | None = None  # the archive member or dataset holding it, when it has a name
+    fortran: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes_of(self.shape, self.dtype)
+
+
+def fingerprint_of(place: list[Any]) -> str:
+    """An array's fingerprint from what identifies its bytes, without reading them again:
+    ``["file", file sha256, member, offset, length, dtype with byte order, shape, fortran]`` for
+    bytes stored as they are, ``["data", sha256 of the decoded bytes, dtype, shape, fortran]``
+    for bytes that were inflated or unpickled."""
+    return hashlib.sha256(json.dumps(place).encode()).hexdigest()
+
+
+def layout_infos(path: Path, layouts: list[Layout], progress=None, *, data: bytes | None = None,
+                 version: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Fingerprint and value statistics of arrays stored as byte ranges of one file, from ONE
+    read of it that also yields the file's sha256 (remembered for the audit record's inputs).
+
     ``data``: the whole file as the caller read it, when ``version`` (its stat before that read)
     is still the file's: hashed without reading again.
     """
@@ -206,21 +235,29 @@ def region_info(path: Path, offset: int, nbytes: int, dtype: np.dtype, shape: tu
     if data is not None and version != now:
         data = None  # it changed since the caller read it: read it afresh
     version = version if data is not None else now
-    feed = StatsFeed(dtype)
-    sha, (data_fp,) = fingerprint.file_digests(path, [Region(offset, nbytes, on_chunk=feed)], progress=progress, data=data)
+    feeds = [StatsFeed(lay.dtype) for lay in layouts]
+    regions = [Region(lay.offset, lay.nbytes, blake3=False, on_chunk=f) for lay, f in zip(layouts, feeds)]
+    sha, _ = fingerprint.file_digests(path, regions, progress=progress, data=data)
     remember(path, "sha256", sha, version=version)
-    return info_of(feed, dtype, shape, data_fp)
+    return [{**f.acc, "fingerprint": fingerprint_of(["file", sha, lay.member, lay.offset, lay.nbytes, lay.dtype.str, list(lay.shape),
+                                                      lay.fortran])} for lay, f in zip(layouts, feeds)]
 
 
-def info_of(feed: StatsFeed, dtype: np.dtype, shape: tuple[int, ...], data_fp: str) -> dict[str, Any]:
-    return {**feed.acc, "fingerprint": blake3_bytes(f"{dtype.str}|{list(shape)}|".encode() + bytes.fromhex(data_fp))}
+def scan_layouts(path: Path, layouts: list[Layout], ctx: ScanContext) -> list[ArrayRecord]:
+    """The records of arrays stored as byte ranges of one file (memory-mapped later), their
+    fingerprints and statistics from one read, remembered by the file's stat for the next run."""
+    what = "layouts1-" + hashlib.sha256(json.dumps([[lay.key, lay.offset, lay.dtype.str, lay.shape, lay.member, lay.fortran]
+                                                    for lay in layouts]).encode()).hexdigest()[:16]
+    infos = cached_by_stat(path, what, lambda: layout_infos(path, layouts, ctx.progress))
+    return [ArrayRecord(lay.key, str(path), lay.member, None, lay.offset, lay.shape, lay.dtype.str, lay.fortran, lay.nbytes, **info)
+            for lay, info in zip(layouts, infos)]
 
 
 def array_info(arr: np.ndarray) -> dict[str, Any]:
-    """Fingerprint and statistics of an array already in memory (pickles, inflated members)."""
+    """Fingerprint and statistics of an array already in memory (pickles, inflated datasets)."""
     data = np.ascontiguousarray(arr)
     acc: dict[str, Any] = {"n_nonfinite": 0, "absmax": 0.0, "absmin_nonzero": 0.0}
     fold(data.reshape(-1), acc)
-    raw = data.view(np.uint8).reshape(-1).data if data.size else b""
-    acc["fingerprint"] = blake3_bytes(f"{arr.dtype.str}|{list(arr.shape)}|".encode() + bytes.fromhex(blake3_bytes(raw)))
+    sha = hashlib.sha256(data.view(np.uint8).reshape(-1).data if data.size else b"").hexdigest()
+    acc["fingerprint"] = fingerprint_of(["data", sha, arr.dtype.str, list(arr.shape), False])
     return acc
