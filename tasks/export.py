@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from np2torch.tasks.cache import pause_point
 from np2torch.tasks.errors import ExportError
 from np2torch.tasks.fingerprint import Region, file_digests, file_fingerprint, peek, remember, stat_key
 from np2torch.tasks.manifest import to_csv
@@ -271,6 +272,7 @@ def export_outputs(*, converted: Path, tensors: dict[str, dict[str, Any]], manif
         # every staged file's sha256 (the safetensors' is known from writing or checking it):
         # a rename changes the inode's ctime, so the stat cache must learn them again afterwards
         digests = [file_fingerprint(tmp)["sha256"] for tmp, _ in staged]
+        pause_point("export-publish")  # tests: a run killed here must leave the previous export whole
         _publish(staged, out_dir)
         _remove_other_layout(out_dir, {final.name for _, final in staged})
     except BaseException as exc:
