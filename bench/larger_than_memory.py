@@ -181,6 +181,7 @@ def markdown(res: dict) -> str:
         f"safetensors, {res['export_check']['tensors_compared']} tensors compared with their sources.", "",
         "| ratio | value | target |", "|---|---|---|",
         f"| np2torch wall / floor wall | {cv['wall_s'] / fl['wall_s']:.2f} | ≤ 2 |",
+        f"| np2torch work (excl. {cv['info']['import_s']:.1f} s of imports) / floor wall | {cv['info']['work_s'] / fl['wall_s']:.2f} | |",
         f"| np2torch peak RSS | {cv['maxrss_mb'] / 1024:.2f} GiB | ≤ 2 GB |",
     ])
 

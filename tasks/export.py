@@ -19,9 +19,9 @@ previous export stays byte-identical until the new one is complete (the renames 
 take microseconds). Staging files of a killed run are removed by the next export into the same
 folder. Before a file is published, the staged safetensors is re-read once, streaming: every
 tensor's blake3 is checked against the converted one (and the file's sha256 computed in the
-same read, for the audit record). Every check reads through np2torch's own bounded reader (the
-header, then ranges streamed through a few buffers): no file is ever mapped whole, so a model
-larger than the machine's memory, or its address-space limit, is checked as any other.
+same read, for the audit record). The checks read through np2torch's own bounded reader (the
+header, then ranges streamed through a few buffers) and map no file, so a model larger than the
+machine's memory is checked as any other.
 
 Memory stays at a few read buffers whatever the model size; only ``model.pt`` (``torch.save``
 of the memory-mapped tensors) touches every page of the model while it is written.
