@@ -257,7 +257,7 @@ def export_outputs(*, converted: Path, tensors: dict[str, dict[str, Any]], manif
         total = sum(int(t["offsets"][1]) - int(t["offsets"][0]) for t in tensors.values() if "offsets" in t) or None
         with track("export", "export (re-checking)", total, unit="B", progress=progress) as cb:
             for f in files:
-                st = stage(f.name)
+                st = stage(f.name if len(files) > 1 else "model.safetensors")
                 linked = write_safetensors_with_metadata(f, st, metadata)
                 mine = {k: t for k, t in tensors.items() if t.get("file", f.name) == f.name}
                 check_export(st, mine, reread=not linked, reference=f, progress=cb)
