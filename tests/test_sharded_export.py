@@ -173,3 +173,18 @@ def test_the_self_check_rejects_a_layout_a_strict_parser_would(tmp_path: Path) -
     p.write_bytes(len(text).to_bytes(8, "little") + text + bytes(24))
     with pytest.raises(ExportError, match="gap or an overlap"):
         export.check_export(p, tensors)
+
+
+@pytest.mark.parametrize(("given", "size"), [("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("1KB", 1000), ("2GiB", 2 * 2**30), (0, 0), (1234, 1234)])
+def test_max_shard_size_reads_bytes_and_units(tmp_path: Path, given, size) -> None:
+    cfg = load_config(write_tiny_case(tmp_path), [f"export.max_shard_size={given}"])
+    assert cfg.export.max_shard_size == size
+    assert load_config(write_tiny_case(tmp_path)).export.max_shard_size == 5 * 10**9  # transformers' default
+
+
+@pytest.mark.parametrize("given", ["5 apples", "-1", "GB"])
+def test_a_wrong_max_shard_size_names_the_key(tmp_path: Path, given) -> None:
+    from np2torch.tasks.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"export.max_shard_size"):
+        load_config(write_tiny_case(tmp_path), [f"export.max_shard_size={given}"])
