@@ -9,7 +9,10 @@ One run generates the model (blocks of Dense 2048→8192→2048 with biases and 
 it, then times each contender in its own subprocess (wall clock, and peak RSS from
 ``os.wait4``'s rusage for that one child):
 
-- ``cp -r`` of the ``.npy`` folder (the floor for reading and writing the same bytes);
+- ``cp -r`` of the ``.npy`` folder (the floor for reading and writing the same bytes), the same
+  followed by ``sync``, and one sha256 pass over the inputs with ``openssl dgst -sha256`` (and,
+  for comparison, coreutils ``sha256sum``): ``cp + sync`` plus ``openssl`` is the floor of a
+  durable, audited copy, which the stages' work is compared with;
 - the plain approach the seed article teaches: instantiate the model, ``np.load`` each array,
   transpose-copy, ``param.data.copy_``, ``torch.save``;
 - np2torch's six stages called as plain functions (no Prefect), on the folder and on the .npz;
@@ -296,6 +299,9 @@ def report(root: Path, args: argparse.Namespace) -> None:
 
     go("cp -r (npy folder)", ["cp", "-r", gen["npy_dir"], str(root / "cp-out")])
     go("cp + sync", ["sh", "-c", f"cp -r {gen['npy_dir']} {root / 'cp-out2'} && sync"])
+    inputs = f"find {gen['npy_dir']} -name '*.npy' -print0 | xargs -0"
+    go("openssl dgst -sha256 (inputs)", ["sh", "-c", f"{inputs} openssl dgst -sha256 > /dev/null"])
+    go("sha256sum (inputs)", ["sh", "-c", f"{inputs} sha256sum > /dev/null"])
     go("plain (article)", [py, me, "--role", "plain", "--data", str(root), "--n-blocks", str(gen["n_blocks"]), "--out", str(root / "plain.pt")])
     go("np2torch stages (npy-dir)", stages_cmd("npy-dir.yaml"), env_for("stages"))
     go("np2torch stages rerun (unchanged)", stages_cmd("npy-dir.yaml"), env_for("stages"))
@@ -348,17 +354,19 @@ def markdown(res: dict) -> str:
     stage_line = ", ".join(f"{k} {v['s']:.2f}s" for k, v in st["info"]["stages"].items())
     lines += ["", f"Stages (first run, npy-dir): {stage_line}.", ""]
     exp_rss = exp["info"]["stages"]["export"]["maxrss_mb"]
+    floor = rows["cp + sync"]["wall_s"] + rows["openssl dgst -sha256 (inputs)"]["wall_s"]
     lines += [
         "| ratio | value | target |", "|---|---|---|",
-        f"| np2torch stages (work) / cp | {st_work / cp:.2f} | ≤ 3 |",
+        f"| np2torch stages (work) / (cp + sync + openssl sha256: a durable, audited copy, {floor:.2f} s) | {st_work / floor:.2f} | ≤ 2 |",
+        f"| np2torch stages (work) / cp | {st_work / cp:.2f} | |",
         f"| np2torch stages (process wall) / cp | {st['wall_s'] / cp:.2f} | |",
-        f"| plain (wall) / np2torch stages (process wall) | {plain['wall_s'] / st['wall_s']:.2f} | ≥ 3 |",
-        f"| plain (work) / np2torch stages (work) | {plain['info']['work_s'] / st_work:.2f} | |",
+        f"| plain (wall) / np2torch stages (process wall) | {plain['wall_s'] / st['wall_s']:.2f} | |",
+        f"| plain (work) / np2torch stages (work) | {plain['info']['work_s'] / st_work:.2f} | ≥ 2.5 |",
         f"| plain (CPU s) / np2torch stages (CPU s) | {plain['cpu_s'] / st['cpu_s']:.2f} | |",
-        f"| peak RSS / model bytes (stages) | {st['maxrss_mb'] / mb:.2f} | ≤ 0.5 |",
+        f"| peak RSS / model bytes (stages) | {st['maxrss_mb'] / mb:.2f} | ≤ 0.3 |",
         f"| peak RSS / model bytes (export stage alone, process) | {exp_rss / mb:.2f} | ≤ 0.3 |",
         f"| export stage alone: RSS growth over the stages before it / model bytes | {(exp_rss - exp['info']['rss_before_export_mb']) / mb:.3f} | |",
-        f"| rerun (work) / first (work) | {rerun['info']['work_s'] / st_work:.3f} | ≤ 0.10 |",
+        f"| rerun (work) / first (work) | {rerun['info']['work_s'] / st_work:.3f} | ≤ 0.02 |",
         f"| rerun (process wall) / first (process wall) | {rerun['wall_s'] / st['wall_s']:.3f} | |",
     ]
     for name, target in (("np2torch CLI flow (running server)", "≤ 1.3"), ("np2torch CLI flow (running server, own process)", ""),

@@ -3,10 +3,9 @@
 Generates the convert_large.py model at ``--gb`` (default 0.4), then, each in a fresh process
 with an empty cache, alternating so that machine noise hits both alike:
 
-- the six stages with each way of writing the converted file: the default (tensors streamed in
-  cache-sized blocks, write-back started every 32 MiB, one fsync before the rename), the same
-  with write-back only at the fsync (``NP2TORCH_WRITEBACK=final``), and whole tensors converted
-  in parallel straight into a shared map of the file (``NP2TORCH_CONVERT_WRITE=map``);
+- the six stages (tensors streamed in cache-sized blocks, write-back started as each tensor is
+  hashed, one fsync before the rename; the alternative write engines and write-back modes this
+  once compared were removed from the product after bench/README.md's measurements);
 - micro-measurements of the pieces: reading the sources (``cat``), a transposed copy of one
   kernel (torch ``copy_``, 1 and N threads), ``pwrite`` of the converted bytes into the page
   cache, the final ``fsync``, sha256 and blake3 of the same bytes, ``os.link`` + rename.
@@ -112,11 +111,11 @@ def main() -> None:
         gen = cl.generate(root, args.gb)
         print(f"model {gen['model_bytes'] / 1e9:.3f} GB, load average {os.getloadavg()[0]:.1f}", flush=True)
         print(json.dumps(pieces(root), indent=1), flush=True)
-        modes = {"stream, early": ("early", "stream"), "stream, final": ("final", "stream"), "map, early": ("early", "map")}
+        modes = ["stages"]
         runs: dict[str, list[dict]] = {m: [] for m in modes}
         for rep in range(args.reps):
-            for mode, (wb, how) in modes.items():
-                env = {**os.environ, "PYTHONPATH": str(REPO), "NP2TORCH_WRITEBACK": wb, "NP2TORCH_CONVERT_WRITE": how,
+            for mode in modes:
+                env = {**os.environ, "PYTHONPATH": str(REPO),
                        "NP2TORCH_DATA_DIR": str(root / f"d-{rep}"), "NP2TORCH_AUDIT_LOG": str(root / "audit.jsonl")}
                 subprocess.run(["sync"], check=True)
                 p = subprocess.run([sys.executable, str(REPO / "bench" / "convert_large.py"), "--role", "stages", "--config",

@@ -156,9 +156,33 @@ class VerifySpec(_Strict):
     atol: float = 1e-6
 
 
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(v: Any) -> int:
+    """Bytes from an int or a string like ``"5GB"`` / ``"500MB"`` / ``"2GiB"`` (units as transformers reads them)."""
+    if isinstance(v, bool):
+        raise ValueError(f"size {v!r} is not a number of bytes")
+    if isinstance(v, int):
+        n = v
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(v), re.IGNORECASE)
+        if m is None:
+            raise ValueError(f"size {v!r}: give bytes (an integer) or a number with a unit: 500MB, 5GB, 2GiB")
+        n = int(float(m[1]) * _SIZE_UNITS[(m[2] or "").upper()])
+    if n < 0:
+        raise ValueError(f"size {v!r} is negative")
+    return n
+
+
 class ExportSpec(_Strict):
     dir: Path
     formats: list[Literal["safetensors", "pt"]] = Field(default_factory=lambda: ["safetensors"])
+    # above this many tensor bytes: model-0000K-of-0000N.safetensors + model.safetensors.index.json
+    # (transformers' save_pretrained default); 0: always one file
+    max_shard_size: int = 5 * 10**9
+
+    _size_form = field_validator("max_shard_size", mode="before")(classmethod(lambda cls, v: parse_size(v)))
 
     @field_validator("formats")
     @classmethod

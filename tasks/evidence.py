@@ -40,7 +40,8 @@ from torch import nn
 from np2torch.tasks import transforms as T
 from np2torch.tasks.errors import MappingError, Problem
 from np2torch.tasks.forward import Recorder, compare, compare_activation, localise, run_forward
-from np2torch.tasks.readers.access import ArrayRecord, open_array
+from np2torch.tasks.readers.access import ArrayRecord
+from np2torch.tasks.source_tensor import source_tensor
 from np2torch.tasks.strategies import MAX_PAIRINGS
 
 __all__ = ["resolve", "MAX_PAIRINGS"]
@@ -49,12 +50,8 @@ _MAX_COMBOS_PER_MODULE = 16  # candidates are tried per module; a product over o
 
 
 def _source_tensor(row: dict[str, Any], records: dict[str, ArrayRecord]) -> np.ndarray:
-    """The row's source array(s) after its transform, as the convert stage reads it (float64 trial copy)."""
-    if row["status"] == "zeros":
-        return np.zeros(json.loads(row["target_shape"]), dtype=np.float64)
-    parts = [np.asarray(T.apply(open_array(records[s]), json.loads(row["transform_spec"])), dtype=np.float64)
-             for s in json.loads(row["sources"])]
-    return np.concatenate(parts, axis=int(row["concat"])) if row["concat"] != "" else parts[0]
+    """The row's source tensor as the convert stage reads it, as a float64 trial copy."""
+    return np.array(source_tensor(row, records), dtype=np.float64)
 
 
 def _split_source(spec: list) -> tuple[str | None, list]:
@@ -75,7 +72,7 @@ class _Trial:
         with torch.no_grad():
             for r in rows:
                 if r["target_key"] and r["status"] in ("mapped", "zeros") and r["how"] != "tied":
-                    v = torch.from_numpy(np.array(_source_tensor(r, self.recs), dtype=np.float64))
+                    v = torch.from_numpy(_source_tensor(r, self.recs))
                     sd[r["target_key"]].copy_(v.to(sd[r["target_key"]].dtype))
         self.sd = sd
         self.recorder = Recorder(self.model, set(activations) if activations else set())
@@ -86,7 +83,7 @@ class _Trial:
         if src is not None:
             r["sources"] = json.dumps([src])
         with torch.no_grad():
-            self.sd[row["target_key"]].copy_(torch.from_numpy(np.array(_source_tensor(r, self.recs), dtype=np.float64)))
+            self.sd[row["target_key"]].copy_(torch.from_numpy(_source_tensor(r, self.recs)))
 
     def run(self) -> tuple[float, bool, dict[str, np.ndarray]]:
         self.recorder.reset()

@@ -1,5 +1,11 @@
 """Stage 6, ``export``: converted tensors → ``model.safetensors`` (+ ``model.pt``), ``manifest.csv``.
 
+Above ``export.max_shard_size`` the convert stage wrote shards instead: they are exported as
+``model-0000K-of-0000N.safetensors`` plus ``model.safetensors.index.json`` (``metadata.total_size``,
+``weight_map``), the layout transformers and accelerate load directly; each shard is handled as
+the single file is below, the index renamed into place after every shard, and files of the other
+layout left by a previous export (a single file, or shards of another count) removed only then.
+
 The safetensors file carries its final ``__metadata__`` (config digest, source fingerprint,
 np2torch version: no paths or timestamps, so reruns are byte-identical). When the converted
 file already has exactly that header it *is* the export: it is hard-linked into place (no data
@@ -13,7 +19,9 @@ previous export stays byte-identical until the new one is complete (the renames 
 take microseconds). Staging files of a killed run are removed by the next export into the same
 folder. Before a file is published, the staged safetensors is re-read once, streaming: every
 tensor's blake3 is checked against the converted one (and the file's sha256 computed in the
-same read, for the audit record).
+same read, for the audit record). The checks read through np2torch's own bounded reader (the
+header, then ranges streamed through a few buffers) and map no file, so a model larger than the
+machine's memory is checked as any other.
 
 Memory stays at a few read buffers whatever the model size; only ``model.pt`` (``torch.save``
 of the memory-mapped tensors) touches every page of the model while it is written.
@@ -33,15 +41,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
+from np2torch.tasks.cache import pause_point
 from np2torch.tasks.errors import ExportError
 from np2torch.tasks.fingerprint import Region, file_digests, file_fingerprint, peek, remember, stat_key
 from np2torch.tasks.manifest import to_csv
 from np2torch.tasks.paths import atomic_writer
 from np2torch.tasks.procs import pid_alive
 from np2torch.tasks.progress import track
-from np2torch.tasks.st_io import ST_DTYPES, MappedSafetensors, plan_header, read_header
+from np2torch.tasks.st_io import INDEX_NAME, ST_DTYPES, MappedSafetensors, check_layout, checkpoint_files, plan_header, read_header
 
 __all__ = ["write_safetensors_with_metadata", "check_export", "export_outputs"]
 
@@ -132,12 +140,13 @@ def check_export(path: Path, tensors: dict[str, dict[str, Any]], *, reread: bool
     ``progress`` gets the tensor bytes re-read.
     """
     problems = []
-    try:
-        with safe_open(str(path), framework="pt") as f:  # the reference parser must accept it
-            keys = set(f.keys())
+    try:  # the layout a strict safetensors parser checks, from the header alone
         header, base = read_header(path)
+        if bad := check_layout(header, base, path.stat().st_size):
+            raise ValueError("; ".join(bad[:3]))
     except Exception as exc:
         raise ExportError(f"the written file does not parse as safetensors: {exc}", key=str(path), fix="rerun with --refresh") from None
+    keys = set(header) - {"__metadata__"}
     if keys != set(tensors):
         raise ExportError("exported keys differ from the converted ones", key=str(path), expected=sorted(tensors)[:10], actual=sorted(keys)[:10])
     names = []
@@ -193,6 +202,26 @@ def _publish(staged: list[tuple[Path, Path]], out_dir: Path) -> None:
     """Rename every complete staged file over its final name, then make the renames durable."""
     for tmp, final in staged:
         os.replace(tmp, final)
+    _fsync_dir(out_dir)
+
+
+_SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+
+
+def _remove_other_layout(out_dir: Path, kept: set[str]) -> None:
+    """Once the new files are in place: remove a previous export's files of the other layout
+    (a single ``model.safetensors`` beside new shards, shards and index beside a new single
+    file, or shards of another count), so that a loader finds one checkpoint only."""
+    stale = [p for p in out_dir.iterdir() if p.name not in kept and
+             (_SHARD.match(p.name) or p.name in ("model.safetensors", INDEX_NAME)) and p.is_file()]
+    for p in stale:
+        with contextlib.suppress(OSError):
+            p.unlink()
+    if stale:
+        _fsync_dir(out_dir)
+
+
+def _fsync_dir(out_dir: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(out_dir, os.O_RDONLY)
         try:
@@ -222,13 +251,19 @@ def export_outputs(*, converted: Path, tensors: dict[str, dict[str, Any]], manif
         outputs.append(out_dir / name)
         return staged[-1][0]
 
+    files = checkpoint_files(converted)
     try:
         _clear_dead_staging(out_dir)
-        st = stage("model.safetensors")
-        linked = write_safetensors_with_metadata(converted, st, metadata)
         total = sum(int(t["offsets"][1]) - int(t["offsets"][0]) for t in tensors.values() if "offsets" in t) or None
         with track("export", "export (re-checking)", total, unit="B", progress=progress) as cb:
-            check_export(st, tensors, reread=not linked, reference=converted, progress=cb)
+            for f in files:
+                st = stage(f.name if len(files) > 1 else "model.safetensors")
+                linked = write_safetensors_with_metadata(f, st, metadata)
+                mine = {k: t for k, t in tensors.items() if t.get("file", f.name) == f.name}
+                check_export(st, mine, reread=not linked, reference=f, progress=cb)
+        if len(files) > 1:
+            with atomic_writer(stage(INDEX_NAME), "wb") as fh:  # after every shard: renamed into place last of them
+                fh.write(converted.read_bytes())
         if "pt" in formats:
             with MappedSafetensors(converted) as mapped, atomic_writer(stage("model.pt"), "wb") as fh:
                 torch.save(mapped.state, fh)
@@ -237,7 +272,9 @@ def export_outputs(*, converted: Path, tensors: dict[str, dict[str, Any]], manif
         # every staged file's sha256 (the safetensors' is known from writing or checking it):
         # a rename changes the inode's ctime, so the stat cache must learn them again afterwards
         digests = [file_fingerprint(tmp)["sha256"] for tmp, _ in staged]
+        pause_point("export-publish")  # tests: a run killed here must leave the previous export whole
         _publish(staged, out_dir)
+        _remove_other_layout(out_dir, {final.name for _, final in staged})
     except BaseException as exc:
         for tmp, _ in staged:
             with contextlib.suppress(OSError):

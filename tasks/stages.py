@@ -133,7 +133,7 @@ def infer_mapping_key(cfg: Config, loaded: dict[str, Any]) -> str:
     # resolved or not) records their digest, and mapping_still_valid rejects it when they change.
     return cache.stage_key(
         "infer-mapping", prev=loaded["key"], code=cache.code_version(*(_T + m for m in ("infer_mapping", "strategies", "layouts", "evidence", "forward", "presets", "kinds", "transforms",
-                                                                      "manifest", "model"))),
+                                                                      "source_tensor", "manifest", "model"))),
         mapping=cfg.mapping.model_dump(mode="json"), model=model_fingerprint(cfg), dtype=cfg.convert.dtype,
     )
 
@@ -192,8 +192,9 @@ def validate_stage(cfg: Config, mapped: dict[str, Any], *, refresh: bool = False
 
 
 def convert_key(cfg: Config, loaded: dict[str, Any], validated: dict[str, Any]) -> str:
-    return cache.stage_key("convert-to-device", prev=validated["key"], code=cache.code_version(*(_T + m for m in ("convert", "bytework", "st_io", "transforms", "state_dict"))),
-                           convert=cfg.convert.model_dump(mode="json"), model=model_fingerprint(cfg))
+    code = cache.code_version(*(_T + m for m in ("convert", "st_write", "source_tensor", "bytework", "st_io", "transforms", "state_dict")))
+    return cache.stage_key("convert-to-device", prev=validated["key"], code=code, convert=cfg.convert.model_dump(mode="json"),
+                           model=model_fingerprint(cfg), max_shard_size=cfg.export.max_shard_size)
 
 
 def convert_stage(cfg: Config, loaded: dict[str, Any], validated: dict[str, Any], *, refresh: bool = False) -> dict[str, Any]:
@@ -206,12 +207,13 @@ def convert_stage(cfg: Config, loaded: dict[str, Any], validated: dict[str, Any]
         res = convert.convert_to_device(rows, read_records(loaded), model_target=cfg.model.target, model_kwargs=cfg.model.kwargs,
                                         device=cfg.convert.device, out_path=work / "model.safetensors",
                                         # the export's header up front: export then links this file instead of copying it
-                                        metadata=export_metadata(cfg, loaded), allow_unsafe_load=cfg.model.allow_unsafe_load)
-        res["path"] = "model.safetensors"
+                                        metadata=export_metadata(cfg, loaded), allow_unsafe_load=cfg.model.allow_unsafe_load,
+                                        max_shard_size=cfg.export.max_shard_size)
+        res["path"] = Path(res["path"]).name  # model.safetensors, or the shards' index
         return res
 
     rec = cache.run_cached("convert-to-device", key, compute, refresh=refresh)
-    return {**rec, "key": key, "file": str(_entry(rec, "model.safetensors"))}
+    return {**rec, "key": key, "file": str(_entry(rec, rec["path"]))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,6 +270,7 @@ def config_content_digest(cfg: Config) -> str:
     """
     data = cfg.model_dump(mode="json")
     data["export"].pop("dir", None)
+    data["export"].pop("max_shard_size", None)  # how the tensors are split into files never changes them
     data["source"].pop("path", None)
     data["model"]["target"] = model_fingerprint(cfg)
     data["verify"] = _verify_spec(cfg)

@@ -1,10 +1,16 @@
 """Stage 5, ``verify-forward-pass``: model + converted weights + verify spec → metrics.
 
 The model is rebuilt on ``meta`` and given the converted tensors as zero-copy views of the
-safetensors file on the configured device, then run in ``eval()`` under ``no_grad`` on the
+converted checkpoint (one file, or its shards) on the configured device, then run in ``eval()`` under ``no_grad`` on the
 configured input. With a reference output the result is compared elementwise
 (``|out - ref| <= atol + rtol * |ref|``, NumPy's ``allclose``); without one, only output shapes
 and finiteness are checked. A forward pass that raises is a verify-stage error, not a traceback.
+
+The weights are read through np2torch's own reader (:class:`MappedSafetensors`, not the
+``safetensors`` library, which failed with ``Cannot allocate memory`` on a 25.8 GB file on a
+23 GiB machine): shared, read-only maps of each file (each shard on its own), and each module's
+pages leave this process once its forward has run, so about one layer is resident whatever the
+model size.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import run_pipeline, write_tiny_case
-from np2torch.tasks import bytework, convert, export, fingerprint, manifest, stages
+from np2torch.tasks import bytework, export, fingerprint, manifest, stages, st_write
+from np2torch.tasks.errors import ConvertError
 from np2torch.tasks.config import load_config
 from np2torch.tasks.errors import ExportError
 from np2torch.tasks.fingerprint import Region, file_digests
@@ -78,8 +79,8 @@ def test_a_failed_write_is_a_storage_error_and_leaves_nothing(tmp_path: Path, mo
     monkeypatch.setattr(bytework, "pwrite_all", full)  # the tensors' block writes only (not the header's)
     out = tmp_path / "conv" / "model.safetensors"
     with pytest.raises(OSError) as info:
-        convert.write_converted(rows, records, out, missing_values={"bn.num_batches_tracked": torch.tensor(0)})
-    assert info.value.errno == errno.ENOSPC and not isinstance(info.value, convert.ConvertError)
+        st_write.write_converted(rows, records, out, missing_values={"bn.num_batches_tracked": torch.tensor(0)})
+    assert info.value.errno == errno.ENOSPC and not isinstance(info.value, ConvertError)
     assert not out.exists() and not list(out.parent.glob(".*.tmp"))
 
 

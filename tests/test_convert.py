@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from conftest import run_pipeline, tiny_arrays, write_tiny_case
 from np2torch.tasks import stages
 from np2torch.tasks.config import load_config
-from np2torch.tasks.convert import check_device, load_into_model
+from np2torch.tasks.state_dict import check_device, load_into_model
 from np2torch.tasks.errors import ConvertError
 from np2torch.tasks.model import build_model, describe_targets
 
@@ -102,7 +102,7 @@ def test_stage_records_are_small_and_json(tmp_path):
 
 def test_cast_into_a_misaligned_place_gives_the_same_bytes():
     """A tensor placed after an odd-sized one is not aligned for its dtype: the bytes must still be exact."""
-    from np2torch.tasks.convert import _cast_to
+    from np2torch.tasks.st_write import cast_into as _cast_to
 
     src = np.arange(12, dtype=">f8").reshape(3, 4).T  # big-endian, transposed view
     for dtype, np_dt in (("float32", "<f4"), ("float16", "<f2"), ("int64", "<i8")):
@@ -115,38 +115,24 @@ def test_cast_into_a_misaligned_place_gives_the_same_bytes():
         assert _cast_to(dtype, src, torch.zeros(len(want) - 1, dtype=torch.uint8)) == len(want)  # wrong size: nothing written
 
 
-@pytest.mark.parametrize("how", ["map", "no-map", "pwrite", "final", "per-tensor", "small-blocks"])
+@pytest.mark.parametrize("how", ["one-worker", "small-blocks"])
 def test_every_write_path_gives_the_same_file(tmp_path, monkeypatch, how):
-    """Streamed blocks (default, early write-back), whole tensors into a map of the output, into
-    scratch buffers when the file cannot be mapped, the other write-back modes, and blocks
-    smaller than a row all write the same bytes, with the sha256 the cache remembers."""
+    """Streamed blocks with any number of workers, and blocks smaller than a row, all write the
+    same bytes, with the sha256 the cache remembers."""
     import hashlib
 
-    from np2torch.tasks import convert, fingerprint, manifest
+    from np2torch.tasks import fingerprint, manifest, st_write
 
     cfg = load_config(write_tiny_case(tmp_path), ["convert.dtype=float16", "verify.rtol=0.02", "verify.atol=0.02"])
     recs = run_pipeline(cfg)
     rows = manifest.read_manifest(stages.Path(recs["validate"]["_entry"]) / "manifest.json")
     records = {r.key: r for r in stages.read_records(recs["load-arrays"])}
     missing = {"bn.num_batches_tracked": torch.tensor(7)}
-    ref = convert.write_converted(rows, records, tmp_path / "ref.safetensors", missing_values=missing)
-    if how in ("map", "pwrite", "no-map"):
-        monkeypatch.setenv("NP2TORCH_CONVERT_WRITE", "pwrite" if how == "pwrite" else "map")
+    _, ref = st_write.write_converted(rows, records, tmp_path / "ref.safetensors", missing_values=missing)
     if how == "small-blocks":
-        monkeypatch.setattr(convert, "_BLOCK", 6)
-    elif how == "no-map":
-        calls = []
-
-        def refuse(fd, total):  # a file system that cannot map the output writable
-            calls.append(total)
-            return None
-
-        monkeypatch.setattr(convert, "_map_output", refuse)
-    elif how in ("final", "per-tensor"):
-        monkeypatch.setenv("NP2TORCH_WRITEBACK", how)
-    got = convert.write_converted(rows, records, tmp_path / "got.safetensors", missing_values=missing)
-    if how == "no-map":
-        assert calls == [(tmp_path / "got.safetensors").stat().st_size]
+        monkeypatch.setattr(st_write, "_BLOCK", 6)
+    _, got = st_write.write_converted(rows, records, tmp_path / "got.safetensors", missing_values=missing,
+                                      workers=1 if how == "one-worker" else None)
     data = (tmp_path / "got.safetensors").read_bytes()
     assert got == ref and data == (tmp_path / "ref.safetensors").read_bytes()
     assert fingerprint.peek(tmp_path / "got.safetensors", "sha256") == hashlib.sha256(data).hexdigest()
