@@ -1,7 +1,7 @@
 """The large-file read of load-arrays (issue 12 item 5): MB/s of one scan of a ~1 GB folder.
 
-One pass per file computes its sha256, each array's blake3 and its value statistics. This
-prints the hardware references on the same bytes (a plain read, sha256 alone, blake3 alone,
+One pass per file computes its sha256 (every array's fingerprint derives from it) and its value
+statistics. This prints the hardware references on the same bytes (a plain read, sha256 alone,
 page cache warm) and np2torch's scan with a cold stat cache, in MB/s. Run:
 
     .venv/bin/python bench/hash_pass.py [MB]          # this checkout
@@ -20,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import blake3
 import numpy as np
 
 
@@ -59,7 +58,6 @@ def main(mb: int = 1024) -> None:
         _read_all(files)  # warm the page cache
         _rate("read only (page cache)", nbytes, lambda: _read_all(files))
         _rate("sha256 (hashlib, 16 MB blocks, 1 thread)", nbytes, lambda: _read_all(files, hashlib.sha256().update))
-        _rate("blake3 (max_threads=AUTO)", nbytes, lambda: _read_all(files, blake3.blake3(max_threads=blake3.blake3.AUTO).update))
         from np2torch.tasks.load_arrays import scan_source
 
         def scan():
@@ -70,7 +68,7 @@ def main(mb: int = 1024) -> None:
             recs = scan_source(folder)
             assert len(recs) == len(files) and recs[0].n_nonfinite == 0
 
-        _rate("np2torch scan_source (sha256+blake3+stats, 1 read)", nbytes, scan)
+        _rate("np2torch scan_source (sha256+stats, 1 read)", nbytes, scan)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -8,7 +8,7 @@ with an empty cache, alternating so that machine noise hits both alike:
   once compared were removed from the product after bench/README.md's measurements);
 - micro-measurements of the pieces: reading the sources (``cat``), a transposed copy of one
   kernel (torch ``copy_``, 1 and N threads), ``pwrite`` of the converted bytes into the page
-  cache, the final ``fsync``, sha256 and blake3 of the same bytes, ``os.link`` + rename.
+  cache, the final ``fsync``, sha256 of the same bytes, ``os.link`` + rename.
 
     PYTHONPATH=$PWD .venv/bin/python bench/profile_stages.py --gb 0.4 [--reps 2]
 
@@ -34,7 +34,6 @@ sys.path.insert(0, str(REPO / "bench"))
 
 def pieces(root: Path) -> dict[str, float]:
     """Seconds of each elementary piece over the whole model's bytes."""
-    import blake3
     import numpy as np
     import torch
 
@@ -73,10 +72,6 @@ def pieces(root: Path) -> dict[str, float]:
     for _ in range(n):
         h.update(buf)
     out["sha256 (hashlib, 1 thread)"] = time.perf_counter() - t
-    t = time.perf_counter()
-    for _ in range(n):
-        blake3.blake3(buf.view(np.uint8), max_threads=blake3.blake3.AUTO).digest()
-    out["blake3 (all threads)"] = time.perf_counter() - t
     small = buf[: 64 << 10]  # 256 KiB, stays in cache
     path.unlink()
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)

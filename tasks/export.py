@@ -18,7 +18,7 @@ disk, an error or ``kill -9`` therefore never leaves a partial file under a fina
 previous export stays byte-identical until the new one is complete (the renames themselves
 take microseconds). Staging files of a killed run are removed by the next export into the same
 folder. Before a file is published, the staged safetensors is re-read once, streaming: every
-tensor's blake3 is checked against the converted one (and the file's sha256 computed in the
+tensor's sha256 is checked against the converted one (and the file's sha256 computed in the
 same read, for the audit record). The checks read through np2torch's own bounded reader (the
 header, then ranges streamed through a few buffers) and map no file, so a model larger than the
 machine's memory is checked as any other.
@@ -128,7 +128,7 @@ def check_export(path: Path, tensors: dict[str, dict[str, Any]], *, reread: bool
                  progress: Callable[[int], None] | None = None) -> None:
     """Re-read ``path`` once and check every tensor against what the convert stage produced.
 
-    Each tensor's bytes are compared by blake3 with ``tensors[k]["blake3"]`` when the record
+    Each tensor's bytes are compared by sha256 with ``tensors[k]["sha256"]`` when the record
     has one, else with the same tensor in ``reference`` (the converted file, read in the same
     way: the convert stage no longer hashes each tensor, since the export links that very file
     and only a copy needs the comparison).
@@ -173,8 +173,8 @@ def check_export(path: Path, tensors: dict[str, dict[str, Any]], *, reread: bool
 
 
 def _expected_digests(names: list[str], tensors: dict[str, dict[str, Any]], reference: Path | None) -> dict[str, str | None]:
-    """Each tensor's blake3: from the convert record, or read from the converted file ``reference``."""
-    out: dict[str, str | None] = {k: tensors[k].get("blake3") for k in names}
+    """Each tensor's sha256: from the convert record, or read from the converted file ``reference``."""
+    out: dict[str, str | None] = {k: tensors[k].get("sha256") for k in names}
     todo = [k for k in names if out[k] is None]
     if todo and reference is not None:
         header, base = read_header(reference)

@@ -8,8 +8,8 @@ even when its size and mtime are restored.
 
 :func:`file_digests` reads a file ONCE and computes, from the same buffers, its sha256 (on a
 helper thread: hashlib releases the GIL) and whatever a region's ``on_chunk`` callback folds in
-(value statistics, a zip CRC, an inflated member); a region's blake3 only when asked (export's
-per-tensor check, until it goes). A writer that hashed the bytes as it wrote them records the
+(value statistics, a zip CRC, an inflated member); a region's own sha256 only when asked (export's
+per-tensor check of a copied file). A writer that hashed the bytes as it wrote them records the
 digest with :func:`remember`, so nothing is re-read.
 """
 
@@ -30,10 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import blake3
 from np2torch.tasks.paths import cache_dir
 
-__all__ = ["pack", "SMALL_FILE", "open_regular", "check_regular", "sha256_file", "blake3_bytes", "blake3_region", "stat_key", "cached_by_stat", "remember", "peek", "file_fingerprint",
+__all__ = ["pack", "SMALL_FILE", "open_regular", "check_regular", "sha256_file", "stat_key", "cached_by_stat", "remember", "peek", "file_fingerprint",
            "Region", "file_digests"]
 
 _RACY_NS = 2_000_000_000  # a stat is trusted only for files last modified more than this ago
@@ -84,23 +83,6 @@ def open_regular(path: str | Path, buffering: int = -1):
         raise
 
 
-def blake3_bytes(data: bytes | memoryview) -> str:
-    return blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest()
-
-
-def blake3_region(path: str | Path, offset: int, length: int) -> str:
-    """blake3 of ``length`` bytes of a file from ``offset``, memory-mapped (no copy into RAM)."""
-    if length == 0:
-        return blake3.blake3(b"").hexdigest()
-    with open_regular(path) as fh:
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            view = memoryview(mm)[offset : offset + length]
-            try:
-                return blake3.blake3(view, max_threads=blake3.blake3.AUTO).hexdigest()
-            finally:
-                view.release()
-
-
 def sha256_file(path: str | Path) -> str:
     """sha256 of a whole file, streamed in chunks."""
     return str(file_digests(path)[0])
@@ -112,14 +94,14 @@ class Region:
 
     offset: int
     length: int
-    blake3: bool = True  # compute blake3 of the range (returned in order)
+    digest: bool = True  # compute the range's own sha256 (returned in order)
     # called with the range's bytes, in order, in pieces; may return futures still reading the piece
     on_chunk: Callable[[memoryview], Any] | None = None
 
 
 def file_digests(path: str | Path, regions: Sequence[Region] = (), *, sha256: bool = True,
                  progress: Callable[[int], None] | None = None, data: bytes | None = None) -> tuple[str | None, list[str | None]]:
-    """One read of ``path``: sha256 of the whole file (None if not asked) and blake3 of each region (None if not asked).
+    """One read of ``path``: sha256 of the whole file (None if not asked) and the sha256 of each region (None if not asked).
 
     Only a regular file is read (:func:`open_regular`). A small file is read in one piece and
     hashed on this thread (no buffers, no threads: per-file cost follows the file's size); a
@@ -149,7 +131,7 @@ def _digest_whole(path: str | Path, view: memoryview, regions: Sequence[Region],
         piece = view[r.offset : r.offset + r.length]
         if r.on_chunk is not None and r.length:
             r.on_chunk(piece)
-        out.append(blake3.blake3(piece).hexdigest() if r.blake3 else None)
+        out.append(hashlib.sha256(piece).hexdigest() if r.digest else None)
     return hashlib.sha256(view).hexdigest() if sha256 else None, out
 
 
@@ -162,7 +144,7 @@ def _digest_stream(path: str | Path, fh, regions: Sequence[Region], sha256: bool
     buffer is refilled only once both are done with it."""
     fd = fh.fileno()
     size = os.fstat(fd).st_size
-    hashers = [blake3.blake3(max_threads=1) if r.blake3 else None for r in regions]
+    hashers = [hashlib.sha256() if r.digest else None for r in regions]
     order = sorted(range(len(regions)), key=lambda i: regions[i].offset)
     sha = hashlib.sha256() if sha256 else None
     helper = ThreadPoolExecutor(1, thread_name_prefix="np2torch-sha256") if sha is not None and regions else None

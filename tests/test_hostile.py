@@ -8,6 +8,7 @@ status and the message, or calls the stage function directly where the CLI adds 
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import os
@@ -31,7 +32,6 @@ from safetensors.torch import load_file, save_file
 from np2torch.flows.cli import main
 from np2torch.tasks import export as export_mod
 from np2torch.tasks.errors import ExportError, LoadError, VerifyError
-from np2torch.tasks.fingerprint import blake3_bytes
 from np2torch.tasks.load_arrays import open_array, scan_source
 from np2torch.tasks.manifest import new_row
 
@@ -701,7 +701,7 @@ def _converted(tmp_path: Path, scale: float, n: int = 64) -> tuple[Path, dict]:
     tensors = {"fc.weight": torch.full((n, 3), scale), "fc.bias": torch.arange(n, dtype=torch.float32) * scale}
     p = tmp_path / f"converted-{scale}.safetensors"
     save_file(tensors, str(p))
-    info = {k: {"dtype": "float32", "shape": list(v.shape), "blake3": blake3_bytes(v.numpy().tobytes())} for k, v in tensors.items()}
+    info = {k: {"dtype": "float32", "shape": list(v.shape), "sha256": hashlib.sha256(v.numpy().tobytes()).hexdigest()} for k, v in tensors.items()}
     return p, info
 
 
@@ -1009,7 +1009,7 @@ def test_fingerprint_refuses_devices_and_fifos(tmp_path):
     fifo = tmp_path / "p"
     os.mkfifo(fifo)
     for p in (Path("/dev/zero"), fifo):
-        for fn in (fingerprint.sha256_file, fingerprint.file_fingerprint, lambda q: fingerprint.blake3_region(q, 0, 10)):
+        for fn in (fingerprint.sha256_file, fingerprint.file_fingerprint, lambda q: fingerprint.file_digests(q, [fingerprint.Region(0, 10)])):
             done, exc = _in_thread(lambda: fn(p), 10)
             assert done and isinstance(exc, LoadError) and "only regular files are read" in str(exc), exc
 

@@ -210,7 +210,7 @@ def test_unchanged_file_is_not_reread_and_changed_file_is_noticed(tmp_path: Path
     first = scan_source(p)
     sha_first = fingerprint.file_fingerprint(p)["sha256"]
     n_first = len(reads)
-    assert n_first == 1, "one pass computes sha256, blake3 and value stats together"
+    assert n_first == 1, "one pass computes the sha256 and the value stats together"
     assert scan_source(p) == first and fingerprint.file_fingerprint(p)["sha256"] == sha_first
     assert len(reads) == n_first, "an unchanged file must come from the stat cache"
 

@@ -219,16 +219,16 @@ def _member_infos(path: Path, fh, zf: zipfile.ZipFile, plan, progress=None) -> d
         if off >= 0:
             crc = crcs[info.filename] = [0]
             feeds[info.filename] = StatsFeed(h.dtype)
-            regions.append(Region(off - h.hlen, info.file_size, blake3=False,
+            regions.append(Region(off - h.hlen, info.file_size, digest=False,
                                   on_chunk=lambda piece, crc=crc: crc.__setitem__(0, zlib.crc32(piece, crc[0]))))
-            regions.append(Region(off, h.nbytes, blake3=False, on_chunk=feeds[info.filename]))
+            regions.append(Region(off, h.nbytes, digest=False, on_chunk=feeds[info.filename]))
         elif info.compress_type == zipfile.ZIP_DEFLATED:
             start = _data_offset(fh, info, where)
             if start + info.compress_size > size:
                 raise LoadError("archive member is truncated", key=where, expected=info.compress_size, actual=max(0, size - start),
                                 fix="re-copy the file")
             feeds[info.filename] = _Inflate(info, h)
-            regions.append(Region(start, info.compress_size, blake3=False, on_chunk=feeds[info.filename]))
+            regions.append(Region(start, info.compress_size, digest=False, on_chunk=feeds[info.filename]))
         else:
             later.append((info, where))
     sha, _ = fingerprint.file_digests(path, regions, progress=progress)

@@ -236,7 +236,7 @@ def layout_infos(path: Path, layouts: list[Layout], progress=None, *, data: byte
         data = None  # it changed since the caller read it: read it afresh
     version = version if data is not None else now
     feeds = [StatsFeed(lay.dtype) for lay in layouts]
-    regions = [Region(lay.offset, lay.nbytes, blake3=False, on_chunk=f) for lay, f in zip(layouts, feeds)]
+    regions = [Region(lay.offset, lay.nbytes, digest=False, on_chunk=f) for lay, f in zip(layouts, feeds)]
     sha, _ = fingerprint.file_digests(path, regions, progress=progress, data=data)
     remember(path, "sha256", sha, version=version)
     return [{**f.acc, "fingerprint": fingerprint_of(["file", sha, lay.member, lay.offset, lay.nbytes, lay.dtype.str, list(lay.shape),
