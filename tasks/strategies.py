@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from np2torch.tasks import align
 from np2torch.tasks import layouts as L
 from np2torch.tasks import presets as P
 from np2torch.tasks import transforms as T
@@ -610,6 +611,15 @@ def match_shapes(st: MapState) -> None:
             st.claim(ts[0].key, Claim([ss[0]], st.views[ss[0]].transform, "shape", 0.6))
 
 
+# ---------------------------------------------------------------------------------------------
+# families (np2torch.tasks.align): joins, scanned stacks, alignment by the names' structure
+
+
+def match_families(st: MapState) -> None:
+    for p in align.propose(st):
+        st.claim(p.target, Claim(p.sources, p.spec, p.how, p.confidence, concat=p.concat, note=p.note, zeros=p.zeros, candidates=p.candidates))
+
+
 @dataclass(frozen=True)
 class Strategy:
     name: str
@@ -621,6 +631,7 @@ class Strategy:
 STRATEGIES: list[Strategy] = [
     Strategy("rules", match_rules, ("auto", "name", "order", "shape"), stop_on_problems=True),  # rules always apply
     Strategy("names", match_names, ("auto", "name")),
+    Strategy("families", match_families, ("auto",)),  # joins and scanned stacks: the whole model by its names' structure
     Strategy("structure", match_structure, ("auto",), stop_on_problems=True),
     Strategy("order", match_order, ("auto", "order")),
     Strategy("shape", match_shapes, ("auto", "shape")),

@@ -36,3 +36,15 @@ class CNN(nn.Module):
         x = self.pool(torch.relu(self.bn1(self.conv1(x))))
         x = torch.relu(self.conv2(x))
         return self.fc(torch.flatten(x, 1))  # (C, H, W) order; Flax's reshape flattened (H, W, C)
+
+
+class Recurrent(nn.Module):
+    """``nn.LSTM`` / ``nn.GRU`` (batch first, several layers) returning the last layer's sequence,
+    as Flax's ``nn.RNN(LSTMCell(h))`` stacked ``layers`` times does."""
+
+    def __init__(self, cell: str = "lstm", d_in: int = 3, hidden: int = 6, layers: int = 1):
+        super().__init__()
+        self.rnn = (nn.LSTM if cell == "lstm" else nn.GRU)(d_in, hidden, num_layers=layers, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rnn(x)[0]

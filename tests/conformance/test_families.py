@@ -1,0 +1,110 @@
+"""Families of real checkpoints (issue 18), each written by its framework at test time, zero rules.
+
+- recurrent cells stored gate by gate (Flax ``LSTMCell`` / ``GRUCell``, one and two layers) into
+  ``nn.LSTM`` / ``nn.GRU``;
+- scanned layers (Flax ``nn.scan``: every block's parameters stacked on a leading depth axis)
+  split onto ``blocks.0 … N-1``;
+- attention stored per head (Keras ``MultiHeadAttention``) into a fused ``qkv``, separate q/k/v/out
+  Linears and ``nn.MultiheadAttention``;
+- whole JAX ViT checkpoints (the Google npz naming) into timm's ``VisionTransformer``, timm's
+  own ``_load_weights`` as the oracle of what the file means;
+- a keras.applications MobileNetV2 saved as ``.weights.h5`` into a torch port.
+
+Configs name a preset, ``strategy: auto`` and ``format: auto`` only; references come from the
+source framework. The max abs error of each case is in ``conformance_support.RESULTS``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from .conformance_support import RESULTS, check_case, plan_without_reference, write_case
+from .conftest import need
+
+HERE = Path(__file__).resolve().parent
+PORTS = HERE / "torch_ports.py"
+
+
+def _fresh(target: str, kwargs: dict):
+    def make() -> torch.nn.Module:
+        from np2torch.tasks.model import build_model
+
+        torch.manual_seed(99)
+        return build_model(target, kwargs, device="cpu")
+    return make
+
+
+def _randomized(variables, seed: int):
+    """Every parameter random (Flax initialises biases to zero: they would test nothing)."""
+    import jax
+
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda a: (0.5 * rng.standard_normal(a.shape)).astype(np.float32), variables)
+
+
+def _flat(variables) -> dict[str, np.ndarray]:
+    from flax import traverse_util
+
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(variables, sep="/").items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. recurrent cells gate by gate
+
+
+@pytest.fixture(scope="module")
+def linen():
+    need("jax")
+    return need("flax.linen")
+
+
+@pytest.fixture(scope="module")
+def flax_rnns(linen):
+    """(cell, layers) → (variables, input, reference) for Flax LSTMCell/GRUCell stacks."""
+    import jax
+    import jax.numpy as jnp
+
+    nn = linen
+    x = np.random.default_rng(3).standard_normal((2, 5, 3)).astype(np.float32)
+    out = {}
+    for cell in ("lstm", "gru"):
+        for layers in (1, 2):
+            make = nn.LSTMCell if cell == "lstm" else nn.GRUCell
+
+            class Stack(nn.Module):
+                @nn.compact
+                def __call__(self, x):
+                    for _ in range(layers):
+                        x = nn.RNN(make(6))(x)
+                    return x
+
+            m = Stack()
+            v = _randomized(m.init(jax.random.PRNGKey(0), jnp.asarray(x)), 10 * layers + len(cell))
+            out[cell, layers] = (v, x, np.asarray(m.apply(v, jnp.asarray(x)), dtype=np.float64))
+    return out
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_flax_cells_into_torch_rnn(flax_rnns, tmp_path: Path, cell: str, layers: int) -> None:
+    v, x, ref = flax_rnns[cell, layers]
+    kwargs = {"cell": cell, "d_in": 3, "hidden": 6, "layers": layers}
+    config = write_case(tmp_path, name=f"flax-{cell}-{layers}", arrays=_flat(v), inputs=x, reference=[ref],
+                        target=f"{PORTS}:Recurrent", kwargs=kwargs, preset="flax")
+    rows = {r["target_key"]: r for r in plan_without_reference(config) if r["target_key"]}
+    w = rows["rnn.weight_ih_l0"]
+    assert len(json.loads(w["sources"])) == (4 if cell == "lstm" else 3) and w["concat"] == 0  # one row, the gates joined
+    assert [s.rsplit("/", 2)[-2] for s in json.loads(w["sources"])] == (["ii", "if", "ig", "io"] if cell == "lstm" else ["ir", "iz", "in"])
+    if cell == "gru":
+        assert json.loads(rows["rnn.bias_hh_l0"]["transform_spec"]) == [["pad", [12, 0]]]  # only hn has a hidden-side bias
+    else:
+        assert rows["rnn.bias_ih_l0"]["status"] == "zeros"
+    if layers == 2:
+        assert "RNN_1" in rows["rnn.weight_hh_l1"]["source_key"] or "Cell_1" in rows["rnn.weight_hh_l1"]["source_key"]
+    check_case(config, ambiguous=lambda k, s: "weight_hh" in k, fresh_model=_fresh(f"{PORTS}:Recurrent", kwargs))
+    assert RESULTS[f"flax-{cell}-{layers}"][0] < 1e-4
