@@ -182,7 +182,7 @@ def fitting_layouts(src: tuple[int, ...], spec: list, t: TargetInfo, *, flatten:
     """
     src = tuple(src)
     prefix = [s for s in spec if s[0] in ("slice", "layer")]  # which elements: a flat slice, one layer of a scanned stack
-    flat = bool(prefix) or (len(src) != len(t.shape) and any(s[0] == "reshape" for s in spec))
+    flat = any(s[0] == "slice" for s in spec) or (len(src) != len(t.shape) and any(s[0] == "reshape" for s in spec))
     specs = _candidate_specs(src, spec, t, flat, prefix)
     if reshape and not flat and src != tuple(t.shape):
         specs.append([["reshape", list(t.shape)]])

@@ -108,3 +108,47 @@ def test_flax_cells_into_torch_rnn(flax_rnns, tmp_path: Path, cell: str, layers:
         assert "RNN_1" in rows["rnn.weight_hh_l1"]["source_key"] or "Cell_1" in rows["rnn.weight_hh_l1"]["source_key"]
     check_case(config, ambiguous=lambda k, s: "weight_hh" in k, fresh_model=_fresh(f"{PORTS}:Recurrent", kwargs))
     assert RESULTS[f"flax-{cell}-{layers}"][0] < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. scanned layers
+
+
+@pytest.fixture(scope="module")
+def flax_scan(linen):
+    import jax
+    import jax.numpy as jnp
+
+    nn = linen
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return x + nn.Dense(8)(jnp.tanh(nn.LayerNorm()(x))), None
+
+    class Scanned(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Dense(8)(x)
+            x, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)()(x, None)
+            return nn.Dense(2)(x)
+
+    x = np.random.default_rng(4).standard_normal((5, 4)).astype(np.float32)
+    m = Scanned()
+    v = _randomized(m.init(jax.random.PRNGKey(0), jnp.asarray(x)), 7)
+    return v, x, np.asarray(m.apply(v, jnp.asarray(x)), dtype=np.float64)
+
+
+def test_flax_scan_splits_along_depth(flax_scan, tmp_path: Path) -> None:
+    v, x, ref = flax_scan
+    flat = _flat(v)
+    assert [k for k, a in flat.items() if a.shape == (3, 8, 8)] == ["params/ScanBlock_0/Dense_0/kernel"]  # as nn.scan writes it
+    config = write_case(tmp_path, name="flax-scan", arrays=flat, inputs=x, reference=[ref], target=f"{PORTS}:ScanNet", kwargs={}, preset="flax")
+    rows = {r["target_key"]: r for r in plan_without_reference(config) if r["target_key"]}
+    for i in range(3):
+        spec = json.loads(rows[f"blocks.{i}.fc.weight"]["transform_spec"])
+        assert spec[0] == ["layer", i], spec  # block i reads layer i of the stacked kernel
+        assert json.loads(rows[f"blocks.{i}.norm.weight"]["transform_spec"]) == [["layer", i]]
+    assert rows["stem.weight"]["source_key"].endswith("Dense_0/kernel") and rows["head.weight"]["source_key"].endswith("Dense_1/kernel")
+    check_case(config, ambiguous=lambda k, s: k.startswith("blocks.") and k.endswith("fc.weight"), fresh_model=_fresh(f"{PORTS}:ScanNet", {}))
+    assert RESULTS["flax-scan"][0] < 1e-4

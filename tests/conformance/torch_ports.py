@@ -48,3 +48,29 @@ class Recurrent(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.rnn(x)[0]
+
+
+class ScanBlock(nn.Module):
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.norm = nn.LayerNorm(d, eps=1e-6)  # flax.linen.LayerNorm's epsilon
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc(torch.tanh(self.norm(x)))
+
+
+class ScanNet(nn.Module):
+    """Dense → ``depth`` residual blocks (LayerNorm, Dense) → Dense: the unrolled form of a Flax ``nn.scan`` model."""
+
+    def __init__(self, d_in: int = 4, d: int = 8, depth: int = 3, d_out: int = 2):
+        super().__init__()
+        self.stem = nn.Linear(d_in, d)
+        self.blocks = nn.ModuleList(ScanBlock(d) for _ in range(depth))
+        self.head = nn.Linear(d, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
