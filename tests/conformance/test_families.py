@@ -71,19 +71,20 @@ def flax_rnns(linen):
 
     nn = linen
     x = np.random.default_rng(3).standard_normal((2, 5, 3)).astype(np.float32)
+    class Stack(nn.Module):
+        cell: str
+        layers: int
+
+        @nn.compact
+        def __call__(self, x):
+            for _ in range(self.layers):
+                x = nn.RNN((nn.LSTMCell if self.cell == "lstm" else nn.GRUCell)(6))(x)
+            return x
+
     out = {}
     for cell in ("lstm", "gru"):
         for layers in (1, 2):
-            make = nn.LSTMCell if cell == "lstm" else nn.GRUCell
-
-            class Stack(nn.Module):
-                @nn.compact
-                def __call__(self, x):
-                    for _ in range(layers):
-                        x = nn.RNN(make(6))(x)
-                    return x
-
-            m = Stack()
+            m = Stack(cell, layers)
             v = _randomized(m.init(jax.random.PRNGKey(0), jnp.asarray(x)), 10 * layers + len(cell))
             out[cell, layers] = (v, x, np.asarray(m.apply(v, jnp.asarray(x)), dtype=np.float64))
     return out
