@@ -241,7 +241,7 @@ def _plain_claims(st: Any, layer: Layer, slot: Slot) -> list[J.Proposal] | None:
         fitted = L.refit(src.stored, spec, t)
         if fitted is None:
             return None
-        out.append(J.Proposal(tkey, [src.key], fitted))
+        out.append(J.Proposal(tkey, [src.key], fitted, how="structure"))
     return out if len(out) == len(slot.keys) else None
 
 

@@ -51,7 +51,7 @@ class Proposal:
     target: str
     sources: list[str]
     spec: list
-    how: str = "structure"
+    how: str = "role"  # a join: paired by role or gate names (never by position); plain layers say "structure"
     confidence: float = 0.8
     concat: int | None = None
     note: str = ""
@@ -188,7 +188,7 @@ def _attention_claims(roles: dict[str, dict[str, Src]], parts: list[tuple[tuple[
                 steps = steps[0] + [["transpose", None]]
             else:
                 steps = _bias_steps(srcs[0])
-            what = "per-head kernels joined" if len(stacked) > 1 else "per-head kernel"
+            what = f"per-head {leaf}s joined" if len(stacked) > 1 else f"per-head {leaf}"
             p = _joined(tkey, shapes[tkey], srcs, steps, f"attention {names}: {what} on the output axis in role order", square_ok=leaf == "weight")
             if p is None:
                 return None

@@ -153,3 +153,54 @@ def test_flax_scan_splits_along_depth(flax_scan, tmp_path: Path) -> None:
     assert rows["stem.weight"]["source_key"].endswith("Dense_0/kernel") and rows["head.weight"]["source_key"].endswith("Dense_1/kernel")
     check_case(config, ambiguous=lambda k, s: k.startswith("blocks.") and k.endswith("fc.weight"), fresh_model=_fresh(f"{PORTS}:ScanNet", {}))
     assert RESULTS["flax-scan"][0] < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. attention stored per head
+
+
+def _h5_case(root: Path, name: str, save, x: np.ndarray, ref: np.ndarray, target: str, kwargs: dict, preset: str) -> Path:
+    """write_case's config for a file the framework itself wrote (``save(path)``)."""
+    import yaml
+
+    config = write_case(root, name=name, arrays={}, inputs=x, reference=[ref], target=target, kwargs=kwargs, preset=preset)
+    (root / "weights.npz").unlink()
+    save(root / "model.weights.h5")
+    cfg = yaml.safe_load(config.read_text())
+    cfg["source"]["path"] = "model.weights.h5"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return config
+
+
+@pytest.fixture(scope="module")
+def keras_mha():
+    import os
+
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    keras = need("keras")
+    keras.utils.set_random_seed(5)
+    inp = keras.Input((5, 16))
+    y = keras.layers.MultiHeadAttention(num_heads=2, key_dim=8)(inp, inp)
+    model = keras.Model(inp, keras.layers.Dense(4)(y))
+    rng = np.random.default_rng(5)
+    for w in model.weights:
+        w.assign((0.4 * rng.standard_normal(tuple(w.shape))).astype("float32"))
+    x = rng.standard_normal((3, 5, 16)).astype(np.float32)
+    return model, x, np.asarray(model.predict(x, verbose=0), dtype=np.float64)
+
+
+@pytest.mark.parametrize("style", ["fused", "split", "torch"])
+def test_keras_mha_into_fused_and_split_targets(keras_mha, tmp_path: Path, style: str) -> None:
+    model, x, ref = keras_mha
+    kwargs = {"d": 16, "heads": 2, "d_out": 4, "style": style}
+    config = _h5_case(tmp_path, f"keras-mha-{style}", model.save_weights, x, ref, f"{PORTS}:SelfAttention", kwargs, "keras")
+    rows = {r["target_key"]: r for r in plan_without_reference(config) if r["target_key"]}
+    fused = {"fused": "qkv.weight", "torch": "mha.in_proj_weight"}.get(style)
+    if fused:  # one row, three sources in role order, each per-head kernel (16, 2, 8) → (16, 16) → transposed
+        assert [s.split("/")[-2] for s in json.loads(rows[fused]["sources"])] == ["query", "key", "value"] and rows[fused]["concat"] == 0
+        assert json.loads(rows[fused]["transform_spec"]) == [["reshape", [16, 16]], ["transpose", None]]
+    else:
+        assert all(rows[f"{r}.weight"]["source_key"].endswith(f"{s}/kernel")
+                   for r, s in (("q", "query"), ("k", "key"), ("v", "value"), ("out", "attention_output")))
+    check_case(config, ambiguous=lambda k, s: "head" not in k and k.endswith("weight"), fresh_model=_fresh(f"{PORTS}:SelfAttention", kwargs))
+    assert RESULTS[f"keras-mha-{style}"][0] < 1e-4

@@ -74,3 +74,30 @@ class ScanNet(nn.Module):
         for b in self.blocks:
             x = b(x)
         return self.head(x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention → Dense, three ways torch code writes the projections:
+    ``fused`` (one ``qkv`` Linear, as timm), ``split`` (q, k, v, out Linears) or ``torch``
+    (``nn.MultiheadAttention``)."""
+
+    def __init__(self, d: int = 16, heads: int = 2, d_out: int = 4, style: str = "fused"):
+        super().__init__()
+        self.heads, self.style = heads, style
+        if style == "fused":
+            self.qkv = nn.Linear(d, 3 * d)
+            self.proj = nn.Linear(d, d)
+        elif style == "split":
+            self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
+        else:
+            self.mha = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.head = nn.Linear(d, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.style == "torch":
+            return self.head(self.mha(x, x, x, need_weights=False)[0])
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1) if self.style == "fused" else (self.q(x), self.k(x), self.v(x))
+        q, k, v = (t.reshape(b, n, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        return self.head(self.proj(y) if self.style == "fused" else self.out(y))
