@@ -204,3 +204,117 @@ def test_keras_mha_into_fused_and_split_targets(keras_mha, tmp_path: Path, style
                    for r, s in (("q", "query"), ("k", "key"), ("v", "value"), ("out", "attention_output")))
     check_case(config, ambiguous=lambda k, s: "head" not in k and k.endswith("weight"), fresh_model=_fresh(f"{PORTS}:SelfAttention", kwargs))
     assert RESULTS[f"keras-mha-{style}"][0] < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. whole JAX ViT checkpoints (Google's npz naming) into timm's VisionTransformer
+
+VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 10}
+VIT_TARGET = "timm.models.vision_transformer:VisionTransformer"
+
+
+@pytest.fixture(scope="module")
+def jax_vits(linen):
+    """ViTs as google-research/vision_transformer (``encoderblock_N``) and big_vision (one
+    ``nn.scan``-stacked ``encoderblock``) write them, module names included; their parameters
+    flattened as their ``.npz`` checkpoints are (sorted keys), and their output for one batch."""
+    import jax
+    import jax.numpy as jnp
+
+    nn = linen
+    d, heads = VIT["embed_dim"], VIT["num_heads"]
+
+    class MlpBlock(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = jax.nn.gelu(nn.Dense(4 * d)(x), approximate=False)  # Dense_0
+            return nn.Dense(d)(x)  # Dense_1
+
+    class Encoder1DBlock(nn.Module):
+        google: bool  # vit_jax's names (LayerNorm_0, MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3); else linen's own
+
+        @nn.compact
+        def __call__(self, x, _=None):
+            names = ("LayerNorm_0", "MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3") if self.google else (None,) * 4
+            y = nn.LayerNorm(name=names[0])(x)
+            x = x + nn.MultiHeadDotProductAttention(num_heads=heads, name=names[1])(y, y)
+            return x + MlpBlock(name=names[3])(nn.LayerNorm(name=names[2])(x)), None
+
+    class AddPositionEmbs(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return x + self.param("pos_embedding", nn.initializers.normal(0.02), (1, *x.shape[1:]))
+
+    class Encoder(nn.Module):
+        scan: bool
+
+        @nn.compact
+        def __call__(self, x):
+            if self.scan:
+                x, _ = nn.scan(Encoder1DBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=VIT["depth"])(
+                    False, name="encoderblock")(x, None)
+            else:
+                x = AddPositionEmbs(name="posembed_input")(x)
+                for i in range(VIT["depth"]):
+                    x, _ = Encoder1DBlock(True, name=f"encoderblock_{i}")(x)
+            return nn.LayerNorm(name="encoder_norm")(x)
+
+    class ViT(nn.Module):
+        scan: bool
+
+        @nn.compact
+        def __call__(self, img):
+            p = VIT["patch_size"]
+            x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", name="embedding")(img)
+            x = x.reshape(x.shape[0], -1, d)
+            cls = self.param("cls", nn.initializers.zeros, (1, 1, d))
+            x = jnp.concatenate([jnp.tile(cls, (x.shape[0], 1, 1)), x], axis=1)
+            if self.scan:  # big_vision keeps the position embedding at the top
+                x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1, x.shape[1], d))
+            x = Encoder(self.scan, name="Transformer")(x)
+            return nn.Dense(VIT["num_classes"], name="head")(x[:, 0])
+
+    img = np.random.default_rng(8).standard_normal((2, 32, 32, 3)).astype(np.float32)
+    out = {}
+    for scan in (False, True):
+        m = ViT(scan)
+        v = _randomized(m.init(jax.random.PRNGKey(0), jnp.asarray(img)), 8)
+        ref = np.asarray(m.apply(v, jnp.asarray(img)), dtype=np.float64)
+        flat = _flat(v["params"])
+        out["big_vision" if scan else "vit_jax"] = ({k: flat[k] for k in sorted(flat)}, img.transpose(0, 3, 1, 2).copy(), ref)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["vit_jax", "big_vision"])
+def test_jax_vit_npz_into_timm(jax_vits, tmp_path: Path, layout: str) -> None:
+    from .conftest import need_timm
+
+    need_timm()
+    from timm.models import vision_transformer as tv
+
+    arrays, x, ref = jax_vits[layout]
+    blocks = "Transformer/encoderblock_1/MultiHeadDotProductAttention_1" if layout == "vit_jax" else "Transformer/encoderblock/MultiHeadDotProductAttention_0"
+    pos = "Transformer/posembed_input/pos_embedding" if layout == "vit_jax" else "pos_embedding"
+    assert {"cls", "embedding/kernel", pos, "Transformer/encoder_norm/scale", "head/kernel", f"{blocks}/query/kernel"} <= set(arrays)
+    name = f"jax-vit-{layout.replace('_', '-')}"
+    config = write_case(tmp_path, name=name, arrays=arrays, inputs=x, reference=[ref], target=VIT_TARGET, kwargs=VIT, preset="flax")
+    # the oracle: timm's own reader of Google's npz files
+    oracle = tv.VisionTransformer(**VIT).eval()
+    tv._load_weights(oracle, str(tmp_path / "weights.npz"))
+    with torch.no_grad():
+        assert float(np.abs(oracle(torch.from_numpy(x)).double().numpy() - ref).max()) < 1e-4  # the oracle reads the file as flax wrote it
+    rows = {r["target_key"]: r for r in plan_without_reference(config) if r["target_key"]}
+    assert rows["norm.weight"]["source_key"] == "Transformer/encoder_norm/scale"  # not shifted onto blocks.0.norm1
+    assert rows["blocks.1.norm2.weight"]["source_key"] == ("Transformer/encoderblock_1/LayerNorm_2/scale" if layout == "vit_jax"
+                                                            else "Transformer/encoderblock/LayerNorm_1/scale")
+    assert rows["cls_token"]["source_key"] == "cls" and rows["pos_embed"]["source_key"] == pos
+    assert [s.split("/")[-2] for s in json.loads(rows["blocks.1.attn.qkv.weight"]["sources"])] == ["query", "key", "value"]
+    check_case(config, ambiguous=lambda k, s: ".attn." in k and k.endswith("weight"), fresh_model=_fresh(VIT_TARGET, VIT))
+    from safetensors.torch import load_file
+
+    ours = load_file(tmp_path / "out" / "model.safetensors")
+    want = oracle.state_dict()
+    assert set(ours) == set(want)
+    diff = max(float((ours[k].double() - want[k].double()).abs().max()) for k in want)
+    assert diff == 0.0, diff  # the same tensors as timm's own reader, bit for bit
+    assert RESULTS[name][0] < 1e-4
