@@ -8,6 +8,7 @@ the CPU and Keras on the torch backend, set before either is imported.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -31,32 +32,30 @@ def need(module: str):
 
 
 def need_timm():
-    """timm, with torchvision importable on the CPU build of torch.
+    """timm, imported from ``.venv/timm-oracle`` (scripts/setup.sh), with a torchvision that imports.
 
     PyPI's torchvision 0.28 (the release built for torch 2.13) is a CUDA build: its compiled ops
     do not load beside the CPU torch, and its import then fails registering fake kernels for two
-    ops it never defined. Declaring those two schemas lets the pure-Python parts import; timm's
+    ops it never defined. So it lives outside site-packages (where its failing import would
+    break transformers), and here the two op schemas are declared before it is imported; timm's
     models (and its ``_load_weights``, the oracle for JAX ViT files) use none of torchvision's ops.
     """
+    import sys
+
     import torch
 
-    try:
-        import torchvision  # noqa: F401
-    except RuntimeError:
+    oracle = Path(sys.prefix) / "timm-oracle"
+    if oracle.is_dir() and str(oracle) not in sys.path:
+        sys.path.append(str(oracle))
+    if not hasattr(need_timm, "_lib"):
         lib = torch.library.Library("torchvision", "FRAGMENT")
         for op in ("nms", "qnms"):
             try:
                 lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-            except RuntimeError:  # already declared by an earlier attempt
+            except RuntimeError:  # torchvision's own ops did load: nothing to declare
                 pass
         need_timm._lib = lib  # keep the registration alive
-        import sys
-
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-    except ImportError:
-        pass
-    return need("timm")
+    return pytest.importorskip("timm", reason=f"timm is not installed in {oracle}: bash scripts/setup.sh installs it")
 
 
 @pytest.fixture
