@@ -34,7 +34,7 @@ from np2torch.tasks import joins as J
 from np2torch.tasks import layouts as L
 from np2torch.tasks import presets as P
 
-__all__ = ["Layer", "Slot", "natural_parts", "pair_in_order", "propose"]
+__all__ = ["Layer", "Slot", "natural_parts", "order_by_names", "pair_in_order", "propose"]
 
 A = TypeVar("A")
 B = TypeVar("B")
@@ -69,6 +69,49 @@ def pair_in_order(src: Sequence[A], tgt: Sequence[B], fits: Callable[[A, B], boo
         else:
             j += 1
     return pairs
+
+
+def _numbered(name: str) -> tuple[str, int | None]:
+    """The family and number a layer name carries: ``block_16_project_BN`` → ``("block", 16)``,
+    ``conv2d_12`` → ``("conv2d", 12)``, ``conv2d`` → ``("conv2d", None)`` (Keras' first of a kind)."""
+    tokens = name.split("_")
+    for i, tok in enumerate(tokens):
+        if tok.isdigit() and i:
+            return "_".join(tokens[:i]), int(tok)
+    return name, None
+
+
+def order_by_names(names: Sequence[str]) -> list[int]:
+    """Positions of layers (given in file order) in an order their names say, whatever the allocation.
+
+    A Keras ``.weights.h5`` stores no layer order; where the data sits is only mostly right. Names
+    say more: layers of one numbered family (``block_1 … block_16``, ``conv2d, conv2d_1 …``) run in
+    their numbers' order, so the family's members are sorted by number among the positions they
+    hold; a layer named after another (``block_3_expand_BN`` after ``block_3_expand``,
+    ``bn_Conv1`` after ``Conv1``) comes right after it. Everything else keeps its place.
+    """
+    leaf = [n.rsplit(".", 1)[-1] for n in names]
+    parsed = [_numbered(n) for n in leaf]
+    numbers: dict[str, set[int]] = {}
+    for fam, idx in parsed:
+        if idx is not None:
+            numbers.setdefault(fam, set()).add(idx)
+    repeated = {f for f, idx in numbers.items() if len(idx) > 1}
+    order = list(range(len(names)))
+    for fam in repeated:
+        held = [i for i in order if parsed[i][0] == fam]
+        members = sorted(held, key=lambda i: (-1 if parsed[i][1] is None else parsed[i][1], held.index(i)))
+        where = [k for k, i in enumerate(order) if parsed[i][0] == fam]
+        for k, i in zip(where, members):
+            order[k] = i
+    index = {n: i for i, n in enumerate(leaf)}
+    for i in list(order):
+        base = max((b for b in index if b != leaf[i] and re.fullmatch(rf"{re.escape(b)}_.*[A-Za-z].*|.*[A-Za-z].*_{re.escape(b)}", leaf[i])),
+                   key=len, default=None)
+        if base is not None and base != leaf[i]:
+            order.remove(i)
+            order.insert(order.index(index[base]) + 1, i)
+    return order
 
 
 # ---------------------------------------------------------------------------------------------

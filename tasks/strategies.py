@@ -252,6 +252,9 @@ def _source_layers(st: MapState) -> list[tuple[str, str, dict[str, str]]]:
     if len(layers) > 1 and free == sorted(free):
         # keys arrive sorted (TF checkpoints, h5): file order says nothing; layer numbers do
         layers.sort(key=lambda x: P.natural_key(x[0]))
+    elif len(layers) > 1:
+        # file order is only mostly right (Keras 3 .weights.h5: where h5 allocated the data): names correct it
+        layers = [layers[i] for i in align.order_by_names([s for s, _, _ in layers])]
     return layers
 
 
@@ -346,15 +349,25 @@ def _gru_problem(st: MapState, leaves: dict[str, str]) -> None:
 
 
 def _align(st: MapState, kind: str, src: list[tuple[str, dict[str, str]]], tgt: list[tuple[str, str]], how: str = "structure") -> None:
-    """Pair source layers with model slots of one kind in order, stopping at the first misfit."""
-    for (scope, leaves), (module, suffix) in zip(src, tgt):
-        pairs = _layer_claims(st, kind, leaves, module, suffix, how=how, confidence=0.8 if how == "structure" else 0.7)
-        if pairs is None:
-            st.notes.append(f"structural alignment of {kind} layers stopped at source layer {scope!r} vs module {module!r}{suffix}")
-            if kind == "gru":
-                _gru_problem(st, leaves)
-            break
-        for target, c in pairs:
+    """Pair source layers with model slots of one kind in order; a layer that fits nowhere in line is
+    skipped, not a reason to shift every later one (:func:`np2torch.tasks.align.pair_in_order`)."""
+    conf = 0.8 if how == "structure" else 0.7
+    fits: dict[tuple[int, int], list | None] = {}
+
+    def claims(i: int, j: int) -> list | None:
+        if (i, j) not in fits:
+            fits[i, j] = _layer_claims(st, kind, src[i][1], *tgt[j], how=how, confidence=conf)
+        return fits[i, j]
+    pairs = align.pair_in_order(range(len(src)), range(len(tgt)), lambda i, j: claims(i, j) is not None)
+    if len(pairs) < min(len(src), len(tgt)):
+        i = next((i for i, (a, _) in enumerate(pairs) if a != i), len(pairs))
+        j = pairs[i - 1][1] + 1 if i else 0
+        if i < len(src) and j < len(tgt):
+            st.notes.append(f"structural alignment of {kind} layers skipped source layer {src[i][0]!r} (no fit at module {tgt[j][0]!r}{tgt[j][1]})")
+        if kind == "gru" and i < len(src):
+            _gru_problem(st, src[i][1])
+    for i, j in pairs:
+        for target, c in claims(i, j):
             c.reshape_candidate = how == "order" and not c.zeros
             st.claim(target, c)
 

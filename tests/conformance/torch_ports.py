@@ -101,3 +101,48 @@ class SelfAttention(nn.Module):
         q, k, v = (t.reshape(b, n, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
         y = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
         return self.head(self.proj(y) if self.style == "fused" else self.out(y))
+
+
+def _divisible(v: float, d: int = 8) -> int:
+    n = max(d, int(v + d / 2) // d * d)
+    return n + d if n < 0.9 * v else n
+
+
+def _conv_bn(c_in: int, c_out: int, k: int = 1, stride: int = 1, groups: int = 1, act: bool = True) -> list[nn.Module]:
+    pad = [nn.ZeroPad2d((0, 1, 0, 1))] if stride == 2 else []  # Keras' 'same'/correct_pad on even sizes: bottom/right only
+    return [*pad, nn.Conv2d(c_in, c_out, k, stride, padding=k // 2 if stride == 1 else 0, groups=groups, bias=False),
+            nn.BatchNorm2d(c_out, eps=1e-3), *([nn.ReLU6()] if act else [])]
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int, expansion: int):
+        super().__init__()
+        mid = c_in * expansion
+        layers = _conv_bn(c_in, mid) if expansion != 1 else []
+        self.body = nn.Sequential(*layers, *_conv_bn(mid, mid, 3, stride, groups=mid), *_conv_bn(mid, c_out, act=False))
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x) if self.residual else self.body(x)
+
+
+class MobileNetV2(nn.Module):
+    """keras.applications.MobileNetV2 (channels-first input, even image sizes, logits)."""
+
+    SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]  # t, c, n, s
+
+    def __init__(self, alpha: float = 0.35, num_classes: int = 10):
+        super().__init__()
+        c = _divisible(32 * alpha)
+        layers: list[nn.Module] = _conv_bn(3, c, 3, 2)
+        for t, ch, n, s in self.SETTINGS:
+            out = _divisible(ch * alpha)
+            for i in range(n):
+                layers.append(InvertedResidual(c, out, s if i == 0 else 1, t))
+                c = out
+        last = _divisible(1280 * alpha) if alpha > 1.0 else 1280
+        self.features = nn.Sequential(*layers, *_conv_bn(c, last))
+        self.classifier = nn.Linear(last, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).mean((2, 3)))
