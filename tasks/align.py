@@ -90,7 +90,7 @@ def order_by_names(names: Sequence[str]) -> list[int]:
     hold; a layer named after another (``block_3_expand_BN`` after ``block_3_expand``,
     ``bn_Conv1`` after ``Conv1``) comes right after it. Everything else keeps its place.
     """
-    leaf = [n.rsplit(".", 1)[-1] for n in names]
+    leaf = list(names)
     parsed = [_numbered(n) for n in leaf]
     numbers: dict[str, set[int]] = {}
     for fam, idx in parsed:
@@ -227,15 +227,16 @@ def _target_slots(st: Any) -> tuple[list[Slot], list[Any]]:
     slots: list[Slot] = []
     used: set[str] = set()
     # attention: a module whose projections carry role names (or nn.MultiheadAttention's in_proj)
-    parents = {m.rpartition(".")[0] for m in by_module} | set(by_module)
     types = {t.module: t.module_type for t in st.targets.values()}
-    for m in parents:
-        children: dict[str, dict[str, str]] = {}
+    dense_children: dict[str, dict[str, dict[str, str]]] = {}
+    for mm, ts in by_module.items():
+        if P.TORCH_KINDS.get(ts[0].module_type) == "dense":
+            parent, _, name = mm.rpartition(".")
+            dense_children.setdefault(parent, {})[name] = {t.key.rpartition(".")[2]: t.key for t in ts}
+    for m in dict.fromkeys([*dense_children, *(mm for mm in by_module if types.get(mm) == "MultiheadAttention")]):
+        children = dict(dense_children.get(m, {}))
         if m in by_module:
             children[""] = {t.key.rpartition(".")[2]: t.key for t in by_module[m]}
-        for mm, ts in by_module.items():
-            if mm != m and mm.rpartition(".")[0] == m and P.TORCH_KINDS.get(ts[0].module_type) == "dense":
-                children[mm.rpartition(".")[2] if "." in mm else mm] = {t.key.rpartition(".")[2]: t.key for t in ts}
         parts = J.attention_parts(m, types.get(m, ""), children)
         if parts is None or any(k in used for _, keys in parts for k in keys.values()):
             continue
