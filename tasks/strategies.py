@@ -5,6 +5,9 @@ and each function only reads/writes :class:`MapState`:
 
 1. ``rules`` (config ``mapping.rules``, confidence 1);
 2. ``names``: exact, preset-normalised, unique suffix (1.0 / 0.95 / 0.85);
+   ``families`` (:mod:`np2torch.tasks.align`): only when the sources hold a join (attention per
+   head, recurrent cells gate by gate: :mod:`np2torch.tasks.joins`) or a scanned stack, the whole
+   model by its names' structure (repeated units, roles, kinds in order);
 3. ``structure``: source layers (grouped by scope, kind read from leaves and shapes) aligned with
    the model's modules of the same kind (0.8);
 4. ``order``: remaining sources in source order against remaining targets in registration

@@ -78,11 +78,11 @@ def flax_rnns(linen):
         @nn.compact
         def __call__(self, x):
             for _ in range(self.layers):
-                x = nn.RNN((nn.LSTMCell if self.cell == "lstm" else nn.GRUCell)(6))(x)
+                x = nn.RNN({"lstm": nn.LSTMCell, "optimized-lstm": nn.OptimizedLSTMCell, "gru": nn.GRUCell}[self.cell](6))(x)
             return x
 
     out = {}
-    for cell in ("lstm", "gru"):
+    for cell in ("lstm", "optimized-lstm", "gru"):
         for layers in (1, 2):
             m = Stack(cell, layers)
             v = _randomized(m.init(jax.random.PRNGKey(0), jnp.asarray(x)), 10 * layers + len(cell))
@@ -90,23 +90,23 @@ def flax_rnns(linen):
     return out
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ["lstm", "optimized-lstm", "gru"])
 @pytest.mark.parametrize("layers", [1, 2])
 def test_flax_cells_into_torch_rnn(flax_rnns, tmp_path: Path, cell: str, layers: int) -> None:
     v, x, ref = flax_rnns[cell, layers]
-    kwargs = {"cell": cell, "d_in": 3, "hidden": 6, "layers": layers}
+    kwargs = {"cell": "gru" if cell == "gru" else "lstm", "d_in": 3, "hidden": 6, "layers": layers}
     config = write_case(tmp_path, name=f"flax-{cell}-{layers}", arrays=_flat(v), inputs=x, reference=[ref],
                         target=f"{PORTS}:Recurrent", kwargs=kwargs, preset="flax")
     rows = {r["target_key"]: r for r in plan_without_reference(config) if r["target_key"]}
     w = rows["rnn.weight_ih_l0"]
-    assert len(json.loads(w["sources"])) == (4 if cell == "lstm" else 3) and w["concat"] == 0  # one row, the gates joined
-    assert [s.rsplit("/", 2)[-2] for s in json.loads(w["sources"])] == (["ii", "if", "ig", "io"] if cell == "lstm" else ["ir", "iz", "in"])
+    assert w["concat"] == 0  # one row, the gates joined in torch's order
+    assert [s.rsplit("/", 2)[-2] for s in json.loads(w["sources"])] == (["ir", "iz", "in"] if cell == "gru" else ["ii", "if", "ig", "io"])
     if cell == "gru":
         assert json.loads(rows["rnn.bias_hh_l0"]["transform_spec"]) == [["pad", [12, 0]]]  # only hn has a hidden-side bias
     else:
         assert rows["rnn.bias_ih_l0"]["status"] == "zeros"
     if layers == 2:
-        assert "RNN_1" in rows["rnn.weight_hh_l1"]["source_key"] or "Cell_1" in rows["rnn.weight_hh_l1"]["source_key"]
+        assert all("Cell_1/h" in s for s in json.loads(rows["rnn.weight_hh_l1"]["sources"]))  # layer 1 from the second cell
     check_case(config, ambiguous=lambda k, s: "weight_hh" in k, fresh_model=_fresh(f"{PORTS}:Recurrent", kwargs))
     assert RESULTS[f"flax-{cell}-{layers}"][0] < 1e-4
 
