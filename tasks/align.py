@@ -34,7 +34,7 @@ from np2torch.tasks import joins as J
 from np2torch.tasks import layouts as L
 from np2torch.tasks import presets as P
 
-__all__ = ["Layer", "Slot", "natural_parts", "order_by_names", "pair_in_order", "propose"]
+__all__ = ["Layer", "Slot", "natural_parts", "order_by_names", "pair_in_order", "propose", "unique_fits"]
 
 A = TypeVar("A")
 B = TypeVar("B")
@@ -112,6 +112,23 @@ def order_by_names(names: Sequence[str]) -> list[int]:
             order.remove(i)
             order.insert(order.index(index[base]) + 1, i)
     return order
+
+
+def unique_fits(src: Sequence[A], tgt: Sequence[B], fits: Callable[[A, B], bool]) -> list[tuple[A, B]]:
+    """Pairs of what order alignment left: a source that fits exactly one target that only it fits."""
+    pairs: list[tuple[A, B]] = []
+    left_s, left_t = list(src), list(tgt)
+    changed = True
+    while changed:
+        changed = False
+        for a in list(left_s):
+            hits = [b for b in left_t if fits(a, b)]
+            if len(hits) == 1 and sum(fits(x, hits[0]) for x in left_s) == 1:
+                pairs.append((a, hits[0]))
+                left_s.remove(a)
+                left_t.remove(hits[0])
+                changed = True
+    return pairs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,16 +359,10 @@ class _Run:
                 self.take(src[i], tgt[j], why)
 
     def leftovers(self, layers: list[Layer], slots: list[Slot]) -> None:
-        changed = True
-        while changed:
-            changed = False
-            ls = [x for x in layers if id(x) not in self.done_layers]
-            ss = [s for s in slots if id(s) not in self.done_slots]
-            for x in ls:
-                hits = [s for s in ss if id(s) not in self.done_slots and self.fits(x, s)]
-                if len(hits) == 1 and sum(self.fits(y, hits[0]) for y in ls if id(y) not in self.done_layers) == 1:
-                    self.take(x, hits[0], f"the only {hits[0].kind} left that fits {'.'.join(x.path)}")
-                    changed = True
+        ls = [x for x in layers if id(x) not in self.done_layers]
+        ss = [s for s in slots if id(s) not in self.done_slots]
+        for x, s in unique_fits(ls, ss, self.fits):
+            self.take(x, s, f"the only free {s.kind} module that fits {'.'.join(x.path)}")
 
 
 def _families(items: list, unit_of: Callable[[Any], tuple | None]) -> dict[Any, dict[int, list]]:

@@ -362,12 +362,14 @@ def _align(st: MapState, kind: str, src: list[tuple[str, dict[str, str]]], tgt: 
             fits[i, j] = _layer_claims(st, kind, src[i][1], *tgt[j], how=how, confidence=conf)
         return fits[i, j]
     pairs = align.pair_in_order(range(len(src)), range(len(tgt)), lambda i, j: claims(i, j) is not None)
+    pairs += align.unique_fits([i for i in range(len(src)) if i not in {a for a, _ in pairs}],
+                               [j for j in range(len(tgt)) if j not in {b for _, b in pairs}], lambda i, j: claims(i, j) is not None)
     if len(pairs) < min(len(src), len(tgt)):
-        i = next((i for i, (a, _) in enumerate(pairs) if a != i), len(pairs))
-        j = pairs[i - 1][1] + 1 if i else 0
-        if i < len(src) and j < len(tgt):
-            st.notes.append(f"structural alignment of {kind} layers skipped source layer {src[i][0]!r} (no fit at module {tgt[j][0]!r}{tgt[j][1]})")
-        if kind == "gru" and i < len(src):
+        i = min(set(range(len(src))) - {a for a, _ in pairs})
+        j = min(set(range(len(tgt))) - {b for _, b in pairs})
+        st.notes.append(f"structural alignment of {kind} layers left source layer {src[i][0]!r} unpaired (it fits no free module in line; "
+                        f"first free module: {tgt[j][0]!r}{tgt[j][1]})")
+        if kind == "gru":
             _gru_problem(st, src[i][1])
     for i, j in pairs:
         for target, c in claims(i, j):

@@ -64,3 +64,8 @@ def test_attention_join_pairs_projections_by_role_not_order() -> None:
     assert rows["attn.qkv.weight"].sources == ["query/kernel", "key/kernel", "value/kernel"]
     assert rows["attn.qkv.weight"].spec == [["reshape", [d, d]], ["transpose", None]]
     assert rows["attn.qkv.bias"].spec == [["reshape", [d]]] and rows["attn.proj.weight"].sources == ["attention_output/kernel"]
+
+
+def test_unique_fits_pairs_what_order_left_only_when_unambiguous() -> None:
+    assert align.unique_fits([112, 8], [8, 112], lambda a, b: a == b) == [(112, 112), (8, 8)]
+    assert align.unique_fits([8, 8], [8, 8], lambda a, b: a == b) == []  # two of a kind: only a reference can tell

@@ -129,7 +129,7 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(nn.Module):
     """keras.applications.MobileNetV2 (channels-first input, even image sizes, logits)."""
 
-    SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]  # t, c, n, s
+    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))  # t, c, n, s
 
     def __init__(self, alpha: float = 0.35, num_classes: int = 10):
         super().__init__()
