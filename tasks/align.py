@@ -402,6 +402,10 @@ def propose(st: Any) -> list[J.Proposal]:
             run.in_order(smembers, tmembers, f"repeated unit {'/'.join((*fam[0], fam[1]))}_{si} ↔ {tmembers[0].module} #{ti}")
     run.in_order(layers, slots, "")
     run.leftovers(layers, slots)
+    for x in layers:
+        if x.kind in J.JOINS and id(x) not in run.done_layers:
+            st.notes.append(f"{x.kind} layer {'/'.join(x.path)!r} ({J.JOINS[x.kind].why}) fits no free {J.JOINS[x.kind].target_kind} "
+                            "module of the model (shapes, or projections without role names)")
     _loose(run, loose_sources, loose_targets)
     return run.out
 

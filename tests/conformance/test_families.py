@@ -376,3 +376,11 @@ def _check_settled(config: Path, fresh_model) -> None:
         ref = z["arr_0"]
     np.testing.assert_allclose(out, ref, rtol=cfg.verify.rtol, atol=cfg.verify.atol)
     RESULTS[cfg.name] = (float(metrics["max_abs_error"]), float(np.abs(out - ref).max()), 0)
+
+
+def test_keras_mha_into_a_model_of_other_width_says_why(keras_mha, tmp_path: Path) -> None:
+    """A join that fits no module is never forced: the rows stay missing, and say which join did not fit."""
+    model, x, ref = keras_mha
+    config = _h5_case(tmp_path, "keras-mha-wrong", model.save_weights, x, ref, f"{PORTS}:SelfAttention", {"d": 24, "heads": 2}, "keras")
+    rows = {r["target_key"]: r for r in plan_without_reference(config) if r["target_key"]}
+    assert rows["qkv.weight"]["status"] == "missing" and "attention layer 'multi_head_attention'" in rows["qkv.weight"]["note"]
