@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from np2torch.tasks import transforms as T
+from np2torch.tasks.layouts import AMBIGUOUS_CONFIDENCE
 
 __all__ = ["GATES", "JOINS", "ROLES", "Proposal", "Src", "attention_parts", "join_claims", "role_of", "source_join"]
 
@@ -169,7 +170,8 @@ def _joined(target: str, tshape: Shape, parts: list[Src], steps: list, note: str
     cands: list = []
     if square_ok and steps and steps[-1] == ["transpose", None] and len(one) == 2 and one[0] == one[1]:
         cands = [specs[0], parts[0].spec(*steps[:-1])]  # a square part: (in, out) or already (out, in)
-    return Proposal(target, [p.key for p in parts], specs[0], concat=0 if len(parts) > 1 else None, note=note, candidates=cands)
+    return Proposal(target, [p.key for p in parts], specs[0], confidence=AMBIGUOUS_CONFIDENCE if cands else 0.8,
+                    concat=0 if len(parts) > 1 else None, note=note, candidates=cands)
 
 
 def _attention_claims(roles: dict[str, dict[str, Src]], parts: list[tuple[tuple[str, ...], dict[str, str]]],
