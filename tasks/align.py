@@ -286,7 +286,7 @@ def _target_slots(st: Any) -> tuple[list[Slot], list[Any]]:
 # one layer into one slot
 
 
-_COMPAT = {"attention": "attention", "lstm_cell": "lstm", "gru_cell": "gru"}
+_COMPAT = {kind: j.target_kind for kind, j in J.JOINS.items()}  # a join layer fills a slot of its target kind
 
 
 def _plain_claims(st: Any, layer: Layer, slot: Slot) -> list[J.Proposal] | None:
@@ -411,15 +411,12 @@ def propose(st: Any) -> list[J.Proposal]:
 
 
 def _loose(run: _Run, sources: list[J.Src], targets: list[Any]) -> None:
-    by_shape: dict[tuple, list] = {}
-    for s in sources:
-        by_shape.setdefault(("s", s.stored), []).append(s)
+    """Parameters of no layer kind (``cls`` → ``cls_token``): paired where their shape occurs once on both sides."""
+    src_shapes = Counter(s.stored for s in sources if not s.prefix)
+    tgt_shapes = Counter(tuple(t.shape) for t in targets)
     for t in targets:
-        by_shape.setdefault(("s", tuple(t.shape)), [])
-    for t in targets:
-        srcs = by_shape.get(("s", tuple(t.shape)), [])
-        same = [u for u in targets if tuple(u.shape) == tuple(t.shape)]
-        if len(srcs) == 1 and len(same) == 1 and not srcs[0].prefix:
-            run.out.append(J.Proposal(t.key, [srcs[0].key], [], how="shape", confidence=0.6,
+        shape = tuple(t.shape)
+        if src_shapes[shape] == 1 and tgt_shapes[shape] == 1:
+            src = next(s for s in sources if s.stored == shape and not s.prefix)
+            run.out.append(J.Proposal(t.key, [src.key], [], how="shape", confidence=0.6,
                                       note="a parameter of no layer kind; its shape occurs once among those left on both sides"))
-
