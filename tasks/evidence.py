@@ -258,7 +258,7 @@ def layout_family(spec: list) -> tuple[str, bool]:
     A Dense kernel's transpose, a conv kernel's ``(*S, I, O)`` permute and a depthwise kernel's
     regrouping are one convention (Keras/TF/Flax), so every row can take it at once.
     """
-    steps = [(n, a) for n, a in spec if n not in ("slice", "reshape", "source")]
+    steps = [(n, a) for n, a in spec if n not in ("slice", "reshape", "source", "layer")]
     flat = any(n == "flatten_nhwc_to_nchw" for n, _ in steps)
     names = [n for n, _ in steps if n != "flatten_nhwc_to_nchw"]
     if not names:

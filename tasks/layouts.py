@@ -48,9 +48,12 @@ def _depthwise_fits(src: tuple[int, ...], t: TargetInfo) -> bool:
 
 
 def _lead(src: tuple[int, ...], spec: list | None) -> list:
-    """``spec``'s leading ``index 0`` when the source's first axis is 1 (TF1/OpenAI 1×1-conv weights
-    ``(1, in, out)``): kept in front of every layout of the squeezed ``(in, out)``."""
-    return [list(spec[0])] if spec and spec[0][0] == "index" and spec[0][1] == 0 and tuple(src[:1]) == (1,) else []
+    """``spec``'s leading ``index``: TF1/OpenAI 1×1-conv weights ``(1, in, out)``, or one layer of a
+    scanned ``(depth, in, out)`` stack: kept in front of every layout of the indexed ``(in, out)``."""
+    if not spec or len(src) < 2:
+        return []
+    name, arg = spec[0]
+    return [list(spec[0])] if name == "layer" or (name == "index" and arg == 0 and tuple(src[:1]) == (1,)) else []
 
 
 def source_layouts(src: tuple[int, ...], t: TargetInfo, spec: list | None = None) -> list[list]:
@@ -159,8 +162,8 @@ def fitting_layouts(src: tuple[int, ...], spec: list, t: TargetInfo, *, flatten:
     with ``flatten``, each layout also comes with the channels-last flatten reorder.
     """
     src = tuple(src)
-    prefix = [s for s in spec if s[0] == "slice"]
-    flat = bool(prefix) or (len(src) != len(t.shape) and any(s[0] == "reshape" for s in spec))
+    prefix = [s for s in spec if s[0] in ("slice", "layer")]  # which elements: a flat slice, one layer of a scanned stack
+    flat = any(s[0] == "slice" for s in spec) or (len(src) != len(t.shape) and any(s[0] == "reshape" for s in spec))
     specs = _candidate_specs(src, spec, t, flat, prefix)
     if reshape and not flat and src != tuple(t.shape):
         specs.append([["reshape", list(t.shape)]])

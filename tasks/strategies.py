@@ -5,6 +5,9 @@ and each function only reads/writes :class:`MapState`:
 
 1. ``rules`` (config ``mapping.rules``, confidence 1);
 2. ``names``: exact, preset-normalised, unique suffix (1.0 / 0.95 / 0.85);
+   ``families`` (:mod:`np2torch.tasks.align`): only when the sources hold a join (attention per
+   head, recurrent cells gate by gate: :mod:`np2torch.tasks.joins`) or a scanned stack, the whole
+   model by its names' structure (repeated units, roles, kinds in order);
 3. ``structure``: source layers (grouped by scope, kind read from leaves and shapes) aligned with
    the model's modules of the same kind (0.8);
 4. ``order``: remaining sources in source order against remaining targets in registration
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from np2torch.tasks import align
 from np2torch.tasks import kinds as K
 from np2torch.tasks import layouts as L
 from np2torch.tasks import presets as P
@@ -252,6 +256,9 @@ def _source_layers(st: MapState) -> list[tuple[str, str, dict[str, str]]]:
     if len(layers) > 1 and free == sorted(free):
         # keys arrive sorted (TF checkpoints, h5): file order says nothing; layer numbers do
         layers.sort(key=lambda x: natural_key(x[0]))
+    elif len(layers) > 1:
+        # file order is only mostly right (Keras 3 .weights.h5: where h5 allocated the data): names correct it
+        layers = [layers[i] for i in align.order_by_names([s for s, _, _ in layers])]
     return layers
 
 
@@ -345,14 +352,26 @@ def _misfit_problem(st: MapState, kind: str, leaves: dict[str, str]) -> None:
 
 
 def _align(st: MapState, kind: str, src: list[tuple[str, dict[str, str]]], tgt: list[tuple[str, str]], how: str = "structure") -> None:
-    """Pair source layers with model slots of one kind in order, stopping at the first misfit."""
-    for (scope, leaves), (module, suffix) in zip(src, tgt):
-        pairs = _layer_claims(st, kind, leaves, module, suffix, how=how, confidence=0.8 if how == "structure" else 0.7)
-        if pairs is None:
-            st.notes.append(f"structural alignment of {kind} layers stopped at source layer {scope!r} vs module {module!r}{suffix}")
-            _misfit_problem(st, kind, leaves)
-            break
-        for target, c in pairs:
+    """Pair source layers with model slots of one kind in order; a layer that fits nowhere in line is
+    skipped, not a reason to shift every later one (:func:`np2torch.tasks.align.pair_in_order`)."""
+    conf = 0.8 if how == "structure" else 0.7
+    fits: dict[tuple[int, int], list | None] = {}
+
+    def claims(i: int, j: int) -> list | None:
+        if (i, j) not in fits:
+            fits[i, j] = _layer_claims(st, kind, src[i][1], *tgt[j], how=how, confidence=conf)
+        return fits[i, j]
+    pairs = align.pair_in_order(range(len(src)), range(len(tgt)), lambda i, j: claims(i, j) is not None)
+    pairs += align.unique_fits([i for i in range(len(src)) if i not in {a for a, _ in pairs}],
+                               [j for j in range(len(tgt)) if j not in {b for _, b in pairs}], lambda i, j: claims(i, j) is not None)
+    if len(pairs) < min(len(src), len(tgt)):
+        i = min(set(range(len(src))) - {a for a, _ in pairs})
+        j = min(set(range(len(tgt))) - {b for _, b in pairs})
+        st.notes.append(f"structural alignment of {kind} layers left source layer {src[i][0]!r} unpaired (it fits no free module in line; "
+                        f"first free module: {tgt[j][0]!r}{tgt[j][1]})")
+        _misfit_problem(st, kind, src[i][1])
+    for i, j in pairs:
+        for target, c in claims(i, j):
             c.reshape_candidate = how == "order" and not c.zeros
             st.claim(target, c)
 
@@ -605,6 +624,15 @@ def match_shapes(st: MapState) -> None:
             st.claim(ts[0].key, Claim([ss[0]], st.views[ss[0]].transform, "shape", 0.6))
 
 
+# ---------------------------------------------------------------------------------------------
+# families (np2torch.tasks.align): joins, scanned stacks, alignment by the names' structure
+
+
+def match_families(st: MapState) -> None:
+    for p in align.propose(st):
+        st.claim(p.target, Claim(p.sources, p.spec, p.how, p.confidence, concat=p.concat, note=p.note, zeros=p.zeros, candidates=p.candidates))
+
+
 @dataclass(frozen=True)
 class Strategy:
     name: str
@@ -616,6 +644,7 @@ class Strategy:
 STRATEGIES: list[Strategy] = [
     Strategy("rules", match_rules, ("auto", "name", "order", "shape"), stop_on_problems=True),  # rules always apply
     Strategy("names", match_names, ("auto", "name")),
+    Strategy("families", match_families, ("auto",)),  # joins and scanned stacks: the whole model by its names' structure
     Strategy("structure", match_structure, ("auto",), stop_on_problems=True),
     Strategy("order", match_order, ("auto", "order")),
     Strategy("shape", match_shapes, ("auto", "shape")),

@@ -83,6 +83,17 @@ def _chunks_apply(a: np.ndarray, arg: Sequence[int]) -> np.ndarray:
     return np.concatenate([parts[i] for i in arg], axis=0)
 
 
+def _pad_shape(shape: tuple[int, ...], arg: Sequence[int]) -> tuple[int, ...]:
+    before, after = (int(a) for a in arg)
+    if not shape or before < 0 or after < 0:
+        raise TransformError(f"pad {list(arg)} needs an array with an axis 0 and non-negative counts, got {list(shape)}")
+    return (shape[0] + before + after, *shape[1:])
+
+
+def _pad_apply(a: np.ndarray, arg: Sequence[int]) -> np.ndarray:
+    return np.pad(a, [(int(arg[0]), int(arg[1]))] + [(0, 0)] * (a.ndim - 1))
+
+
 def _index_shape(shape: tuple[int, ...], arg: int) -> tuple[int, ...]:
     if not shape or not -shape[0] <= int(arg) < shape[0]:
         raise TransformError(f"index {arg} is outside axis 0 of {list(shape)}")
@@ -126,8 +137,12 @@ TRANSFORMS: dict[str, Transform] = {
     "zeros": Transform(lambda a, _: a, lambda s, _: s, "the target gets zeros (e.g. a bias the source never had)"),
     "reorder_chunks": Transform(_chunks_apply, _chunks_shape,
                                 "reorder equal blocks along axis 0: gate order differs, Keras GRU (z, r, h) vs torch (r, z, n)"),
+    "pad": Transform(_pad_apply, _pad_shape,
+                     "zeros before/after along axis 0: Flax GRUCell has a bias only for the n gate's hidden part (torch bias_hh is r, z, n)"),
     "index": Transform(lambda a, i: a[int(i)], _index_shape,
                        "take one row of axis 0: Keras GRU reset_after bias (2, 3u) holds input and recurrent biases"),
+    "layer": Transform(lambda a, i: a[int(i)], _index_shape,
+                       "one layer of a scanned parameter: Flax nn.scan / big_vision stack every block on a leading depth axis"),
     "depthwise_to_grouped": Transform(_depthwise_apply, _depthwise_shape,
                                       "Keras/TF depthwise kernel (H, W, C, mult) → torch Conv2d(groups=C) weight (C*mult, 1, H, W)"),
 }
@@ -178,7 +193,7 @@ def layout_label(spec: Spec) -> str:
     """
     parts = []
     for name, arg in spec:
-        if name in ("slice", PAIRING_STEP):
+        if name in ("slice", "layer", PAIRING_STEP):
             continue
         parts.append(name if name in ("reshape", "flatten_nhwc_to_nchw") or arg is None else f"{name}={json.dumps(arg, separators=(',', ':'))}")
     return "; ".join(parts) or "as-is"

@@ -143,6 +143,8 @@ def _by_shape(ndims: list[int]) -> tuple[str, ...] | None:
     patterns = {(2, 1): ("kernel", "bias"), (3, 1): ("kernel", "bias"), (4, 1): ("kernel", "bias"), (5, 1): ("kernel", "bias"),
                 (1, 1, 1, 1): ("gamma", "beta", "moving_mean", "moving_variance"),
                 (2, 2, 1): ("kernel", "recurrent_kernel", "bias"), (2, 2, 2): ("kernel", "recurrent_kernel", "bias")}
+    if len(ndims) == 2 and ndims[0] > ndims[1] >= 1:
+        return "kernel", "bias"  # EinsumDense (MultiHeadAttention's _query_dense …): (d, heads, head_dim) kernel, (heads, head_dim) bias
     return patterns.get(tuple(ndims))
 
 

@@ -63,8 +63,10 @@ def test_keras_two_branches_pairing_chosen_by_reference(tmp_path, how) -> None:
     left = out["rows"]["left.weight"]
     ev = json.loads(left["evidence"])
     assert ev["method"].endswith("(pairing)") and len(ev["pairings"]) == 2
-    positional, swapped = ev["pairings"].values()  # the pairing by position comes first
-    assert swapped < 1e-4 < positional  # Keras lists the branches in another order than the torch port registers them
+    # one pairing reproduces Keras, the other does not: which is tried first depends on the order the
+    # source gives (graph depth in a pickled list; layer numbers, i.e. creation order, where names exist)
+    errors = sorted(ev["pairings"].values())
+    assert errors[0] < 1e-4 < errors[1]
 
 
 def test_keras_two_branches_without_reference_name_the_pairings(tmp_path) -> None:
