@@ -27,7 +27,7 @@ __all__ = ["main", "build_parser"]
 def cmd_convert(args: argparse.Namespace) -> int:
     from np2torch.flows.preflight import preflight_convert
 
-    api = preflight_convert(args.config, args.set)  # config, paths, model target, Prefect API: before Prefect starts
+    cfg, api = preflight_convert(args.config, args.set)  # config, paths, model target, Prefect API: before Prefect starts
     code = _in_warm_runner(api, args)
     if code is not None:
         return code
@@ -39,7 +39,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         early.wait()
 
     quiet_expected_tracebacks()
-    record = convert_config(args.config, args.set, refresh=args.refresh)
+    record = convert_config(cfg, refresh=args.refresh)
     v = record.get("verification") or {}
     where = " (warm runner)" if os.environ.get("NP2TORCH_IN_RUNNER") else ""
     print(f"np2torch: {record['name']} converted ({record['status']}) in {record['seconds']:.2f}s{where}")

@@ -67,7 +67,7 @@ def test_convert_flow_caches_audits_and_publishes(prefect_harness, tmp_path: Pat
 
     # 2. rerun: Prefect answers every stage from its cache (state "Cached"), outputs unchanged
     second = convert_config(config)
-    assert _task_states(second["run_id"]) == {s: "Cached" for s in stages.STAGES}
+    assert _task_states(second["run_id"]) == {s: "Cached" for s in stages.NAMES}
     assert all(s["cached"] and s["attempts"] == 0 for s in second["stages"].values())
     assert {o["path"]: o["sha256"] for o in second["outputs"]} == outputs
 
@@ -198,7 +198,7 @@ def test_two_identical_flows_at_once_compute_each_stage_once(prefect_harness, tm
         t.join(300)
     assert not errors, errors
     assert [r["status"] for r in records] == ["success", "success"]
-    for stage in stages.STAGES:
+    for stage in stages.NAMES:
         computed = [not r["stages"][stage]["cached"] for r in records]
         assert sum(computed) == 1, (stage, [r["stages"][stage] for r in records])
     assert records[0]["outputs"] == records[1]["outputs"]

@@ -18,47 +18,15 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from np2torch.tasks import imports
 
-# the repository folder of each installed package (pyproject.toml's package-dir mapping)
-PACKAGES = {"np2torch": REPO / "np2torch", "np2torch.tasks": REPO / "tasks", "np2torch.flows": REPO / "flows"}
 STAGE_MODULES = {f"np2torch.tasks.{m}" for m in ("load_arrays", "infer_mapping", "validate", "convert", "verify", "export")}
 MAX_FUNCTION_LINES = 80
 PYTHON = sys.executable
 
 
-def _modules() -> dict[str, Path]:
-    """Every module of the installed package, by dotted name (packages by their ``__init__``)."""
-    out: dict[str, Path] = {}
-    for pkg, folder in PACKAGES.items():
-        for f in sorted(folder.rglob("*.py")):
-            rel = f.relative_to(folder).with_suffix("")
-            parts = [p for p in rel.parts if p != "__init__"]
-            out[".".join([pkg, *parts])] = f
-    return out
-
-
-def _imports(name: str, path: Path, known: set[str]) -> set[str]:
-    """np2torch modules that ``name`` imports anywhere in its source (lazy imports inside functions too)."""
-    is_pkg = path.name == "__init__.py"
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative: resolve against this module's package
-                anchor = name.split(".") if is_pkg else name.split(".")[:-1]
-                anchor = anchor[: len(anchor) - (node.level - 1)]
-                base = ".".join(anchor + ([base] if base else []))
-            found.add(base)
-            found |= {f"{base}.{a.name}" for a in node.names}  # `from pkg import module`
-    # a dotted import names its parents too, but only the deepest module is what this one needs
-    return {m for m in found if m in known and m != name and m != "np2torch"}
-
-
 def _graph() -> dict[str, set[str]]:
-    mods = _modules()
-    return {name: _imports(name, path, set(mods)) for name, path in mods.items()}
+    return imports.graph()
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:

@@ -104,7 +104,7 @@ def test_openai_names_and_1x1_conv_weights_load_into_linear(tmp_path: Path) -> N
     from np2torch.tasks.config import load_config
     from np2torch.tasks.stages import run_all
 
-    metrics = run_all(load_config(config))["verify-forward-pass"]["metrics"]
+    metrics = run_all(load_config(config))["verify-forward-pass"].metrics
     assert metrics["passed"] and metrics["max_abs_error"] < 1e-5
 
 
@@ -133,5 +133,5 @@ def test_keras3_depthwise_kernel_named_kernel_feeds_a_grouped_conv(tmp_path: Pat
     from np2torch.tasks.config import load_config
     from np2torch.tasks.stages import run_all
 
-    metrics = run_all(load_config(config))["verify-forward-pass"]["metrics"]
+    metrics = run_all(load_config(config))["verify-forward-pass"].metrics
     assert metrics["passed"] and metrics["max_abs_error"] < 1e-5

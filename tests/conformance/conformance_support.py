@@ -88,7 +88,7 @@ def check_case(config: Path, *, ambiguous: Callable[[str, tuple[int, ...]], bool
 
     cfg = load_config(config)
     recs = run_all(cfg)
-    metrics = recs["verify-forward-pass"]["metrics"]
+    metrics = recs["verify-forward-pass"].metrics
     assert metrics["passed"] and metrics["reference"], metrics["problems"]
     state = load_file(Path(cfg.export.dir) / "model.safetensors")
     model = fresh_model()

@@ -44,7 +44,7 @@ def test_keras_conv_bn_branches_two_pairing_groups(tmp_path, how) -> None:
     x = np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2))
     config = write_case(tmp_path, f"keras-conv-branches-{how}", model, how, "ConvBranches", x, ref)
     out = convert(config)
-    assert out["recs"]["verify-forward-pass"]["metrics"]["passed"]
+    assert out["recs"]["verify-forward-pass"].metrics["passed"]
     assert max_abs_error_of_export(config, "ConvBranches", x, ref) < 1e-4
     rows = out["rows"]
     for key in ("conv_tanh.weight", "bn_tanh.running_var"):  # a conv group and a BatchNorm group, each paired by the reference
@@ -58,7 +58,7 @@ def test_keras_two_branches_pairing_chosen_by_reference(tmp_path, how) -> None:
     model, x, ref = keras_branches()
     config = write_case(tmp_path, f"keras-branches-{how}", model, how, "TwoBranch", x, ref)
     out = convert(config)
-    assert out["recs"]["verify-forward-pass"]["metrics"]["passed"]
+    assert out["recs"]["verify-forward-pass"].metrics["passed"]
     assert max_abs_error_of_export(config, "TwoBranch", x, ref) < 1e-4
     left = out["rows"]["left.weight"]
     ev = json.loads(left["evidence"])

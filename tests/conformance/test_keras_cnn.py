@@ -39,7 +39,7 @@ def test_keras_cnn_converts_and_reproduces_predict(tmp_path, how, torch_class) -
     x = np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2))
     config = write_case(tmp_path, f"keras-cnn-{how}-{torch_class.lower()}", model, how, torch_class, x, ref)
     out = convert(config)
-    assert out["recs"]["verify-forward-pass"]["metrics"]["passed"]
+    assert out["recs"]["verify-forward-pass"].metrics["passed"]
     assert max_abs_error_of_export(config, torch_class, x, ref) < 1e-4
     rows = out["rows"]
     fc = next(k for k in rows if k.endswith(".weight") and rows[k]["target_shape"] == "[5,32]")

@@ -29,7 +29,7 @@ def test_keras_lstm_gru_reproduce_predict(tmp_path, how) -> None:
     model, x, ref = keras_recurrent()
     config = write_case(tmp_path, f"keras-recurrent-{how}", model, how, "Recurrent", x, ref)
     out = convert(config)
-    assert out["recs"]["verify-forward-pass"]["metrics"]["passed"]
+    assert out["recs"]["verify-forward-pass"].metrics["passed"]
     assert max_abs_error_of_export(config, "Recurrent", x, ref) < 1e-4
     rows = out["rows"]
     assert rows["lstm.bias_hh_l0"]["status"] == "zeros"
@@ -60,7 +60,7 @@ def test_keras_bidirectional_lstm_fills_the_reverse_direction(tmp_path, how) -> 
     model, x, ref = keras_bidirectional()
     config = write_case(tmp_path, f"keras-bilstm-{how}", model, how, "BiLSTM", x, ref)
     out = convert(config)
-    assert out["recs"]["verify-forward-pass"]["metrics"]["passed"]
+    assert out["recs"]["verify-forward-pass"].metrics["passed"]
     assert max_abs_error_of_export(config, "BiLSTM", x, ref) < 1e-4
     if how == "npz":
         assert "backward" in out["rows"]["lstm.weight_ih_l0_reverse"]["source_key"]
