@@ -124,7 +124,8 @@ def convert_flow(config: dict[str, Any] | None = None, refresh: bool = False, co
     try:
         # the run's tags (name, dtype, device) stay on the flow run: a tagged task run would ask the
         # API for tag concurrency slots at each start (~0.4 s per stage against a local server)
-        with TagsContext(current_tags=set()), RunProgress(key=f"{cfg.name}-progress", description=f"np2torch {cfg.name}"):
+        with TagsContext(current_tags=set()), RunProgress(key=f"{cfg.name}-progress", description=f"np2torch {cfg.name}",
+                                                                 weights={s.name: s.weight for s in stages.STAGES}):
             record = run_conversion(cfg, refresh=refresh, run_id=str(flow_run.id) if flow_run.id else None)
         return record
     except ConversionError as e:

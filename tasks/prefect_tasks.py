@@ -234,7 +234,8 @@ class Orchestrated:
         t = self.tasks[stage.name]
         check = (lambda r: stage.still_valid(cfg, r)) if stage.still_valid else None
         name = record_name(stage.name, key, TASK_SOURCE.compute_key(task_ctx=_TaskOnly(t), inputs={}, flow_parameters={}))
-        fresh = refresh or cache.lookup(stage.name, key, root=self.root, still_valid=check) is None or _torn(self.records / name, self.locks, name)
+        intact = cache.lookup(stage.name, key, root=self.root, still_valid=check) is not None
+        fresh = refresh or not intact or _torn(self.records / name, self.locks, name)
         self.attempts = 0
         t0 = time.perf_counter()
         state = t.with_options(refresh_cache=fresh)(stage.name, cfg, {n: r.to_dict() for n, r in deps.items()}, key, refresh,

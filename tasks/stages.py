@@ -90,6 +90,10 @@ class StageRecord:
     def path(self, name: str) -> Path:
         return Path(self.entry) / name
 
+    def chain(self) -> str:
+        """What the next stage's key builds on: this key, plus whatever a re-check accepted outside it."""
+        return self.key
+
 
 @dataclass
 class Loaded(StageRecord):
@@ -106,6 +110,11 @@ class Mapped(StageRecord):
     status_counts: dict[str, int] = field(default_factory=dict)
     unverified: list[str] = field(default_factory=list)
     evidence_digest: str | None = None  # the verify files' digest when evidence decided a row
+
+    def chain(self) -> str:
+        # the verify files are not in the key (most manifests never read them); one that did may have
+        # been recomputed under the same key for other files: what follows must not reuse the old one
+        return self.key if self.evidence_digest is None else cache.stage_key("infer-mapping", key=self.key, evidence=self.evidence_digest)
 
 
 @dataclass
@@ -152,6 +161,7 @@ class Stage:
     needs: tuple[str, ...]  # earlier stages whose records compute reads
     compute: Callable[[Config, Records, Path], dict[str, Any]]  # writes artifacts into the folder, returns its own fields
     record: type[StageRecord]
+    weight: float  # share of a conversion's work (the UI's progress bar)
     still_valid: Callable[[Config, dict[str, Any]], bool] | None = None  # extra check a cache hit must pass
     rechecks: tuple[str, ...] = ()  # config fields still_valid reads (not in the key)
     locate: Callable[[Config, Records], dict[str, Any]] | None = None  # fields that say where things are now (not cached)
@@ -188,7 +198,8 @@ def _root(cfg: Config) -> Path:
 def read_records(loaded: Loaded) -> list[load_arrays.ArrayRecord]:
     """The array table of a load record, with file paths rebased onto the current source root."""
     root = Path(loaded.root)
-    return [load_arrays.ArrayRecord(**{**r.__dict__, "file": str(root / r.file)}) for r in load_arrays.read_table(loaded.path("table.json"))]
+    table = load_arrays.read_table(loaded.path("table.json"))
+    return [load_arrays.ArrayRecord(**{**r.__dict__, "file": str(root / r.file)}) for r in table]
 
 
 def _source_content(cfg: Config) -> dict[str, Any]:
@@ -201,7 +212,8 @@ def _source_content(cfg: Config) -> dict[str, Any]:
     # one read per file: sha256 plus what the scan needs, remembered in the stat cache
     with track("load-arrays", "load-arrays (hashing sources)", total, unit="B") as cb:
         fps = load_arrays.fingerprint_files(files, progress=cb)
-    return {"is_dir": cfg.source.path.is_dir(), "files": [[f.relative_to(root).as_posix(), i["sha256"]] for f, i in zip(files, fps)]}
+    named = [[f.relative_to(root).as_posix(), i["sha256"]] for f, i in zip(files, fps, strict=True)]
+    return {"is_dir": cfg.source.path.is_dir(), "files": named}
 
 
 def _load(cfg: Config, deps: Records, work: Path) -> dict[str, Any]:
@@ -332,8 +344,9 @@ def _verify(cfg: Config, deps: Records, work: Path) -> dict[str, Any]:
 
     converted = deps["convert-to-device"]
     assert isinstance(converted, Converted)
-    return {"metrics": verify.verify_forward_pass(model_target=cfg.model.target, model_kwargs=cfg.model.kwargs, weights=converted.file,
-                                                  spec=cfg.verify, device=cfg.convert.device, allow_unsafe_load=cfg.model.allow_unsafe_load)}
+    m = cfg.model
+    return {"metrics": verify.verify_forward_pass(model_target=m.target, model_kwargs=m.kwargs, weights=converted.file, spec=cfg.verify,
+                                                  device=cfg.convert.device, allow_unsafe_load=m.allow_unsafe_load)}
 
 
 # ---- 6. export
@@ -378,26 +391,28 @@ def _export(cfg: Config, deps: Records, work: Path) -> dict[str, Any]:
     converted = deps["convert-to-device"]
     assert isinstance(converted, Converted)
     rows = manifest.read_manifest(deps["validate"].path("manifest.json"))
-    return {"outputs": export.export_outputs(converted=converted.file, tensors=converted.tensors, manifest_rows=rows, out_dir=cfg.export.dir,
-                                             formats=list(cfg.export.formats), metadata=export_metadata(cfg, deps["load-arrays"]))}
+    return {"outputs": export.export_outputs(converted=converted.file, tensors=converted.tensors, manifest_rows=rows,
+                                             out_dir=cfg.export.dir, formats=list(cfg.export.formats),
+                                             metadata=export_metadata(cfg, deps["load-arrays"]))}
 
 
 _T = "np2torch.tasks."
 
-# The pipeline, in order. ``reads`` is every config field the stage's result depends on; the
-# key test (tests/test_structure.py) changes each field and checks exactly these rerun.
+# The pipeline, in order. ``reads`` is every config field the stage's result depends on; the key
+# test (tests/test_cache.py) changes each field and checks exactly these rerun. Weights measured
+# on the 1.6 GB benchmark: reading/hashing and converting dominate, mapping and validation are small.
 STAGES: tuple[Stage, ...] = (
     Stage("load-arrays", _T + "load_arrays", ("source.path", "source.format", "source.allow_pickle", "source.key_prefix"), (),
-          _load, Loaded, locate=_locate_source),
+          _load, Loaded, 0.30, locate=_locate_source),
     Stage("infer-mapping", _T + "infer_mapping", ("mapping", "model.target", "model.kwargs", "model.allow_unsafe_load", "convert.dtype"),
-          ("load-arrays",), _map, Mapped, still_valid=mapping_still_valid, rechecks=_EVIDENCE_FIELDS),
-    Stage("validate", _T + "validate", ("source.allow_nonfinite",), ("infer-mapping",), _validate, Validated),
+          ("load-arrays",), _map, Mapped, 0.04, still_valid=mapping_still_valid, rechecks=_EVIDENCE_FIELDS),
+    Stage("validate", _T + "validate", ("source.allow_nonfinite",), ("infer-mapping",), _validate, Validated, 0.04),
     Stage("convert-to-device", _T + "convert", ("convert", "model.target", "model.kwargs", "model.allow_unsafe_load"),
-          ("load-arrays", "validate"), _convert, Converted),
+          ("load-arrays", "validate"), _convert, Converted, 0.40),
     Stage("verify-forward-pass", _T + "verify", ("verify", "convert.device", "model.target", "model.kwargs", "model.allow_unsafe_load"),
-          ("convert-to-device",), _verify, Verified),
+          ("convert-to-device",), _verify, Verified, 0.07),
     # the exported header carries the config's content digest: every field
-    Stage("export", _T + "export", ("*",), ("load-arrays", "validate", "convert-to-device"), _export, Exported,
+    Stage("export", _T + "export", ("*",), ("load-arrays", "validate", "convert-to-device"), _export, Exported, 0.15,
           still_valid=exports_intact),
 )
 NAMES = [s.name for s in STAGES]
@@ -419,7 +434,8 @@ def config_fields() -> list[str]:
     return out
 
 
-def _expand(reads: tuple[str, ...]) -> list[str]:
+def expand(reads: tuple[str, ...]) -> list[str]:
+    """The leaf fields a declaration names (a section: all of its fields; ``*``: every field)."""
     every = config_fields()
     out = [f for r in reads for f in (every if r == "*" else [x for x in every if x == r or x.startswith(r + ".")])]
     unknown = [r for r in reads if r != "*" and not any(x == r or x.startswith(r + ".") for x in every)]
@@ -461,7 +477,7 @@ def _code_version(stage: Stage) -> str:
 def key_of(stage: Stage, cfg: Config, prev_key: str | None, values: _Values | None = None) -> str:
     """The stage's content key: its declared fields' values, the previous stage's key, its code."""
     values = values or _Values(cfg)
-    return cache.stage_key(stage.name, prev=prev_key, code=_code_version(stage), config={f: values[f] for f in _expand(stage.reads)})
+    return cache.stage_key(stage.name, prev=prev_key, code=_code_version(stage), config={f: values[f] for f in expand(stage.reads)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,7 +538,7 @@ def run_all(cfg: Config, *, refresh: bool = False, call: Callable[..., StageReco
         trail.records[stage.name] = rec
         if run is not None:
             run.stage_end(stage.name, f"{'cache hit' if rec.cached else 'computed'} in {rec.seconds:.3g} s")
-        prev = key
+        prev = rec.chain()
         if stage.name == until:
             break
     return trail.records
@@ -536,7 +552,8 @@ def _stage_entry(rec: StageRecord) -> dict[str, Any]:
     return {"cached": rec.cached, "seconds": round(rec.seconds, 4), "attempts": rec.attempts, "key": rec.key or None}
 
 
-def run_conversion(cfg: Config, *, refresh: bool = False, run_id: str | None = None, call: Callable[..., StageRecord] | None = None) -> dict[str, Any]:
+def run_conversion(cfg: Config, *, refresh: bool = False, run_id: str | None = None,
+                   call: Callable[..., StageRecord] | None = None) -> dict[str, Any]:
     """Run the whole pipeline; always write the audit record (report.json on success); return it."""
     from np2torch.tasks import audit
 

@@ -14,11 +14,12 @@ import shutil
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from np2torch.tasks import cache, stages
 from np2torch.tasks.config import load_config
-from tiny_conversion import cached_stage_in_process, flip_byte, make_tiny
+from tiny_conversion import MODEL, cached_stage_in_process, flip_byte, make_tiny
 
 ALL = stages.NAMES
 
@@ -238,3 +239,81 @@ def _st_metadata(path: Path) -> dict:
 
     with safe_open(str(path), framework="pt") as f:
         return f.metadata()
+
+
+# ---------------------------------------------------------------------------------------------
+# the keys follow the stage table's declarations, field by field
+
+# config field → (how to change it in the tiny conversion, the first stage that must rerun). Written
+# out here, not derived from the table: a stage that reads a field it does not declare (a stale
+# hit), or declares one it does not read (a needless rerun), makes its row disagree.
+def _changes(root: Path) -> dict[str, tuple[list[str], str]]:
+    def copy(name: str, new: str) -> Path:
+        shutil.copyfile(root / name, root / new)
+        return root / new
+
+    edited = root / "weights-edited"
+    shutil.copytree(root / "weights", edited)
+    flip_byte(edited / "fc3.bias.npy")
+    model = root / "model-copy.py"
+    model.write_text(Path(MODEL).read_text() + "\n# the same model, other bytes\n")
+    np.savez(root / "acts.npz", fc1=np.zeros((2, 6), np.float32))
+    return {
+        "name": (["name=tiny-renamed"], "export"),
+        "source.path": ([f"source.path={edited}", "verify.reference_output=null"], "load-arrays"),
+        "source.format": (["source.format=auto"], "load-arrays"),
+        "source.allow_pickle": (["source.allow_pickle=true"], "load-arrays"),
+        "source.key_prefix": (["source.key_prefix=zz"], "load-arrays"),
+        "source.allow_nonfinite": (["source.allow_nonfinite=true"], "validate"),
+        "model.target": ([f"model.target={model}:MLP"], "infer-mapping"),
+        "model.kwargs": (["model.kwargs.hidden=7"], "infer-mapping"),  # then fails validation: shapes
+        "model.allow_unsafe_load": (["model.allow_unsafe_load=true"], "infer-mapping"),
+        "mapping.strategy": (["mapping.strategy=auto"], "infer-mapping"),
+        "mapping.preset": (["mapping.preset=flax"], "infer-mapping"),
+        "mapping.rules": (["mapping.rules=[{source: 'fc1\\.weight', target: fc1.weight}]"], "infer-mapping"),
+        "mapping.ignore": (["mapping.ignore=[nothing-matches]"], "infer-mapping"),
+        "mapping.allow_missing": (["mapping.allow_missing=[nothing-matches]"], "infer-mapping"),
+        "convert.dtype": (["convert.dtype=float64"], "infer-mapping"),
+        "convert.device": (["convert.device=cuda:7"], "convert-to-device"),  # no such device: fails there
+        # the manifest used the reference to decide (evidence), so it is re-checked against them
+        "verify.input": ([f"verify.input={copy('input.npy', 'input-copy.npy')}"], "infer-mapping"),
+        "verify.reference_output": ([f"verify.reference_output={copy('ref_out.npy', 'ref-copy.npy')}"], "infer-mapping"),
+        "verify.reference_activations": ([f"verify.reference_activations={root / 'acts.npz'}"], "infer-mapping"),
+        "verify.rtol": (["verify.rtol=1e-4"], "verify-forward-pass"),
+        "verify.atol": (["verify.atol=1e-5"], "verify-forward-pass"),
+        "export.dir": ([f"export.dir={root / 'out-elsewhere'}"], "export"),
+        "export.formats": (["export.formats=[safetensors]"], "export"),
+    }
+
+
+def _attempted(cfg) -> list[str]:  # noqa: ANN001
+    """Stages that ran (not a hit) in a plain run of the table, the failing one included."""
+    trail = stages.Trail()
+    try:
+        stages.run_all(cfg, trail=trail)
+    except Exception:  # noqa: BLE001 - a change that breaks the conversion still shows what reran
+        return [n for n, r in trail.records.items() if not r.cached] + [trail.current]
+    return [n for n, r in trail.records.items() if not r.cached]
+
+
+def test_each_config_field_reruns_exactly_the_stages_that_declare_it_and_those_after(tiny: Path) -> None:
+    base = load_config(tiny)
+    first = stages.run_all(base)
+    changes = _changes(tiny.parent)
+    assert sorted(changes) == sorted(stages.config_fields()), "a config field without a row here: say which stage it reruns"
+    evidence = first["infer-mapping"].evidence_digest is not None
+    wrong = []
+    for name, (overrides, expected_first) in changes.items():
+        # the table's own answer: the first stage that declares the field (or re-checks it, when the manifest used evidence)
+        declared = next(s.name for s in stages.STAGES
+                        if name in stages.expand(s.reads) or (evidence and name in stages.expand(s.rechecks)))
+        assert declared == expected_first, f"{name}: the stage table says {declared} reruns first, this test says {expected_first}"
+        cfg = load_config(tiny, overrides)
+        if name == "source.path":  # the reference does not match edited weights: compare with a baseline without it
+            stages.run_all(load_config(tiny, ["verify.reference_output=null"]))
+        ran = _attempted(cfg)
+        expected = ALL[ALL.index(expected_first):]
+        if ran != expected[: len(ran)] or not ran or (len(ran) < len(expected) and name not in ("model.kwargs", "convert.device")):
+            wrong.append(f"{name}: reran {ran}, expected {expected}")
+        stages.run_all(base)  # back to the baseline's entries (a re-checked manifest shares its key with the baseline's)
+    assert not wrong, "; ".join(wrong)

@@ -86,6 +86,51 @@ def test_no_stage_imports_another_stage():
     assert not bad, "a stage module imports another stage (move the shared piece into a domain module): " + "; ".join(bad)
 
 
+def _in_pipeline_order(found: list[str], order: list[str]) -> bool:
+    """Three or more of ``order`` appear in ``found`` in that order: a copy of the pipeline's sequence."""
+    seq = [order.index(x) for x in dict.fromkeys(found) if x in order]
+    return len(seq) >= 3 and seq == sorted(seq)
+
+
+def test_the_stage_sequence_is_defined_once():
+    """Only the stage table names the stages in order: no other list, tuple, set or dict literal of three or more."""
+    from np2torch.tasks import stages
+
+    assert len(set(stages.NAMES)) == len(stages.NAMES) == 6
+    copies = []
+    for name, path in imports.modules().items():
+        if name == "np2torch.tasks.stages":
+            continue
+        for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+            elts = node.keys if isinstance(node, ast.Dict) else node.elts if isinstance(node, (ast.List, ast.Tuple, ast.Set)) else None
+            found = [e.value for e in elts or () if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+            if _in_pipeline_order(found, stages.NAMES):
+                copies.append(f"{name}:{node.lineno} {found}")
+    assert not copies, "the stage sequence is written again outside tasks/stages.py (read stages.STAGES instead): " + "; ".join(copies)
+    # and the check sees a copy when there is one
+    assert _in_pipeline_order(["load-arrays", "x", "validate", "export"], stages.NAMES)
+    assert not _in_pipeline_order(["export", "validate", "load-arrays"], stages.NAMES)
+
+
+def test_no_module_outside_the_runner_imports_the_stage_modules_in_order():
+    """Only the runner drives the stages: no other module imports three or more stage modules (lazily
+    or not), nor names three of them in pipeline order (a preload list, a table of steps)."""
+    from np2torch.tasks import stages
+
+    order = [s.module for s in stages.STAGES]
+    assert set(order) == STAGE_MODULES
+    g = _graph()
+    assert g["np2torch.tasks.stages"] >= STAGE_MODULES  # the walker sees the runner's own (lazy) imports
+    runner = "np2torch.tasks.stages"
+    bad = [f"{m} imports {sorted(deps & STAGE_MODULES)}" for m, deps in g.items() if m != runner and len(deps & STAGE_MODULES) >= 3]
+    for name, path in imports.modules().items():
+        tree = ast.parse(path.read_bytes(), str(path))
+        named = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+        if name != runner and _in_pipeline_order(named, order):
+            bad.append(f"{name} names {[n for n in named if n in order]}")
+    assert not bad, "modules that run the stages themselves (use np2torch.tasks.stages.run_all): " + "; ".join(bad)
+
+
 def test_no_long_functions_in_tasks():
     long = []
     for f in sorted((REPO / "tasks").rglob("*.py")):
