@@ -50,7 +50,7 @@ def _publish(cfg: Config, record: dict[str, Any], exc: BaseException | None) -> 
     mpath = record.get("manifest_path")
     if mpath and Path(mpath).exists():
         rows = manifest.read_manifest(mpath)
-        create_table_artifact(key=f"{cfg.name}-manifest", table=[{c: r[c] for c in _TABLE_COLUMNS} for r in rows],
+        create_table_artifact(key=f"{cfg.name}-manifest", table=[{c: r.to_dict()[c] for c in _TABLE_COLUMNS} for r in rows],
                               description=f"np2torch manifest of {cfg.name}: one row per target tensor")
     if isinstance(exc, ValidationError) and exc.problems:
         create_table_artifact(key=f"{cfg.name}-validation-failures", table=[{k: str(v) for k, v in p.items()} for p in exc.problems],

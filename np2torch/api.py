@@ -95,7 +95,7 @@ class Manifest:
         """The manifest as ``manifest.csv`` holds it."""
         from np2torch.tasks.manifest import to_csv
 
-        return to_csv([r.to_dict() for r in self.rows])
+        return to_csv(list(self.rows))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -319,7 +319,7 @@ def _run_uncached(cfg: Config, work: Path, until: str) -> dict[str, Any]:
     return stages.run_all(cfg, call=stages.Local(cache=False, work=work), until=until)
 
 
-def _manifest_rows(cfg: Config, work: Path) -> list[dict[str, Any]]:
+def _manifest_rows(cfg: Config, work: Path) -> list[ManifestRow]:
     """Stages 1 and 2 (load-arrays, infer-mapping, evidence included): the manifest rows."""
     from np2torch.tasks.manifest import read_manifest
 
@@ -393,10 +393,10 @@ def load_into(model: nn.Module, source: str | Path, *, preset: str | None = None
         verified = recs.get("verify-forward-pass")
         cast = None if dtype is None or cfg.convert.dtype == "keep" else getattr(torch, cfg.convert.dtype)
         _fill(model, recs["convert-to-device"].file, rows, dtype=cast, device=dev)
-    return model, Manifest.from_dicts(rows, verification=verified.metrics if verified else None)
+    return model, Manifest(tuple(rows), verification=verified.metrics if verified else None)
 
 
-def _fill(model: nn.Module, weights: Path, rows: list[dict[str, Any]], *, dtype: Any, device: Any) -> None:
+def _fill(model: nn.Module, weights: Path, rows: list[ManifestRow], *, dtype: Any, device: Any) -> None:
     """Copy the converted tensors into ``model`` (assigned when it is on meta); allowed-missing targets keep their values."""
     from safetensors.torch import load_file
 
@@ -412,7 +412,7 @@ def _fill(model: nn.Module, weights: Path, rows: list[dict[str, Any]], *, dtype:
         model.to(dtype=dtype)
     if device is not None:
         model.to(device)
-    keep = {r["target_key"] for r in rows if r["status"] == "allowed_missing"}
+    keep = {r.target_key for r in rows if r.status == "allowed_missing"}
     result = model.load_state_dict({k: v for k, v in state.items() if k not in keep}, strict=False)
     left = [k for k in result.missing_keys if k not in keep]
     if left or result.unexpected_keys:  # convert_to_device proved the keys on a clone: this is a bug, not user input
@@ -423,7 +423,7 @@ def _fill(model: nn.Module, weights: Path, rows: list[dict[str, Any]], *, dtype:
 # plan and inspect: tables, nothing written
 
 
-def _validated(rows: list[dict[str, Any]], allow_nonfinite: bool) -> ConversionError | None:
+def _validated(rows: list[ManifestRow], allow_nonfinite: bool) -> ConversionError | None:
     from np2torch.tasks.validate import validate_manifest
 
     try:
@@ -433,10 +433,10 @@ def _validated(rows: list[dict[str, Any]], allow_nonfinite: bool) -> ConversionE
     return None
 
 
-def plan_rows(config: str | Path, overrides: Sequence[str] = ()) -> tuple[Config, list[dict[str, Any]], ConversionError | None]:
+def plan_rows(config: str | Path, overrides: Sequence[str] = ()) -> tuple[Config, list[ManifestRow], ConversionError | None]:
     """The config, the manifest rows it would use, and the validate stage's verdict (None: valid).
 
-    The stored (dict) form of :func:`plan`, without pandas for the table; ``np2torch plan`` prints it.
+    The typed rows of :func:`plan`, without pandas for the table; ``np2torch plan`` prints them.
     """
     from np2torch.tasks.config import load_config
 
@@ -452,7 +452,7 @@ _LOAD_OPTIONS: dict[str, Any] = {"preset": None, "strategy": "auto", "rules": ()
                                  "allow_nonfinite": False, "rtol": 1e-5, "atol": 1e-6}
 
 
-def _instance_plan_rows(model: nn.Module, source: str | Path, options: dict[str, Any]) -> tuple[list[dict[str, Any]], ConversionError | None]:
+def _instance_plan_rows(model: nn.Module, source: str | Path, options: dict[str, Any]) -> tuple[list[ManifestRow], ConversionError | None]:
     unknown = sorted(set(options) - set(_LOAD_OPTIONS))
     if unknown:
         raise TypeError(f"plan() got unexpected option(s) {unknown}; it takes load_into's: {sorted(_LOAD_OPTIONS)}")
@@ -490,7 +490,7 @@ def plan(config: str | Path | nn.Module, source: str | Path | None = None, *, ov
             raise TypeError("plan(model, source, ...): give the source file or folder of the weights")
         rows, problem = _instance_plan_rows(config, source, load_options)
         name = type(config).__name__
-    m = Manifest.from_dicts(rows, name=name)
+    m = Manifest(tuple(rows), name=name)
     df = m.df
     df.attrs.update(name=name, valid=problem is None, unverified=m.unverified,
                     problems=[dict(p) for p in problem.problems] if problem is not None and problem.problems

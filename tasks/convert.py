@@ -21,7 +21,6 @@ shape equal, and tied weights still tied.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import mmap
 import threading
@@ -41,7 +40,7 @@ from np2torch.tasks.bytework import WriteError, pwrite_all, reserve, start_write
 from np2torch.tasks.errors import ConvertError
 from np2torch.tasks.fingerprint import remember
 from np2torch.tasks.readers.access import ArrayRecord, open_array
-from np2torch.tasks.manifest import target_rows
+from np2torch.tasks.manifest import ManifestRow, target_rows
 from np2torch.tasks.model import build_model, describe_targets, materialize_missing
 from np2torch.tasks.progress import track
 from np2torch.tasks.st_io import MappedSafetensors, np_dtype_for, plan_header
@@ -50,12 +49,11 @@ from np2torch.tasks.state_dict import check_device, load_into_model  # noqa: F40
 __all__ = ["source_tensor", "write_converted", "load_into_model", "check_device", "convert_to_device"]
 
 
-def source_tensor(row: dict[str, Any], records: dict[str, ArrayRecord]) -> np.ndarray:
+def source_tensor(row: ManifestRow, records: dict[str, ArrayRecord]) -> np.ndarray:
     """The row's source array(s) after the transform: a view of the memory map where possible."""
-    spec = json.loads(row["transform_spec"])
-    sources = json.loads(row["sources"])
-    if row["status"] == "zeros":
-        return np.zeros(json.loads(row["target_shape"]), dtype=np.float32)
+    spec, sources = row.transform_spec, row.sources
+    if row.status == "zeros":
+        return np.zeros(row.target_shape, dtype=np.float32)
     parts = [T.apply(open_array(records[s]), spec) for s in sources]
     if row["concat"] != "":
         return np.concatenate([_native(p) for p in parts], axis=int(row["concat"]))
@@ -401,7 +399,7 @@ def write_converted(rows: list[dict[str, Any]], records: dict[str, ArrayRecord],
     (``progress`` gets each tensor's bytes once written)."""
     rows = target_rows(rows)
     by_key = {r["target_key"]: r for r in rows}
-    plan = [(r["target_key"], r["target_dtype"], tuple(json.loads(r["target_shape"]))) for r in rows]
+    plan = [(r.target_key, r.target_dtype, tuple(r.target_shape)) for r in rows]
     header, offsets = plan_header(plan, metadata or {})
     total = max([b for _, b in offsets.values()], default=len(header))
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -432,7 +430,7 @@ def write_converted(rows: list[dict[str, Any]], records: dict[str, ArrayRecord],
 
 def _target_bytes(row: dict[str, Any]) -> int:
     itemsize = torch.empty(0, dtype=getattr(torch, row["target_dtype"])).element_size()
-    return int(np.prod(json.loads(row["target_shape"]), dtype=np.int64)) * itemsize
+    return int(np.prod(row.target_shape, dtype=np.int64)) * itemsize
 
 
 def convert_to_device(rows: list[dict[str, Any]], records: list[ArrayRecord], *, model_target: str, model_kwargs: dict[str, Any],

@@ -299,10 +299,10 @@ def _map(cfg: Config, deps: Records, work: Path) -> dict[str, Any]:
     manifest.write_manifest(rows, work / "manifest.json")
     counts: dict[str, int] = {}
     for r in rows:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
-    ambiguous = any(r["target_key"] and (json.loads(r["candidates"]) or r["evidence"] not in ("", "{}")) for r in rows)
+        counts[r.status] = counts.get(r.status, 0) + 1
+    ambiguous = any(r.target_key and (r.candidates or r.evidence) for r in rows)
     return {"n_targets": len(manifest.target_rows(rows)), "status_counts": counts,
-            "unverified": [r["target_key"] for r in rows if r["target_key"] and not r["verified"]],
+            "unverified": [r.target_key for r in rows if r.target_key and not r.verified],
             "evidence_digest": _evidence_digest(cfg) if ambiguous else None}
 
 

@@ -74,7 +74,7 @@ def _record(name: str, metrics: dict[str, Any]) -> None:
 
 
 def evidence(row: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(row["evidence"])
+    return row["evidence"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +133,7 @@ def test_keras_cnn_without_reference_reports_the_flatten_row_unverified(tmp_path
     case = run_case(tmp_path, "keras-cnn-noref", p, f"{KERAS_CNN}:KerasCNN", CNN_KW, KERAS_MAPPING, x, None, until="mapping")
     fc1 = case["rows"]["fc1.weight"]
     assert not fc1["verified"] and float(fc1["confidence"]) <= 0.5
-    assert [c[-1][0] for c in json.loads(fc1["candidates"])] == ["flatten_nhwc_to_nchw", "transpose"]
+    assert [c[-1][0] for c in fc1["candidates"]] == ["flatten_nhwc_to_nchw", "transpose"]
     assert case["mapped"].unverified == ["fc1.weight"]
 
 
@@ -313,7 +313,7 @@ def test_vit_block_separate_qkv_into_fused_weight_by_rules(tmp_path: Path) -> No
     assert case["metrics"]["passed"] and case["metrics"]["max_abs_error"] < 1e-5
     qkv = rows["blocks.0.attn.qkv.weight"]
     assert qkv["source_key"] == " + ".join(f"blocks_0/attn/{n}/kernel" for n in ("query", "key", "value")) and qkv["concat"] == 0
-    assert json.loads(qkv["result_shape"]) == [3 * d, d]
+    assert qkv["result_shape"] == [3 * d, d]
     assert evidence(rows["blocks.0.attn.proj.weight"])["errors"]["as-is"] > 1e-3  # square proj: the reference decided
 
 
@@ -387,8 +387,8 @@ def test_square_mlp_without_reference_is_unverified_not_silently_chosen(tmp_path
     assert case["metrics"]["passed"] and case["metrics"]["reference"] is False  # shapes and finiteness only
     for i in range(3):
         row = case["rows"][f"layers.{i}.weight"]
-        assert not row["verified"] and float(row["confidence"]) <= 0.5 and row["evidence"] == "{}"
-        assert [json.dumps(c) for c in json.loads(row["candidates"])] == ["[]", '[["transpose", null]]']
+        assert not row["verified"] and float(row["confidence"]) <= 0.5 and row["evidence"] == {}
+        assert [json.dumps(c) for c in row["candidates"]] == ["[]", '[["transpose", null]]']
     assert case["mapped"].unverified == [f"layers.{i}.weight" for i in range(3)]
 
 

@@ -135,5 +135,5 @@ def unverified(rows: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
     """Unverified target rows → their candidates, as ``plan`` prints them."""
     from np2torch.tasks import transforms as T
 
-    return {k: [T.describe(c) or "as-is" for c in json.loads(r["candidates"])] for k, r in rows.items()
+    return {k: [T.describe(c) or "as-is" for c in r["candidates"]] for k, r in rows.items()
             if r["target_key"] and not r["verified"]}

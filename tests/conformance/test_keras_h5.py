@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from .keras_support import convert, keras, max_abs_error_of_export, write_case
+from .keras_support import convert, max_abs_error_of_export, write_case
 from .test_keras_branches import keras_branches
 from .test_keras_cnn import keras_cnn
 from .test_keras_depthwise import keras_depthwise
