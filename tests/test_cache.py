@@ -317,3 +317,18 @@ def test_each_config_field_reruns_exactly_the_stages_that_declare_it_and_those_a
             wrong.append(f"{name}: reran {ran}, expected {expected}")
         stages.run_all(base)  # back to the baseline's entries (a re-checked manifest shares its key with the baseline's)
     assert not wrong, "; ".join(wrong)
+
+
+def test_a_run_whose_every_stage_hits_imports_neither_torch_nor_pandera(tiny: Path) -> None:
+    """Keys hash code by file (the import closure, read with ast), never by importing it: a cached run stays light."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from np2torch.tasks import stages; from np2torch.tasks.config import load_config; "
+            f"recs = stages.run_all(load_config({str(tiny)!r})); "
+            "print([n for n, r in recs.items() if not r.cached], sorted(m for m in ('torch', 'pandera') if m in sys.modules))")
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, timeout=300)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == "[] []", again.stdout
