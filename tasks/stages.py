@@ -526,7 +526,7 @@ def run_all(cfg: Config, *, refresh: bool = False, call: Callable[..., StageReco
         t0 = time.perf_counter()
         try:
             keying = getattr(call, "key", lambda compute: compute())  # an executor may retry a transient read here
-            key = keying(lambda: key_of(stage, cfg, prev, values)) if keyed else ""
+            key = keying(lambda stage=stage, prev=prev: key_of(stage, cfg, prev, values)) if keyed else ""
             key_seconds = time.perf_counter() - t0
             rec = call(stage, cfg, {n: trail.records[n] for n in stage.needs}, key, refresh)
             t1 = time.perf_counter()

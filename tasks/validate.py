@@ -157,10 +157,11 @@ def _problem_for(name: str, row: pd.Series, key: str) -> Problem:
         return Problem(key, f"target {row['target_shape']} has no source array" + (f" ({row['note']})" if row["note"] else ""),
                        fix=_FIX[name])
     if name == "status_unused":
-        return Problem(key, f"source array {cell_text(row['source_shape'])} is not used by any target" + (f" ({row['note']})" if row["note"] else ""),
-                       fix=_FIX[name])
+        note = f" ({row['note']})" if row["note"] else ""
+        return Problem(key, f"source array {cell_text(row['source_shape'])} is not used by any target{note}", fix=_FIX[name])
     if name == "shape":
-        return Problem(key, f"source {row['source_key']} {cell_text(row['source_shape'])} with transform [{row['transform']}] gives the wrong shape",
+        src = f"{row['source_key']} {cell_text(row['source_shape'])}"
+        return Problem(key, f"source {src} with transform [{row['transform']}] gives the wrong shape",
                        expected=cell_text(row["target_shape"]), actual=cell_text(row["result_shape"]), fix=_FIX[name])
     if name == "finite":
         return Problem(key, f"source {row['source_key'] or key} holds {row['n_nonfinite']} NaN/Inf value(s)", fix=_FIX[name])
