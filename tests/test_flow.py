@@ -90,6 +90,16 @@ def test_convert_flow_caches_audits_and_publishes(prefect_harness, tmp_path: Pat
     assert not any(s["cached"] for s in fourth["stages"].values())
     assert {p: _sha(p) for p in outputs} == outputs
 
+    # 4b. result records a killed run left half-written are not read (nor deleted): the tasks run with
+    #     refresh_cache, answer from the intact stage cache and write whole records again
+    results = tmp_path / "np2torch-data" / "cache" / "prefect" / "results"
+    for f in results.iterdir():
+        f.write_bytes(f.read_bytes()[:20])
+    fifth = convert_config(config)
+    assert set(_task_states(fifth["run_id"]).values()) == {"Completed"}
+    assert all(s["cached"] for s in fifth["stages"].values()) and {p: _sha(p) for p in outputs} == outputs
+    assert set(_task_states(convert_config(config)["run_id"]).values()) == {"Cached"}
+
     # 5. the UI: markdown summary (inputs, outputs with hashes, verification, cache hits) and the manifest table
     md = _artifact("tiny-summary", second["run_id"])
     assert md.type == "markdown"
