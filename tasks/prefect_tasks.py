@@ -220,6 +220,7 @@ class Orchestrated:
 
     def key(self, compute: Any) -> str:
         for attempt in range(RETRIES + 1):
+            self.attempts = attempt + 1  # what the audit record says if the key cannot be computed
             try:
                 return compute()
             except Exception as exc:
