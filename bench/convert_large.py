@@ -178,21 +178,20 @@ def role_stages(config: Path, export_only: bool) -> dict:
     t1 = time.perf_counter()
     out: dict = {"import_s": t1 - t0, "rss_after_import_mb": maxrss(), "stages": {}}
 
-    def timed(name: str, fn, *a, **kw):
-        s = time.perf_counter()
-        rec = fn(*a, **kw)
-        out["stages"][name] = {"s": time.perf_counter() - s, "cached": bool(rec.get("_cached")), "maxrss_mb": maxrss()}
+    local = stages.Local()
+
+    def timed(stage, cfg, deps, key, refresh):  # the runner's executor, noting peak RSS after each stage
+        if stage.name == "export":
+            out["rss_before_export_mb"] = maxrss()
+        rec = local(stage, cfg, deps, key, refresh or (export_only and stage.name == "export"))
+        out["stages"][stage.name] = {"cached": bool(rec.cached), "maxrss_mb": maxrss()}
         return rec
 
-    loaded = timed("load-arrays", stages.load_arrays_stage, cfg)
-    mapped = timed("infer-mapping", stages.infer_mapping_stage, cfg, loaded)
-    validated = timed("validate", stages.validate_stage, cfg, mapped)
-    converted = timed("convert-to-device", stages.convert_stage, cfg, loaded, validated)
-    verified = timed("verify-forward-pass", stages.verify_stage, cfg, converted)
-    out["rss_before_export_mb"] = maxrss()
-    timed("export", stages.export_stage, cfg, loaded, validated, converted, verified, refresh=export_only)
+    recs = stages.run_all(cfg, call=timed)
+    for name, rec in recs.items():
+        out["stages"][name]["s"] = rec.seconds  # its key (hashing the sources) included
     out["work_s"] = time.perf_counter() - t1
-    out["verification"] = {k: verified["metrics"].get(k) for k in ("passed", "max_abs_error", "max_rel_error")}
+    out["verification"] = {k: recs["verify-forward-pass"].metrics.get(k) for k in ("passed", "max_abs_error", "max_rel_error")}
     return out
 
 

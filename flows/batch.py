@@ -30,7 +30,7 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.logging import get_run_logger
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from np2torch.flows.convert import convert_flow, run_tags
+from np2torch.flows.convert import convert_flow, flow_config, run_tags
 from np2torch.flows.reporting import print_table
 from np2torch.tasks import audit
 from np2torch.tasks.config import BatchConfig, load_batch_config, load_config
@@ -205,12 +205,12 @@ def convert_one(config_path: str, name: str, overrides: list[str] | None = None,
 
     t0 = time.perf_counter()
     try:
-        run_tag = run_tags(load_config(config_path, list(overrides or [])))
-    except ConversionError:
-        run_tag = ["np2torch", name]  # a broken config still runs, and fails in its own child run
+        cfg = load_config(config_path, list(overrides or []))
+        run_tag, params = run_tags(cfg), {"config": flow_config(cfg)}  # the child runs this parse
+    except ConversionError:  # a broken config still runs, and fails in its own child run
+        run_tag, params = ["np2torch", name], {"config_path": config_path, "overrides": list(overrides or [])}
     with tags(*run_tag):
-        state = convert_flow.with_options(flow_run_name=name)(config_path=config_path, overrides=list(overrides or []), refresh=refresh,
-                                                              return_state=True)
+        state = convert_flow.with_options(flow_run_name=name)(**params, refresh=refresh, return_state=True)
     flow_run_id = str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None
     if state.is_completed():
         return summary_row(name, state.result(), status="success", flow_run_id=flow_run_id)

@@ -13,10 +13,13 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from np2torch.flows.reporting import fmt3, print_table
 from np2torch.tasks.errors import ConversionError
+
+if TYPE_CHECKING:
+    from np2torch.tasks.manifest import ManifestRow
 
 __all__ = ["main", "build_parser"]
 
@@ -27,7 +30,7 @@ __all__ = ["main", "build_parser"]
 def cmd_convert(args: argparse.Namespace) -> int:
     from np2torch.flows.preflight import preflight_convert
 
-    api = preflight_convert(args.config, args.set)  # config, paths, model target, Prefect API: before Prefect starts
+    cfg, api = preflight_convert(args.config, args.set)  # config, paths, model target, Prefect API: before Prefect starts
     code = _in_warm_runner(api, args)
     if code is not None:
         return code
@@ -39,7 +42,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         early.wait()
 
     quiet_expected_tracebacks()
-    record = convert_config(args.config, args.set, refresh=args.refresh)
+    record = convert_config(cfg, refresh=args.refresh)
     v = record.get("verification") or {}
     where = " (warm runner)" if os.environ.get("NP2TORCH_IN_RUNNER") else ""
     print(f"np2torch: {record['name']} converted ({record['status']}) in {record['seconds']:.2f}s{where}")
@@ -72,18 +75,18 @@ def _early_server(api: Any) -> Any:
     return start_temporary_early(api)
 
 
-def _status_cell(r: dict[str, Any]) -> str:
-    if r["status"] != "mapped":
-        return r["status"]
-    return "mapped" if r["verified"] else "mapped, UNVERIFIED"
+def _status_cell(r: ManifestRow) -> str:
+    if r.status != "mapped":
+        return r.status
+    return "mapped" if r.verified else "mapped, UNVERIFIED"
 
 
-def _candidates_cell(r: dict[str, Any]) -> str:
+def _candidates_cell(r: ManifestRow) -> str:
     """``[transpose] 3e-08 (chosen) | [as-is] 1.2`` with evidence, else the plain list of layouts."""
-    cands = json.loads(r["candidates"])
+    cands = r.candidates
     if not cands:
         return ""
-    ev = json.loads(r["evidence"] or "{}")
+    ev = r.evidence
     errors = ev.get("errors", {})
     cells = []
     for c in cands:
@@ -94,12 +97,13 @@ def _candidates_cell(r: dict[str, Any]) -> str:
     return " | ".join(cells)
 
 
-def _plan_table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _plan_table_rows(rows: list[ManifestRow]) -> list[dict[str, Any]]:
+    """The target rows as the table prints them (list cells as the manifest writes them)."""
     from np2torch.tasks.manifest import target_rows
 
-    return [{**r, "source": r["source_key"] or ("(" + r["tied_to"] + ")" if r["tied_to"] else ""), "shape": r["target_shape"],
-             "transform": r["transform"] or ("as-is" if r["status"] == "mapped" and r["how"] != "tied" else ""),
-             "confidence": f"{float(r['confidence']):.2f}", "candidates": _candidates_cell(r), "status": _status_cell(r)}
+    return [{**r.to_dict(), "source": r.source_key or ("(" + r.tied_to + ")" if r.tied_to else ""), "shape": r.to_dict()["target_shape"],
+             "transform": r.transform or ("as-is" if r.status == "mapped" and r.how != "tied" else ""),
+             "confidence": f"{float(r.confidence):.2f}", "candidates": _candidates_cell(r), "status": _status_cell(r)}
             for r in target_rows(rows)]
 
 
@@ -109,12 +113,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     os.environ["NP2TORCH_READ_ONLY"] = "1"  # plan writes nothing, not even the stat cache
     cfg, rows, problem = plan_rows(args.config, args.set)
-    unverified = [r["target_key"] for r in target_rows(rows) if not r["verified"]]
+    unverified = [r.target_key for r in target_rows(rows) if not r.verified]
     if args.format == "csv":
         sys.stdout.write(to_csv(rows))
     elif args.format == "json":
-        print(json.dumps({"name": cfg.name, "rows": rows, "valid": problem is None, "unverified": unverified,
-                          "unused": [r["source_key"] for r in unused_rows(rows) if r["status"] == "unused"],
+        print(json.dumps({"name": cfg.name, "rows": [r.to_dict() for r in rows], "valid": problem is None, "unverified": unverified,
+                          "unused": [r.source_key for r in unused_rows(rows) if r.status == "unused"],
                           "problems": problem.to_record()["problems"] if problem else []}, indent=2))
     else:
         trows = _plan_table_rows(rows)
@@ -128,7 +132,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print_table(trows, cols, max_width={"candidates": 160, "transform": 80}, total_width=width, shrink_first=["source", "target_key"])
         unused = unused_rows(rows)
         print(f"\nUnused source keys ({len(unused)}):")
-        print_table(unused, ["source_key", "source_shape", "source_dtype", "status", "note"], total_width=width)
+        print_table([r.to_dict() for r in unused], ["source_key", "source_shape", "source_dtype", "status", "note"], total_width=width)
         if unverified:
             print(f"\n{len(unverified)} row(s) are unverified: several layouts fit their shapes. Give verify.reference_output "
                   "(and verify.input) so np2torch can choose by evidence, or state the layout with a rule"

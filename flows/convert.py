@@ -1,13 +1,14 @@
 """The ``convert`` flow: one model, six stages, one audit record.
 
-The flow only calls the stages in order (each a Prefect task with retries for transient I/O),
-then records what happened, success or failure, in ``report.json`` and the audit log, and
-publishes the manifest table and a summary to the Prefect UI.
+The flow runs the pipeline's one runner (:func:`np2torch.tasks.stages.run_conversion`) with each
+stage as a Prefect task (retries for transient I/O), which records what happened, success or
+failure, in ``report.json`` and the audit log; the flow publishes the manifest table and a
+summary to the Prefect UI. It runs the config the caller checked (:func:`flow_config`), never
+reading the file again.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,110 +16,33 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
-from np2torch.tasks import audit, manifest
+from np2torch.tasks import audit, manifest, stages
 from np2torch.tasks.config import Config, load_config
-from np2torch.tasks.progress import RunProgress, current_run
 from np2torch.tasks.errors import ConversionError, ValidationError
-from np2torch.tasks.prefect_tasks import attempts_of, configured_tasks
-from np2torch.tasks.stages import STAGES
+from np2torch.tasks.prefect_tasks import Orchestrated
+from np2torch.tasks.progress import RunProgress
 
-__all__ = ["convert_flow", "run_conversion", "convert_config"]
+__all__ = ["convert_flow", "run_conversion", "convert_config", "flow_config"]
 
 # the manifest table in the UI: the columns a reviewer checks, narrow enough for 1440 px
 # (source shape, fingerprints and evidence are in manifest.csv and `np2torch plan`)
 _TABLE_COLUMNS = ["target_key", "source_key", "transform", "target_shape", "status", "confidence"]
 
 
-def _stage_entry(rec: dict[str, Any]) -> dict[str, Any]:
-    return {"cached": bool(rec.get("_cached")), "seconds": round(float(rec.get("_seconds", 0.0)), 4), "attempts": int(rec.get("_attempts", 1)),
-            "key": rec.get("key"), "prefect_cached": bool(rec.get("_prefect_cached")), "wall_seconds": round(float(rec.get("_wall_seconds", 0.0)), 4)}
-
-
-class _StageFailed(Exception):
-    """Carries a failed stage's timing and attempts to the audit record (never escapes)."""
-
-
-def _call(t: Any, stage: str, attempts: dict[str, dict[str, Any]], *args: Any) -> dict[str, Any]:
-    """Run one stage task; note how it went (cached, seconds, attempts) even when it fails."""
-    run = current_run()
-    if run is not None:
-        run.stage_begin(stage)
-    t0 = time.perf_counter()
-    state = t(*args, return_state=True)
-    seconds = time.perf_counter() - t0
-    n = attempts_of(state.state_details.task_run_id) if state.state_details.task_run_id else 0
-    prefect_cached = state.name == "Cached"
-    attempts[stage] = {"cached": prefect_cached, "seconds": round(seconds, 4), "attempts": n}
-    rec = dict(state.result(raise_on_failure=True))  # raises the stage's own exception
-    if prefect_cached:
-        get_run_logger().info("%s: cache hit (artifacts re-checked) in %.3fs", stage, seconds)
-        # Prefect answered from its record (after the policy proved the artifacts intact):
-        # nothing ran, so this run's timing and attempts replace the stored ones
-        rec.update(_cached=True, _prefect_cached=True, _seconds=seconds, _attempts=0)
-    else:
-        # ``_seconds`` stays the stage's own time, the one its "computed in X s" log line
-        # printed; the task call's wall time (Prefect's bookkeeping included) is kept beside it
-        rec.update(_attempts=n, _compute_seconds=rec.get("_seconds"))
-    rec["_wall_seconds"] = seconds
-    if run is not None:
-        run.stage_end(stage, f"{'cache hit' if rec.get('_cached') else 'computed'} in {float(rec['_seconds']):.3g} s")
-    return rec
-
-
 def run_conversion(cfg: Config, *, refresh: bool = False, run_id: str | None = None) -> dict[str, Any]:
-    """Run the six stages in order; always write the audit record; return it."""
-    record: dict[str, Any] = {"run_id": run_id, "name": cfg.name, "started_at": audit.now(), "status": "running",
-                              "config_sha256": cfg.digest(), "config": cfg._raw, "overrides": list(cfg._overrides), "refresh": refresh,
-                              "inputs": [], "mapping_sha256": None, "outputs": [],
-                              "verification": None, "stages": {}, "versions": audit.versions(), "error": None}
-    recs: dict[str, dict[str, Any]] = {}
-    tried: dict[str, dict[str, Any]] = {}
-    t = configured_tasks(refresh=refresh)
-    t0 = time.perf_counter()
-    current = STAGES[0]
-    try:
-        # 1. headers and fingerprints of every source array
-        current = "load-arrays"
-        recs[current] = loaded = _call(t[current], current, tried, cfg, refresh)
-        record["inputs"] = loaded["inputs"]
-        # 2. the manifest: which source feeds which target, with which transform
-        current = "infer-mapping"
-        recs[current] = mapped = _call(t[current], current, tried, cfg, loaded, refresh)
-        # 3. every check on the manifest at once
-        current = "validate"
-        recs[current] = validated = _call(t[current], current, tried, cfg, mapped, refresh)
-        record["mapping_sha256"] = validated["mapping_sha256"]
-        # 4. cast, transform, write; strict load on the device
-        current = "convert-to-device"
-        recs[current] = converted = _call(t[current], current, tried, cfg, loaded, validated, refresh)
-        # 5. forward pass against the reference
-        current = "verify-forward-pass"
-        recs[current] = verified = _call(t[current], current, tried, cfg, converted, refresh)
-        record["verification"] = verified["metrics"]
-        # 6. files, atomically, re-checked
-        current = "export"
-        recs[current] = exported = _call(t[current], current, tried, cfg, loaded, validated, converted, verified, refresh)
-        record["outputs"] = exported["outputs"]
-        record["status"] = "success"
-    except ConversionError as exc:
-        record["status"] = "failed"
-        record["error"] = exc.to_record()
-        raise
-    except BaseException as exc:
-        record["status"] = "failed"
-        record["error"] = {"type": type(exc).__name__, "stage": current, "message": str(exc)}
-        raise
-    finally:
-        record["stages"] = {name: _stage_entry(r) for name, r in recs.items()}
-        if record["status"] == "failed":
-            record["stages"][current] = {**tried.get(current, {"seconds": 0.0, "attempts": 0}), "cached": False, "failed": True}
-        record["finished_at"] = audit.now()
-        record["seconds"] = round(time.perf_counter() - t0, 4)
-        record["manifest_path"] = str(Path(recs["infer-mapping"]["_entry"]) / "manifest.json") if "infer-mapping" in recs else None
-        if record["status"] == "success":
-            audit.write_report(record, cfg.export.dir)
-        audit.append_record(record)
-    return record
+    """The pipeline with each stage as a Prefect task (:class:`Orchestrated`); the audit record as every caller's."""
+    return stages.run_conversion(cfg, refresh=refresh, run_id=run_id, call=Orchestrated())
+
+
+def flow_config(cfg: Config) -> dict[str, Any]:
+    """A checked config as the flow's parameter: small, JSON, resolved (the flow does not read the file again)."""
+    return {"resolved": cfg.model_dump(mode="json"), "raw": cfg._raw, "overrides": list(cfg._overrides)}
+
+
+def _from_flow_config(params: dict[str, Any]) -> Config:
+    cfg = Config.model_validate(params["resolved"])
+    cfg._raw, cfg._overrides = params["raw"], list(params["overrides"])
+    return cfg
 
 
 def _publish(cfg: Config, record: dict[str, Any], exc: BaseException | None) -> None:
@@ -126,7 +50,7 @@ def _publish(cfg: Config, record: dict[str, Any], exc: BaseException | None) -> 
     mpath = record.get("manifest_path")
     if mpath and Path(mpath).exists():
         rows = manifest.read_manifest(mpath)
-        create_table_artifact(key=f"{cfg.name}-manifest", table=[{c: r[c] for c in _TABLE_COLUMNS} for r in rows],
+        create_table_artifact(key=f"{cfg.name}-manifest", table=[{c: r.to_dict()[c] for c in _TABLE_COLUMNS} for r in rows],
                               description=f"np2torch manifest of {cfg.name}: one row per target tensor")
     if isinstance(exc, ValidationError) and exc.problems:
         create_table_artifact(key=f"{cfg.name}-validation-failures", table=[{k: str(v) for k, v in p.items()} for p in exc.problems],
@@ -183,19 +107,25 @@ def _state_message(exc: BaseException, name: str) -> str:
 
 
 @flow(name="np2torch-convert", validate_parameters=False)
-def convert_flow(config_path: str, overrides: list[str] | None = None, refresh: bool = False) -> Any:
-    """Convert one model described by a config file (SPEC stages, cached, retried, audited)."""
+def convert_flow(config: dict[str, Any] | None = None, refresh: bool = False, config_path: str | None = None,
+                 overrides: list[str] | None = None) -> Any:
+    """Convert one model (SPEC stages, cached, retried, audited): ``config`` as :func:`flow_config` gives it.
+
+    ``config_path`` (+ ``overrides``) instead only for a config the caller could not load (a
+    batch entry), so that its error is this run's failure.
+    """
     from prefect.context import TagsContext
     from prefect.runtime import flow_run
     from prefect.states import Failed
 
-    cfg = load_config(config_path, overrides or [])
+    cfg = _from_flow_config(config) if config is not None else load_config(config_path, overrides or [])
     exc: BaseException | None = None
     record: dict[str, Any] = {}
     try:
         # the run's tags (name, dtype, device) stay on the flow run: a tagged task run would ask the
         # API for tag concurrency slots at each start (~0.4 s per stage against a local server)
-        with TagsContext(current_tags=set()), RunProgress(key=f"{cfg.name}-progress", description=f"np2torch {cfg.name}"):
+        with TagsContext(current_tags=set()), RunProgress(key=f"{cfg.name}-progress", description=f"np2torch {cfg.name}",
+                                                                 weights={s.name: s.weight for s in stages.STAGES}):
             record = run_conversion(cfg, refresh=refresh, run_id=str(flow_run.id) if flow_run.id else None)
         return record
     except ConversionError as e:
@@ -228,9 +158,13 @@ def run_tags(cfg: Config) -> list[str]:
     return ["np2torch", cfg.name, f"dtype:{cfg.convert.dtype}", f"device:{cfg.convert.device}"]
 
 
-def convert_config(config_path: str | Path, overrides: list[str] | None = None, refresh: bool = False) -> dict[str, Any]:
+def convert_config(config: str | Path | Config, overrides: list[str] | None = None, refresh: bool = False) -> dict[str, Any]:
     """Check everything that needs no stage, pick the Prefect API, then run the flow (named and tagged
-    after the conversion); print the run's UI address when it went to a lasting server."""
+    after the conversion); print the run's UI address when it went to a lasting server.
+
+    ``config`` is a path (loaded here, with ``overrides``) or a config already loaded and checked
+    (the CLI's preflight result): either way the flow runs that one parse.
+    """
     import sys
 
     from prefect import tags
@@ -238,12 +172,14 @@ def convert_config(config_path: str | Path, overrides: list[str] | None = None, 
     from np2torch.flows.preflight import check_config
     from np2torch.flows.server import choose_api, run_url, using_api
 
-    cfg = load_config(config_path, overrides or [])  # config errors surface before Prefect starts
-    check_config(cfg)
+    if isinstance(config, Config):
+        cfg = config
+    else:
+        cfg = load_config(config, overrides or [])  # config errors surface before Prefect starts
+        check_config(cfg)
     api = choose_api()
     with using_api(api), tags(*run_tags(cfg)):
-        state = convert_flow.with_options(flow_run_name=cfg.name)(config_path=str(Path(config_path).resolve()), overrides=list(overrides or []),
-                                                                  refresh=refresh, return_state=True)
+        state = convert_flow.with_options(flow_run_name=cfg.name)(config=flow_config(cfg), refresh=refresh, return_state=True)
     url = run_url(api, str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None)
     if url:
         print(f"np2torch: run in the Prefect UI: {url}", file=sys.stderr)

@@ -128,12 +128,14 @@ def check_config(cfg: Config) -> None:
     raise first
 
 
-def preflight_convert(config: str | Path, overrides: list[str] | None = None) -> Any:
-    """Config schema, paths, model target, then the Prefect API; return the chosen API."""
+def preflight_convert(config: str | Path, overrides: list[str] | None = None) -> tuple[Config, Any]:
+    """Config schema, paths, model target, then the Prefect API; return the checked config (what the
+    flow runs: the file is parsed once per command) and the chosen API."""
     from np2torch.flows.server import choose_api
 
-    check_config(load_config(config, list(overrides or [])))
-    return choose_api()
+    cfg = load_config(config, list(overrides or []))
+    check_config(cfg)
+    return cfg, choose_api()
 
 
 def preflight_batch(batch_config: str | Path, overrides: list[str] | None = None) -> Any:

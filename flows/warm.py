@@ -236,9 +236,9 @@ def _changed(snapshot: dict[str, tuple[int, int]]) -> str | None:
 
 # what a conversion imports, by name: the runner sits beside the CLI (it runs the CLI's entry point
 # in each child), so it names the modules it preloads rather than importing them as a dependency
+# (then every stage's domain module, from the stage table)
 PRELOAD = ("torch", "torch.fx", "pandas", "pandera.pandas", "safetensors.torch", "np2torch.flows.cli", "np2torch.flows.convert",
-           "np2torch.flows.batch", "np2torch.tasks.prefect_tasks", "np2torch.tasks.infer_mapping", "np2torch.tasks.validate",
-           "np2torch.tasks.convert", "np2torch.tasks.verify", "np2torch.tasks.export")
+           "np2torch.flows.batch", "np2torch.tasks.prefect_tasks")
 ENTRY = "np2torch.flows.cli:main"  # what each child runs, with the command's arguments
 
 
@@ -263,6 +263,8 @@ def _warm_up() -> None:
     baseline = _native_threads()
     for name in PRELOAD:
         importlib.import_module(name)
+    for stage in importlib.import_module("np2torch.tasks.stages").STAGES:
+        importlib.import_module(stage.module)
     with torch.device("meta"):
         m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(),
                                 torch.nn.Linear(144, 8), torch.nn.LayerNorm(8))

@@ -23,7 +23,6 @@ import copy
 import itertools
 import os
 import tempfile
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,7 +95,7 @@ class Manifest:
         """The manifest as ``manifest.csv`` holds it."""
         from np2torch.tasks.manifest import to_csv
 
-        return to_csv([r.to_dict() for r in self.rows])
+        return to_csv(list(self.rows))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -313,16 +312,18 @@ def _instance_config(model: nn.Module, source: str | Path, target: str, tmp: Pat
         raise _pydantic_to_config_error(exc, "the load_into arguments") from None
 
 
-def _manifest_rows(cfg: Config) -> tuple[list[Any], list[dict[str, Any]]]:
-    """Stages 1 and 2: the array table of the source, then the manifest (evidence included)."""
-    from np2torch.tasks import infer_mapping, load_arrays
+def _run_uncached(cfg: Config, work: Path, until: str) -> dict[str, Any]:
+    """The pipeline's runner up to ``until``, cache off: every artifact in ``work`` (a temporary folder)."""
+    from np2torch.tasks import stages
 
-    build = getattr(infer_mapping, "build_manifest", None)
-    if build is None:  # the mapping stage's entry before it moved into infer_mapping
-        from np2torch.tasks.evidence import build_manifest as build
-    src = cfg.source
-    records = load_arrays.scan_source(src.path, fmt=src.format, allow_pickle=src.allow_pickle, key_prefix=src.key_prefix)
-    return records, build(cfg, records)
+    return stages.run_all(cfg, call=stages.Local(cache=False, work=work), until=until)
+
+
+def _manifest_rows(cfg: Config, work: Path) -> list[ManifestRow]:
+    """Stages 1 and 2 (load-arrays, infer-mapping, evidence included): the manifest rows."""
+    from np2torch.tasks.manifest import read_manifest
+
+    return read_manifest(_run_uncached(cfg, work, "infer-mapping")["infer-mapping"].path("manifest.json"))
 
 
 def load_into(model: nn.Module, source: str | Path, *, preset: str | None = None, strategy: str = "auto", rules: Sequence[Any] = (),
@@ -375,10 +376,8 @@ def load_into(model: nn.Module, source: str | Path, *, preset: str | None = None
     import torch
     from torch import nn
 
-    from np2torch.tasks.convert import convert_to_device
+    from np2torch.tasks.manifest import read_manifest
     from np2torch.tasks.state_dict import check_device
-    from np2torch.tasks.validate import validate_manifest
-    from np2torch.tasks.verify import verify_forward_pass
 
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model is a {type(model).__name__}, not an nn.Module", key="model", fix="pass a model instance, e.g. Net()")
@@ -387,20 +386,17 @@ def load_into(model: nn.Module, source: str | Path, *, preset: str | None = None
                                allow_missing=allow_missing, reference=reference, dtype=dtype, device=device, source_format=source_format,
                                allow_pickle=allow_pickle, key_prefix=key_prefix, allow_nonfinite=allow_nonfinite, rtol=rtol, atol=atol)
         dev = check_device(cfg.convert.device) if device is not None else None
-        records, rows = _manifest_rows(cfg)  # 1. load-arrays, 2. infer-mapping
-        validate_manifest(rows, allow_nonfinite=allow_nonfinite)  # 3. validate
-        weights = Path(tmp) / "model.safetensors"
-        # 4. convert-to-device: cast and transform into a file, proven to load strictly into a clone
-        convert_to_device(rows, records, model_target=target, model_kwargs={}, device=cfg.convert.device, out_path=weights)
-        metrics = None
-        if cfg.verify.input is not None:  # 5. verify-forward-pass, on a clone loaded from that file
-            metrics = verify_forward_pass(model_target=target, model_kwargs={}, weights=weights, spec=cfg.verify, device=cfg.convert.device)
+        # load-arrays … convert-to-device (cast and transform into a file, proven to load strictly into a clone),
+        # then verify-forward-pass on a clone loaded from that file when there is a reference
+        recs = _run_uncached(cfg, Path(tmp) / "work", "verify-forward-pass" if cfg.verify.input is not None else "convert-to-device")
+        rows = read_manifest(recs["validate"].path("manifest.json"))
+        verified = recs.get("verify-forward-pass")
         cast = None if dtype is None or cfg.convert.dtype == "keep" else getattr(torch, cfg.convert.dtype)
-        _fill(model, weights, rows, dtype=cast, device=dev)
-    return model, Manifest.from_dicts(rows, verification=metrics)
+        _fill(model, recs["convert-to-device"].file, rows, dtype=cast, device=dev)
+    return model, Manifest(tuple(rows), verification=verified.metrics if verified else None)
 
 
-def _fill(model: nn.Module, weights: Path, rows: list[dict[str, Any]], *, dtype: Any, device: Any) -> None:
+def _fill(model: nn.Module, weights: Path, rows: list[ManifestRow], *, dtype: Any, device: Any) -> None:
     """Copy the converted tensors into ``model`` (assigned when it is on meta); allowed-missing targets keep their values."""
     from safetensors.torch import load_file
 
@@ -416,7 +412,7 @@ def _fill(model: nn.Module, weights: Path, rows: list[dict[str, Any]], *, dtype:
         model.to(dtype=dtype)
     if device is not None:
         model.to(device)
-    keep = {r["target_key"] for r in rows if r["status"] == "allowed_missing"}
+    keep = {r.target_key for r in rows if r.status == "allowed_missing"}
     result = model.load_state_dict({k: v for k, v in state.items() if k not in keep}, strict=False)
     left = [k for k in result.missing_keys if k not in keep]
     if left or result.unexpected_keys:  # convert_to_device proved the keys on a clone: this is a bug, not user input
@@ -427,7 +423,7 @@ def _fill(model: nn.Module, weights: Path, rows: list[dict[str, Any]], *, dtype:
 # plan and inspect: tables, nothing written
 
 
-def _validated(rows: list[dict[str, Any]], allow_nonfinite: bool) -> ConversionError | None:
+def _validated(rows: list[ManifestRow], allow_nonfinite: bool) -> ConversionError | None:
     from np2torch.tasks.validate import validate_manifest
 
     try:
@@ -437,16 +433,16 @@ def _validated(rows: list[dict[str, Any]], allow_nonfinite: bool) -> ConversionE
     return None
 
 
-def plan_rows(config: str | Path, overrides: Sequence[str] = ()) -> tuple[Config, list[dict[str, Any]], ConversionError | None]:
+def plan_rows(config: str | Path, overrides: Sequence[str] = ()) -> tuple[Config, list[ManifestRow], ConversionError | None]:
     """The config, the manifest rows it would use, and the validate stage's verdict (None: valid).
 
-    The stored (dict) form of :func:`plan`, without pandas for the table; ``np2torch plan`` prints it.
+    The typed rows of :func:`plan`, without pandas for the table; ``np2torch plan`` prints them.
     """
     from np2torch.tasks.config import load_config
 
     cfg = load_config(config, list(overrides))
-    with _read_only():
-        _, rows = _manifest_rows(cfg)
+    with tempfile.TemporaryDirectory(prefix="np2torch-plan-") as tmp, _read_only():
+        rows = _manifest_rows(cfg, Path(tmp))
     return cfg, rows, _validated(rows, cfg.source.allow_nonfinite)
 
 
@@ -456,14 +452,14 @@ _LOAD_OPTIONS: dict[str, Any] = {"preset": None, "strategy": "auto", "rules": ()
                                  "allow_nonfinite": False, "rtol": 1e-5, "atol": 1e-6}
 
 
-def _instance_plan_rows(model: nn.Module, source: str | Path, options: dict[str, Any]) -> tuple[list[dict[str, Any]], ConversionError | None]:
+def _instance_plan_rows(model: nn.Module, source: str | Path, options: dict[str, Any]) -> tuple[list[ManifestRow], ConversionError | None]:
     unknown = sorted(set(options) - set(_LOAD_OPTIONS))
     if unknown:
         raise TypeError(f"plan() got unexpected option(s) {unknown}; it takes load_into's: {sorted(_LOAD_OPTIONS)}")
     opts = {**_LOAD_OPTIONS, **options}
     with tempfile.TemporaryDirectory(prefix="np2torch-plan-") as tmp, _read_only(), _registered(model) as target:
         cfg = _instance_config(model, source, target, Path(tmp), **opts)
-        _, rows = _manifest_rows(cfg)
+        rows = _manifest_rows(cfg, Path(tmp) / "work")
     return rows, _validated(rows, opts["allow_nonfinite"])
 
 
@@ -494,7 +490,7 @@ def plan(config: str | Path | nn.Module, source: str | Path | None = None, *, ov
             raise TypeError("plan(model, source, ...): give the source file or folder of the weights")
         rows, problem = _instance_plan_rows(config, source, load_options)
         name = type(config).__name__
-    m = Manifest.from_dicts(rows, name=name)
+    m = Manifest(tuple(rows), name=name)
     df = m.df
     df.attrs.update(name=name, valid=problem is None, unverified=m.unverified,
                     problems=[dict(p) for p in problem.problems] if problem is not None and problem.problems
@@ -565,60 +561,20 @@ def convert(config: str | Path, *, overrides: Sequence[str] = (), refresh: bool 
     """
     from np2torch.tasks.config import load_config
 
-    cfg = load_config(config, list(overrides))  # config errors surface before anything starts
+    cfg = load_config(config, list(overrides))  # config errors surface before anything starts: parsed once
     if orchestrate:
         from np2torch.flows.runtime import configure_prefect, quiet_expected_tracebacks
 
         configure_prefect()
         from np2torch.flows.convert import convert_config
+        from np2torch.flows.preflight import check_config
 
         quiet_expected_tracebacks()
-        record = convert_config(config, list(overrides), refresh=refresh)
+        check_config(cfg)
+        record = convert_config(cfg, refresh=refresh)
     else:
-        record = _run_plain(cfg, refresh=refresh)
+        from np2torch.tasks.stages import run_conversion
+
+        record = run_conversion(cfg, refresh=refresh)  # the same runner and audit record, stages as plain functions
     report = Path(cfg.export.dir) / "report.json"
     return ConversionResult.from_record(record, record_path=report if report.is_file() else None)
-
-
-def _run_plain(cfg: Config, *, refresh: bool) -> dict[str, Any]:
-    """The six stages without Prefect, recorded like the flow records them (report.json, audit log)."""
-    from np2torch.tasks import audit, stages
-
-    record: dict[str, Any] = {"run_id": None, "name": cfg.name, "started_at": audit.now(), "status": "running", "config_sha256": cfg.digest(),
-                              "config": cfg._raw, "inputs": [], "mapping_sha256": None, "outputs": [], "verification": None, "stages": {},
-                              "versions": audit.versions(), "error": None}
-    t0 = time.perf_counter()
-    done: dict[str, dict[str, Any]] = {}
-    calls = [("load-arrays", lambda: stages.load_arrays_stage(cfg, refresh=refresh)),
-             ("infer-mapping", lambda: stages.infer_mapping_stage(cfg, done["load-arrays"], refresh=refresh)),
-             ("validate", lambda: stages.validate_stage(cfg, done["infer-mapping"], refresh=refresh)),
-             ("convert-to-device", lambda: stages.convert_stage(cfg, done["load-arrays"], done["validate"], refresh=refresh)),
-             ("verify-forward-pass", lambda: stages.verify_stage(cfg, done["convert-to-device"], refresh=refresh)),
-             ("export", lambda: stages.export_stage(cfg, done["load-arrays"], done["validate"], done["convert-to-device"],
-                                                    done["verify-forward-pass"], refresh=refresh))]
-    try:
-        for name, call in calls:
-            s0 = time.perf_counter()
-            try:
-                done[name] = call()
-            except BaseException:
-                record["stages"][name] = {"cached": False, "seconds": round(time.perf_counter() - s0, 4), "attempts": 1, "failed": True}
-                raise
-            record["stages"][name] = {"cached": bool(done[name].get("_cached")), "seconds": round(time.perf_counter() - s0, 4), "attempts": 1,
-                                      "key": done[name].get("key")}
-        record.update(status="success", inputs=done["load-arrays"]["inputs"], mapping_sha256=done["validate"]["mapping_sha256"],
-                      verification=done["verify-forward-pass"]["metrics"], outputs=done["export"]["outputs"])
-    except ConversionError as exc:
-        record.update(status="failed", error=exc.to_record())
-        raise
-    except BaseException as exc:
-        record.update(status="failed", error={"type": type(exc).__name__, "stage": next(iter(reversed(record["stages"])), None),
-                                              "message": str(exc)})
-        raise
-    finally:
-        record["finished_at"] = audit.now()
-        record["seconds"] = round(time.perf_counter() - t0, 4)
-        if record["status"] == "success":
-            audit.write_report(record, cfg.export.dir)
-        audit.append_record(record)
-    return record

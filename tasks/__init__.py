@@ -1,16 +1,17 @@
 """np2torch stages: one module per pipeline stage plus the domain modules they share.
 
 Read the pipeline top to bottom: ``load_arrays`` → ``infer_mapping`` → ``validate`` →
-``convert`` → ``verify`` → ``export``. Each stage is a plain function on plain data; the
-Prefect ``@task`` wrappers live in ``np2torch.tasks.prefect_tasks`` and add caching, retries and
-logging, nothing else. ``np2torch.tasks.stages`` chains them and computes each stage's content key.
+``convert`` → ``verify`` → ``export``. Each stage is a plain function on plain data. The stage
+table and its one runner live in ``np2torch.tasks.stages`` (what each stage reads, needs and
+re-checks; its content key); ``np2torch.tasks.prefect_tasks`` makes one Prefect task per row and
+adds caching, retries and logging, nothing else.
 
 Three caches, from the outside in (docs/architecture.md has the whole picture):
 
 1. **Prefect's result records** (``prefect_tasks``): a task whose cache key (the stage's content
    key + the task's source) was seen answers from its stored record without running. Only in a
-   flow run; the policy re-checks the stage cache entry first and drops the record if the entry
-   is gone or altered.
+   flow run; the runner re-checks the stage cache entry first and runs the task with
+   ``refresh_cache`` if the entry is gone or altered.
 2. **The stage cache** (``cache``, ``<cache dir>/<stage>/<key>/``): each stage's artifacts
    (array table, manifest, converted safetensors …) by content key, every file's hash recorded
    and re-checked on a hit. Used with or without Prefect (``stages.run_all``,

@@ -30,6 +30,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +41,14 @@ from np2torch.tasks.storage import storage_errors
 
 log = logging.getLogger(__name__)
 
-__all__ = ["stage_key", "code_version", "lookup", "run_cached", "StageResult", "sweep_stale", "sweep_once", "pause_point"]
+__all__ = ["CacheResult", "code_version", "lookup", "pause_point", "run_cached", "stage_key", "sweep_once", "sweep_stale"]
 
 
 def code_version(*objs: Any) -> str:
-    """sha256 of the source of the given modules (objects or dotted names) or functions.
+    """sha256 of the source of the given modules (objects, dotted names or source files) or functions.
 
-    A code change invalidates the stage. A module given by name is hashed from its file without
-    importing it, so a run whose every stage is a cache hit never imports torch or pandera.
+    A code change invalidates the stage. A module given by name or file is hashed from its file
+    without importing it, so a run whose every stage is a cache hit never imports torch or pandera.
     """
     h = hashlib.sha256()
     for o in objs:
@@ -59,6 +60,10 @@ _SOURCE_CACHE: dict[str, bytes] = {}
 
 
 def _source_bytes(o: Any) -> bytes:
+    if isinstance(o, Path):
+        if str(o) not in _SOURCE_CACHE:
+            _SOURCE_CACHE[str(o)] = o.read_bytes()
+        return _SOURCE_CACHE[str(o)]
     if isinstance(o, str):
         if o not in _SOURCE_CACHE:
             import importlib.util
@@ -81,8 +86,14 @@ def stage_key(stage: str, **parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-class StageResult(dict):
-    """A stage's small JSON record plus how it was obtained (``cached``, ``seconds``)."""
+@dataclass(frozen=True)
+class CacheResult:
+    """A stage's small JSON record (as its entry stores it) and how it was obtained."""
+
+    record: dict[str, Any]
+    cached: bool
+    seconds: float
+    entry: Path
 
 
 def _artifact_hashes(d: Path) -> dict[str, str]:
@@ -128,7 +139,7 @@ def lookup(stage: str, key: str, *, root: Path | None = None,
 
 
 def run_cached(stage: str, key: str, compute: Callable[[Path], dict[str, Any]], *, refresh: bool = False,
-               root: Path | None = None, still_valid: Callable[[dict[str, Any]], bool] | None = None) -> StageResult:
+               root: Path | None = None, still_valid: Callable[[dict[str, Any]], bool] | None = None) -> CacheResult:
     """Return the stage's record from the cache, or compute it into a fresh entry.
 
     ``compute(workdir)`` writes its big artifacts into ``workdir`` and returns a small
@@ -147,16 +158,13 @@ def run_cached(stage: str, key: str, compute: Callable[[Path], dict[str, Any]], 
             if not refresh:
                 rec = lookup(stage, key, root=root, still_valid=still_valid)
                 if rec is not None:
-                    out = StageResult(rec)
-                    out.update(_cached=True, _seconds=time.perf_counter() - t0, _entry=str(entry), _key=key)
-                    return out
+                    return CacheResult(rec, True, time.perf_counter() - t0, entry)
                 if entry.exists():
                     log.warning("%s: cache entry %s is not valid any more (an artifact or exported file changed); recomputing", stage, key[:12])
             _remove_leftovers(base, key)  # we hold the key's lock: any work folder of it is a dead run's
             rec = _compute_entry(stage, base, entry, key, compute)
-    out = StageResult(json.loads(json.dumps(rec, default=str)))  # what a later hit returns, exactly
-    out.update(_cached=False, _seconds=time.perf_counter() - t0, _entry=str(entry), _key=key)
-    return out
+    # what a later hit returns, exactly
+    return CacheResult(json.loads(json.dumps(rec, default=str)), False, time.perf_counter() - t0, entry)
 
 
 def _compute_entry(stage: str, base: Path, entry: Path, key: str, compute: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:

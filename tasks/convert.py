@@ -10,7 +10,6 @@ shape equal, and tied weights still tied.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import torch
 
-from np2torch.tasks.manifest import target_rows
+from np2torch.tasks.manifest import ManifestRow, target_rows
 from np2torch.tasks.model import build_model, describe_targets, materialize_missing
 from np2torch.tasks.progress import track
 from np2torch.tasks.readers.access import ArrayRecord
@@ -29,7 +28,7 @@ from np2torch.tasks.state_dict import check_device, load_into_model
 __all__ = ["convert_to_device", "to_cuda_pinned"]
 
 
-def convert_to_device(rows: list[dict[str, Any]], records: list[ArrayRecord], *, model_target: str, model_kwargs: dict[str, Any],
+def convert_to_device(rows: list[ManifestRow], records: list[ArrayRecord], *, model_target: str, model_kwargs: dict[str, Any],
                       device: str, out_path: Path, metadata: dict[str, str] | None = None, allow_unsafe_load: bool = False,
                       max_shard_size: int = 0, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Write the converted tensors and prove they load strictly into the model on ``device``.
@@ -42,9 +41,9 @@ def convert_to_device(rows: list[dict[str, Any]], records: list[ArrayRecord], *,
     """
     dev = check_device(device)
     rec_by_key = {r.key: r for r in records}
-    missing_keys = [r["target_key"] for r in target_rows(rows) if r["status"] == "allowed_missing"]
+    missing_keys = [r.target_key for r in target_rows(rows) if r.status == "allowed_missing"]
     missing_values = materialize_missing(model_target, model_kwargs, missing_keys, allow_unsafe_load=allow_unsafe_load)
-    total = sum(tensor_bytes(r["target_dtype"], json.loads(r["target_shape"])) for r in target_rows(rows))
+    total = sum(tensor_bytes(r.target_dtype, r.target_shape) for r in target_rows(rows))
     with track("convert-to-device", "convert-to-device", total, unit="B", progress=progress) as cb:
         path, tensors = write_converted(rows, rec_by_key, out_path, missing_values=missing_values, metadata=metadata,
                                         max_shard_size=max_shard_size, progress=cb)

@@ -27,6 +27,7 @@ come first (:func:`_blame`), ambiguous or not, since they are the ones actually 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -39,6 +40,7 @@ from torch import nn
 
 from np2torch.tasks import transforms as T
 from np2torch.tasks.errors import MappingError, Problem
+from np2torch.tasks.manifest import ManifestRow
 from np2torch.tasks.forward import Recorder, compare, compare_activation, localise, run_forward
 from np2torch.tasks.readers.access import ArrayRecord
 from np2torch.tasks.source_tensor import source_tensor
@@ -49,7 +51,7 @@ __all__ = ["resolve", "MAX_PAIRINGS"]
 _MAX_COMBOS_PER_MODULE = 16  # candidates are tried per module; a product over one module's rows stays small
 
 
-def _source_tensor(row: dict[str, Any], records: dict[str, ArrayRecord]) -> np.ndarray:
+def _source_tensor(row: ManifestRow, records: dict[str, ArrayRecord]) -> np.ndarray:
     """The row's source tensor as the convert stage reads it, as a float64 trial copy."""
     return np.array(source_tensor(row, records), dtype=np.float64)
 
@@ -63,7 +65,7 @@ def _split_source(spec: list) -> tuple[str | None, list]:
 class _Trial:
     """The model in float64 with every row loaded; candidates swapped in place."""
 
-    def __init__(self, rows: list[dict[str, Any]], records: list[ArrayRecord], model: nn.Module, inputs: list[np.ndarray],
+    def __init__(self, rows: list[ManifestRow], records: list[ArrayRecord], model: nn.Module, inputs: list[np.ndarray],
                  refs: list[np.ndarray] | None, activations: dict[str, np.ndarray], rtol: float, atol: float):
         self.recs = {r.key: r for r in records}
         self.model = model.double()
@@ -71,19 +73,17 @@ class _Trial:
         sd = self.model.state_dict()
         with torch.no_grad():
             for r in rows:
-                if r["target_key"] and r["status"] in ("mapped", "zeros") and r["how"] != "tied":
+                if r.target_key and r.status in ("mapped", "zeros") and r.how != "tied":
                     v = torch.from_numpy(_source_tensor(r, self.recs))
-                    sd[r["target_key"]].copy_(v.to(sd[r["target_key"]].dtype))
+                    sd[r.target_key].copy_(v.to(sd[r.target_key].dtype))
         self.sd = sd
         self.recorder = Recorder(self.model, set(activations) if activations else set())
 
-    def set(self, row: dict[str, Any], spec: list) -> None:
+    def set(self, row: ManifestRow, spec: list) -> None:
         src, rest = _split_source(spec)
-        r = {**row, "transform_spec": json.dumps(rest)}
-        if src is not None:
-            r["sources"] = json.dumps([src])
+        r = dataclasses.replace(row, transform_spec=rest, sources=row.sources if src is None else [src])
         with torch.no_grad():
-            self.sd[row["target_key"]].copy_(torch.from_numpy(_source_tensor(r, self.recs)))
+            self.sd[row.target_key].copy_(torch.from_numpy(_source_tensor(r, self.recs)))
 
     def run(self) -> tuple[float, bool, dict[str, np.ndarray]]:
         self.recorder.reset()
@@ -99,7 +99,7 @@ class _Trial:
 class _Search:
     """One resolve: the rows, each ambiguous row's candidates, the current choice, how it was made."""
 
-    rows: list[dict[str, Any]]
+    rows: list[ManifestRow]
     trial: _Trial
     cands: dict[int, list]  # row index → its candidates (specs; a pairing candidate starts with ["source", key])
     active: dict[int, list[int]]  # row index → candidate indices still in play
@@ -108,7 +108,7 @@ class _Search:
     pairings: dict[int, dict[str, Any]] = field(default_factory=dict)  # row index → {"errors": {pairing: error}, "bound": text}
 
     def module_of(self, i: int) -> str:
-        return self.rows[i]["target_key"].rpartition(".")[0]
+        return self.rows[i].target_key.rpartition(".")[0]
 
     def apply(self, idx: list[int], combo: tuple[int, ...]) -> None:
         for i, c in zip(idx, combo):
@@ -137,8 +137,8 @@ def _pairing_groups(s: _Search) -> dict[tuple[str, ...], list[tuple[int, list[st
     """(modules in layer order) → [(row, the group's source layers for this row, in layer order)]."""
     holder = {}
     for i, r in enumerate(s.rows):
-        if r["target_key"] and json.loads(r["sources"] or "[]"):
-            holder[_block([["source", json.loads(r["sources"])[0]], *json.loads(r["transform_spec"])])] = i
+        if r.target_key and r.sources:
+            holder[_block([["source", r.sources[0]], *r.transform_spec])] = i
     groups: dict[tuple[str, ...], list[tuple[int, list[str]]]] = {}
     for i, cands in s.cands.items():
         blocks = list(dict.fromkeys(_block(c) for c in cands if c and c[0][0] == "source"))
@@ -369,18 +369,16 @@ def _record(s: _Search, i: int, passed: bool) -> None:
         if "bound" in s.pairings[i]:
             ev["pairing_bound"] = s.pairings[i]["bound"]
     src, spec = _split_source(chosen)
-    if src is not None and json.loads(r["sources"]) != [src]:
+    if src is not None and r.sources != [src]:
         rec = s.trial.recs[src]
-        r.update(sources=json.dumps([src]), source_key=src, fingerprint=rec.fingerprint, source_shape=json.dumps(list(rec.shape)),
-                 n_nonfinite=rec.n_nonfinite, absmax=rec.absmax, absmin_nonzero=rec.absmin_nonzero)
-    r["evidence"] = json.dumps(ev, separators=(",", ":"))
-    r["transform_spec"] = json.dumps(spec, separators=(",", ":"))
-    r["transform"] = T.describe(spec)
+        r.sources, r.source_key, r.fingerprint, r.source_shape = [src], src, rec.fingerprint, list(rec.shape)
+        r.n_nonfinite, r.absmax, r.absmin_nonzero = rec.n_nonfinite, rec.absmax, rec.absmin_nonzero
+    r.evidence, r.transform_spec, r.transform = ev, spec, T.describe(spec)
     if passed:
         what = "pairings/layouts" if src is not None else "candidates"
-        r["verified"] = True
-        r["confidence"] = max(float(r["confidence"]), 0.99)
-        r["note"] = f"chosen by {ev['method']} among {len(s.cands[i])} {what}" + (f"; {ev['pairing_bound']}" if "pairing_bound" in ev else "")
+        r.verified = True
+        r.confidence = max(float(r.confidence), 0.99)
+        r.note = f"chosen by {ev['method']} among {len(s.cands[i])} {what}" + (f"; {ev['pairing_bound']}" if "pairing_bound" in ev else "")
 
 
 def _failure(s: _Search, amb: list[int], inputs: list[np.ndarray], rtol: float, atol: float) -> MappingError:
@@ -392,25 +390,25 @@ def _failure(s: _Search, amb: list[int], inputs: list[np.ndarray], rtol: float, 
     return MappingError(msg, key=problems[0]["key"], problems=problems, fix=problems[0]["fix"])
 
 
-def resolve(rows: list[dict[str, Any]], records: list[ArrayRecord], *, model: nn.Module, inputs: list[np.ndarray],
+def resolve(rows: list[ManifestRow], records: list[ArrayRecord], *, model: nn.Module, inputs: list[np.ndarray],
             refs: list[np.ndarray] | None, activations: dict[str, np.ndarray] | None = None, rtol: float = 1e-5,
-            atol: float = 1e-6) -> list[dict[str, Any]]:
+            atol: float = 1e-6) -> list[ManifestRow]:
     """Choose the candidate (pairing, layout) of every ambiguous row from the reference; record each one's error.
 
     ``model`` is a freshly built CPU model (its values are overwritten). Returns new rows;
     raises :class:`MappingError` when no choice reproduces the reference.
     """
     activations = activations or {}
-    amb = [i for i, r in enumerate(rows) if r["target_key"] and not r["verified"] and json.loads(r["candidates"])]
+    amb = [i for i, r in enumerate(rows) if r.target_key and not r.verified and r.candidates]
     if not amb or (refs is None and not activations):
         return rows
-    rows = [dict(r) for r in rows]
-    cands = {i: json.loads(rows[i]["candidates"]) for i in amb}
+    rows = [dataclasses.replace(r) for r in rows]
+    cands = {i: rows[i].candidates for i in amb}
     s = _Search(rows, _Trial(rows, records, model, inputs, refs, activations, rtol, atol), cands,
                 active={i: list(range(len(c))) for i, c in cands.items()})
     for i in amb:  # the row's own choice: its candidate 0, or the pairing candidate reading its own source
-        own = json.loads(rows[i]["sources"])
-        hit = [k for k, c in enumerate(cands[i]) if (_split_source(c)[0] in (None, *own)) and _split_source(c)[1] == json.loads(rows[i]["transform_spec"])]
+        own = rows[i].sources
+        hit = [k for k, c in enumerate(cands[i]) if (_split_source(c)[0] in (None, *own)) and _split_source(c)[1] == rows[i].transform_spec]
         s.choice[i] = hit[0] if hit else 0
     groups = _module_groups(s, amb)
     rest = {m: idx for m, idx in groups.items() if m not in activations}
@@ -442,35 +440,33 @@ def resolve(rows: list[dict[str, Any]], records: list[ArrayRecord], *, model: nn
     return rows
 
 
-def _blame(rows: list[dict[str, Any]], amb: list[int], cands: dict[int, list], where: dict[str, Any] | None) -> list[Problem]:
+def _blame(rows: list[ManifestRow], amb: list[int], cands: dict[int, list], where: dict[str, Any] | None) -> list[Problem]:
     """The failure's problems, the rows actually wrong first: those of the first module whose output
     diverges from the reference activations (ambiguous or not), then the other ambiguous rows."""
     problems = []
-    culprits = [i for i, r in enumerate(rows) if where and r["target_key"] and r["target_key"].rpartition(".")[0] == where["module"]]
+    culprits = [i for i, r in enumerate(rows) if where and r.target_key and r.target_key.rpartition(".")[0] == where["module"]]
     for i in culprits:
         r = rows[i]
         err = "" if where["max_abs_error"] is None else f" (max abs error {where['max_abs_error']:.3g})"
-        tried = f", every candidate tried ({', '.join(json.loads(r['evidence'])['errors'])})" if i in amb else ""
-        problems.append(Problem(r["target_key"], f"its module {where['module']!r} is the first whose output diverges from the reference "
-                                f"activations{err}; loaded from '{r['source_key']}' as [{r['transform'] or 'as-is'}]{tried}",
+        tried = f", every candidate tried ({', '.join(r.evidence['errors'])})" if i in amb else ""
+        problems.append(Problem(r.target_key, f"its module {where['module']!r} is the first whose output diverges from the reference "
+                                f"activations{err}; loaded from '{r.source_key}' as [{r.transform or 'as-is'}]{tried}",
                                 fix=_rule_hint(r, cands.get(i, []))))
     for i in amb:
         if i in culprits:
             continue
-        ev = json.loads(rows[i]["evidence"])
-        errs = ", ".join(f"[{d}] {e:.3g}" for d, e in ev["errors"].items())
-        problems.append(Problem(rows[i]["target_key"], f"no candidate layout reproduces the reference (max abs error per candidate: {errs})",
+        errs = ", ".join(f"[{d}] {e:.3g}" for d, e in rows[i].evidence["errors"].items())
+        problems.append(Problem(rows[i].target_key, f"no candidate layout reproduces the reference (max abs error per candidate: {errs})",
                                 fix=_rule_hint(rows[i], cands[i])))
     return problems
 
 
-def _rule_hint(row: dict[str, Any], cands: list[list]) -> str:
+def _rule_hint(row: ManifestRow, cands: list[list]) -> str:
     flat = [c for c in cands if any(s[0] == "flatten_nhwc_to_nchw" for s in c)]
-    src = json.loads(row["sources"])
-    src = src[0] if src else row["source_key"]
+    src = row.sources[0] if row.sources else row.source_key
     if flat:
         tr = [s[0] if s[1] is None else {s[0]: s[1]} for s in _split_source(flat[0])[1]]
-        return (f"{row['target_key']} reads a flattened conv output: if the source flattened channels-last, add the rule "
-                f"{{source: '{src}', target: '{row['target_key']}', transform: {json.dumps(tr)}}}; otherwise check the layers before it")
-    return (f"state the layout with a rule for {row['target_key']} (source '{src}'), e.g. transform: [transpose] or [], "
+        return (f"{row.target_key} reads a flattened conv output: if the source flattened channels-last, add the rule "
+                f"{{source: '{src}', target: '{row.target_key}', transform: {json.dumps(tr)}}}; otherwise check the layers before it")
+    return (f"state the layout with a rule for {row.target_key} (source '{src}'), e.g. transform: [transpose] or [], "
             "and check the layers before it (verify.reference_activations localises the first diverging one)")

@@ -240,7 +240,7 @@ def _drop_orphan_prefect_records(root: Path) -> None:
             text = f.read_text(errors="replace")
         except OSError:
             continue
-        m = re.search(r'"_entry":\s*"([^"]+)"', text)
+        m = re.search(r'"entry":\s*"([^"]+)"', text)
         if m and not Path(m[1]).exists():
             f.unlink(missing_ok=True)
 

@@ -35,7 +35,7 @@ from np2torch.tasks.config import MappingSpec
 from np2torch.tasks.errors import MappingError
 from np2torch.tasks.layouts import AMBIGUOUS_CONFIDENCE, flatten_heuristic, layout_candidates
 from np2torch.tasks.readers.base import ArrayRecord
-from np2torch.tasks.manifest import new_row
+from np2torch.tasks.manifest import ManifestRow, new_row
 from np2torch.tasks.model import TargetInfo
 from np2torch.tasks.strategies import COUNTER_REASON, STRATEGIES, Claim, MapState, find_pairings, is_counter
 
@@ -75,7 +75,7 @@ def question_layouts(st: MapState, flatten: dict[str, list[int]]) -> None:
 
 def infer_manifest(records: list[ArrayRecord], targets: list[TargetInfo], spec: MappingSpec, *, convert_dtype: str = "float32",
                    flatten: dict[str, list[int]] | None = None, parallel: Callable[[str, str], bool] | None = None,
-                   graph: Callable[[], Callable[[str, str], bool] | None] | None = None) -> list[dict[str, Any]]:
+                   graph: Callable[[], Callable[[str, str], bool] | None] | None = None) -> list[ManifestRow]:
     """Build the manifest rows (targets in model order, then unused sources in source order).
 
     ``flatten`` maps Linear modules that read a channels-first flatten to its ``[C, H, W]``
@@ -101,7 +101,7 @@ def infer_manifest(records: list[ArrayRecord], targets: list[TargetInfo], spec: 
 # rows
 
 
-def _rows(st: MapState, convert_dtype: str) -> list[dict[str, Any]]:
+def _rows(st: MapState, convert_dtype: str) -> list[ManifestRow]:
     rows = [_target_row(st, t, convert_dtype) for t in st.targets.values()]
     for k in st.order:
         if k in st.used:
@@ -115,7 +115,7 @@ def _rows(st: MapState, convert_dtype: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _target_row(st: MapState, t: TargetInfo, convert_dtype: str) -> dict[str, Any]:
+def _target_row(st: MapState, t: TargetInfo, convert_dtype: str) -> ManifestRow:
     key = t.key
     if t.tied_to is not None and key not in st.claims:
         return new_row(target_key=key, status="mapped", how="tied", tied_to=t.tied_to, target_shape=list(t.shape),
@@ -134,7 +134,7 @@ def _target_row(st: MapState, t: TargetInfo, convert_dtype: str) -> dict[str, An
     return _claim_row(st, t, c, convert_dtype)
 
 
-def _claim_row(st: MapState, t: TargetInfo, c: Claim, convert_dtype: str) -> dict[str, Any]:
+def _claim_row(st: MapState, t: TargetInfo, c: Claim, convert_dtype: str) -> ManifestRow:
     if c.zeros:
         return new_row(target_key=t.key, status="zeros", transform="zeros", transform_spec=c.spec, target_shape=list(t.shape),
                        result_shape=list(t.shape), target_dtype=target_dtype_for(t, None, convert_dtype), numel=t.numel,
@@ -197,7 +197,7 @@ def _graph(model: Any, input_spec: Any, trace: Any) -> Callable[[], Callable[[st
     return parallel
 
 
-def build_manifest(cfg: Any, records: list[ArrayRecord]) -> list[dict[str, Any]]:
+def build_manifest(cfg: Any, records: list[ArrayRecord]) -> list[ManifestRow]:
     """Manifest for ``cfg`` from the array table: strategies, layouts, pairings, then evidence for ambiguous rows."""
     from np2torch.tasks import evidence, forward, model as model_mod
 
@@ -210,10 +210,10 @@ def build_manifest(cfg: Any, records: list[ArrayRecord]) -> list[dict[str, Any]]
     v = cfg.verify
     if v.input is None or (v.reference_output is None and v.reference_activations is None):
         return rows
-    if not any(r["target_key"] and not r["verified"] for r in rows):
+    if not any(r.target_key and not r.verified for r in rows):
         return rows
-    if any(r["status"] == "missing" or (r["status"] == "mapped" and r["how"] != "tied" and r["result_shape"] != r["target_shape"])
-           for r in rows if r["target_key"]):
+    if any(r.status == "missing" or (r.status == "mapped" and r.how != "tied" and r.result_shape != r.target_shape)
+           for r in rows if r.target_key):
         return rows  # validate reports these; evidence needs a complete, well-shaped model
     live = model_mod.build_model(cfg.model.target, cfg.model.kwargs, device="cpu", allow_unsafe_load=cfg.model.allow_unsafe_load)
     return evidence.resolve(rows, records, model=live, inputs=forward.make_inputs(v.input), refs=forward.load_reference(v.reference_output),

@@ -1,12 +1,15 @@
-"""Thin Prefect ``@task`` wrappers over :mod:`np2torch.tasks.stages`: names, caching, retries, logging.
+"""Prefect over the stage table: one task per stage from one factory, adding caching, retries and logging.
 
-Caching. Each task's cache key is the stage's content key (:mod:`np2torch.tasks.stages` ``KEYS``) plus
-the task's own source (``TASK_SOURCE``), never its inputs: the inputs are a config and small
-records, and hashing them would tie the key to paths. Results persist as small JSON records in
-local storage under the cache dir; the big artifacts stay in the stage's own cache entry. The
-policy checks that entry before Prefect may answer from its record: if any artifact no longer
-hashes as recorded (or an exported file was edited), the Prefect record for that key is
-dropped, so the task runs and the stage recomputes; a corrupt entry is never trusted.
+:class:`Orchestrated` is the executor the runner (:func:`np2torch.tasks.stages.run_all`) uses in
+a flow run. Caching. A task's cache key is a pure function of the stage's content key (computed
+by the runner, passed to the task) and the task's own source (``TASK_SOURCE``), never of its
+other inputs: they are a config and small records, and hashing them would tie the key to paths.
+Results persist as small JSON records (``StageRecord.to_dict``) in local storage under the cache
+dir; the big artifacts stay in the stage's own cache entry. Before Prefect may answer from its
+record, the executor re-checks that entry: if any artifact no longer hashes as recorded (or an
+exported file was edited), or the record was left half-written, the task runs with
+``refresh_cache`` (the stage recomputes and the record is overwritten); nothing is deleted and
+a corrupt entry is never trusted.
 Identical tasks started at once are serialized by a file lock (``SERIALIZABLE`` isolation):
 the second waits and then reads the first one's result. The lock is a ``flock``
 (:class:`~np2torch.tasks.locks.FlockLockManager`, not Prefect's ``FileSystemLockManager``, whose
@@ -25,7 +28,10 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import random
 import threading
+import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,14 +43,23 @@ from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 from prefect.utilities.hashing import hash_objects
 
-from np2torch.tasks import cache, lifecycle, stages
+from np2torch.tasks import cache, lifecycle
 from np2torch.tasks.config import Config
 from np2torch.tasks.errors import ConversionError, TransientIOError
 from np2torch.tasks.locks import FlockLockManager
 from np2torch.tasks.paths import cache_dir
+from np2torch.tasks.stages import BY_NAME, STAGES, Stage, StageRecord
 
-__all__ = ["is_transient", "StageCachePolicy", "configured_tasks", "attempts_of", "RETRIES", "BACKOFF_FACTOR", "JITTER_FACTOR",
-           "load_arrays_task", "infer_mapping_task", "validate_task", "convert_task", "verify_task", "export_task"]
+__all__ = [
+    "BACKOFF_FACTOR",
+    "JITTER_FACTOR",
+    "RETRIES",
+    "Orchestrated",
+    "StageCachePolicy",
+    "configured_tasks",
+    "is_transient",
+    "stage_task",
+]
 
 log = logging.getLogger(__name__)
 
@@ -100,51 +115,34 @@ def _retry_transient(task: Task, task_run: Any, state: Any) -> bool:
 
 @dataclass
 class StageCachePolicy(CachePolicy):
-    """Cache key = the stage's content key + the task's source; checks the artifacts first.
+    """Cache key = the stage's content key (the task's ``key`` input) + the task's source; nothing else, no side effect.
 
     It folds ``TASK_SOURCE`` in itself rather than being ``+``-ed with it because a
     ``CompoundCachePolicy`` ignores a ``None`` from one member, which would let a stage with
-    no valid key hit on its source alone.
+    no content key hit on its source alone.
     """
 
-    stage: str = ""
-    records_dir: str = ""  # where Prefect stores its result records (one file per cache key)
-
     def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
-        args = [v for k, v in inputs.items() if k != "refresh"]
-        try:
-            content_key = stages.KEYS[self.stage](*args)
-        except Exception as exc:  # noqa: BLE001 - the stage itself will fail and say why
-            log.debug("%s: no cache key (%s); the task will run", self.stage, exc)
+        if not inputs.get("key"):
             return None
         source = TASK_SOURCE.compute_key(task_ctx=task_ctx, inputs=inputs, flow_parameters=flow_parameters, **kwargs)
-        # load-arrays' record says where the source lives (paths are rebased onto it), so its
-        # Prefect record is per location; the content-addressed entry behind it is shared
-        where = str(stages.source_files_of(args[0])[0]) if self.stage == "load-arrays" else None
-        key = f"{self.stage}-{hash_objects(content_key, source, where, raise_on_failure=True)}"
-        check = stages.STILL_VALID.get(self.stage)
-        if cache.lookup(self.stage, content_key, still_valid=(lambda r: check(args[0], r)) if check else None) is None:
-            # missing, corrupt or edited: forget Prefect's record so the stage really reruns
-            if not self.records_dir:
-                return None  # records stored elsewhere: no key rather than a stale hit
-            Path(self.records_dir, key).unlink(missing_ok=True)
-        elif self.records_dir:
-            _drop_torn_record(Path(self.records_dir, key), self.lock_manager, key)
-        return key
+        return record_name(inputs["stage"], inputs["key"], source)
 
 
-def _drop_torn_record(path: Path, locks: Any, key: str) -> None:
-    """Remove a result record a killed run left half-written (Prefect writes them in place).
+def record_name(stage: str, key: str, source: str | None) -> str:
+    """The name of a task's result record (and of its lock)."""
+    return f"{stage}-{hash_objects(key, source, raise_on_failure=True)}"
 
-    Only when no live run holds the key's lock (a writer still writing is not torn)."""
+
+def _torn(path: Path, locks: Any, key: str) -> bool:
+    """A result record a killed run left half-written (Prefect writes them in place); one a live run is writing is not."""
     try:
         json.loads(path.read_bytes())
     except FileNotFoundError:
-        return
+        return False
     except (OSError, ValueError):
-        if locks is None or not locks.is_locked(key):
-            log.info("removing Prefect result record %s, left half-written by a killed run", path)
-            path.unlink(missing_ok=True)
+        return locks is None or not locks.is_locked(key)
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,83 +161,96 @@ def _begin_attempt(stage: str) -> None:
     get_run_logger().info("%s: attempt %d of %d", stage, n, RETRIES + 1)
 
 
-def attempts_of(task_run_id: Any) -> int:
+def _attempts_of(task_run_id: Any) -> int:
     """How many times the task run's function started in this process (0: answered from cache)."""
     with _ATTEMPTS_LOCK:
         return _ATTEMPTS.pop(str(task_run_id), 0)
 
 
-def _done(rec: dict[str, Any], stage: str) -> dict[str, Any]:
-    get_run_logger().info("%s: %s in %.3fs", stage, "cache hit" if rec.get("_cached") else "computed", rec.get("_seconds", 0.0))
-    return rec
+# ---------------------------------------------------------------------------------------------
+# the task factory
+
+
+def _run_stage(stage: str, cfg: Config, deps: dict[str, dict[str, Any]], key: str, refresh: bool = False) -> dict[str, Any]:
+    """One stage of the table, run through its content cache; its record as JSON."""
+    _begin_attempt(stage)
+    rec = BY_NAME[stage].execute(cfg, {n: BY_NAME[n].record.from_dict(d) for n, d in deps.items()}, key, refresh=refresh)
+    get_run_logger().info("%s: %s in %.3fs", stage, "cache hit" if rec.cached else "computed", rec.seconds)
+    return rec.to_dict()
 
 
 _OPTIONS = dict(retries=RETRIES, retry_delay_seconds=exponential_backoff(backoff_factor=BACKOFF_FACTOR), retry_jitter_factor=JITTER_FACTOR,
                 retry_condition_fn=_retry_transient, persist_result=True, result_serializer="json")
 
 
-@task(name="load-arrays", cache_policy=StageCachePolicy(stage="load-arrays"), **_OPTIONS)
-def load_arrays_task(cfg: Config, refresh: bool = False) -> dict[str, Any]:
-    """Describe every source array (headers, fingerprints); no bytes held in memory."""
-    _begin_attempt("load-arrays")
-    return _done(stages.load_arrays_stage(cfg, refresh=refresh), "load-arrays")
+def stage_task(stage: Stage) -> Task:
+    """The Prefect task of one stage (named after it; its docstring is the stage's)."""
+    return task(_run_stage, name=stage.name, cache_policy=StageCachePolicy(), **_OPTIONS)
 
 
-@task(name="infer-mapping", cache_policy=StageCachePolicy(stage="infer-mapping"), **_OPTIONS)
-def infer_mapping_task(cfg: Config, loaded: dict[str, Any], refresh: bool = False) -> dict[str, Any]:
-    """Build the parameter manifest: one row per target tensor."""
-    _begin_attempt("infer-mapping")
-    return _done(stages.infer_mapping_stage(cfg, loaded, refresh=refresh), "infer-mapping")
+def configured_tasks(*, root: Path | None = None) -> dict[str, Task]:
+    """The tasks bound to the current cache dir (resolved per run, so it follows the env).
 
-
-@task(name="validate", cache_policy=StageCachePolicy(stage="validate"), **_OPTIONS)
-def validate_task(cfg: Config, mapped: dict[str, Any], refresh: bool = False) -> dict[str, Any]:
-    """Check the manifest with pandera; report every failure at once."""
-    _begin_attempt("validate")
-    return _done(stages.validate_stage(cfg, mapped, refresh=refresh), "validate")
-
-
-@task(name="convert-to-device", cache_policy=StageCachePolicy(stage="convert-to-device"), **_OPTIONS)
-def convert_task(cfg: Config, loaded: dict[str, Any], validated: dict[str, Any], refresh: bool = False) -> dict[str, Any]:
-    """Cast, transform and write every tensor; prove it loads strictly on the device."""
-    _begin_attempt("convert-to-device")
-    return _done(stages.convert_stage(cfg, loaded, validated, refresh=refresh), "convert-to-device")
-
-
-@task(name="verify-forward-pass", cache_policy=StageCachePolicy(stage="verify-forward-pass"), **_OPTIONS)
-def verify_task(cfg: Config, converted: dict[str, Any], refresh: bool = False) -> dict[str, Any]:
-    """Run the model on the verify input and compare with the reference output."""
-    _begin_attempt("verify-forward-pass")
-    return _done(stages.verify_stage(cfg, converted, refresh=refresh), "verify-forward-pass")
-
-
-@task(name="export", cache_policy=StageCachePolicy(stage="export"), **_OPTIONS)
-def export_task(cfg: Config, loaded: dict[str, Any], validated: dict[str, Any], converted: dict[str, Any], verified: dict[str, Any],
-                refresh: bool = False) -> dict[str, Any]:
-    """Write model.safetensors (+ model.pt) and manifest.csv atomically, then re-check them."""
-    _begin_attempt("export")
-    return _done(stages.export_stage(cfg, loaded, validated, converted, verified, refresh=refresh), "export")
-
-
-_TASKS = {"load-arrays": load_arrays_task, "infer-mapping": infer_mapping_task, "validate": validate_task,
-          "convert-to-device": convert_task, "verify-forward-pass": verify_task, "export": export_task}
-
-
-def configured_tasks(*, refresh: bool = False, root: Path | None = None) -> dict[str, Task]:
-    """The six tasks bound to the current cache dir (resolved per run, so it follows the env).
-
-    ``refresh`` makes Prefect overwrite its records instead of reading them (and the stages
-    recompute, see ``refresh=`` on each task). Retry settings are read here, so a test may
-    shorten the backoff without changing what it checks.
+    Retry settings are read here, so a test may shorten the backoff without changing what it checks.
     """
-    cache.sweep_once(root or cache_dir())  # work folders and lock files of killed runs (stage cache and Prefect's)
     base = (root or cache_dir()) / "prefect"
     records = base / "results"
     locks = FlockLockManager(base / "locks")
-    out = {}
-    for name, t in _TASKS.items():
-        policy = StageCachePolicy(stage=name, records_dir=str(records)).configure(lock_manager=locks, isolation_level="SERIALIZABLE")
-        out[name] = t.with_options(cache_policy=policy, result_storage=records, refresh_cache=refresh, retries=RETRIES,
-                                   retry_delay_seconds=exponential_backoff(backoff_factor=BACKOFF_FACTOR)(RETRIES),
-                                   retry_jitter_factor=JITTER_FACTOR)
-    return out
+    policy = StageCachePolicy().configure(lock_manager=locks, isolation_level="SERIALIZABLE")
+    return {s.name: stage_task(s).with_options(cache_policy=policy, result_storage=records, retries=RETRIES,
+                                               retry_delay_seconds=exponential_backoff(backoff_factor=BACKOFF_FACTOR)(RETRIES),
+                                               retry_jitter_factor=JITTER_FACTOR) for s in STAGES}
+
+
+class Orchestrated:
+    """The runner's executor in a flow run: each stage as its Prefect task.
+
+    Prefect answers from its record only while the stage's cache entry is intact and the
+    record whole; otherwise the task runs with ``refresh_cache`` and overwrites it. A
+    transient error while computing a key (reading the sources) is retried like a task.
+    """
+
+    def __init__(self, *, root: Path | None = None) -> None:
+        self.root = root or cache_dir()
+        cache.sweep_once(self.root)  # work folders and lock files of killed runs (stage cache and Prefect's)
+        self.tasks = configured_tasks(root=self.root)
+        self.records = self.root / "prefect" / "results"
+        self.locks = FlockLockManager(self.root / "prefect" / "locks")
+        self.attempts = 0
+
+    def key(self, compute: Any) -> str:
+        for attempt in range(RETRIES + 1):
+            self.attempts = attempt + 1  # what the audit record says if the key cannot be computed
+            try:
+                return compute()
+            except Exception as exc:
+                if attempt == RETRIES or not is_transient(exc):
+                    raise
+                delay = BACKOFF_FACTOR * 2 ** attempt * (1 + JITTER_FACTOR * (2 * random.random() - 1))
+                log.warning("computing a cache key failed with a transient error, retrying in %.2fs: %s", delay, exc)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def __call__(self, stage: Stage, cfg: Config, deps: dict[str, StageRecord], key: str, refresh: bool) -> StageRecord:
+        t = self.tasks[stage.name]
+        check = (lambda r: stage.still_valid(cfg, r)) if stage.still_valid else None
+        name = record_name(stage.name, key, TASK_SOURCE.compute_key(task_ctx=_TaskOnly(t), inputs={}, flow_parameters={}))
+        intact = cache.lookup(stage.name, key, root=self.root, still_valid=check) is not None
+        fresh = refresh or not intact or _torn(self.records / name, self.locks, name)
+        self.attempts = 0
+        t0 = time.perf_counter()
+        state = t.with_options(refresh_cache=fresh)(stage.name, cfg, {n: r.to_dict() for n, r in deps.items()}, key, refresh,
+                                                    return_state=True)
+        wall = time.perf_counter() - t0
+        self.attempts = _attempts_of(state.state_details.task_run_id) if state.state_details.task_run_id else 0
+        rec = stage.record.from_dict(state.result(raise_on_failure=True))  # raises the stage's own exception
+        if state.name == "Cached":
+            # Prefect answered from its record (the entry behind it re-checked): nothing ran
+            get_run_logger().info("%s: cache hit (artifacts re-checked) in %.3fs", stage.name, wall)
+            return dataclasses.replace(rec, cached=True, seconds=wall, attempts=0)
+        return dataclasses.replace(rec, attempts=self.attempts)
+
+
+@dataclass
+class _TaskOnly:
+    task: Task

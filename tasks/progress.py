@@ -25,14 +25,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["Progress", "track", "RunProgress", "current_run", "STAGE_WEIGHTS", "chain"]
+__all__ = ["Progress", "track", "RunProgress", "current_run", "chain"]
 
 Progress = Callable[[int], None]
-
-# share of a conversion's work per stage (the UI's overall percentage); measured on the 1.6 GB
-# benchmark: reading/hashing and converting dominate, mapping and validation are small
-STAGE_WEIGHTS = {"load-arrays": 0.30, "infer-mapping": 0.04, "validate": 0.04, "convert-to-device": 0.40,
-                 "verify-forward-pass": 0.07, "export": 0.15}
 
 _SHOW_AFTER_S = 1.0
 _current: contextvars.ContextVar[RunProgress | None] = contextvars.ContextVar("np2torch_run_progress", default=None)
@@ -125,9 +120,9 @@ class RunProgress:
     ``interval`` seconds, so callers never wait for the API; the last one is always sent.
     """
 
-    def __init__(self, *, key: str, description: str, weights: dict[str, float] | None = None, interval: float = 0.5):
+    def __init__(self, *, key: str, description: str, weights: dict[str, float], interval: float = 0.5):
         self.key, self.description, self.interval = key, description, interval
-        self.weights = dict(weights or STAGE_WEIGHTS)
+        self.weights = dict(weights)  # each stage's (or conversion's) share of the bar
         self._lock = threading.Lock()
         self._done_weight = 0.0
         self._stage: str | None = None

@@ -246,7 +246,7 @@ def write_converted(rows: list[dict[str, Any]], records: dict[str, ArrayRecord],
     gets each tensor's bytes once written."""
     rows = target_rows(rows)
     by_key = {r["target_key"]: r for r in rows}
-    plan = [(r["target_key"], r["target_dtype"], tuple(json.loads(r["target_shape"]))) for r in rows]
+    plan = [(r.target_key, r.target_dtype, tuple(r.target_shape)) for r in rows]
     shards = plan_shards(plan, max_shard_size)
     names = [out_path.name] if len(shards) == 1 else [shard_name(i, len(shards)) for i in range(len(shards))]
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,16 +8,13 @@ consistent, dtypes castable and finite, values inside the target dtype's range. 
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 
 from np2torch.tasks.dtypes import FLOAT_RANGE as _RANGE
 from np2torch.tasks.errors import Problem, ValidationError
-from np2torch.tasks.manifest import COLUMNS
+from np2torch.tasks.manifest import COLUMNS, ManifestRow, cell_text
 
 __all__ = ["manifest_schema", "validate_manifest", "failure_table"]
 
@@ -55,11 +52,11 @@ def _is_target(df: pd.DataFrame) -> pd.Series:
 def _shape_ok(df: pd.DataFrame) -> pd.Series:
     mapped = df["status"] == "mapped"
     tied = df["how"] == "tied"
-    return ~mapped | tied | (df["result_shape"] == df["target_shape"])
+    return ~mapped | tied | (df["result_shape"].map(tuple) == df["target_shape"].map(tuple))
 
 
 def _numel_ok(df: pd.DataFrame) -> pd.Series:
-    prods = df["target_shape"].map(lambda s: int(np.prod(json.loads(s), dtype=np.int64)))
+    prods = df["target_shape"].map(lambda s: int(np.prod(s, dtype=np.int64)))
     return ~_is_target(df) | (prods == df["numel"].astype(np.int64))
 
 
@@ -123,13 +120,13 @@ def manifest_schema(*, allow_nonfinite: bool = False) -> pa.DataFrameSchema:
     )
 
 
-def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    df = pd.DataFrame(rows, columns=COLUMNS)
+def _frame(rows: list[ManifestRow]) -> pd.DataFrame:
+    df = pd.DataFrame([r.cells() for r in rows], columns=COLUMNS)
     df["confidence"] = df["confidence"].astype(float)
     df["numel"] = df["numel"].astype(np.int64)
     for c in ("n_overflow", "n_underflow"):
         df[c] = df[c].replace("", 0).fillna(0).astype(np.int64)
-    for c in ("target_key", "status", "source_key", "target_dtype", "source_dtype", "result_shape", "target_shape", "how"):
+    for c in ("target_key", "status", "source_key", "target_dtype", "source_dtype", "how"):
         df[c] = df[c].astype(str)
     return df
 
@@ -157,14 +154,15 @@ def failure_table(exc: pa.errors.SchemaErrors, df: pd.DataFrame) -> list[Problem
 
 def _problem_for(name: str, row: pd.Series, key: str) -> Problem:
     if name == "status_missing":
-        return Problem(key, f"target {list(json.loads(row['target_shape']))} has no source array" + (f" ({row['note']})" if row["note"] else ""),
+        return Problem(key, f"target {row['target_shape']} has no source array" + (f" ({row['note']})" if row["note"] else ""),
                        fix=_FIX[name])
     if name == "status_unused":
-        return Problem(key, f"source array {row['source_shape']} is not used by any target" + (f" ({row['note']})" if row["note"] else ""),
-                       fix=_FIX[name])
+        note = f" ({row['note']})" if row["note"] else ""
+        return Problem(key, f"source array {cell_text(row['source_shape'])} is not used by any target{note}", fix=_FIX[name])
     if name == "shape":
-        return Problem(key, f"source {row['source_key']} {row['source_shape']} with transform [{row['transform']}] gives the wrong shape",
-                       expected=row["target_shape"], actual=row["result_shape"] or "(transform does not apply)", fix=_FIX[name])
+        src = f"{row['source_key']} {cell_text(row['source_shape'])}"
+        return Problem(key, f"source {src} with transform [{row['transform']}] gives the wrong shape",
+                       expected=cell_text(row["target_shape"]), actual=cell_text(row["result_shape"]), fix=_FIX[name])
     if name == "finite":
         return Problem(key, f"source {row['source_key'] or key} holds {row['n_nonfinite']} NaN/Inf value(s)", fix=_FIX[name])
     if name == "overflow":
@@ -179,7 +177,8 @@ def _problem_for(name: str, row: pd.Series, key: str) -> Problem:
     if name == "dtype":
         return Problem(key, f"source dtype {row['source_dtype']} cannot become {row['target_dtype']}", expected=row["target_dtype"], actual=row["source_dtype"], fix=_FIX[name])
     if name == "numel":
-        return Problem(key, "numel is inconsistent with target_shape", expected=row["target_shape"], actual=row["numel"], fix=_FIX[name])
+        return Problem(key, "numel is inconsistent with target_shape", expected=cell_text(row["target_shape"]), actual=row["numel"],
+                       fix=_FIX[name])
     if name == "unique":
         return Problem(key, "claimed by more than one source/rule", fix=_FIX[name])
     return Problem(key, f"fails check {name}")
@@ -189,7 +188,7 @@ def _count(n: int, what: str) -> str:
     return f"{n} {what}" if n else what.replace("(s)", "s")  # 0: a manifest made before counts were recorded
 
 
-def validate_manifest(rows: list[dict[str, Any]], *, allow_nonfinite: bool = False) -> list[dict[str, Any]]:
+def validate_manifest(rows: list[ManifestRow], *, allow_nonfinite: bool = False) -> list[ManifestRow]:
     """Validate the manifest; raise :class:`ValidationError` with every failure, else return it."""
     df = _frame(rows)
     try:

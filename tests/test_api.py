@@ -258,6 +258,28 @@ def test_convert_without_orchestration_returns_the_typed_audit_record(example_da
     assert log[-1]["name"] == "mlp" and log[-1]["status"] == "success"
     again = np2torch.convert(example_config("mlp"), overrides=[f"export.dir={out}"], orchestrate=False)
     assert again.cache_hits == 6 and [o.sha256 for o in again.outputs] == [o.sha256 for o in result.outputs]
+    # the same audit record as a flow run's: the overrides and --refresh are in it (`np2torch audit` shows them)
+    assert log[-1]["overrides"] == [f"export.dir={out}"] and log[-1]["refresh"] is False and log[-1]["manifest_path"]
+    fresh = np2torch.convert(example_config("mlp"), overrides=[f"export.dir={out}"], refresh=True, orchestrate=False)
+    assert fresh.cache_hits == 0 and fresh.record["refresh"] is True and fresh.record["overrides"] == [f"export.dir={out}"]
+
+
+def test_a_stage_s_time_includes_computing_its_key(example_data, tmp_path, monkeypatch):
+    """Hashing the sources for load-arrays' key is load-arrays' work: its seconds say so (summary, audit record, report.json)."""
+    from np2torch.tasks import load_arrays
+
+    real = load_arrays.fingerprint_files
+
+    def slow(*a, **kw):  # noqa: ANN002, ANN003 - the key's hashing pass, made measurable
+        import time
+
+        time.sleep(0.6)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(load_arrays, "fingerprint_files", slow)
+    result = np2torch.convert(example_config("mlp"), overrides=[f"export.dir={tmp_path / 'out'}"], orchestrate=False)
+    assert result.stages["load-arrays"].seconds >= 0.6
+    assert json.loads(result.record_path.read_text())["stages"]["load-arrays"]["seconds"] >= 0.6
 
 
 def test_convert_without_orchestration_failure_raises_and_is_audited(tmp_path, isolated_data):

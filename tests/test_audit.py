@@ -119,7 +119,7 @@ def test_audit_lists_name_status_when_outputs_and_cache_hits(isolated_data: Path
 
 def test_audit_verify_passes_then_catches_a_modified_and_a_missing_output(converted: dict, isolated_data: Path,
                                                                           capsys: pytest.CaptureFixture) -> None:
-    outputs, inputs = converted["export"]["outputs"], converted["load-arrays"]["inputs"]
+    outputs, inputs = converted["export"].outputs, converted["load-arrays"].inputs
     audit.append_record(_record("tiny", outputs=outputs, inputs=inputs))
     assert main(["audit", "--verify"]) == 0
     assert "1 record(s) verified, 0 with changed or missing files" in capsys.readouterr().out
@@ -135,15 +135,15 @@ def test_audit_verify_passes_then_catches_a_modified_and_a_missing_output(conver
 
 
 def test_audit_verify_catches_a_changed_input(converted: dict, isolated_data: Path, capsys: pytest.CaptureFixture) -> None:
-    inputs = converted["load-arrays"]["inputs"]
-    audit.append_record(_record("tiny", outputs=converted["export"]["outputs"], inputs=inputs))
+    inputs = converted["load-arrays"].inputs
+    audit.append_record(_record("tiny", outputs=converted["export"].outputs, inputs=inputs))
     flip_byte(Path(inputs[0]["path"]))
     assert main(["audit", "--verify"]) == 1
     assert f"input {inputs[0]['path']} changed" in capsys.readouterr().err
 
 
 def test_verify_record_reads_the_bytes_not_the_stat_cache(converted: dict) -> None:
-    outputs = converted["export"]["outputs"]
+    outputs = converted["export"].outputs
     p = Path(outputs[0]["path"])
     st = p.stat()
     flip_byte(p)
@@ -273,7 +273,7 @@ def _with_outputs(name: str, run: str, outputs: list, **extra) -> dict:
 
 
 def test_a_later_run_supersedes_an_earlier_runs_outputs(converted: dict, isolated_data: Path, capsys: pytest.CaptureFixture) -> None:
-    outputs = converted["export"]["outputs"]
+    outputs = converted["export"].outputs
     older = [{**o, "sha256": "f" * 64} for o in outputs]  # what an earlier run (other dtype) wrote to the same paths
     audit.append_record(_with_outputs("tiny", "aaaaaaaa-older", older))
     audit.append_record(_with_outputs("tiny", "bbbbbbbb-latest", outputs))

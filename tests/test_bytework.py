@@ -64,7 +64,7 @@ def test_value_statistics_of_a_streamed_array_are_exact(tmp_path: Path, monkeypa
 def _tiny_rows(tmp_path: Path):
     cfg = load_config(write_tiny_case(tmp_path))
     recs = run_pipeline(cfg)
-    rows = manifest.read_manifest(Path(recs["validate"]["_entry"]) / "manifest.json")
+    rows = manifest.read_manifest(Path(recs["validate"].entry) / "manifest.json")
     return cfg, recs, rows, {r.key: r for r in stages.read_records(recs["load-arrays"])}
 
 
@@ -87,8 +87,8 @@ def test_a_copied_export_is_checked_against_the_converted_file(tmp_path: Path, m
     """Other metadata than the converted file's header forces a copy (no link); the copy is
     re-read and compared tensor by tensor with the converted file, so a corrupted copy fails."""
     cfg, recs, rows, _ = _tiny_rows(tmp_path)
-    conv = Path(recs["convert-to-device"]["file"])
-    tensors = recs["convert-to-device"]["tensors"]
+    conv = Path(recs["convert-to-device"].file)
+    tensors = recs["convert-to-device"].tensors
     assert all("blake3" not in t and "sha256" not in t for t in tensors.values())  # the convert stage no longer hashes each tensor
     outs = export.export_outputs(converted=conv, tensors=tensors, manifest_rows=rows, out_dir=tmp_path / "copy",
                                  formats=["safetensors"], metadata={"other": "metadata"})

@@ -20,7 +20,7 @@ from np2torch.tasks.model import build_model
 def test_example_converts_and_reproduces_reference(name, example_data, out_dir):
     cfg = load_config(example_config(name), [f"export.dir={out_dir}"])
     recs = run_pipeline(cfg)
-    metrics = recs["verify-forward-pass"]["metrics"]
+    metrics = recs["verify-forward-pass"].metrics
     assert metrics["passed"] and metrics["reference"]
     assert metrics["max_abs_error"] <= cfg.verify.atol + cfg.verify.rtol * 10
 

@@ -67,7 +67,7 @@ def test_convert_flow_caches_audits_and_publishes(prefect_harness, tmp_path: Pat
 
     # 2. rerun: Prefect answers every stage from its cache (state "Cached"), outputs unchanged
     second = convert_config(config)
-    assert _task_states(second["run_id"]) == {s: "Cached" for s in stages.STAGES}
+    assert _task_states(second["run_id"]) == {s: "Cached" for s in stages.NAMES}
     assert all(s["cached"] and s["attempts"] == 0 for s in second["stages"].values())
     assert {o["path"]: o["sha256"] for o in second["outputs"]} == outputs
 
@@ -89,6 +89,16 @@ def test_convert_flow_caches_audits_and_publishes(prefect_harness, tmp_path: Pat
     assert set(_task_states(fourth["run_id"]).values()) == {"Completed"}
     assert not any(s["cached"] for s in fourth["stages"].values())
     assert {p: _sha(p) for p in outputs} == outputs
+
+    # 4b. result records a killed run left half-written are not read (nor deleted): the tasks run with
+    #     refresh_cache, answer from the intact stage cache and write whole records again
+    results = tmp_path / "np2torch-data" / "cache" / "prefect" / "results"
+    for f in results.iterdir():
+        f.write_bytes(f.read_bytes()[:20])
+    fifth = convert_config(config)
+    assert set(_task_states(fifth["run_id"]).values()) == {"Completed"}
+    assert all(s["cached"] for s in fifth["stages"].values()) and {p: _sha(p) for p in outputs} == outputs
+    assert set(_task_states(convert_config(config)["run_id"]).values()) == {"Cached"}
 
     # 5. the UI: markdown summary (inputs, outputs with hashes, verification, cache hits) and the manifest table
     md = _artifact("tiny-summary", second["run_id"])
@@ -198,7 +208,7 @@ def test_two_identical_flows_at_once_compute_each_stage_once(prefect_harness, tm
         t.join(300)
     assert not errors, errors
     assert [r["status"] for r in records] == ["success", "success"]
-    for stage in stages.STAGES:
+    for stage in stages.NAMES:
         computed = [not r["stages"][stage]["cached"] for r in records]
         assert sum(computed) == 1, (stage, [r["stages"][stage] for r in records])
     assert records[0]["outputs"] == records[1]["outputs"]

@@ -997,7 +997,7 @@ def test_not_a_regular_file_is_refused_before_reading(tmp_path, capsys, kind):
     assert "(expected a regular file, got a" in err and "Fix: point source.path at a regular file (copy the data into one first)" in err
     # the conversion computes its cache key (a hash of every source file) first: that must refuse too, not hang
     cfg = load_config(write_config(tmp_path, src))
-    done, exc = _in_thread(lambda: stages.load_arrays_stage(cfg))
+    done, exc = _in_thread(lambda: stages.run_all(cfg, until="load-arrays"))
     assert done, "load-arrays hung on a source that is not a regular file"
     assert isinstance(exc, LoadError) and src_msg in str(exc), exc
     assert time.perf_counter() - t0 < 10

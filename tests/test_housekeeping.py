@@ -23,7 +23,7 @@ def _convert(config: Path, overrides: list[str] | None = None) -> dict:
     cfg = load_config(config, overrides or [])
     recs = run_pipeline(cfg)
     record = {"run_id": None, "name": cfg.name, "status": "success", "started_at": audit.now(), "finished_at": audit.now(),
-              "outputs": recs["export"]["outputs"], "stages": {s: {"key": r["key"], "cached": bool(r.get("_cached"))} for s, r in recs.items()}}
+              "outputs": recs["export"].outputs, "stages": {s: {"key": r.key, "cached": r.cached} for s, r in recs.items()}}
     audit.append_record(record)
     return recs
 
@@ -40,28 +40,28 @@ def test_prune_keeps_the_current_export_and_drops_what_a_newer_run_replaced(tmp_
     config = make_tiny(tmp_path / "conv")
     old = _convert(config)
     new = _convert(config, FP16)  # same export folder: the float32 export is gone
-    outputs = {o["path"]: o["sha256"] for o in new["export"]["outputs"]}
+    outputs = {o["path"]: o["sha256"] for o in new["export"].outputs}
     assert len(_entries()) > 6
 
     res = housekeeping.prune()
-    assert {(r["stage"], r["key"]) for r in res["removed"]} == {(s, old[s]["key"][:12]) for s in old if old[s]["key"] != new[s]["key"]}
-    assert _entries() == {(s, r["key"]) for s, r in new.items()}
+    assert {(r["stage"], r["key"]) for r in res["removed"]} == {(s, old[s].key[:12]) for s in old if old[s].key != new[s].key}
+    assert _entries() == {(s, r.key) for s, r in new.items()}
     assert {p: _sha(p) for p in outputs} == outputs  # the export is byte-identical
     again = run_pipeline(load_config(config, FP16))
-    assert all(r["_cached"] for r in again.values())  # and rerunning it is still all cache hits
+    assert all(r.cached for r in again.values())  # and rerunning it is still all cache hits
 
 
 def test_without_an_audit_log_the_entries_an_export_links_to_are_kept(tmp_path: Path) -> None:
     config = make_tiny(tmp_path / "conv")
     recs = _convert(config)
-    exported = next(o["path"] for o in recs["export"]["outputs"] if o["path"].endswith("model.safetensors"))
+    exported = next(o["path"] for o in recs["export"].outputs if o["path"].endswith("model.safetensors"))
     audit_log = tmp_path / "np2torch-data" / "audit.jsonl"
     audit_log.unlink()
     res = housekeeping.prune()
     kept = {k["stage"]: k["why"] for k in res["kept"]}
     assert kept == {"convert-to-device": "holds a file an export links to"}
     assert res["freed_bytes"] > 0
-    assert _sha(exported) == next(o["sha256"] for o in recs["export"]["outputs"] if o["path"] == exported)
+    assert _sha(exported) == next(o["sha256"] for o in recs["export"].outputs if o["path"] == exported)
 
 
 def test_an_entry_in_use_is_never_removed(tmp_path: Path) -> None:
@@ -69,7 +69,7 @@ def test_an_entry_in_use_is_never_removed(tmp_path: Path) -> None:
 
     config = make_tiny(tmp_path / "conv")
     recs = run_pipeline(load_config(config))  # no audit record: nothing protected by an export's record
-    key = recs["validate"]["key"]
+    key = recs["validate"].key
     with FileLock(str(cache_dir() / "validate" / f"{key}.lock")):
         res = housekeeping.prune()
     assert {"stage": "validate", "key": key[:12], "why": "in use by a running conversion"} in res["kept"]
@@ -92,7 +92,7 @@ def test_older_than_keeps_recent_entries_and_dry_run_removes_nothing(tmp_path: P
 def test_du_counts_shared_bytes_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = make_tiny(tmp_path / "conv")
     recs = _convert(config)
-    size = Path(recs["convert-to-device"]["file"]).stat().st_size
+    size = Path(recs["convert-to-device"].file).stat().st_size
     du = housekeeping.disk_usage()
     by_stage = {r["stage"]: r for r in du["stages"]}
     assert by_stage["convert-to-device"]["shared_with_exports"] == size

@@ -268,9 +268,9 @@ def test_order_applies_kind_layouts_and_keeps_the_reshape_a_candidate(tmp_path: 
     rows = _rows(tmp_path, _unnamed(arrays), model, strategy="order", preset="keras")
     conv, fc = rows["0.weight"], rows["2.weight"]
     assert conv["transform"] == "permute=[3,2,0,1]" and not conv["verified"]
-    assert [T.describe(c) for c in json.loads(conv["candidates"])] == ["permute=[3,2,0,1]", "reshape=[4,3,3,3]"]
+    assert [T.describe(c) for c in conv["candidates"]] == ["permute=[3,2,0,1]", "reshape=[4,3,3,3]"]
     assert fc["transform"].startswith("transpose") and not fc["verified"]
-    assert "reshape=[5,144]" in [T.describe(c) for c in json.loads(fc["candidates"])]
+    assert "reshape=[5,144]" in [T.describe(c) for c in fc["candidates"]]
     assert rows["0.bias"]["verified"] and rows["0.bias"]["how"] == "order"  # a vector has one layout
 
 
@@ -364,10 +364,10 @@ def test_parallel_same_shaped_layers_are_a_pairing_ambiguity(tmp_path: Path) -> 
         rows = infer_manifest(_records(tmp_path, arrays), describe_targets(m), MappingSpec(preset="keras"), parallel=tr.parallel)
         by = {r["target_key"]: r for r in rows if r["target_key"]}
         for key, leaf in (("a.weight", "kernel"), ("b.weight", "kernel"), ("a.bias", "bias"), ("b.bias", "bias")):
-            cands = [T.describe(c) for c in json.loads(by[key]["candidates"])]
+            cands = [T.describe(c) for c in by[key]["candidates"]]
             assert not by[key]["verified"]
             assert {c.split(";")[0] for c in cands} == {f'source="dense_1/{leaf}"', f'source="dense_2/{leaf}"'}
-        assert by["trunk.weight"]["verified"] and json.loads(by["c.weight"]["candidates"])[0] != [["source", "dense_1/kernel"]]
+        assert by["trunk.weight"]["verified"] and by["c.weight"]["candidates"][0] != [["source", "dense_1/kernel"]]
 
 
 def test_reference_chooses_the_pairing_and_records_each_error(tmp_path: Path) -> None:
@@ -390,7 +390,7 @@ def test_reference_chooses_the_pairing_and_records_each_error(tmp_path: Path) ->
     by = {r["target_key"]: r for r in out if r["target_key"]}
     assert by["a.weight"]["source_key"] == "dense_2/kernel" and by["b.bias"]["source_key"] == "dense_1/bias"
     assert by["a.weight"]["verified"] and by["a.weight"]["transform"] == "transpose"
-    ev = json.loads(by["a.weight"]["evidence"])
+    ev = by["a.weight"]["evidence"]
     assert list(ev["pairings"]) == ["a <- dense_1/kernel, b <- dense_2/kernel", "a <- dense_2/kernel, b <- dense_1/kernel"]
     positional, swapped = ev["pairings"].values()
     assert swapped < 1e-4 < positional

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import itertools
-import json
 import textwrap
 from pathlib import Path
 
@@ -128,7 +127,7 @@ def test_a_kind_is_one_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     after = _prelu_case(tmp_path / "after")
     row = after["1.weight"]
     assert (row["source_key"], row["how"]) == ("p_re_lu/alpha:0", "structure")
-    assert json.loads(row["transform_spec"]) == squeeze and row["confidence"] > before["1.weight"]["confidence"]
+    assert row.transform_spec == squeeze and row["confidence"] > before["1.weight"]["confidence"]
 
 
 # ---------------------------------------------------------------------------------------------

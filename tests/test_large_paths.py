@@ -64,12 +64,7 @@ def _write_config(tmp_path: Path, source: Path, fmt: str, dtype: str = "float32"
 
 
 def _run_stages(cfg_path: Path) -> dict:
-    cfg = load_config(cfg_path)
-    loaded = stages.load_arrays_stage(cfg)
-    validated = stages.validate_stage(cfg, stages.infer_mapping_stage(cfg, loaded))
-    converted = stages.convert_stage(cfg, loaded, validated)
-    verified = stages.verify_stage(cfg, converted)
-    return stages.export_stage(cfg, loaded, validated, converted, verified)
+    return stages.run_all(load_config(cfg_path))["export"]
 
 
 def _expected(arrs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -239,7 +234,7 @@ def test_rerun_with_unchanged_inputs_reads_no_source_bytes(tmp_path: Path, monke
     first = _run_stages(cfg)
     reads = _count_reads(monkeypatch)
     second = _run_stages(cfg)
-    assert second["_cached"] and second["outputs"] == first["outputs"]
+    assert second.cached and second.outputs == first.outputs
     assert reads == []
 
 
@@ -338,7 +333,7 @@ def test_export_links_or_copies_and_records_true_sha256(tmp_path: Path) -> None:
     first = _run_stages(cfg_path)
     st = tmp_path / "out" / "model.safetensors"
     sha = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()  # noqa: E731
-    assert {o["sha256"] for o in first["outputs"]} >= {sha(st)}
+    assert {o["sha256"] for o in first.outputs} >= {sha(st)}
     assert os.stat(st).st_nlink == 2, "headers equal: the converted file is linked into place, not copied"
 
     # another verify tolerance: same converted tensors (cache hit), other config digest in the header
@@ -347,7 +342,7 @@ def test_export_links_or_copies_and_records_true_sha256(tmp_path: Path) -> None:
     cfg_path.write_text(json.dumps(cfg))
     second = _run_stages(cfg_path)
     assert os.stat(st).st_nlink == 1, "a different header is written as a new file"
-    assert {o["sha256"] for o in second["outputs"]} >= {sha(st)}
+    assert {o["sha256"] for o in second.outputs} >= {sha(st)}
     assert load_file(str(st)).keys() == _expected(arrs).keys()
     _assert_bit_exact(tmp_path / "out", _expected(arrs))
 

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -80,8 +79,8 @@ def test_order_matching_refits_named_squeezed_weights(tmp_path: Path) -> None:
     c = load_config(tmp_path / "c.yaml")
     rows = {r["target_key"]: r for r in infer_mapping.build_manifest(c, load_arrays.scan_source(c.source.path)) if r["target_key"]}
     assert rows["first.weight"]["source_key"] == "model/a/w"
-    assert json.loads(rows["first.weight"]["transform_spec"]) == [["index", 0], ["transpose", None]]
-    assert json.loads(rows["second.weight"]["transform_spec"]) == [["index", 0], ["transpose", None]]
+    assert rows["first.weight"]["transform_spec"] == [["index", 0], ["transpose", None]]
+    assert rows["second.weight"]["transform_spec"] == [["index", 0], ["transpose", None]]
 
 
 class _BNPool(nn.Module):

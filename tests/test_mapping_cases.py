@@ -56,17 +56,13 @@ def run_case(tmp_path: Path, name: str, arrays: dict[str, np.ndarray], target: s
            "mapping": mapping, "verify": verify, "export": {"dir": "out"}}
     (d / "config.yaml").write_text(yaml.safe_dump(raw))
     cfg = load_config(d / "config.yaml")
-    loaded = stages.load_arrays_stage(cfg)
-    mapped = stages.infer_mapping_stage(cfg, loaded)
-    rows = manifest.read_manifest(Path(mapped["_entry"]) / "manifest.json")
-    out: dict[str, Any] = {"rows": {r["target_key"] or r["source_key"]: r for r in rows}, "cfg": cfg, "mapped": mapped}
+    recs = stages.run_all(cfg, until="infer-mapping" if until == "mapping" else "verify-forward-pass")
+    rows = manifest.read_manifest(recs["infer-mapping"].path("manifest.json"))
+    out: dict[str, Any] = {"rows": {r["target_key"] or r["source_key"]: r for r in rows}, "cfg": cfg, "mapped": recs["infer-mapping"]}
     if until == "mapping":
         return out
-    validated = stages.validate_stage(cfg, mapped)
-    converted = stages.convert_stage(cfg, loaded, validated)
-    verified = stages.verify_stage(cfg, converted)
-    out.update(converted=converted, metrics=verified["metrics"])
-    _record(name, verified["metrics"])
+    out.update(converted=recs["convert-to-device"], metrics=recs["verify-forward-pass"].metrics)
+    _record(name, out["metrics"])
     return out
 
 
@@ -78,7 +74,7 @@ def _record(name: str, metrics: dict[str, Any]) -> None:
 
 
 def evidence(row: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(row["evidence"])
+    return row["evidence"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,8 +133,8 @@ def test_keras_cnn_without_reference_reports_the_flatten_row_unverified(tmp_path
     case = run_case(tmp_path, "keras-cnn-noref", p, f"{KERAS_CNN}:KerasCNN", CNN_KW, KERAS_MAPPING, x, None, until="mapping")
     fc1 = case["rows"]["fc1.weight"]
     assert not fc1["verified"] and float(fc1["confidence"]) <= 0.5
-    assert [c[-1][0] for c in json.loads(fc1["candidates"])] == ["flatten_nhwc_to_nchw", "transpose"]
-    assert case["mapped"]["unverified"] == ["fc1.weight"]
+    assert [c[-1][0] for c in fc1["candidates"]] == ["flatten_nhwc_to_nchw", "transpose"]
+    assert case["mapped"].unverified == ["fc1.weight"]
 
 
 def test_reference_no_candidate_reproduces_fails_naming_the_dense_layer_and_rule(tmp_path: Path) -> None:
@@ -317,7 +313,7 @@ def test_vit_block_separate_qkv_into_fused_weight_by_rules(tmp_path: Path) -> No
     assert case["metrics"]["passed"] and case["metrics"]["max_abs_error"] < 1e-5
     qkv = rows["blocks.0.attn.qkv.weight"]
     assert qkv["source_key"] == " + ".join(f"blocks_0/attn/{n}/kernel" for n in ("query", "key", "value")) and qkv["concat"] == 0
-    assert json.loads(qkv["result_shape"]) == [3 * d, d]
+    assert qkv["result_shape"] == [3 * d, d]
     assert evidence(rows["blocks.0.attn.proj.weight"])["errors"]["as-is"] > 1e-3  # square proj: the reference decided
 
 
@@ -331,7 +327,7 @@ def test_vit_concat_on_the_wrong_axis_fails_validation(tmp_path: Path) -> None:
          "transform": ["transpose"], "concat": 1}], "allow_missing": [r"blocks\.0\.(?!attn\.qkv\.weight).*"]}
     case = run_case(tmp_path, "vit-bad", p, f"{MODELS}:ViT", {}, mapping, np.zeros((1, 2, 8), np.float32), None, until="mapping")
     with pytest.raises(ValidationError, match=r"blocks\.0\.attn\.qkv\.weight.*wrong shape"):
-        stages.validate_stage(case["cfg"], case["mapped"])
+        stages.run_all(case["cfg"], until="validate")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,7 +348,7 @@ def test_tied_embeddings_share_storage_after_loading_the_export(tmp_path: Path) 
     assert case["metrics"]["passed"] and case["metrics"]["max_abs_error"] < 1e-5
     assert rows["head.weight"]["how"] == "tied" and rows["head.weight"]["tied_to"] == "emb.weight"
     assert rows["emb.weight"]["source_key"] == "embedding/embeddings:0"
-    model = load_model_from_file(f"{MODELS}:TiedLM", {"vocab": vocab, "d": d}, Path(case["converted"]["file"]), torch.device("cpu"))
+    model = load_model_from_file(f"{MODELS}:TiedLM", {"vocab": vocab, "d": d}, case["converted"].file, torch.device("cpu"))
     assert model.head.weight is model.emb.weight
     assert model.head.weight.data_ptr() == model.emb.weight.data_ptr()
     np.testing.assert_allclose(model.emb.weight.detach().numpy(), emb, rtol=0, atol=0)
@@ -391,9 +387,9 @@ def test_square_mlp_without_reference_is_unverified_not_silently_chosen(tmp_path
     assert case["metrics"]["passed"] and case["metrics"]["reference"] is False  # shapes and finiteness only
     for i in range(3):
         row = case["rows"][f"layers.{i}.weight"]
-        assert not row["verified"] and float(row["confidence"]) <= 0.5 and row["evidence"] == "{}"
-        assert [json.dumps(c) for c in json.loads(row["candidates"])] == ["[]", '[["transpose", null]]']
-    assert case["mapped"]["unverified"] == [f"layers.{i}.weight" for i in range(3)]
+        assert not row["verified"] and float(row["confidence"]) <= 0.5 and row["evidence"] == {}
+        assert [json.dumps(c) for c in row["candidates"]] == ["[]", '[["transpose", null]]']
+    assert case["mapped"].unverified == [f"layers.{i}.weight" for i in range(3)]
 
 
 def test_mapping_cache_key_follows_the_reference(tmp_path: Path) -> None:
@@ -401,9 +397,8 @@ def test_mapping_cache_key_follows_the_reference(tmp_path: Path) -> None:
     case = run_case(tmp_path, "square-key", p, f"{MODELS}:MLP", {"sizes": [6, 6, 6, 6]}, {"strategy": "order"}, x, ref, until="mapping")
     cfg = case["cfg"]
     np.save(cfg.verify.reference_output, (ref + 1.0).astype(np.float64))
-    loaded = stages.load_arrays_stage(cfg)
     with pytest.raises(MappingError, match="no candidate layout reproduces the reference"):
-        stages.infer_mapping_stage(cfg, loaded)
+        stages.run_all(cfg, until="infer-mapping")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,7 +450,7 @@ def test_keras_separable_square_pointwise_is_resolved_by_the_reference(tmp_path:
     assert ev["errors"]["permute=[3,2,0,1]"] < 1e-5 < 1e-2 < ev["errors"]["permute=[2,3,0,1]"]  # I/O swapped: wrong
     noref = run_case(tmp_path, "separable-square-noref", p, f"{MODELS}:SeparableNet", {"out": 6}, {"preset": "keras"}, x, None,
                      until="mapping")
-    assert not noref["rows"]["pointwise.weight"]["verified"] and noref["mapped"]["unverified"] == ["pointwise.weight"]
+    assert not noref["rows"]["pointwise.weight"]["verified"] and noref["mapped"].unverified == ["pointwise.weight"]
 
 
 # ---------------------------------------------------------------------------------------------

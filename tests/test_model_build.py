@@ -142,5 +142,5 @@ def test_pipeline_verifies_a_model_with_constructor_buffers(models: Path, tmp_pa
            "verify": {"input": "input.npy", "reference_output": "ref.npy", "rtol": 1e-5, "atol": 1e-5},
            "export": {"dir": "out"}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    metrics = run_all(load_config(tmp_path / "c.yaml"))["verify-forward-pass"]["metrics"]
+    metrics = run_all(load_config(tmp_path / "c.yaml"))["verify-forward-pass"].metrics
     assert metrics["passed"] and metrics["max_abs_error"] < 1e-5

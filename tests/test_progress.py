@@ -15,7 +15,7 @@ from tiny_conversion import make_tiny
 def test_convert_and_export_report_every_tensor_byte(tmp_path: Path) -> None:
     cfg = load_config(make_tiny(tmp_path / "conv"))
     recs = run_pipeline(cfg)
-    rows = manifest.read_manifest(Path(recs["validate"]["_entry"]) / "manifest.json")
+    rows = manifest.read_manifest(Path(recs["validate"].entry) / "manifest.json")
     seen: list[int] = []
     out = tmp_path / "again.safetensors"
     res = convert.convert_to_device(rows, stages.read_records(recs["load-arrays"]), model_target=cfg.model.target,

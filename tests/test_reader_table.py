@@ -109,10 +109,10 @@ def test_a_toy_format_converts_bit_exact_and_its_key_hashes_its_files(tmp_path, 
     cfg = load_config(cfg_path)
     root, files = readers.source_files(cfg.source.path, "toy")
     assert (root, files) == (cfg.source.path.parent, [cfg.source.path])
-    key = stages.load_arrays_key(cfg)
+    key = stages.key_of(stages.BY_NAME["load-arrays"], cfg, None)
     out = stages.run_all(cfg)
-    assert out["verify-forward-pass"]["metrics"]["passed"]
-    got = load_file(str(out["convert-to-device"]["file"]))
+    assert out["verify-forward-pass"].metrics["passed"]
+    got = load_file(str(out["convert-to-device"].file))
     for k, v in weights.items():
         assert np.array_equal(got[k], v) and got[k].dtype == v.dtype
     first = readers.scan_source(cfg.source.path)[0]
@@ -121,7 +121,7 @@ def test_a_toy_format_converts_bit_exact_and_its_key_hashes_its_files(tmp_path, 
     data = bytearray(cfg.source.path.read_bytes())
     data[-1] ^= 1
     cfg.source.path.write_bytes(bytes(data))
-    assert stages.load_arrays_key(cfg) != key
+    assert stages.key_of(stages.BY_NAME["load-arrays"], cfg, None) != key
 
 
 def test_the_config_and_cli_refuse_a_format_not_in_the_table(tmp_path, capsys):

@@ -85,6 +85,25 @@ def test_a_reader_that_fails_twice_is_retried_and_counted(prefect_harness, fast_
     assert any("load-arrays: attempt 3 of 4" in m for m in logs)
 
 
+def test_a_transient_error_while_hashing_the_sources_for_the_key_is_retried(prefect_harness, fast_retries, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key is computed by the runner before the task starts: a flaky read there is retried too."""
+    from np2torch.flows.convert import convert_config
+
+    real = load_arrays.fingerprint_files
+    failures = {"left": 1}
+
+    def flaky(*args, **kwargs):  # noqa: ANN002, ANN003 - same signature as the real one
+        if failures["left"]:
+            failures["left"] -= 1
+            raise OSError(errno.EIO, "Input/output error", "weights/fc1.weight.npy")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(load_arrays, "fingerprint_files", flaky)
+    record = convert_config(make_tiny(tmp_path / "conv"))
+    assert record["status"] == "success" and failures["left"] == 0
+
+
 def test_a_deterministic_failure_fails_once(prefect_harness, fast_retries, tmp_path: Path) -> None:
     from np2torch.flows.convert import convert_config
     from np2torch.tasks.errors import ConversionError

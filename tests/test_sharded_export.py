@@ -87,7 +87,7 @@ def test_sharded_export_loads_with_transformers_and_equals_the_single_file(tmp_p
         assert listed[name].sha256 == hashlib.sha256((out / name).read_bytes()).hexdigest()
     report = json.loads((out / "report.json").read_text())
     assert set(shards) <= {Path(o["path"]).name for o in report["outputs"]}
-    assert single["export"]["outputs"][0]["path"].endswith("model.safetensors")
+    assert single["export"].outputs[0]["path"].endswith("model.safetensors")
 
 
 def test_a_killed_sharded_export_leaves_the_previous_single_file_whole(tmp_path: Path) -> None:

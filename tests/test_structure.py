@@ -18,47 +18,15 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from np2torch.tasks import imports
 
-# the repository folder of each installed package (pyproject.toml's package-dir mapping)
-PACKAGES = {"np2torch": REPO / "np2torch", "np2torch.tasks": REPO / "tasks", "np2torch.flows": REPO / "flows"}
 STAGE_MODULES = {f"np2torch.tasks.{m}" for m in ("load_arrays", "infer_mapping", "validate", "convert", "verify", "export")}
 MAX_FUNCTION_LINES = 80
 PYTHON = sys.executable
 
 
-def _modules() -> dict[str, Path]:
-    """Every module of the installed package, by dotted name (packages by their ``__init__``)."""
-    out: dict[str, Path] = {}
-    for pkg, folder in PACKAGES.items():
-        for f in sorted(folder.rglob("*.py")):
-            rel = f.relative_to(folder).with_suffix("")
-            parts = [p for p in rel.parts if p != "__init__"]
-            out[".".join([pkg, *parts])] = f
-    return out
-
-
-def _imports(name: str, path: Path, known: set[str]) -> set[str]:
-    """np2torch modules that ``name`` imports anywhere in its source (lazy imports inside functions too)."""
-    is_pkg = path.name == "__init__.py"
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative: resolve against this module's package
-                anchor = name.split(".") if is_pkg else name.split(".")[:-1]
-                anchor = anchor[: len(anchor) - (node.level - 1)]
-                base = ".".join(anchor + ([base] if base else []))
-            found.add(base)
-            found |= {f"{base}.{a.name}" for a in node.names}  # `from pkg import module`
-    # a dotted import names its parents too, but only the deepest module is what this one needs
-    return {m for m in found if m in known and m != name and m != "np2torch"}
-
-
 def _graph() -> dict[str, set[str]]:
-    mods = _modules()
-    return {name: _imports(name, path, set(mods)) for name, path in mods.items()}
+    return imports.graph()
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -116,6 +84,51 @@ def test_no_stage_imports_another_stage():
     g = _graph()
     bad = [f"{m} imports {d}" for m in sorted(STAGE_MODULES) for d in sorted(g.get(m, ()) & STAGE_MODULES)]
     assert not bad, "a stage module imports another stage (move the shared piece into a domain module): " + "; ".join(bad)
+
+
+def _in_pipeline_order(found: list[str], order: list[str]) -> bool:
+    """Three or more of ``order`` appear in ``found`` in that order: a copy of the pipeline's sequence."""
+    seq = [order.index(x) for x in dict.fromkeys(found) if x in order]
+    return len(seq) >= 3 and seq == sorted(seq)
+
+
+def test_the_stage_sequence_is_defined_once():
+    """Only the stage table names the stages in order: no other list, tuple, set or dict literal of three or more."""
+    from np2torch.tasks import stages
+
+    assert len(set(stages.NAMES)) == len(stages.NAMES) == 6
+    copies = []
+    for name, path in imports.modules().items():
+        if name == "np2torch.tasks.stages":
+            continue
+        for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+            elts = node.keys if isinstance(node, ast.Dict) else node.elts if isinstance(node, (ast.List, ast.Tuple, ast.Set)) else None
+            found = [e.value for e in elts or () if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+            if _in_pipeline_order(found, stages.NAMES):
+                copies.append(f"{name}:{node.lineno} {found}")
+    assert not copies, "the stage sequence is written again outside tasks/stages.py (read stages.STAGES instead): " + "; ".join(copies)
+    # and the check sees a copy when there is one
+    assert _in_pipeline_order(["load-arrays", "x", "validate", "export"], stages.NAMES)
+    assert not _in_pipeline_order(["export", "validate", "load-arrays"], stages.NAMES)
+
+
+def test_no_module_outside_the_runner_imports_the_stage_modules_in_order():
+    """Only the runner drives the stages: no other module imports three or more stage modules (lazily
+    or not), nor names three of them in pipeline order (a preload list, a table of steps)."""
+    from np2torch.tasks import stages
+
+    order = [s.module for s in stages.STAGES]
+    assert set(order) == STAGE_MODULES
+    g = _graph()
+    assert g["np2torch.tasks.stages"] >= STAGE_MODULES  # the walker sees the runner's own (lazy) imports
+    runner = "np2torch.tasks.stages"
+    bad = [f"{m} imports {sorted(deps & STAGE_MODULES)}" for m, deps in g.items() if m != runner and len(deps & STAGE_MODULES) >= 3]
+    for name, path in imports.modules().items():
+        tree = ast.parse(path.read_bytes(), str(path))
+        named = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+        if name != runner and _in_pipeline_order(named, order):
+            bad.append(f"{name} names {[n for n in named if n in order]}")
+    assert not bad, "modules that run the stages themselves (use np2torch.tasks.stages.run_all): " + "; ".join(bad)
 
 
 def test_no_long_functions_in_tasks():

@@ -7,7 +7,6 @@ depthwise convolution), never by np2torch.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -98,13 +97,13 @@ def test_openai_names_and_1x1_conv_weights_load_into_linear(tmp_path: Path) -> N
     rows = _plan(config)
     r = rows["h.1.c_fc.weight"]
     assert r["source_key"] == "model/h1/c_fc/w" and r["status"] == "mapped" and r["verified"]
-    assert json.loads(r["transform_spec"]) == [["index", 0], ["transpose", None]]
+    assert r["transform_spec"] == [["index", 0], ["transpose", None]]
     assert rows["h.0.ln_1.weight"]["source_key"] == "model/h0/ln_1/g" and rows["h.0.ln_1.bias"]["source_key"] == "model/h0/ln_1/b"
 
     from np2torch.tasks.config import load_config
     from np2torch.tasks.stages import run_all
 
-    metrics = run_all(load_config(config))["verify-forward-pass"]["metrics"]
+    metrics = run_all(load_config(config))["verify-forward-pass"].metrics
     assert metrics["passed"] and metrics["max_abs_error"] < 1e-5
 
 
@@ -128,10 +127,10 @@ def test_keras3_depthwise_kernel_named_kernel_feeds_a_grouped_conv(tmp_path: Pat
                     _depthwise_ref(x.astype(np.float64), k.astype(np.float64), b), "Depthwise", "keras")
     r = _plan(config)["dw.weight"]
     assert r["source_key"] == "depthwise_conv2d/kernel" and r["verified"]
-    assert json.loads(r["transform_spec"]) == [["depthwise_to_grouped", None]]
+    assert r["transform_spec"] == [["depthwise_to_grouped", None]]
 
     from np2torch.tasks.config import load_config
     from np2torch.tasks.stages import run_all
 
-    metrics = run_all(load_config(config))["verify-forward-pass"]["metrics"]
+    metrics = run_all(load_config(config))["verify-forward-pass"].metrics
     assert metrics["passed"] and metrics["max_abs_error"] < 1e-5

@@ -38,7 +38,7 @@ def test_wrong_weights_fail_verification_with_the_error(tmp_path):
 
 def test_no_reference_checks_shapes_and_finiteness(tmp_path):
     cfg = load_config(write_tiny_case(tmp_path, verify={"input": {"shape": [4, 3], "seed": 0}, "reference_output": None}))
-    m = run_pipeline(cfg)["verify-forward-pass"]["metrics"]
+    m = run_pipeline(cfg)["verify-forward-pass"].metrics
     assert m == {**m, "passed": True, "reference": False, "output_shapes": [[4, 2]], "finite": True}
 
 

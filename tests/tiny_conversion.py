@@ -66,7 +66,7 @@ def cached_stage_in_process(data_dir: str, calls: str, barrier, out) -> None:  #
 
     barrier.wait(30)
     rec = cache.run_cached("demo", "d" * 64, compute)
-    out.put({"cached": rec["_cached"], "pid": rec["pid"]})
+    out.put({"cached": rec.cached, "pid": rec.record["pid"]})
 
 
 def flip_byte(path: Path, *, from_end: int = 1) -> None:

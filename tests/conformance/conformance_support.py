@@ -13,7 +13,6 @@ write: source, model, ``preset`` + ``strategy``, verify; no rules. Then:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -68,7 +67,7 @@ def plan_without_reference(config: Path) -> list[dict[str, Any]]:
 
 
 def unverified(rows: list[dict[str, Any]]) -> dict[str, list]:
-    return {r["target_key"]: json.loads(r["candidates"]) for r in rows if r["target_key"] and r["status"] == "mapped" and not r["verified"]}
+    return {r["target_key"]: r["candidates"] for r in rows if r["target_key"] and r["status"] == "mapped" and not r["verified"]}
 
 
 def check_case(config: Path, *, ambiguous: Callable[[str, tuple[int, ...]], bool], fresh_model: Callable[[], torch.nn.Module]) -> None:
@@ -79,8 +78,7 @@ def check_case(config: Path, *, ambiguous: Callable[[str, tuple[int, ...]], bool
 
     rows = plan_without_reference(config)
     open_rows = unverified(rows)
-    must = [r["target_key"] for r in rows if r["target_key"] and r["status"] == "mapped" and ambiguous(r["target_key"], tuple(json.loads(r["target_shape"])
-                                                                                                                           if isinstance(r["target_shape"], str) else r["target_shape"]))]
+    must = [r["target_key"] for r in rows if r["target_key"] and r["status"] == "mapped" and ambiguous(r["target_key"], tuple(r["target_shape"]))]
     assert must, "the case has no row that only a reference can settle: it tests nothing about layouts"
     settled_silently = [k for k in must if k not in open_rows]
     assert not settled_silently, f"rows only a reference can settle are marked verified without one: {settled_silently[:5]}"
@@ -88,7 +86,7 @@ def check_case(config: Path, *, ambiguous: Callable[[str, tuple[int, ...]], bool
 
     cfg = load_config(config)
     recs = run_all(cfg)
-    metrics = recs["verify-forward-pass"]["metrics"]
+    metrics = recs["verify-forward-pass"].metrics
     assert metrics["passed"] and metrics["reference"], metrics["problems"]
     state = load_file(Path(cfg.export.dir) / "model.safetensors")
     model = fresh_model()

@@ -88,8 +88,8 @@ def write_case(tmp_path: Path, name: str, model: Any, how: str, torch_class: str
 def plan_rows(config: Path) -> dict[str, dict[str, Any]]:
     """What ``np2torch plan`` shows: the mapping stage's rows, by target key."""
     cfg = load_config(config)
-    mapped = stages.infer_mapping_stage(cfg, stages.load_arrays_stage(cfg))
-    rows = manifest.read_manifest(Path(mapped["_entry"]) / "manifest.json")
+    mapped = stages.run_all(cfg, until="infer-mapping")["infer-mapping"]
+    rows = manifest.read_manifest(Path(mapped.entry) / "manifest.json")
     return {r["target_key"] or r["source_key"]: r for r in rows}
 
 
@@ -97,7 +97,7 @@ def convert(config: Path) -> dict[str, Any]:
     """All six stages; returns the stage records and the rows (by target key)."""
     cfg = load_config(config)
     recs = stages.run_all(cfg)
-    rows = manifest.read_manifest(Path(recs["infer-mapping"]["_entry"]) / "manifest.json")
+    rows = manifest.read_manifest(Path(recs["infer-mapping"].entry) / "manifest.json")
     return {"recs": recs, "cfg": cfg, "rows": {r["target_key"] or r["source_key"]: r for r in rows}}
 
 
@@ -135,5 +135,5 @@ def unverified(rows: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
     """Unverified target rows → their candidates, as ``plan`` prints them."""
     from np2torch.tasks import transforms as T
 
-    return {k: [T.describe(c) or "as-is" for c in json.loads(r["candidates"])] for k, r in rows.items()
+    return {k: [T.describe(c) or "as-is" for c in r["candidates"]] for k, r in rows.items()
             if r["target_key"] and not r["verified"]}

@@ -3,7 +3,6 @@ module is a pairing ambiguity (Keras lists layers by graph depth, not as the tor
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -44,11 +43,11 @@ def test_keras_conv_bn_branches_two_pairing_groups(tmp_path, how) -> None:
     x = np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2))
     config = write_case(tmp_path, f"keras-conv-branches-{how}", model, how, "ConvBranches", x, ref)
     out = convert(config)
-    assert out["recs"]["verify-forward-pass"]["metrics"]["passed"]
+    assert out["recs"]["verify-forward-pass"].metrics["passed"]
     assert max_abs_error_of_export(config, "ConvBranches", x, ref) < 1e-4
     rows = out["rows"]
     for key in ("conv_tanh.weight", "bn_tanh.running_var"):  # a conv group and a BatchNorm group, each paired by the reference
-        ev = json.loads(rows[key]["evidence"])
+        ev = rows[key]["evidence"]
         # the two groups swap together: all 2 × 2 joint pairings are tried, each one's error recorded
         assert ev["method"].endswith("(pairing)") and len(ev["pairings"]) == 4 and min(ev["pairings"].values()) < 1e-4
 
@@ -58,10 +57,10 @@ def test_keras_two_branches_pairing_chosen_by_reference(tmp_path, how) -> None:
     model, x, ref = keras_branches()
     config = write_case(tmp_path, f"keras-branches-{how}", model, how, "TwoBranch", x, ref)
     out = convert(config)
-    assert out["recs"]["verify-forward-pass"]["metrics"]["passed"]
+    assert out["recs"]["verify-forward-pass"].metrics["passed"]
     assert max_abs_error_of_export(config, "TwoBranch", x, ref) < 1e-4
     left = out["rows"]["left.weight"]
-    ev = json.loads(left["evidence"])
+    ev = left["evidence"]
     assert ev["method"].endswith("(pairing)") and len(ev["pairings"]) == 2
     # one pairing reproduces Keras, the other does not: which is tried first depends on the order the
     # source gives (graph depth in a pickled list; layer numbers, i.e. creation order, where names exist)

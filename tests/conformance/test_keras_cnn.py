@@ -39,10 +39,10 @@ def test_keras_cnn_converts_and_reproduces_predict(tmp_path, how, torch_class) -
     x = np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2))
     config = write_case(tmp_path, f"keras-cnn-{how}-{torch_class.lower()}", model, how, torch_class, x, ref)
     out = convert(config)
-    assert out["recs"]["verify-forward-pass"]["metrics"]["passed"]
+    assert out["recs"]["verify-forward-pass"].metrics["passed"]
     assert max_abs_error_of_export(config, torch_class, x, ref) < 1e-4
     rows = out["rows"]
-    fc = next(k for k in rows if k.endswith(".weight") and rows[k]["target_shape"] == "[5,32]")
+    fc = next(k for k in rows if k.endswith(".weight") and rows[k]["target_shape"] == [5, 32])
     # the Dense after the flatten: reordered only when forward flattens channels-first
     assert ("flatten_nhwc_to_nchw" in rows[fc]["transform"]) == (torch_class != "CNNChannelsLastFlatten")
     counters = [r for k, r in rows.items() if k.endswith("num_batches_tracked")]
@@ -66,9 +66,8 @@ def test_keras_cnn_reference_rejects_the_reshape(tmp_path) -> None:
     model, x_nhwc, ref = keras_cnn()
     x = np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2))
     rows = plan_rows(write_case(tmp_path, "keras-cnn-evidence", model, "pickle", "CNN", x, ref))
-    import json
 
-    ev = json.loads(rows["conv1.weight"]["evidence"])
+    ev = rows["conv1.weight"]["evidence"]
     assert ev["chosen"] == "permute=[3,2,0,1]" and ev["reproduces"]
     assert ev["errors"]["permute=[3,2,0,1]"] < 1e-4 < ev["errors"]["reshape=[4,3,3,3]"]
     assert all(r["verified"] for r in rows.values() if r["target_key"])

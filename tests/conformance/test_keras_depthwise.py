@@ -27,7 +27,7 @@ def test_keras_depthwise_separable_reproduces_predict(tmp_path, how) -> None:
     x = np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2))
     config = write_case(tmp_path, f"keras-depthwise-{how}", model, how, "DepthwiseSeparable", x, ref)
     out = convert(config)
-    assert out["recs"]["verify-forward-pass"]["metrics"]["passed"]
+    assert out["recs"]["verify-forward-pass"].metrics["passed"]
     assert max_abs_error_of_export(config, "DepthwiseSeparable", x, ref) < 1e-4
     assert out["rows"]["dw.weight"]["transform"].endswith("depthwise_to_grouped")
     assert out["rows"]["sep_dw.weight"]["transform"].endswith("depthwise_to_grouped")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from .keras_support import convert, keras, max_abs_error_of_export, write_case
+from .keras_support import convert, max_abs_error_of_export, write_case
 from .test_keras_branches import keras_branches
 from .test_keras_cnn import keras_cnn
 from .test_keras_depthwise import keras_depthwise
@@ -46,7 +46,7 @@ def test_keras_h5_paths_map_without_rules(tmp_path, torch_class, file_kind) -> N
     config = write_case(tmp_path, f"keras-{file_kind.replace('.', '-')}-{torch_class.lower()}", model, "npz", torch_class, x, ref)
     np.savez(config.parent / "weights.npz", **arrays)  # the h5 file's own paths and values
     out = convert(config)
-    assert out["recs"]["verify-forward-pass"]["metrics"]["passed"]
+    assert out["recs"]["verify-forward-pass"].metrics["passed"]
     assert max_abs_error_of_export(config, torch_class, x, ref) < 1e-4
 
 
@@ -59,5 +59,5 @@ def test_keras_h5_file_converts(tmp_path, torch_class, file_kind) -> None:
     model.save_weights(h5) if file_kind == "weights.h5" else model.save(h5)
     config.write_text(config.read_text().replace("path: weights.npz", f"path: {h5.name}").replace("format: npz", "format: h5"))
     out = convert(config)
-    assert out["recs"]["verify-forward-pass"]["metrics"]["passed"]
+    assert out["recs"]["verify-forward-pass"].metrics["passed"]
     assert max_abs_error_of_export(config, torch_class, x, ref) < 1e-4
