@@ -236,7 +236,7 @@ def convert_config(config_path: str | Path, overrides: list[str] | None = None, 
     from prefect import tags
 
     from np2torch.flows.preflight import check_config
-    from np2torch.flows.server import choose_api, run_url, using_api
+    from np2torch.flows.runtime import choose_api, run_url, using_api
 
     cfg = load_config(config_path, overrides or [])  # config errors surface before Prefect starts
     check_config(cfg)

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["data_dir", "cache_dir", "audit_log_path", "atomic_write_text", "atomic_writer"]
+__all__ = ["data_dir", "cache_dir", "audit_log_path", "atomic_write_text", "atomic_writer", "natural_key"]
+
+
+def natural_key(text: str) -> list[str | int]:
+    """Sort key reading digit runs as numbers: ``dense < dense_1 < dense_2 < dense_10``, ``w2.npy < w10.npy``.
+
+    Splitting on digit runs alternates text and digits, so two keys never compare a number with text.
+    """
+    return [int(t) if i % 2 else t for i, t in enumerate(re.split(r"(\d+)", text))]
 
 
 def data_dir() -> Path:

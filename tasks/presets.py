@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 __all__ = ["Preset", "PRESETS", "SourceView", "view", "LayerKind", "source_layer_kind", "TORCH_KINDS", "LEAF_ROLES", "RECURRENT",
-           "natural_key", "layer_leaf_transform",
+           "layer_leaf_transform",
            "split_separable", "is_backward_scope", "KERAS_VARS", "name_numbered_vars"]
 
 Shape = tuple[int, ...]
@@ -174,11 +174,6 @@ def view(key: str, shape: Shape, preset: Preset) -> SourceView:
             alts += [f"{name}.weight", f"{bare_scope}.{src_leaf}.weight" if bare_scope else f"{src_leaf}.weight"]
     alts = tuple(n for n in dict.fromkeys(alts) if n != name)
     return SourceView(key, name, scope, torch_leaf, transform, src_leaf, alts)
-
-
-def natural_key(text: str) -> tuple:
-    """Sort key reading digit runs as numbers: dense < dense_1 < dense_2 < dense_10."""
-    return tuple((0, int(t)) if t.isdigit() else (1, t) for t in re.split(r"(\d+)", text) if t)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["ST_DTYPES", "TORCH_DTYPES", "plan_header", "read_header", "mmap_state_dict", "MappedSafetensors", "np_dtype_for"]
+__all__ = ["ST_DTYPES", "TORCH_DTYPES", "plan_header", "read_header", "MappedSafetensors", "np_dtype_for"]
 
 # torch dtype name → safetensors dtype code
 ST_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64", "int64": "I64", "int32": "I32",
@@ -64,11 +64,6 @@ def read_header(path: str | Path) -> tuple[dict[str, Any], int]:
             raise ValueError(f"safetensors header length {n} is implausible")
         header = json.loads(fh.read(n))
     return header, 8 + n
-
-
-def mmap_state_dict(path: str | Path, *, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """Zero-copy tensors over a read-only memory map of a safetensors file (CPU)."""
-    return MappedSafetensors(path, keys=keys).state
 
 
 class MappedSafetensors:

@@ -37,6 +37,7 @@ from np2torch.tasks.config import MappingSpec, Rule
 from np2torch.tasks.errors import Problem
 from np2torch.tasks.load_arrays import ArrayRecord
 from np2torch.tasks.model import TargetInfo
+from np2torch.tasks.paths import natural_key
 
 __all__ = ["Claim", "MapState", "STRATEGIES", "Strategy", "is_counter", "find_pairings", "COUNTER_REASON"]
 
@@ -250,7 +251,7 @@ def _source_layers(st: MapState) -> list[tuple[str, str, dict[str, str]]]:
                 layers.append((scope, kind, leaves))
     if len(layers) > 1 and free == sorted(free):
         # keys arrive sorted (TF checkpoints, h5): file order says nothing; layer numbers do
-        layers.sort(key=lambda x: P.natural_key(x[0]))
+        layers.sort(key=lambda x: natural_key(x[0]))
     return layers
 
 

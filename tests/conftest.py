@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -57,12 +56,6 @@ def example_config(name: str) -> Path:
 @pytest.fixture
 def out_dir(tmp_path: Path) -> Path:
     return tmp_path / "out"
-
-
-def copy_example(name: str, dest: Path) -> Path:
-    """A private copy of one example's data folder (tests that modify inputs use it)."""
-    shutil.copytree(EXAMPLES / name, dest / name)
-    return dest / name
 
 
 def run_pipeline(cfg, *, refresh: bool = False) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from np2torch.flows.cli import main
+from np2torch.cli import main
 from np2torch.tasks import audit, stages
 from np2torch.tasks.config import load_config
 from tiny_conversion import flip_byte, make_tiny

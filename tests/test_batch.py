@@ -14,7 +14,7 @@ from uuid import UUID
 import pytest
 
 from np2torch.flows.batch import BatchError, make_task_runner, plan_batch, run_batch, summary_row
-from np2torch.flows.cli import main
+from np2torch.cli import main
 from np2torch.flows.serve import build_deployment, check_cron
 from np2torch.tasks.config import load_batch_config, load_config
 from np2torch.tasks.errors import ConfigError

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, example_config, tiny_arrays, write_tiny_case
-from np2torch.flows.cli import main
+from np2torch.cli import main
 
 NP2TORCH = shutil.which("np2torch") or str(REPO / ".venv" / "bin" / "np2torch")
 
@@ -128,7 +128,7 @@ def test_expected_failure_prints_no_traceback_as_typed(tmp_path):
 
 
 def test_module_entry_point():
-    r = subprocess.run([sys.executable, "-m", "np2torch.flows.cli", "--help"], capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run([sys.executable, "-m", "np2torch.cli", "--help"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0 and "convert" in r.stdout
 
 
@@ -187,7 +187,7 @@ def test_light_commands_import_no_prefect(args, example_data):
     args = [a.format(keras=example_data / "keras-cnn" / "weights.npz", mlp=example_config("mlp")) for a in args]
     code = ("import sys, runpy\n"
             f"sys.argv = ['np2torch', *{args!r}]\n"
-            "try:\n    runpy.run_module('np2torch.flows.cli', run_name='__main__')\n"
+            "try:\n    runpy.run_module('np2torch.cli', run_name='__main__')\n"
             "except SystemExit as e:\n    assert not e.code, e.code\n"
             "print('HEAVY', sorted(m for m in ('torch', 'pandas', 'pandera', 'prefect') if m in sys.modules), file=sys.stderr)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env={**os.environ, "NP2TORCH_READ_ONLY": "1"})

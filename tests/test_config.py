@@ -64,7 +64,7 @@ def test_digest_ignores_where_the_config_lives(tmp_path):
 
 import time  # noqa: E402
 
-from np2torch.flows.cli import main  # noqa: E402
+from np2torch.cli import main  # noqa: E402
 from np2torch.tasks.config import MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, load_batch_config  # noqa: E402
 
 _LOL = '["lol","lol","lol","lol","lol","lol","lol","lol","lol"]'

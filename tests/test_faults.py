@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from batch_support import write_batch
-from np2torch.flows.cli import main
+from np2torch.cli import main
 from np2torch.tasks import audit, cache, locks, stages
 from np2torch.tasks.config import load_config
 from np2torch.tasks.storage import StorageError

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from np2torch.flows.cli import main
+from np2torch.cli import main
 from np2torch.tasks import audit, stages
 from tiny_conversion import flip_byte, make_tiny
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from conftest import run_pipeline
-from np2torch.flows.cli import main
-from np2torch.tasks import audit, housekeeping
+from np2torch.cli import main
+from np2torch import housekeeping
+from np2torch.tasks import audit
 from np2torch.tasks.config import load_config
 from np2torch.tasks.errors import ConfigError
 from np2torch.tasks.paths import cache_dir

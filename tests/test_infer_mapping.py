@@ -217,7 +217,7 @@ def test_config_rules_accept_every_table_transform() -> None:
 
 
 def test_plan_table_csv_and_json(example_data: Path, capsys: pytest.CaptureFixture) -> None:
-    from np2torch.flows.cli import main
+    from np2torch.cli import main
 
     cfg = str(REPO / "configs" / "examples" / "keras-cnn-auto.yaml")
     assert main(["plan", cfg, "--wide"]) == 0  # candidates and how: details behind --wide
@@ -236,7 +236,7 @@ def test_plan_table_csv_and_json(example_data: Path, capsys: pytest.CaptureFixtu
 
 
 def test_plan_lists_unverified_rows_without_reference(example_data: Path, capsys: pytest.CaptureFixture) -> None:
-    from np2torch.flows.cli import main
+    from np2torch.cli import main
 
     cfg = str(REPO / "configs" / "examples" / "keras-cnn-auto.yaml")
     assert main(["plan", cfg, "--set", "verify.reference_output=", "--format", "json"]) == 0

@@ -72,7 +72,7 @@ def test_a_fifo_source_is_refused_before_reading(tiny: Path) -> None:
 
 
 def test_the_cli_reports_them_without_starting_prefect(tiny: Path, tmp_path: Path) -> None:
-    code = ("import sys\nfrom np2torch.flows.cli import main\nrc = main(sys.argv[1:])\n"
+    code = ("import sys\nfrom np2torch.cli import main\nrc = main(sys.argv[1:])\n"
             "print('prefect imported' if 'prefect' in sys.modules else 'prefect not imported')\nsys.exit(rc)")
     env = {**os.environ, "NP2TORCH_DATA_DIR": str(tmp_path / "data")}
     env.pop("PREFECT_API_URL", None)

@@ -101,7 +101,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_import_graph_walker_sees_the_pipeline():
     """The walker itself: it must find the edges we know exist, or the tests below prove nothing."""
     g = _graph()
-    assert "np2torch.tasks.stages" in g and "np2torch.flows.cli" in g
+    assert "np2torch.tasks.stages" in g and "np2torch.cli" in g
     assert {"np2torch.tasks.load_arrays", "np2torch.tasks.export", "np2torch.tasks.cache"} <= g["np2torch.tasks.stages"]
     assert "np2torch.flows.convert" in g["np2torch.flows.batch"]
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
@@ -131,7 +131,7 @@ def test_no_long_functions_in_tasks():
 
 def test_import_np2torch_is_light():
     """`import np2torch` (and the CLI module) import neither torch, pandas, pandera nor Prefect."""
-    code = ("import sys, np2torch, np2torch.flows.cli; heavy = [m for m in ('torch', 'pandas', 'pandera', 'prefect') if m in sys.modules]; "
+    code = ("import sys, np2torch, np2torch.cli; heavy = [m for m in ('torch', 'pandas', 'pandera', 'prefect') if m in sys.modules]; "
             "print(heavy); assert callable(np2torch.load_into) and 'torch' not in sys.modules")
     r = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -202,8 +202,8 @@ def test_wheel_installs_np2torch_only_and_converts_outside_the_repo(tmp_path, ex
         entry_points = z.read(record.replace("RECORD", "entry_points.txt")).decode()
     tops = {f.split("/")[0] for f in files}
     assert "np2torch" in tops and not tops & {"tasks", "flows"}, tops
-    assert {"np2torch/tasks/stages.py", "np2torch/flows/cli.py", "np2torch/api.py"} <= set(files)
-    assert "np2torch = np2torch.flows.cli:main" in entry_points
+    assert {"np2torch/tasks/stages.py", "np2torch/cli.py", "np2torch/api.py"} <= set(files)
+    assert "np2torch = np2torch.cli:main" in entry_points
 
     # 2. a fresh venv outside the repository; np2torch from the wheel, its dependencies from this
     #    environment (a .pth file: no download, and torch stays the CPU build)

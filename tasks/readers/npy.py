@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import numpy as np
 
 from np2torch.tasks.errors import LoadError, Problem
 from np2torch.tasks.fingerprint import SMALL_FILE, cached_by_stat, check_regular, open_regular, pack, stat_key
+from np2torch.tasks.paths import natural_key
 from np2torch.tasks.readers.base import MAX_ARRAYS, ArrayRecord, check_dtype, nbytes_of
 from np2torch.tasks.readers.npy_header import MAGIC, NpyHeader, check_fits, read_header
 from np2torch.tasks.readers.pickled import scan_pickled
@@ -58,10 +58,6 @@ def prime_npy(path: Path) -> None:
     cached_by_stat(path, "npy-record1", lambda: _record_info(path))
 
 
-def _natural_key(s: str) -> list[Any]:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
-
-
 def npy_files(path: Path) -> list[Path]:
     """The ``.npy`` files under a folder, in natural order; anything else named ``*.npy`` is refused."""
     out: list[tuple[list[Any], Path]] = []
@@ -75,7 +71,7 @@ def npy_files(path: Path) -> list[Path]:
                     if not e.is_file():  # follows links: a link to /dev/zero or a FIFO is refused, not skipped
                         check_regular(e.path)
                     rel = os.path.relpath(e.path, path).replace(os.sep, "/")
-                    out.append((_natural_key(rel), Path(e.path)))
+                    out.append((natural_key(rel), Path(e.path)))
                     if len(out) > MAX_ARRAYS:
                         raise LoadError(f"folder holds more than {MAX_ARRAYS} .npy files; this is not a checkpoint", key=str(path),
                                         expected=f"at most {MAX_ARRAYS}", actual=f"more than {MAX_ARRAYS}",

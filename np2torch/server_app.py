@@ -1,6 +1,6 @@
 """np2torch's lasting local server: Prefect's own API and UI app, with busy database writes retried in the server.
 
-``np2torch server start`` runs ``python -m np2torch.flows.server_app`` in the background. It
+``np2torch server start`` runs ``python -m np2torch.server_app`` in the background. It
 serves exactly the app ``prefect server start`` serves (:func:`prefect.server.api.server.create_app`
 with its background services), wrapped in one small ASGI layer, :class:`RetryBusyWrites`.
 
@@ -113,7 +113,7 @@ def _replay(body: bytes, rest: Receive | None) -> Receive:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m np2torch.flows.server_app", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m np2torch.server_app", description=__doc__.splitlines()[0])
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=4200)
     ap.add_argument("--log-level", default=os.environ.get("PREFECT_SERVER_LOGGING_LEVEL", "warning").lower())

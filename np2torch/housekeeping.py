@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from np2torch.flows.reporting import fmt3
+from np2torch.tasks.audit import read_records
 from np2torch.tasks.errors import ConfigError
 from np2torch.tasks.paths import cache_dir
 
@@ -96,8 +98,6 @@ def scan_cache(root: Path | None = None) -> list[Entry]:
 
 def protected(entries: list[Entry], *, log: Path | None = None) -> dict[tuple[str, str], str]:
     """(stage, key) → why it must stay: what current exports need, from the audit log and the inodes."""
-    from np2torch.tasks.audit import read_records
-
     records, _ = read_records(log)
     latest: dict[str, dict[str, Any]] = {}  # export folder → its latest successful record
     for r in records:
@@ -130,8 +130,6 @@ def protected(entries: list[Entry], *, log: Path | None = None) -> dict[tuple[st
 
 def _last_used_from_audit(entries: list[Entry], log: Path | None) -> None:
     """An entry hit by a later run counts as used then (the entry's files keep their first mtime)."""
-    from np2torch.tasks.audit import read_records
-
     records, _ = read_records(log)
     when: dict[tuple[str, str], float] = {}
     for r in records:
@@ -246,11 +244,14 @@ def _drop_orphan_prefect_records(root: Path) -> None:
 
 
 def human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
+    """Bytes at 3 significant digits: ``512 B``, ``1.5 kB``, ``25.8 GB``."""
+    if abs(n) < 1000:
+        return f"{int(n)} B"
+    for unit in ("kB", "MB", "GB"):
         n /= 1000
-    return f"{n:.3g} TB"
+        if abs(n) < 1000:
+            return f"{fmt3(n)} {unit}"
+    return f"{fmt3(n / 1000)} TB"
 
 
 def cache_cli(args: Any) -> int:
