@@ -268,7 +268,10 @@ class _Parser(argparse.ArgumentParser):
 _EXIT = "exit status: 0 {ok}; 1 {fail}; 2 the command line or the config is wrong"
 
 
-def _epilog(example: str, ok: str = "success", fail: str = "the conversion failed (the message names the stage, the key and the fix)") -> str:
+_FAILED = "the conversion failed (the message names the stage, the key and the fix)"
+
+
+def _epilog(example: str, ok: str = "success", fail: str = _FAILED) -> str:
     return f"example:\n  {example}\n\n" + _EXIT.format(ok=ok, fail=fail)
 
 
@@ -279,6 +282,7 @@ def _sub(sub: Any, name: str, help_: str, example: str, **exit_text: str) -> arg
 
 def build_parser() -> argparse.ArgumentParser:
     from np2torch import __version__
+    from np2torch.tasks.readers import FORMATS
 
     p = _Parser(prog="np2torch", description="Turn NumPy-saved parameters into a verified PyTorch checkpoint.",
                 epilog="example:\n  np2torch inspect weights.npz && np2torch plan conversion.yaml && np2torch convert conversion.yaml\n\n"
@@ -298,14 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("config", help="the conversion's YAML config")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, as for convert")
     pl.add_argument("--format", choices=["table", "csv", "json"], default="table", help="table (default), or every column as csv / json")
-    pl.add_argument("--wide", action="store_true", help="table with every candidate layout and how each row was matched (wider than 120 columns)")
+    pl.add_argument("--wide", action="store_true",
+                    help="table with every candidate layout and how each row was matched (wider than 120 columns)")
     pl.set_defaults(func=cmd_plan)
 
     i = _sub(sub, "inspect", "table of the arrays in a file or folder", "np2torch inspect weights.npz --format json",
              ok="the arrays were read", fail="the file cannot be read safely (the message says why)")
     i.add_argument("path", help="a .npz, .npy, folder of .npy files, pickled list (with --allow-pickle) or flat vector")
     i.add_argument("--allow-pickle", action="store_true", help="allow pickled lists/object arrays (restricted unpickler)")
-    i.add_argument("--source-format", dest="format", default="auto", choices=["auto", "npz", "npy", "npy-dir", "pickle-list", "flat", "h5", "msgpack", "safetensors"])
+    i.add_argument("--source-format", dest="format", default="auto", choices=FORMATS)
     i.add_argument("--format", dest="format_out", choices=["table", "json"], default="table")
     i.set_defaults(func=cmd_inspect)
 
@@ -332,8 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--log", default=None, help="audit log path (default $NP2TORCH_AUDIT_LOG or data/audit.jsonl)")
     a.set_defaults(func=cmd_audit)
 
-    from np2torch.server import add_server_parser  # stdlib only: --help stays fast
     from np2torch.housekeeping import add_cache_parser
+    from np2torch.server import add_server_parser  # stdlib only: --help stays fast
 
     add_server_parser(sub)
     add_cache_parser(sub)

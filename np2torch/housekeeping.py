@@ -160,6 +160,10 @@ def _tree_bytes(d: Path) -> int:
     return total
 
 
+def _du_row(stage: str) -> dict[str, Any]:
+    return {"stage": stage, "entries": 0, "bytes": 0, "shared_with_exports": 0, "protected": 0, "work_folders": 0}
+
+
 def disk_usage(root: Path | None = None, *, log: Path | None = None) -> dict[str, Any]:
     """Per stage: entries, bytes held only by the cache, bytes shared with exports, protected entries."""
     root = root or cache_dir()
@@ -167,7 +171,7 @@ def disk_usage(root: Path | None = None, *, log: Path | None = None) -> dict[str
     keep = protected(entries, log=log)
     rows: dict[str, dict[str, Any]] = {}
     for e in entries:
-        r = rows.setdefault(e.stage, {"stage": e.stage, "entries": 0, "bytes": 0, "shared_with_exports": 0, "protected": 0, "work_folders": 0})
+        r = rows.setdefault(e.stage, _du_row(e.stage))
         r["entries"] += 1
         r["bytes"] += e.bytes
         r["shared_with_exports"] += e.shared_bytes
@@ -175,8 +179,7 @@ def disk_usage(root: Path | None = None, *, log: Path | None = None) -> dict[str
     for stage_dir in (p for p in root.iterdir() if p.is_dir() and p.name not in _NOT_STAGES) if root.is_dir() else []:
         work = [p for p in stage_dir.iterdir() if p.is_dir() and p.name.startswith(".")]
         if work:
-            r = rows.setdefault(stage_dir.name, {"stage": stage_dir.name, "entries": 0, "bytes": 0, "shared_with_exports": 0,
-                                                  "protected": 0, "work_folders": 0})
+            r = rows.setdefault(stage_dir.name, _du_row(stage_dir.name))
             r["work_folders"] += len(work)
             r["bytes"] += sum(_tree_bytes(p) for p in work)
     other = {"stat cache": _tree_bytes(root / "stat"), "prefect records": _tree_bytes(root / "prefect")}
@@ -285,6 +288,7 @@ def add_cache_parser(sub: Any) -> None:
                               "exit status: 0 done; 1 the cache could not be read or pruned; 2 the command line is wrong",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("action", choices=["du", "prune"])
-    c.add_argument("--older-than", default=None, metavar="AGE", help="prune only entries unused for AGE (e.g. 7d, 12h); default: all unneeded")
+    c.add_argument("--older-than", default=None, metavar="AGE",
+                   help="prune only entries unused for AGE (e.g. 7d, 12h); default: all unneeded")
     c.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
     c.set_defaults(func=cache_cli)

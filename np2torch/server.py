@@ -82,8 +82,8 @@ class TemporaryServer:
         self.log.seek(0)
         tail = "\n".join(self.log.read().decode(errors="replace").splitlines()[-15:])
         self.stop()
-        raise ConversionError("the temporary Prefect server did not start" + (f" (exit status {self.proc.returncode})" if self.proc.returncode is not None else
-                              f" within {timeout:g} s"), key="prefect-api", stage="prefect-api",
+        why = f" (exit status {self.proc.returncode})" if self.proc.returncode is not None else f" within {timeout:g} s"
+        raise ConversionError("the temporary Prefect server did not start" + why, key="prefect-api", stage="prefect-api",
                               fix=f"start a lasting one with `np2torch server start`; its log:\n{tail}")
 
     def stop(self) -> None:
@@ -168,7 +168,8 @@ def start_server(*, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, timeout:
             raise ConversionError(f"the Prefect server exited during start-up (status {proc.returncode})", key=str(log), stage="server",
                                   fix=f"see its log:\n{_tail(log)}")
         if probe(state["api_url"], timeout=1.0) is None:
-            return {**state, "seconds": round(time.monotonic() - t0, 1), "runner": warm.wait_ready(max(5.0, timeout - (time.monotonic() - t0)))}
+            waited = time.monotonic() - t0
+            return {**state, "seconds": round(waited, 1), "runner": warm.wait_ready(max(5.0, timeout - waited))}
         time.sleep(0.25)
     stop_server()
     raise ConversionError(f"the Prefect server did not answer within {timeout:g} s", key=str(log), stage="server",

@@ -56,7 +56,7 @@ class RetryBusyWrites:
             sent_start = False
             busy = False
 
-            async def guarded_send(message: Message) -> None:
+            async def guarded_send(message: Message, last: bool = last) -> None:  # bound now: called within this try only
                 nonlocal sent_start, busy
                 if message["type"] == "http.response.start":
                     busy = message["status"] == 503 and not last

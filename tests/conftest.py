@@ -125,7 +125,7 @@ def tiny_reference(arrays: dict, x):
     return np.maximum(h, 0) @ arrays["fc2.weight"].T + arrays["fc2.bias"]
 
 
-def write_tiny_case(tmp_path, arrays: dict | None = None, **config) -> "Path":
+def write_tiny_case(tmp_path, arrays: dict | None = None, **config) -> Path:
     """A complete tiny conversion in tmp_path (model file, weights.npz, input, reference, config)."""
     import numpy as np
     import yaml
@@ -136,7 +136,8 @@ def write_tiny_case(tmp_path, arrays: dict | None = None, **config) -> "Path":
     x = np.random.default_rng(1).standard_normal((5, 3)).astype("float32")
     np.save(tmp_path / "input.npy", x)
     if set(tiny_arrays()) <= set(arrays) and all(arrays[k].shape == v.shape for k, v in tiny_arrays().items()):
-        np.save(tmp_path / "ref.npy", tiny_reference({k: v.astype("float64") for k, v in arrays.items()}, x.astype("float64")).astype("float32"))
+        ref = tiny_reference({k: v.astype("float64") for k, v in arrays.items()}, x.astype("float64"))
+        np.save(tmp_path / "ref.npy", ref.astype("float32"))
     cfg = {
         "name": "tiny",
         "source": {"path": "weights.npz"},

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from conftest import run_pipeline
-from np2torch.cli import main
 from np2torch import housekeeping
+from np2torch.cli import main
 from np2torch.tasks import audit
 from np2torch.tasks.config import load_config
 from np2torch.tasks.errors import ConfigError
@@ -24,7 +24,8 @@ def _convert(config: Path, overrides: list[str] | None = None) -> dict:
     cfg = load_config(config, overrides or [])
     recs = run_pipeline(cfg)
     record = {"run_id": None, "name": cfg.name, "status": "success", "started_at": audit.now(), "finished_at": audit.now(),
-              "outputs": recs["export"]["outputs"], "stages": {s: {"key": r["key"], "cached": bool(r.get("_cached"))} for s, r in recs.items()}}
+              "outputs": recs["export"]["outputs"],
+              "stages": {s: {"key": r["key"], "cached": bool(r.get("_cached"))} for s, r in recs.items()}}
     audit.append_record(record)
     return recs
 
