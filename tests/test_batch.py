@@ -13,14 +13,12 @@ from uuid import UUID
 
 import pytest
 
-from np2torch.flows.batch import BatchError, make_task_runner, plan_batch, run_batch, summary_row
+from conftest import REPO, write_batch, write_conversion
 from np2torch.cli import main
+from np2torch.flows.batch import BatchError, make_task_runner, plan_batch, run_batch, summary_row
 from np2torch.flows.serve import build_deployment, check_cron
 from np2torch.tasks.config import load_batch_config, load_config
 from np2torch.tasks.errors import ConfigError
-
-sys.path.insert(0, str(Path(__file__).parent))
-from batch_support import REPO, write_batch, write_conversion  # noqa: E402
 
 
 def _sha256(path: Path) -> str:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import cached_stage_in_process, flip_byte
 from np2torch.tasks import cache, stages
 from np2torch.tasks.config import load_config
-from tiny_conversion import cached_stage_in_process, flip_byte, make_tiny
 
 ALL = stages.STAGES
 
@@ -33,15 +33,16 @@ def sha(path: Path) -> str:
 
 
 @pytest.fixture
-def tiny(tmp_path: Path) -> Path:
-    return make_tiny(tmp_path / "conv")
+def conv(tiny) -> Path:
+    """The tiny conversion, one .npy per array (a byte can be flipped in one of them)."""
+    return tiny("conv", npy_dir=True)
 
 
-def test_same_inputs_and_config_hit_every_stage_with_unchanged_outputs(tiny: Path) -> None:
-    first = stages.run_all(load_config(tiny))
+def test_same_inputs_and_config_hit_every_stage_with_unchanged_outputs(conv: Path) -> None:
+    first = stages.run_all(load_config(conv))
     assert computed(first) == ALL
     out = {o["path"]: o["sha256"] for o in first["export"]["outputs"]}
-    second = stages.run_all(load_config(tiny))
+    second = stages.run_all(load_config(conv))
     assert computed(second) == []
     assert {o["path"]: o["sha256"] for o in second["export"]["outputs"]} == out
     assert {p: sha(p) for p in out} == out
@@ -51,51 +52,51 @@ def test_same_inputs_and_config_hit_every_stage_with_unchanged_outputs(tiny: Pat
         assert strip(second[s]) == strip(first[s])
 
 
-def test_changed_atol_reruns_only_verify_and_export(tiny: Path) -> None:
-    stages.run_all(load_config(tiny))
-    again = stages.run_all(load_config(tiny, ["verify.atol=1e-5"]))
+def test_changed_atol_reruns_only_verify_and_export(conv: Path) -> None:
+    stages.run_all(load_config(conv))
+    again = stages.run_all(load_config(conv, ["verify.atol=1e-5"]))
     assert computed(again) == ["verify-forward-pass", "export"]
     assert again["verify-forward-pass"]["metrics"]["atol"] == 1e-5
 
 
-def test_changed_mapping_rule_reruns_mapping_onwards_not_load_arrays(tiny: Path) -> None:
-    stages.run_all(load_config(tiny))
+def test_changed_mapping_rule_reruns_mapping_onwards_not_load_arrays(conv: Path) -> None:
+    stages.run_all(load_config(conv))
     # the same mapping written as an explicit rule: a different mapping spec, same result
-    again = stages.run_all(load_config(tiny, ["mapping.rules=[{source: 'fc1\\.weight', target: fc1.weight}]"]))
+    again = stages.run_all(load_config(conv, ["mapping.rules=[{source: 'fc1\\.weight', target: fc1.weight}]"]))
     assert computed(again) == ALL[1:]
 
 
-def test_changed_byte_in_a_source_file_reruns_everything(tiny: Path) -> None:
-    stages.run_all(load_config(tiny))
-    flip_byte(tiny.parent / "weights" / "fc3.bias.npy")  # a mantissa bit of the last value
-    again = stages.run_all(load_config(tiny, ["verify.reference_output=null"]))
+def test_changed_byte_in_a_source_file_reruns_everything(conv: Path) -> None:
+    stages.run_all(load_config(conv))
+    flip_byte(conv.parent / "weights" / "fc2.bias.npy")  # a mantissa bit of the last value
+    again = stages.run_all(load_config(conv, ["verify.reference_output=null"]))
     assert computed(again) == ALL
     # and the changed file is what the fingerprint saw
-    entry = next(i for i in again["load-arrays"]["inputs"] if i["path"].endswith("fc3.bias.npy"))
-    assert entry["sha256"] == sha(tiny.parent / "weights" / "fc3.bias.npy")
+    entry = next(i for i in again["load-arrays"]["inputs"] if i["path"].endswith("fc2.bias.npy"))
+    assert entry["sha256"] == sha(conv.parent / "weights" / "fc2.bias.npy")
 
 
-def test_changed_byte_in_the_verify_input_reruns_verify_and_export_only(tiny: Path) -> None:
-    stages.run_all(load_config(tiny, ["verify.reference_output=null"]))
-    flip_byte(tiny.parent / "input.npy")
-    again = stages.run_all(load_config(tiny, ["verify.reference_output=null"]))
+def test_changed_byte_in_the_verify_input_reruns_verify_and_export_only(conv: Path) -> None:
+    stages.run_all(load_config(conv, ["verify.reference_output=null"]))
+    flip_byte(conv.parent / "input.npy")
+    again = stages.run_all(load_config(conv, ["verify.reference_output=null"]))
     assert computed(again) == ["verify-forward-pass", "export"]
 
 
-def test_same_bytes_at_another_path_still_hit(tiny: Path, tmp_path: Path) -> None:
-    first = stages.run_all(load_config(tiny))
+def test_same_bytes_at_another_path_still_hit(conv: Path, tmp_path: Path) -> None:
+    first = stages.run_all(load_config(conv))
     moved = tmp_path / "elsewhere" / "weights-copy"
-    shutil.copytree(tiny.parent / "weights", moved)
-    again = stages.run_all(load_config(tiny, [f"source.path={moved}"]))
+    shutil.copytree(conv.parent / "weights", moved)
+    again = stages.run_all(load_config(conv, [f"source.path={moved}"]))
     assert computed(again) == []
     # the array table is rebased onto where the source lives now
     assert {Path(r.file).parent for r in stages.read_records(again["load-arrays"])} == {moved}
     assert [o["sha256"] for o in again["export"]["outputs"]] == [o["sha256"] for o in first["export"]["outputs"]]
 
 
-def test_refresh_recomputes_everything(tiny: Path) -> None:
-    first = stages.run_all(load_config(tiny))
-    again = stages.run_all(load_config(tiny), refresh=True)
+def test_refresh_recomputes_everything(conv: Path) -> None:
+    first = stages.run_all(load_config(conv))
+    again = stages.run_all(load_config(conv), refresh=True)
     assert computed(again) == ALL
     assert [o["sha256"] for o in again["export"]["outputs"]] == [o["sha256"] for o in first["export"]["outputs"]]
 
@@ -105,8 +106,8 @@ def cfg_out(records: dict) -> Path:
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "delete", "record"])
-def test_corrupt_or_deleted_cache_entry_is_recomputed_never_trusted(tiny: Path, damage: str) -> None:
-    first = stages.run_all(load_config(tiny))
+def test_corrupt_or_deleted_cache_entry_is_recomputed_never_trusted(conv: Path, damage: str) -> None:
+    first = stages.run_all(load_config(conv))
     entry = Path(first["convert-to-device"]["_entry"])
     artifact = entry / "model.safetensors"
     good = sha(artifact)
@@ -117,7 +118,7 @@ def test_corrupt_or_deleted_cache_entry_is_recomputed_never_trusted(tiny: Path, 
     else:
         (entry / "record.json").write_text("{not json")
     assert cache.lookup("convert-to-device", first["convert-to-device"]["key"]) is None
-    again = stages.run_all(load_config(tiny))
+    again = stages.run_all(load_config(conv))
     # the exported model.safetensors is a hard link of the converted file (no 2nd copy of a big
     # model), so damage to that inode shows in the export too and export reruns as well
     linked = os.path.samefile(artifact, cfg_out(first)) if damage == "corrupt" else False
@@ -126,24 +127,24 @@ def test_corrupt_or_deleted_cache_entry_is_recomputed_never_trusted(tiny: Path, 
     assert [o["sha256"] for o in again["export"]["outputs"]] == [o["sha256"] for o in first["export"]["outputs"]]
 
 
-def test_edited_export_file_reruns_export(tiny: Path) -> None:
-    first = stages.run_all(load_config(tiny))
+def test_edited_export_file_reruns_export(conv: Path) -> None:
+    first = stages.run_all(load_config(conv))
     manifest_csv = Path(next(o["path"] for o in first["export"]["outputs"] if o["path"].endswith("manifest.csv")))
     good = sha(manifest_csv)
     manifest_csv.write_text("tampered\n")
-    again = stages.run_all(load_config(tiny))
+    again = stages.run_all(load_config(conv))
     assert computed(again) == ["export"]
     assert sha(manifest_csv) == good
 
 
-def test_key_covers_what_the_stage_reads_and_nothing_else(tiny: Path) -> None:
-    cfg = load_config(tiny)
+def test_key_covers_what_the_stage_reads_and_nothing_else(conv: Path) -> None:
+    cfg = load_config(conv)
     loaded = stages.load_arrays_stage(cfg)
     base = stages.KEYS["infer-mapping"](cfg, loaded)
-    assert stages.KEYS["infer-mapping"](load_config(tiny, ["verify.atol=1"]), loaded) == base
-    assert stages.KEYS["infer-mapping"](load_config(tiny, ["export.dir=/tmp/x"]), loaded) == base
-    assert stages.KEYS["infer-mapping"](load_config(tiny, ["mapping.strategy=order"]), loaded) != base
-    assert stages.KEYS["infer-mapping"](load_config(tiny, ["convert.dtype=float16"]), loaded) != base
+    assert stages.KEYS["infer-mapping"](load_config(conv, ["verify.atol=1"]), loaded) == base
+    assert stages.KEYS["infer-mapping"](load_config(conv, ["export.dir=/tmp/x"]), loaded) == base
+    assert stages.KEYS["infer-mapping"](load_config(conv, ["mapping.strategy=order"]), loaded) != base
+    assert stages.KEYS["infer-mapping"](load_config(conv, ["convert.dtype=float16"]), loaded) != base
     assert stages.KEYS["infer-mapping"](cfg, {**loaded, "key": "0" * 64}) != base
 
 
@@ -189,13 +190,13 @@ def test_two_processes_compute_once_the_second_waits_and_reuses(isolated_data: P
     assert results[0]["pid"] == results[1]["pid"]  # both hold the one computed record
 
 
-def test_two_identical_conversions_at_once_compute_each_stage_once(tiny: Path) -> None:
+def test_two_identical_conversions_at_once_compute_each_stage_once(conv: Path) -> None:
     results: list[dict] = []
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            results.append(stages.run_all(load_config(tiny)))
+            results.append(stages.run_all(load_config(conv)))
         except BaseException as exc:  # noqa: BLE001 - surfaced below
             errors.append(exc)
 
@@ -213,17 +214,17 @@ def test_two_identical_conversions_at_once_compute_each_stage_once(tiny: Path) -
 # deterministic exports
 
 
-def test_exports_are_byte_identical_across_export_dirs_and_copied_trees(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    first = stages.run_all(load_config(tiny))
+def test_exports_are_byte_identical_across_export_dirs_and_copied_trees(conv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = stages.run_all(load_config(conv))
     a = {Path(o["path"]).name: o["sha256"] for o in first["export"]["outputs"]}
     # another export folder
-    other = stages.run_all(load_config(tiny, [f"export.dir={tmp_path / 'other-out'}"]))
+    other = stages.run_all(load_config(conv, [f"export.dir={tmp_path / 'other-out'}"]))
     b = {Path(o["path"]).name: sha(o["path"]) for o in other["export"]["outputs"]}
     # the whole tree copied elsewhere, fresh cache: everything recomputed, same bytes
     copy = tmp_path / "copied"
-    shutil.copytree(tiny.parent, copy, ignore=shutil.ignore_patterns("out"))
+    shutil.copytree(conv.parent, copy, ignore=shutil.ignore_patterns("out"))
     monkeypatch.setenv("NP2TORCH_CACHE_DIR", str(tmp_path / "fresh-cache"))
-    third = stages.run_all(load_config(copy / tiny.name))
+    third = stages.run_all(load_config(copy / conv.name))
     assert computed(third) == ALL
     c = {Path(o["path"]).name: sha(o["path"]) for o in third["export"]["outputs"]}
     for name in ("model.safetensors", "manifest.csv"):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import flip_byte
 from np2torch.cli import main
 from np2torch.tasks import audit, stages
-from tiny_conversion import flip_byte, make_tiny
 
 
 def _sha(p: str | Path) -> str:
@@ -45,10 +45,10 @@ def _artifact(key: str, run_id: str):  # noqa: ANN202 - prefect's Artifact
     return found[0]
 
 
-def test_convert_flow_caches_audits_and_publishes(prefect_harness, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_convert_flow_caches_audits_and_publishes(tiny, prefect_harness, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from np2torch.flows.convert import convert_config
 
-    config = make_tiny(tmp_path / "conv")
+    config = tiny("conv", npy_dir=True)
 
     # 1. first run: every stage computed; report.json is the audit record
     first = convert_config(config)

@@ -143,7 +143,7 @@ def test_status_and_stop_without_a_server(capsys: pytest.CaptureFixture[str]) ->
 
 
 @pytest.mark.server
-def test_server_start_status_stop_round_trip(no_prefect_config, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_server_start_status_stop_round_trip(tiny, no_prefect_config, capsys: pytest.CaptureFixture[str]) -> None:
     from np2torch.cli import main
 
     port = _free_port()
@@ -162,9 +162,7 @@ def test_server_start_status_stop_round_trip(no_prefect_config, capsys: pytest.C
         choice = runtime.choose_api()
         assert choice.mode == "local" and choice.ui_url == f"http://127.0.0.1:{port}"
         # a convert typed by a user now reports to it and prints where its run is in the UI
-        from tiny_conversion import make_tiny
-
-        config = make_tiny(tmp_path / "conv")
+        config = tiny("conv", npy_dir=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
         env["NP2TORCH_DATA_DIR"] = str(data_dir())
         r = subprocess.run([sys.executable, "-m", "np2torch.cli", "convert", str(config)], env=env, capture_output=True, text=True,

@@ -26,7 +26,7 @@ from uuid import UUID
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from batch_support import REPO, write_batch, write_conversion  # noqa: E402
+from conftest import REPO, write_batch, write_conversion  # noqa: E402
 from ui.flow_run_page import capture_flow_run_page, chromium_path  # noqa: E402
 
 pytestmark = pytest.mark.server
