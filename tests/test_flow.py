@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import flip_byte
+from conftest import flip_byte, tiny_arrays
 from np2torch.cli import main
 from np2torch.tasks import audit, stages
 
@@ -100,8 +100,7 @@ def test_convert_flow_caches_audits_and_publishes(tiny, prefect_harness, tmp_pat
     table = _artifact("tiny-manifest", second["run_id"])
     rows = json.loads(table.data)
     assert table.type == "table"
-    assert sorted(r["target_key"] for r in rows if r["target_key"]) == sorted(
-        f"fc{i}.{p}" for i in (1, 2, 3) for p in ("weight", "bias"))
+    assert sorted(r["target_key"] for r in rows if r["target_key"]) == sorted([*tiny_arrays(), "bn.num_batches_tracked"])
 
     # 6. a failed validation: failure table in the UI, failed record with the error in the log
     from np2torch.tasks.errors import ValidationError

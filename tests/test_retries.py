@@ -89,8 +89,8 @@ def test_a_deterministic_failure_fails_once(tiny, prefect_harness, fast_retries)
     from np2torch.tasks.errors import ConversionError
 
     # the model is built with a hidden size the saved arrays do not have: shape mismatch
-    with pytest.raises(ConversionError, match=r"(?s)\[validate\] `fc1.weight`: the manifest fails 5 check\(s\).*"
-                       r"source fc1.weight \[6,4\] with transform \[\] gives the wrong shape \(expected \[7,4\], got \[6,4\]\)"):
+    with pytest.raises(ConversionError, match=r"(?s)\[validate\] `fc1.weight`: the manifest fails 7 check\(s\).*"
+                       r"source fc1.weight \[4,3\] with transform \[\] gives the wrong shape \(expected \[7,3\], got \[4,3\]\)"):
         convert_config(tiny("conv", npy_dir=True), ["model.kwargs.hidden=7"])
     rec = _last_record()
     assert rec["status"] == "failed"
