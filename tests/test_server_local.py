@@ -219,7 +219,7 @@ def _warm_runner_runs_commands(config: Path, port: int) -> None:
     # a failure inside a stage: exit 1 and the stage's message, on the command's own stderr
     bad = run("convert", str(config), "--set", "convert.dtype=float16", "--set", "verify.atol=0", "--set", "verify.rtol=0")
     assert bad.returncode == 1, bad.stdout + bad.stderr
-    assert "np2torch: error: [infer-mapping] `fc2.weight`: the reference output cannot be reproduced" in bad.stderr
+    assert "np2torch: error: [verify-forward-pass] `verify.reference_output`: the converted model does not reproduce" in bad.stderr
     # another environment (here: the runner turned off; likewise a PREFECT_* or thread-count variable) runs in its own process
     own = run("convert", str(config), NP2TORCH_WARM="0")
     assert own.returncode == 0 and "converted (success)" in own.stdout and "(warm runner)" not in own.stdout
