@@ -118,6 +118,16 @@ def test_no_stage_imports_another_stage():
     assert not bad, "a stage module imports another stage (move the shared piece into a domain module): " + "; ".join(bad)
 
 
+def test_tasks_and_flows_never_import_the_entry_points():
+    """The CLI and what sits beside it (server management, the warm runner, the cache commands) and the
+    Python API are the top layer: nothing in tasks/ or flows/ imports them, lazily or not."""
+    top = {f"np2torch.{m}" for m in ("cli", "api", "server", "server_app", "warm", "housekeeping")}
+    g = _graph()
+    assert top <= set(g), top - set(g)
+    bad = [f"{m} imports {d}" for m in sorted(g) if m.startswith(("np2torch.tasks", "np2torch.flows")) for d in sorted(g[m] & top)]
+    assert not bad, "an import upwards, from tasks/ or flows/ into the entry points: " + "; ".join(bad)
+
+
 def test_no_long_functions_in_tasks():
     long = []
     for f in sorted((REPO / "tasks").rglob("*.py")):
