@@ -316,10 +316,10 @@ def test_a_crashed_conversion_task_is_reported_and_the_batch_goes_on(tmp_path: P
     """Not a conversion failure but the task around it dying (as when a Dask worker is lost)."""
     import np2torch.flows.batch as batch_mod
 
-    def unreadable(flow_run_id: str | None) -> dict:
+    def unreadable(**lookup: str) -> dict:
         raise OSError("audit log unreadable")
 
-    monkeypatch.setattr(batch_mod, "_failed_record", unreadable)  # only consulted for a failed conversion
+    monkeypatch.setattr(batch_mod.audit, "last_record", unreadable)  # only consulted for a failed conversion
     cfg, out = tmp_path / "cfg", tmp_path / "out"
     batch = write_batch(tmp_path / "b.yaml", [write_conversion("mlp", cfg, out, name="mlp-broken", kwargs={"hidden": 17}),
                                               write_conversion("mlp", cfg, out)], max_parallel=1)
