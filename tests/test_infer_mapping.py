@@ -10,12 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from np2torch.tasks import forward, presets as P, transforms as T
+from np2torch.tasks import forward
+from np2torch.tasks import presets as P
+from np2torch.tasks import transforms as T
 from np2torch.tasks.config import MappingSpec
 from np2torch.tasks.errors import MappingError
 from np2torch.tasks.infer_mapping import flatten_heuristic, infer_manifest, layout_candidates
 from np2torch.tasks.load_arrays import scan_source
 from np2torch.tasks.model import describe_targets
+from np2torch.tasks.paths import natural_key
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +59,9 @@ def test_every_preset_entry_says_why() -> None:
 
 def test_natural_order_recovers_layer_numbers() -> None:
     names = ["dense_10", "dense_2", "dense", "dense_1"]
-    assert sorted(names, key=P.natural_key) == ["dense", "dense_1", "dense_2", "dense_10"]
+    assert sorted(names, key=natural_key) == ["dense", "dense_1", "dense_2", "dense_10"]
+    # file names too; text and numbers never compared with each other, a digit-like '²' stays text
+    assert sorted(["w10.npy", "10", "w2.npy", "w²", "a"], key=natural_key) == ["10", "a", "w2.npy", "w10.npy", "w²"]
 
 
 @pytest.mark.parametrize("leaves, kind", [
