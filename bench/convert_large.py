@@ -310,11 +310,11 @@ def report(root: Path, args: argparse.Namespace) -> None:
         # a loaded machine can take longer than Prefect's default 20 s to start its temporary server
         cli_env = {**env_for("cli"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180", "NP2TORCH_PROGRESS": "0"}
         cli_env.pop("PREFECT_API_URL", None)
-        cli = [py, "-m", "np2torch.flows.cli", "convert", str(root / "npy-dir.yaml")]
+        cli = [py, "-m", "np2torch.cli", "convert", str(root / "npy-dir.yaml")]
         go("np2torch CLI flow (temporary server)", cli, cli_env)
         # the same, against a lasting local server (`np2torch server start`), with its own empty cache
         srv_env = {**base_env, "NP2TORCH_DATA_DIR": str(root / "server-data")}
-        srv = subprocess.run([py, "-m", "np2torch.flows.cli", "server", "start", "--port", str(_free_port())], env=srv_env, cwd=REPO,
+        srv = subprocess.run([py, "-m", "np2torch.cli", "server", "start", "--port", str(_free_port())], env=srv_env, cwd=REPO,
                              capture_output=True, text=True)
         try:
             # typed in the environment `server start` ran in: the warm runner runs it (a forked child
@@ -326,7 +326,7 @@ def report(root: Path, args: argparse.Namespace) -> None:
             go("np2torch CLI flow (running server, own process)", cli,
                {**env_for("cli-server"), "PREFECT_API_URL": api, "NP2TORCH_PROGRESS": "0", "NP2TORCH_WARM": "0"})
         finally:
-            subprocess.run([py, "-m", "np2torch.flows.cli", "server", "stop"], env=srv_env, cwd=REPO, capture_output=True)
+            subprocess.run([py, "-m", "np2torch.cli", "server", "stop"], env=srv_env, cwd=REPO, capture_output=True)
 
     results = {"machine": mach, "gen": gen, "rows": {k: v for k, v in rows.items()}}
     Path(REPO / "bench" / f"results-{args.gb:g}gb.json").write_text(json.dumps(results, indent=1))

@@ -1,6 +1,6 @@
 """Seconds per small command, as a user types them (issue 12 targets), and where they go.
 
-Every command runs as a subprocess of the CLI (``python -m np2torch.flows.cli``) with its own
+Every command runs as a subprocess of the CLI (``python -m np2torch.cli``) with its own
 data folder under a temporary directory; nothing is written into the repository. Rows:
 
 - ``--help``; a config error (a misspelled key); a missing source file;
@@ -43,7 +43,7 @@ def _free_port() -> int:
 
 def run(args: list[str], env: dict[str, str], *, expect: int = 0) -> tuple[float, subprocess.CompletedProcess]:
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "np2torch.flows.cli", *args], env=env, capture_output=True, text=True, cwd=REPO)
+    p = subprocess.run([sys.executable, "-m", "np2torch.cli", *args], env=env, capture_output=True, text=True, cwd=REPO)
     wall = time.perf_counter() - t
     if p.returncode != expect:
         print(f"unexpected exit {p.returncode} for {args}:\n{p.stdout[-1500:]}\n{p.stderr[-3000:]}", file=sys.stderr)
@@ -117,7 +117,7 @@ def main() -> None:
         rows["server stop (and its runner)"] = time.perf_counter() - t
         url_line = next((ln for ln in p2.stderr.splitlines() if "Prefect UI" in ln), "(no UI line)")
     finally:
-        subprocess.run([sys.executable, "-m", "np2torch.flows.cli", "server", "stop"], env=server_env, capture_output=True, cwd=REPO)
+        subprocess.run([sys.executable, "-m", "np2torch.cli", "server", "stop"], env=server_env, capture_output=True, cwd=REPO)
         shutil.rmtree(tmp, ignore_errors=True)
 
     imports = rows["imports (np2torch.flows.convert + batch, Prefect, torch), best of 3"]

@@ -36,9 +36,7 @@ from np2torch.tasks import audit
 from np2torch.tasks.config import BatchConfig, load_batch_config, load_config
 from np2torch.tasks.errors import ConfigError, ConversionError
 
-__all__ = ["batch_flow", "run_batch", "run_batch_cli", "BatchError", "SUMMARY_COLUMNS", "make_task_runner", "plan_batch"]
-
-SUMMARY_COLUMNS = ["name", "status", "seconds", "cache_hits", "verification", "outputs", "error", "flow_run_id"]
+__all__ = ["batch_flow", "run_batch", "run_batch_cli", "BatchError", "make_task_runner", "plan_batch"]
 
 
 class BatchError(ConversionError):
@@ -147,17 +145,6 @@ def _dask_log_level() -> int:
 # one conversion, as a task that runs the child flow
 
 
-def _failed_record(flow_run_id: str | None) -> dict[str, Any]:
-    """The audit record the child flow wrote for this run (it writes one on failure too)."""
-    if not flow_run_id:
-        return {}
-    records, _ = audit.read_records()
-    for r in reversed(records):
-        if r.get("run_id") == flow_run_id:
-            return r
-    return {}
-
-
 def summary_row(name: str, record: dict[str, Any], *, status: str, flow_run_id: str | None, error: str = "",
                 seconds: float | None = None) -> dict[str, Any]:
     """One row of the batch table from a conversion's audit record."""
@@ -214,7 +201,7 @@ def convert_one(config_path: str, name: str, overrides: list[str] | None = None,
     flow_run_id = str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None
     if state.is_completed():
         return summary_row(name, state.result(), status="success", flow_run_id=flow_run_id)
-    record = _failed_record(flow_run_id)
+    record = (audit.last_record(run_id=flow_run_id) if flow_run_id else None) or {}  # the child flow writes one on failure too
     err = record.get("error") or {}
     message = err.get("message") or state.message or state.name
     if err.get("key"):
@@ -351,7 +338,7 @@ def _report_markdown(batch_config: str, rows: list[dict[str, Any]], failed: list
 def run_batch(batch_config: str | Path, overrides: list[str] | None = None, *, dask: str | None = None,
               refresh: bool = False) -> tuple[list[dict[str, Any]], BatchError | None]:
     """Validate the batch config, run the flow; return its rows and the failure, if any."""
-    from np2torch.flows.server import choose_api, run_url, using_api
+    from np2torch.flows.runtime import choose_api, run_url, using_api
 
     path = Path(batch_config).resolve()
     plan_batch(load_batch_config(path, overrides or []))  # config errors surface before Prefect starts

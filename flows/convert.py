@@ -170,7 +170,7 @@ def convert_config(config: str | Path | Config, overrides: list[str] | None = No
     from prefect import tags
 
     from np2torch.flows.preflight import check_config
-    from np2torch.flows.server import choose_api, run_url, using_api
+    from np2torch.flows.runtime import choose_api, run_url, using_api
 
     if isinstance(config, Config):
         cfg = config

@@ -6,7 +6,7 @@ found in well under a second, all at once: the config schema (:func:`load_config
 (exists, is a regular file or a folder, readable), the export folder (creatable and writable),
 the model target (the file or module exists and defines the name, checked by reading its
 source, not by running it: importing a model module imports torch), then the Prefect API
-(:func:`np2torch.flows.server.choose_api`). Nothing here imports torch, pandas or Prefect.
+(:func:`np2torch.flows.runtime.choose_api`). Nothing here imports torch, pandas or Prefect.
 Verify files are left to their stage: a manifest that fails validation is the more useful
 first message than a reference file the run would only need later.
 """
@@ -131,7 +131,7 @@ def check_config(cfg: Config) -> None:
 def preflight_convert(config: str | Path, overrides: list[str] | None = None) -> tuple[Config, Any]:
     """Config schema, paths, model target, then the Prefect API; return the checked config (what the
     flow runs: the file is parsed once per command) and the chosen API."""
-    from np2torch.flows.server import choose_api
+    from np2torch.flows.runtime import choose_api
 
     cfg = load_config(config, list(overrides or []))
     check_config(cfg)
@@ -141,7 +141,7 @@ def preflight_convert(config: str | Path, overrides: list[str] | None = None) ->
 def preflight_batch(batch_config: str | Path, overrides: list[str] | None = None) -> Any:
     """The batch config's schema, each conversion's config (its failures are reported per conversion
     by the batch, not here), then the Prefect API."""
-    from np2torch.flows.server import choose_api
+    from np2torch.flows.runtime import choose_api
 
     load_batch_config(batch_config, list(overrides or []))
     return choose_api()

@@ -1,4 +1,4 @@
-"""Plain-text and markdown tables for the CLI, the batch summary and the Prefect UI.
+"""Plain-text tables and 3-digit numbers for the CLI and the batch summary.
 
 Below the flows and the CLI (it imports neither, nor Prefect), so ``cli``, ``batch`` and
 ``serve`` share one table printer without importing each other.
@@ -10,7 +10,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
-__all__ = ["fmt3", "format_table", "print_table", "markdown_table"]
+__all__ = ["fmt3", "format_table", "print_table"]
 
 
 def fmt3(x: Any) -> str:
@@ -61,11 +61,3 @@ def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *, ou
     """:func:`format_table` printed to ``out`` (stdout by default)."""
     print(format_table(rows, columns, max_width=max_width, total_width=total_width, shrink_first=shrink_first), file=out or sys.stdout)
 
-
-def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *, headers: Sequence[str] | None = None) -> str:
-    """A GitHub-flavoured markdown table (``|`` in cells escaped), as the Prefect UI renders it."""
-    head = list(headers or columns)
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        out.append("| " + " | ".join(str(r.get(c, "")).replace("|", "\\|") for c in columns) + " |")
-    return "\n".join(out)

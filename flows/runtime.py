@@ -2,17 +2,41 @@
 
 :func:`configure_prefect` runs before Prefect starts (``np2torch convert`` / ``batch`` /
 ``serve``, and :func:`np2torch.convert`): it only sets environment variables that the user has
-not set, so an explicit ``PREFECT_…`` setting always wins. Importing this module imports no
-Prefect.
+not set, so an explicit ``PREFECT_…`` setting always wins.
+
+Which API a ``convert`` or ``batch`` reports to (:func:`choose_api`):
+
+1. ``PREFECT_API_URL`` (environment, or the active Prefect profile) when set: it is probed
+   first, and an unreachable URL is one clear error (exit 1) instead of three tracebacks;
+2. else np2torch's local server (``np2torch server start``, :mod:`np2torch.server`), when its
+   state file names a live process that answers;
+3. else Prefect's temporary server, with one line saying how to start the lasting one.
+
+Importing this module imports no Prefect: these checks run before Prefect starts.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["PREFECT_DEFAULTS", "configure_prefect", "quiet_expected_tracebacks", "log_file"]
+from np2torch.tasks.errors import ConversionError
+from np2torch.tasks.paths import data_dir
+from np2torch.tasks.procs import pid_alive
+
+__all__ = ["PREFECT_DEFAULTS", "configure_prefect", "quiet_expected_tracebacks", "ApiChoice", "ApiUnreachable", "choose_api", "using_api",
+           "run_url", "probe", "server_dir", "server_state", "server_state_file", "healthy_local_server", "log_file"]
+
+_PROBE_TIMEOUT_S = 2.0
 
 PREFECT_DEFAULTS: dict[str, str] = {
     # the anonymous usage heartbeat of the temporary API server only adds noise to a run: with
@@ -82,3 +106,165 @@ def quiet_expected_tracebacks(verbose: bool = False) -> None:
 
                 h.format = fmt  # type: ignore[method-assign]
                 h._np2torch_quiet = True  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------------------
+# which Prefect API a run reports to
+
+
+class ApiUnreachable(ConversionError):
+    """``PREFECT_API_URL`` names a server that does not answer (exit status 1); one line, no traceback."""
+
+    stage = "prefect-api"
+
+    def render(self) -> str:
+        return f"{self.message}; {self.fix}" if self.fix else self.message
+
+
+@dataclass(frozen=True)
+class ApiChoice:
+    """Where this run's flow runs go: ``env`` (PREFECT_API_URL), ``local`` (np2torch's server),
+    ``configured`` (set by the caller, e.g. a test harness) or ``temporary``."""
+
+    mode: str
+    api_url: str | None = None
+    ui_url: str | None = None
+
+    @property
+    def lasting(self) -> bool:
+        return self.mode in ("env", "local", "configured") and self.ui_url is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# where the local server lives
+
+
+def server_dir() -> Path:
+    """``<data>/prefect-server``: PREFECT_HOME (database, logs), the state file and the log."""
+    return data_dir() / "prefect-server"
+
+
+def server_state_file() -> Path:
+    return server_dir() / "server.json"
+
+
+def server_state() -> dict[str, Any] | None:
+    """The local server's recorded pid/URL, or None when none was started (or it was stopped)."""
+    try:
+        state = json.loads(server_state_file().read_text())
+        return state if isinstance(state, dict) and "pid" in state and "url" in state else None
+    except (OSError, ValueError):
+        return None
+
+
+def probe(api_url: str, *, timeout: float = _PROBE_TIMEOUT_S) -> str | None:
+    """None when something answers HTTP at ``api_url`` (any status), else why not, in words."""
+    try:
+        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None  # it answered (Prefect Cloud asks for a key here): reachable
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        return getattr(reason, "strerror", None) or str(reason)
+    except TimeoutError:
+        return f"no answer within {timeout:g} s"
+    except (OSError, ValueError) as exc:
+        return str(exc)
+
+
+def healthy_local_server() -> dict[str, Any] | None:
+    state = server_state()
+    if state and pid_alive(int(state["pid"])) and probe(state["api_url"], timeout=1.0) is None:
+        return state
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# which API a run uses
+
+
+def _profile_api_url() -> str | None:
+    """PREFECT_API_URL of the active Prefect profile (``prefect config set``), read without Prefect."""
+    import tomllib
+
+    home = Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")).expanduser()
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH", home / "profiles.toml")).expanduser()
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    active = os.environ.get("PREFECT_PROFILE") or data.get("active") or "ephemeral"
+    value = (data.get("profiles") or {}).get(active, {}).get("PREFECT_API_URL")
+    return str(value) if value else None
+
+
+def _configured_in_process() -> str | None:
+    """An API URL already set inside this process's Prefect settings (a test harness, a caller)."""
+    if "prefect.settings" not in sys.modules:
+        return None
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or None
+
+
+_HINT_SHOWN = False
+
+
+def _ui_of(api_url: str) -> str:
+    url = api_url.rstrip("/")
+    return url[: -len("/api")] if url.endswith("/api") else url
+
+
+def choose_api(*, hint: bool = True) -> ApiChoice:
+    """The API this process's runs report to; makes np2torch's local server the default when it answers.
+
+    Raises :class:`ApiUnreachable` when ``PREFECT_API_URL`` is set but nothing answers there.
+    """
+    global _HINT_SHOWN
+    env_url = os.environ.get("PREFECT_API_URL") or _profile_api_url()
+    if env_url and env_url == os.environ.get("NP2TORCH_TEMPORARY_API_URL"):
+        return ApiChoice("temporary", env_url, None)  # started by this command (TemporaryServer): no lasting UI link
+    if env_url:
+        why = probe(env_url)
+        if why is not None:
+            raise ApiUnreachable(
+                f"the Prefect API at {env_url} is unreachable ({why})", key="PREFECT_API_URL",
+                fix="start that server (or `np2torch server start` and point PREFECT_API_URL at it), "
+                    "or unset PREFECT_API_URL to run with a temporary server")
+        ui = os.environ.get("PREFECT_UI_URL") or (_ui_of(env_url) if "api.prefect.cloud" not in env_url else None)
+        return ApiChoice("env", env_url, ui)
+    configured = _configured_in_process()
+    if configured:
+        return ApiChoice("configured", configured, None)
+    state = healthy_local_server()
+    if state is not None:
+        os.environ["PREFECT_API_URL"] = state["api_url"]  # read by Prefect when it is imported after this
+        return ApiChoice("local", state["api_url"], state["url"])
+    if hint and not _HINT_SHOWN:
+        _HINT_SHOWN = True
+        print("np2torch: no Prefect server running, using a temporary one (~10 s per command, history lost); "
+              "`np2torch server start` once keeps one at http://127.0.0.1:4200 with the run history", file=sys.stderr)
+    return ApiChoice("temporary")
+
+
+@contextlib.contextmanager
+def using_api(choice: ApiChoice) -> Iterator[None]:
+    """Apply the choice to Prefect's settings in this process (Prefect may already be imported)."""
+    if choice.mode not in ("env", "local") or not choice.api_url:
+        yield
+        return
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value() == choice.api_url:
+        yield
+        return
+    with temporary_settings(updates={PREFECT_API_URL: choice.api_url}):
+        yield
+
+
+def run_url(choice: ApiChoice, flow_run_id: str | None) -> str | None:
+    """The flow run's page in the UI, when the run went to a lasting server."""
+    if not choice.lasting or not flow_run_id:
+        return None
+    return f"{choice.ui_url}/runs/flow-run/{flow_run_id}"

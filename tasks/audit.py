@@ -35,7 +35,7 @@ import os
 import platform
 import sys
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +46,14 @@ from np2torch.tasks.storage import storage_errors
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["versions", "now", "append_record", "write_report", "read_records", "verify_record", "check_chain", "ChainReport",
+__all__ = ["versions", "now", "append_record", "write_report", "read_records", "last_record", "verify_record", "check_chain", "ChainReport",
            "verify_log", "LogVerification", "record_hash"]
 
 _GENESIS = hashlib.sha256(b"").hexdigest()
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def versions() -> dict[str, str]:
@@ -206,6 +206,15 @@ def read_records(log: Path | None = None) -> tuple[list[dict[str, Any]], int]:
             rec.pop("chain", None)
             records.append(rec)
     return records, bad
+
+
+def last_record(*, name: str | None = None, run_id: str | None = None, log: Path | None = None) -> dict[str, Any] | None:
+    """The latest record of the conversion ``name`` and/or of the flow run ``run_id``; None when there is none."""
+    records, _ = read_records(log)
+    for rec in reversed(records):
+        if (name is None or rec.get("name") == name) and (run_id is None or rec.get("run_id") == run_id):
+            return rec
+    return None
 
 
 def verify_record(record: dict[str, Any]) -> list[dict[str, Any]]:
@@ -373,73 +382,3 @@ def _sha_of(rec: dict[str, Any], kind: str, path: Any) -> str | None:
         if f.get("path") == path:
             return f.get("sha256")
     return None
-
-
-# ---------------------------------------------------------------------------------------------
-# `np2torch audit`: rows and report (the CLI prints them with its table printer)
-
-AUDIT_COLUMNS = ["when", "name", "status", "dtype", "overrides", "cache_hits", "outputs", "run_id"]
-
-
-def _dtype_of(rec: dict[str, Any]) -> str:
-    conv = (rec.get("config") or {}).get("convert") or {}
-    if conv.get("dtype"):
-        return str(conv["dtype"])
-    if not rec.get("config"):
-        return "-"  # a record without its config cannot say
-    from np2torch.tasks.config import ConvertSpec
-
-    return str(ConvertSpec.model_fields["dtype"].default)
-
-
-def audit_row(rec: dict[str, Any]) -> dict[str, Any]:
-    """One row of ``np2torch audit``: enough to tell runs apart (dtype, overrides, --refresh)."""
-    stages = rec.get("stages") or {}
-    hits = sum(1 for s in stages.values() if s.get("cached"))
-    overrides = list(rec.get("overrides") or []) + (["--refresh"] if rec.get("refresh") else [])
-    row = {"when": (rec.get("finished_at") or "")[:19].replace("T", " "), "name": rec.get("name"), "status": rec.get("status"),
-           "dtype": _dtype_of(rec), "overrides": " ".join(overrides) or "-", "cache_hits": f"{hits}/{len(stages)}",
-           "outputs": ", ".join(Path(o["path"]).name for o in rec.get("outputs") or []) or "-", "run_id": (rec.get("run_id") or "")[:8]}
-    if rec.get("status") == "failed" and rec.get("error"):
-        row["status"] = f"failed in {rec['error'].get('stage')}"
-    return row
-
-
-def _verify_cell(res: dict[str, Any]) -> str:
-    if not res["checked"]:
-        return "-"
-    cell = "ok" if not res["findings"] else "; ".join(f"{f['kind'][:-1]} {Path(f['path']).name} {f['problem']}" for f in res["findings"])
-    return cell + (f" ({len(res['superseded'])} superseded)" if res["superseded"] else "")
-
-
-def run_audit(*, log: Path | None, last: int, verify: bool, print_table: Any, out: Any, err: Any) -> int:
-    """``np2torch audit [--last N] [--verify]``: the table, then (with --verify) the proof; the exit status."""
-    if not verify:
-        records, bad = read_records(log)
-        records = records[-last:] if last else records
-        print_table([audit_row(r) for r in records], AUDIT_COLUMNS, out=out)
-        if bad:
-            print(f"\nwarning: {bad} unreadable line(s) in the audit log were skipped (`np2torch audit --verify` says where)", file=err)
-        return 0
-    v = verify_log(log, last=last)
-    print_table([{**audit_row(r["record"]), "verify": _verify_cell(r)} for r in v.results], [*AUDIT_COLUMNS, "verify"], out=out)
-    c = v.chain
-    where = Path(log or audit_log_path())
-    state = "intact" if c.ok else f"BROKEN ({len(c.problems)} problem(s))"
-    print(f"\naudit log {where}: {c.chained} chained record(s), chain {state}"
-          + (f"; {c.unchained} older unchained record(s) (written before chaining; listed, not provable)" if c.unchained else ""), file=out)
-    if c.torn_tail:
-        print(f"  the last line is torn ({c.torn_tail} bytes from an interrupted write): not a record, ignored", file=out)
-    for p in c.problems:
-        print(f"  line {p['line']}: {p['problem']}: {p['detail']}", file=err)
-    checked = [r for r in v.results if r["checked"]]
-    print(f"{len(checked) - v.failing} record(s) verified, {v.failing} with changed or missing files", file=out)
-    for r in v.results:
-        rec = r["record"]
-        for s in r["superseded"]:
-            print(f"  {rec.get('name')} {(rec.get('run_id') or '')[:8]}: {s['kind'][:-1]} {s['path']} superseded by {s['by']}", file=out)
-        for f in r["findings"]:
-            detail = f" (recorded sha256 {f['expected'][:16]}…, now {f['actual'][:16]}…)" if f["problem"] == "changed" else ""
-            print(f"  {rec.get('name')} {(rec.get('run_id') or '')[:8]}: {f['kind'][:-1]} {f['path']} {f['problem']}{detail} "
-                  "— changed outside np2torch", file=err)
-    return 0 if v.ok else 1

@@ -40,7 +40,6 @@ __all__ = [
     "load_config",
     "load_batch_config",
     "apply_overrides",
-    "section_digest",
     "MAX_CONFIG_BYTES",
     "MAX_CONFIG_DEPTH",
 ]
@@ -255,12 +254,6 @@ class BatchConfig(_Strict):
 
 def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def section_digest(cfg: Config, *sections: str) -> str:
-    """sha256 of the named config sections only: what a stage reads decides its cache key."""
-    data = cfg.model_dump(mode="json")
-    return hashlib.sha256(_canonical({s: data[s] for s in sections}).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any
 
 from np2torch.tasks.paths import atomic_write_text
 
-__all__ = ["COLUMNS", "STATUSES", "ManifestRow", "new_row", "write_manifest", "read_manifest", "to_csv", "cell_text", "target_rows",
+__all__ = ["COLUMNS", "ManifestRow", "new_row", "write_manifest", "read_manifest", "to_csv", "cell_text", "target_rows",
            "unused_rows"]
 
 COLUMNS = [
@@ -50,8 +50,6 @@ COLUMNS = [
     "concat",  # axis to join several sources on, or ""
     "tied_to",  # target key this one shares storage with, or ""
 ]
-
-STATUSES = ("mapped", "zeros", "allowed_missing", "missing", "unused", "ignored")
 
 
 def _plain(v: Any) -> Any:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 __all__ = ["ST_DTYPES", "TORCH_DTYPES", "INDEX_NAME", "plan_header", "read_header", "check_layout", "checkpoint_files", "shard_name",
-           "tensor_bytes", "mmap_state_dict", "MappedSafetensors", "np_dtype_for"]
+           "tensor_bytes", "MappedSafetensors", "np_dtype_for"]
 
 # torch dtype name → safetensors dtype code
 ST_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64", "int64": "I64", "int32": "I32",
@@ -114,11 +114,6 @@ def checkpoint_files(path: str | Path) -> list[Path]:
         return [path]
     weight_map = json.loads(path.read_text())["weight_map"]
     return [path.with_name(n) for n in sorted(set(weight_map.values()))]
-
-
-def mmap_state_dict(path: str | Path, *, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """Zero-copy tensors over a read-only memory map of a safetensors file (CPU)."""
-    return MappedSafetensors(path, keys=keys).state
 
 
 class MappedSafetensors:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,12 +58,6 @@ def example_config(name: str) -> Path:
 @pytest.fixture
 def out_dir(tmp_path: Path) -> Path:
     return tmp_path / "out"
-
-
-def copy_example(name: str, dest: Path) -> Path:
-    """A private copy of one example's data folder (tests that modify inputs use it)."""
-    shutil.copytree(EXAMPLES / name, dest / name)
-    return dest / name
 
 
 def run_pipeline(cfg, *, refresh: bool = False) -> dict:
@@ -132,31 +127,111 @@ def tiny_reference(arrays: dict, x):
     return np.maximum(h, 0) @ arrays["fc2.weight"].T + arrays["fc2.bias"]
 
 
-def write_tiny_case(tmp_path, arrays: dict | None = None, **config) -> "Path":
-    """A complete tiny conversion in tmp_path (model file, weights.npz, input, reference, config)."""
-    import numpy as np
+@pytest.fixture
+def tiny(tmp_path: Path) -> Callable[..., Path]:
+    """The one tiny conversion the tests build: ``tiny(root=None, *, arrays=None, npy_dir=False, **config)`` → its config path.
+
+    In ``root`` (default ``tmp_path``; a relative path is taken under it): ``tiny_model.py`` (``Tiny``:
+    Linear(3, hidden=4) → BatchNorm1d → ReLU → Linear(4, 2); ``NoFlatten`` and ``broken_factory`` for
+    failure cases), the weights (``arrays``, default :func:`tiny_arrays`) as ``weights.npz`` or, with
+    ``npy_dir``, one ``.npy`` per key under ``weights/``, the verify input ``input.npy``, the reference
+    ``ref.npy`` (computed in NumPy, when the arrays are the model's) and ``<name>.yaml`` with relative
+    paths, so the whole folder can be copied elsewhere. ``config`` updates a section
+    (``verify={"atol": 1}``) or sets a key (``name="tiny-b"``).
+    """
+
+    def build(root: Path | str | None = None, *, arrays: dict | None = None, npy_dir: bool = False, **config: Any) -> Path:
+        import numpy as np
+        import yaml
+
+        root = tmp_path / (root or "")
+        root.mkdir(parents=True, exist_ok=True)
+        arrays = tiny_arrays() if arrays is None else arrays
+        (root / "tiny_model.py").write_text(TINY_MODEL)
+        if npy_dir:
+            (root / "weights").mkdir(exist_ok=True)
+            for k, v in arrays.items():
+                np.save(root / "weights" / f"{k}.npy", v)
+        else:
+            np.savez(root / "weights.npz", **arrays)
+        x = np.random.default_rng(1).standard_normal((5, 3)).astype("float32")
+        np.save(root / "input.npy", x)
+        if set(tiny_arrays()) <= set(arrays) and all(arrays[k].shape == v.shape for k, v in tiny_arrays().items()):
+            ref = tiny_reference({k: v.astype("float64") for k, v in arrays.items()}, x.astype("float64"))
+            np.save(root / "ref.npy", ref.astype("float32"))
+        cfg: dict[str, Any] = {
+            "name": "tiny",
+            "source": {"path": "weights", "format": "npy-dir"} if npy_dir else {"path": "weights.npz"},
+            "model": {"target": "tiny_model.py:Tiny"},
+            "mapping": {"allow_missing": [".*num_batches_tracked"]},
+            "verify": {"input": "input.npy", "reference_output": "ref.npy", "rtol": 1e-5, "atol": 1e-6},
+            "export": {"dir": "out", "formats": ["safetensors", "pt"]},
+        }
+        for section, value in config.items():
+            cfg[section] = {**cfg[section], **value} if isinstance(value, dict) and isinstance(cfg.get(section), dict) else value
+        path = root / f"{cfg['name']}.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path
+
+    return build
+
+
+def flip_byte(path: Path, *, from_end: int = 1) -> None:
+    """Change one byte of a file in place (the last data byte of an .npy by default)."""
+    data = bytearray(path.read_bytes())
+    data[-from_end] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def cached_stage_in_process(data_dir: str, calls: str, barrier, out) -> None:  # noqa: ANN001 - multiprocessing objects
+    """Child process body: run one cached stage whose compute is slow and leaves a trace."""
+    import os
+    import time
+
+    os.environ["NP2TORCH_DATA_DIR"] = data_dir
+    from np2torch.tasks import cache
+
+    def compute(work: Path) -> dict:
+        with open(calls, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        time.sleep(0.5)  # long enough for the other process to reach the lock
+        (work / "artifact.bin").write_bytes(os.urandom(64))
+        return {"pid": os.getpid()}
+
+    barrier.wait(30)
+    rec = cache.run_cached("demo", "d" * 64, compute)
+    out.put({"cached": rec.cached, "pid": rec.record["pid"]})
+
+
+# ---------------------------------------------------------------------------------------------
+# batches of the bundled examples
+
+
+def write_conversion(example: str, dest: Path, out_root: Path, *, name: str | None = None, kwargs: dict[str, Any] | None = None) -> Path:
+    """A copy of ``configs/examples/<example>.yaml`` with absolute inputs and outputs under ``out_root``.
+
+    ``kwargs`` replaces model kwargs (a wrong shape makes a conversion that fails).
+    """
     import yaml
 
-    arrays = tiny_arrays() if arrays is None else arrays
-    (tmp_path / "tiny_model.py").write_text(TINY_MODEL)
-    np.savez(tmp_path / "weights.npz", **arrays)
-    x = np.random.default_rng(1).standard_normal((5, 3)).astype("float32")
-    np.save(tmp_path / "input.npy", x)
-    if set(tiny_arrays()) <= set(arrays) and all(arrays[k].shape == v.shape for k, v in tiny_arrays().items()):
-        np.save(tmp_path / "ref.npy", tiny_reference({k: v.astype("float64") for k, v in arrays.items()}, x.astype("float64")).astype("float32"))
-    cfg = {
-        "name": "tiny",
-        "source": {"path": "weights.npz"},
-        "model": {"target": "tiny_model.py:Tiny"},
-        "mapping": {"allow_missing": [".*num_batches_tracked"]},
-        "verify": {"input": "input.npy", "reference_output": "ref.npy", "rtol": 1e-5, "atol": 1e-6},
-        "export": {"dir": "out", "formats": ["safetensors", "pt"]},
-    }
-    for section, value in config.items():
-        if isinstance(value, dict) and isinstance(cfg.get(section), dict):
-            cfg[section] = {**cfg[section], **value}
-        else:
-            cfg[section] = value
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    from np2torch.tasks.config import load_config
+
+    data = load_config(CONFIGS / f"{example}.yaml").model_dump(mode="json")
+    data["name"] = name or example
+    data["export"]["dir"] = str(out_root / data["name"])
+    if kwargs:
+        data["model"]["kwargs"] = {**data["model"]["kwargs"], **kwargs}
+    dest.mkdir(parents=True, exist_ok=True)
+    path = dest / f"{data['name']}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def write_batch(path: Path, conversions: list[Path | dict[str, Any]], **settings: Any) -> Path:
+    """A batch file; a conversion is a config path or an entry mapping ({config: PATH, set: [...]})."""
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entries = [c if isinstance(c, dict) else str(c) for c in conversions]
+    path.write_text(yaml.safe_dump({"conversions": entries, **settings}, sort_keys=False))
     return path

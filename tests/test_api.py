@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import np2torch
-from conftest import REPO, example_config, tiny_arrays, tiny_reference, write_tiny_case
+from conftest import REPO, example_config, tiny_arrays, tiny_reference
 from np2torch.tasks.errors import ConfigError, LoadError, MappingError, ValidationError, VerifyError
 
 sys.path.insert(0, str(REPO / "data"))
@@ -115,24 +115,24 @@ def test_load_into_a_model_built_on_meta(keras_case):
     np.testing.assert_array_equal(model[5].bias.detach().numpy(), w["dense_1/bias"])
 
 
-def _tiny(tmp_path, arrays=None):
-    """The pipeline's tiny case: its config, and the same model as an instance."""
-    cfg = write_tiny_case(tmp_path, arrays=arrays)
-    sys.path.insert(0, str(tmp_path))
+def _tiny_model(config: Path):
+    """The tiny conversion's model, as an instance (from the ``tiny_model.py`` beside its config)."""
+    sys.path.insert(0, str(config.parent))
     try:
         import importlib
 
         mod = importlib.import_module("tiny_model")
         mod = importlib.reload(mod)
     finally:
-        sys.path.remove(str(tmp_path))
-    return cfg, mod.Tiny()
+        sys.path.remove(str(config.parent))
+    return mod.Tiny()
 
 
-def test_load_into_missing_key_raises_the_pipelines_validation_error(tmp_path):
+def test_load_into_missing_key_raises_the_pipelines_validation_error(tiny, tmp_path):
     arrays = tiny_arrays()
     del arrays["fc2.bias"]
-    cfg, model = _tiny(tmp_path, arrays)
+    cfg = tiny(arrays=arrays)
+    model = _tiny_model(cfg)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValidationError) as api_err:
         np2torch.load_into(model, tmp_path / "weights.npz", strategy="name", allow_missing=[".*num_batches_tracked"])
@@ -143,8 +143,8 @@ def test_load_into_missing_key_raises_the_pipelines_validation_error(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing half-loaded
 
 
-def test_load_into_wrong_reference_is_a_verify_error_naming_the_tolerance(tmp_path):
-    _, model = _tiny(tmp_path)
+def test_load_into_wrong_reference_is_a_verify_error_naming_the_tolerance(tiny, tmp_path):
+    model = _tiny_model(tiny())
     arrays = tiny_arrays()
     x = np.random.default_rng(1).standard_normal((5, 3)).astype("float32")
     y = tiny_reference(arrays, x)
@@ -210,18 +210,18 @@ def test_plan_of_a_model_instance_touches_nothing(keras_case):
         np2torch.plan(model, path, presett="keras")
 
 
-def test_plan_of_a_failing_config_lists_every_problem(tmp_path):
+def test_plan_of_a_failing_config_lists_every_problem(tiny):
     arrays = tiny_arrays()
     del arrays["fc2.bias"], arrays["bn.bias"]
-    df = np2torch.plan(write_tiny_case(tmp_path, arrays=arrays), overrides=["mapping.strategy=name"])
+    df = np2torch.plan(tiny(arrays=arrays), overrides=["mapping.strategy=name"])
     assert not df.attrs["valid"]
     assert {p["key"] for p in df.attrs["problems"]} == {"fc2.bias", "bn.bias"}
     assert set(df.loc[df.status == "missing", "target_key"]) == {"fc2.bias", "bn.bias"}
 
 
-def test_plan_override_error_names_the_set(tmp_path):
+def test_plan_override_error_names_the_set(tiny):
     with pytest.raises(ConfigError, match=r"`convert.dtype`: .*\(from --set convert.dtype=float17\)"):
-        np2torch.plan(write_tiny_case(tmp_path), overrides=["convert.dtype=float17"])
+        np2torch.plan(tiny(), overrides=["convert.dtype=float17"])
 
 
 def test_inspect_returns_one_row_per_array(example_data, isolated_data):
@@ -282,11 +282,11 @@ def test_a_stage_s_time_includes_computing_its_key(example_data, tmp_path, monke
     assert json.loads(result.record_path.read_text())["stages"]["load-arrays"]["seconds"] >= 0.6
 
 
-def test_convert_without_orchestration_failure_raises_and_is_audited(tmp_path, isolated_data):
+def test_convert_without_orchestration_failure_raises_and_is_audited(tiny, isolated_data):
     arrays = tiny_arrays()
     del arrays["fc2.bias"]
     with pytest.raises(ValidationError):
-        np2torch.convert(write_tiny_case(tmp_path, arrays=arrays), overrides=["mapping.strategy=name"], orchestrate=False)
+        np2torch.convert(tiny(arrays=arrays), overrides=["mapping.strategy=name"], orchestrate=False)
     rec = json.loads((isolated_data / "audit.jsonl").read_text().splitlines()[-1])
     assert rec["status"] == "failed" and rec["error"]["stage"] == "validate" and rec["stages"]["validate"]["failed"]
 

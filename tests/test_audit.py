@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from np2torch.flows.cli import main
+from conftest import flip_byte
+from np2torch.cli import main
 from np2torch.tasks import audit, stages
 from np2torch.tasks.config import load_config
-from tiny_conversion import flip_byte, make_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,9 +28,9 @@ def _record(name: str, *, status: str = "success", outputs: list | None = None, 
 
 
 @pytest.fixture
-def converted(tmp_path: Path) -> dict:
+def converted(tiny) -> dict:
     """A real conversion's stage records (plain stages, no Prefect): real inputs and outputs."""
-    return stages.run_all(load_config(make_tiny(tmp_path / "conv")))
+    return stages.run_all(load_config(tiny("conv", npy_dir=True)))
 
 
 def test_record_lines_round_trip_and_each_is_one_complete_line(isolated_data: Path) -> None:
@@ -289,9 +289,9 @@ def test_a_later_run_supersedes_an_earlier_runs_outputs(converted: dict, isolate
 
 
 @pytest.mark.slow
-def test_the_readme_sequence_verifies_clean(prefect_harness, tmp_path: Path, isolated_data: Path, capsys: pytest.CaptureFixture) -> None:
+def test_the_readme_sequence_verifies_clean(tiny, prefect_harness, isolated_data: Path, capsys: pytest.CaptureFixture) -> None:
     """convert; convert --set convert.dtype=float16; convert --refresh: every output is accounted for."""
-    cfg = make_tiny(tmp_path / "conv")
+    cfg = tiny("conv", npy_dir=True)
     cfg.write_text(cfg.read_text().replace("rtol: 1.0e-05", "rtol: 0.01").replace("atol: 1.0e-06", "atol: 0.001"))  # float16 passes too
     assert main(["convert", str(cfg)]) == 0
     assert main(["convert", str(cfg), "--set", "convert.dtype=float16"]) == 0

@@ -13,14 +13,12 @@ from uuid import UUID
 
 import pytest
 
+from conftest import REPO, write_batch, write_conversion
+from np2torch.cli import main
 from np2torch.flows.batch import BatchError, make_task_runner, plan_batch, run_batch, summary_row
-from np2torch.flows.cli import main
 from np2torch.flows.serve import build_deployment, check_cron
 from np2torch.tasks.config import load_batch_config, load_config
 from np2torch.tasks.errors import ConfigError
-
-sys.path.insert(0, str(Path(__file__).parent))
-from batch_support import REPO, write_batch, write_conversion  # noqa: E402
 
 
 def _sha256(path: Path) -> str:
@@ -318,10 +316,10 @@ def test_a_crashed_conversion_task_is_reported_and_the_batch_goes_on(tmp_path: P
     """Not a conversion failure but the task around it dying (as when a Dask worker is lost)."""
     import np2torch.flows.batch as batch_mod
 
-    def unreadable(flow_run_id: str | None) -> dict:
+    def unreadable(**lookup: str) -> dict:
         raise OSError("audit log unreadable")
 
-    monkeypatch.setattr(batch_mod, "_failed_record", unreadable)  # only consulted for a failed conversion
+    monkeypatch.setattr(batch_mod.audit, "last_record", unreadable)  # only consulted for a failed conversion
     cfg, out = tmp_path / "cfg", tmp_path / "out"
     batch = write_batch(tmp_path / "b.yaml", [write_conversion("mlp", cfg, out, name="mlp-broken", kwargs={"hidden": 17}),
                                               write_conversion("mlp", cfg, out)], max_parallel=1)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from conftest import run_pipeline, write_tiny_case
-from np2torch.tasks import bytework, export, fingerprint, manifest, stages, st_write
+from conftest import run_pipeline
+from np2torch.tasks import bytework, export, fingerprint, manifest, st_write, stages
 from np2torch.tasks.errors import ConvertError
 from np2torch.tasks.config import load_config
 from np2torch.tasks.errors import ExportError
@@ -61,15 +61,15 @@ def test_value_statistics_of_a_streamed_array_are_exact(tmp_path: Path, monkeypa
     assert rec.absmin_nonzero == float(np.abs(finite[finite != 0]).min())
 
 
-def _tiny_rows(tmp_path: Path):
-    cfg = load_config(write_tiny_case(tmp_path))
+def _tiny_rows(config: Path):
+    cfg = load_config(config)
     recs = run_pipeline(cfg)
     rows = manifest.read_manifest(Path(recs["validate"].entry) / "manifest.json")
     return cfg, recs, rows, {r.key: r for r in stages.read_records(recs["load-arrays"])}
 
 
-def test_a_failed_write_is_a_storage_error_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _, _, rows, records = _tiny_rows(tmp_path)
+def test_a_failed_write_is_a_storage_error_and_leaves_nothing(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, _, rows, records = _tiny_rows(tiny())
     import torch
 
     def full(fd, buf, offset):
@@ -83,10 +83,10 @@ def test_a_failed_write_is_a_storage_error_and_leaves_nothing(tmp_path: Path, mo
     assert not out.exists() and not list(out.parent.glob(".*.tmp"))
 
 
-def test_a_copied_export_is_checked_against_the_converted_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_copied_export_is_checked_against_the_converted_file(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Other metadata than the converted file's header forces a copy (no link); the copy is
     re-read and compared tensor by tensor with the converted file, so a corrupted copy fails."""
-    cfg, recs, rows, _ = _tiny_rows(tmp_path)
+    cfg, recs, rows, _ = _tiny_rows(tiny())
     conv = Path(recs["convert-to-device"].file)
     tensors = recs["convert-to-device"].tensors
     assert all("blake3" not in t and "sha256" not in t for t in tensors.values())  # the convert stage no longer hashes each tensor

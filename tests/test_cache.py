@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import cached_stage_in_process, flip_byte
 from np2torch.tasks import cache, stages
 from np2torch.tasks.config import load_config
-from tiny_conversion import MODEL, cached_stage_in_process, flip_byte, make_tiny
+from conftest import cached_stage_in_process, flip_byte
+from tiny_conversion import MODEL, make_tiny
 
 ALL = stages.NAMES
 
@@ -34,15 +36,22 @@ def sha(path: Path) -> str:
 
 
 @pytest.fixture
-def tiny(tmp_path: Path) -> Path:
-    return make_tiny(tmp_path / "conv")
+def mlp(tmp_path: Path) -> Path:
+    """The MLP(4, 6, 3) conversion (one .npy per array): its square fc2 makes the manifest use the reference."""
+    return make_tiny(tmp_path / "mlp")
 
 
-def test_same_inputs_and_config_hit_every_stage_with_unchanged_outputs(tiny: Path) -> None:
-    first = stages.run_all(load_config(tiny))
+@pytest.fixture
+def conv(tiny) -> Path:
+    """The tiny conversion, one .npy per array (a byte can be flipped in one of them)."""
+    return tiny("conv", npy_dir=True)
+
+
+def test_same_inputs_and_config_hit_every_stage_with_unchanged_outputs(conv: Path) -> None:
+    first = stages.run_all(load_config(conv))
     assert computed(first) == ALL
     out = {o["path"]: o["sha256"] for o in first["export"].outputs}
-    second = stages.run_all(load_config(tiny))
+    second = stages.run_all(load_config(conv))
     assert computed(second) == []
     assert {o["path"]: o["sha256"] for o in second["export"].outputs} == out
     assert {p: sha(p) for p in out} == out
@@ -51,51 +60,51 @@ def test_same_inputs_and_config_hit_every_stage_with_unchanged_outputs(tiny: Pat
         assert second[s].own() == first[s].own() and second[s].key == first[s].key and second[s].entry == first[s].entry
 
 
-def test_changed_atol_reruns_only_verify_and_export(tiny: Path) -> None:
-    stages.run_all(load_config(tiny))
-    again = stages.run_all(load_config(tiny, ["verify.atol=1e-5"]))
+def test_changed_atol_reruns_only_verify_and_export(conv: Path) -> None:
+    stages.run_all(load_config(conv))
+    again = stages.run_all(load_config(conv, ["verify.atol=1e-5"]))
     assert computed(again) == ["verify-forward-pass", "export"]
     assert again["verify-forward-pass"].metrics["atol"] == 1e-5
 
 
-def test_changed_mapping_rule_reruns_mapping_onwards_not_load_arrays(tiny: Path) -> None:
-    stages.run_all(load_config(tiny))
+def test_changed_mapping_rule_reruns_mapping_onwards_not_load_arrays(conv: Path) -> None:
+    stages.run_all(load_config(conv))
     # the same mapping written as an explicit rule: a different mapping spec, same result
-    again = stages.run_all(load_config(tiny, ["mapping.rules=[{source: 'fc1\\.weight', target: fc1.weight}]"]))
+    again = stages.run_all(load_config(conv, ["mapping.rules=[{source: 'fc1\\.weight', target: fc1.weight}]"]))
     assert computed(again) == ALL[1:]
 
 
-def test_changed_byte_in_a_source_file_reruns_everything(tiny: Path) -> None:
-    stages.run_all(load_config(tiny))
-    flip_byte(tiny.parent / "weights" / "fc3.bias.npy")  # a mantissa bit of the last value
-    again = stages.run_all(load_config(tiny, ["verify.reference_output=null"]))
+def test_changed_byte_in_a_source_file_reruns_everything(conv: Path) -> None:
+    stages.run_all(load_config(conv))
+    flip_byte(conv.parent / "weights" / "fc2.bias.npy")  # a mantissa bit of the last value
+    again = stages.run_all(load_config(conv, ["verify.reference_output=null"]))
     assert computed(again) == ALL
     # and the changed file is what the fingerprint saw
-    entry = next(i for i in again["load-arrays"].inputs if i["path"].endswith("fc3.bias.npy"))
-    assert entry["sha256"] == sha(tiny.parent / "weights" / "fc3.bias.npy")
+    entry = next(i for i in again["load-arrays"].inputs if i["path"].endswith("fc2.bias.npy"))
+    assert entry["sha256"] == sha(conv.parent / "weights" / "fc2.bias.npy")
 
 
-def test_changed_byte_in_the_verify_input_reruns_verify_and_export_only(tiny: Path) -> None:
-    stages.run_all(load_config(tiny, ["verify.reference_output=null"]))
-    flip_byte(tiny.parent / "input.npy")
-    again = stages.run_all(load_config(tiny, ["verify.reference_output=null"]))
+def test_changed_byte_in_the_verify_input_reruns_verify_and_export_only(conv: Path) -> None:
+    stages.run_all(load_config(conv, ["verify.reference_output=null"]))
+    flip_byte(conv.parent / "input.npy")
+    again = stages.run_all(load_config(conv, ["verify.reference_output=null"]))
     assert computed(again) == ["verify-forward-pass", "export"]
 
 
-def test_same_bytes_at_another_path_still_hit(tiny: Path, tmp_path: Path) -> None:
-    first = stages.run_all(load_config(tiny))
+def test_same_bytes_at_another_path_still_hit(conv: Path, tmp_path: Path) -> None:
+    first = stages.run_all(load_config(conv))
     moved = tmp_path / "elsewhere" / "weights-copy"
-    shutil.copytree(tiny.parent / "weights", moved)
-    again = stages.run_all(load_config(tiny, [f"source.path={moved}"]))
+    shutil.copytree(conv.parent / "weights", moved)
+    again = stages.run_all(load_config(conv, [f"source.path={moved}"]))
     assert computed(again) == []
     # the array table is rebased onto where the source lives now
     assert {Path(r.file).parent for r in stages.read_records(again["load-arrays"])} == {moved}
     assert [o["sha256"] for o in again["export"].outputs] == [o["sha256"] for o in first["export"].outputs]
 
 
-def test_refresh_recomputes_everything(tiny: Path) -> None:
-    first = stages.run_all(load_config(tiny))
-    again = stages.run_all(load_config(tiny), refresh=True)
+def test_refresh_recomputes_everything(conv: Path) -> None:
+    first = stages.run_all(load_config(conv))
+    again = stages.run_all(load_config(conv), refresh=True)
     assert computed(again) == ALL
     assert [o["sha256"] for o in again["export"].outputs] == [o["sha256"] for o in first["export"].outputs]
 
@@ -105,8 +114,8 @@ def cfg_out(records: dict) -> Path:
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "delete", "record"])
-def test_corrupt_or_deleted_cache_entry_is_recomputed_never_trusted(tiny: Path, damage: str) -> None:
-    first = stages.run_all(load_config(tiny))
+def test_corrupt_or_deleted_cache_entry_is_recomputed_never_trusted(mlp: Path, damage: str) -> None:
+    first = stages.run_all(load_config(mlp))
     entry = Path(first["convert-to-device"].entry)
     artifact = entry / "model.safetensors"
     good = sha(artifact)
@@ -117,7 +126,7 @@ def test_corrupt_or_deleted_cache_entry_is_recomputed_never_trusted(tiny: Path, 
     else:
         (entry / "record.json").write_text("{not json")
     assert cache.lookup("convert-to-device", first["convert-to-device"].key) is None
-    again = stages.run_all(load_config(tiny))
+    again = stages.run_all(load_config(mlp))
     # the exported model.safetensors is a hard link of the converted file (no 2nd copy of a big
     # model), so damage to that inode shows in the export too and export reruns as well
     linked = os.path.samefile(artifact, cfg_out(first)) if damage == "corrupt" else False
@@ -126,25 +135,25 @@ def test_corrupt_or_deleted_cache_entry_is_recomputed_never_trusted(tiny: Path, 
     assert [o["sha256"] for o in again["export"].outputs] == [o["sha256"] for o in first["export"].outputs]
 
 
-def test_edited_export_file_reruns_export(tiny: Path) -> None:
-    first = stages.run_all(load_config(tiny))
+def test_edited_export_file_reruns_export(mlp: Path) -> None:
+    first = stages.run_all(load_config(mlp))
     manifest_csv = Path(next(o["path"] for o in first["export"].outputs if o["path"].endswith("manifest.csv")))
     good = sha(manifest_csv)
     manifest_csv.write_text("tampered\n")
-    again = stages.run_all(load_config(tiny))
+    again = stages.run_all(load_config(mlp))
     assert computed(again) == ["export"]
     assert sha(manifest_csv) == good
 
 
-def test_key_covers_what_the_stage_reads_and_nothing_else(tiny: Path) -> None:
-    cfg = load_config(tiny)
+def test_key_covers_what_the_stage_reads_and_nothing_else(mlp: Path) -> None:
+    cfg = load_config(mlp)
     loaded = stages.run_all(cfg, until="load-arrays")["load-arrays"]
     key = lambda c, prev=loaded.key: stages.key_of(stages.BY_NAME["infer-mapping"], c, prev)  # noqa: E731
     base = key(cfg)
-    assert key(load_config(tiny, ["verify.atol=1"])) == base
-    assert key(load_config(tiny, ["export.dir=/tmp/x"])) == base
-    assert key(load_config(tiny, ["mapping.strategy=order"])) != base
-    assert key(load_config(tiny, ["convert.dtype=float16"])) != base
+    assert key(load_config(mlp, ["verify.atol=1"])) == base
+    assert key(load_config(mlp, ["export.dir=/tmp/x"])) == base
+    assert key(load_config(mlp, ["mapping.strategy=order"])) != base
+    assert key(load_config(mlp, ["convert.dtype=float16"])) != base
     assert key(cfg, "0" * 64) != base
 
 
@@ -190,13 +199,13 @@ def test_two_processes_compute_once_the_second_waits_and_reuses(isolated_data: P
     assert results[0]["pid"] == results[1]["pid"]  # both hold the one computed record
 
 
-def test_two_identical_conversions_at_once_compute_each_stage_once(tiny: Path) -> None:
+def test_two_identical_conversions_at_once_compute_each_stage_once(conv: Path) -> None:
     results: list[dict] = []
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            results.append(stages.run_all(load_config(tiny)))
+            results.append(stages.run_all(load_config(conv)))
         except BaseException as exc:  # noqa: BLE001 - surfaced below
             errors.append(exc)
 
@@ -214,17 +223,17 @@ def test_two_identical_conversions_at_once_compute_each_stage_once(tiny: Path) -
 # deterministic exports
 
 
-def test_exports_are_byte_identical_across_export_dirs_and_copied_trees(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    first = stages.run_all(load_config(tiny))
+def test_exports_are_byte_identical_across_export_dirs_and_copied_trees(mlp: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = stages.run_all(load_config(mlp))
     a = {Path(o["path"]).name: o["sha256"] for o in first["export"].outputs}
     # another export folder
-    other = stages.run_all(load_config(tiny, [f"export.dir={tmp_path / 'other-out'}"]))
+    other = stages.run_all(load_config(mlp, [f"export.dir={tmp_path / 'other-out'}"]))
     b = {Path(o["path"]).name: sha(o["path"]) for o in other["export"].outputs}
     # the whole tree copied elsewhere, fresh cache: everything recomputed, same bytes
     copy = tmp_path / "copied"
-    shutil.copytree(tiny.parent, copy, ignore=shutil.ignore_patterns("out"))
+    shutil.copytree(mlp.parent, copy, ignore=shutil.ignore_patterns("out"))
     monkeypatch.setenv("NP2TORCH_CACHE_DIR", str(tmp_path / "fresh-cache"))
-    third = stages.run_all(load_config(copy / tiny.name))
+    third = stages.run_all(load_config(copy / mlp.name))
     assert computed(third) == ALL
     c = {Path(o["path"]).name: sha(o["path"]) for o in third["export"].outputs}
     for name in ("model.safetensors", "manifest.csv"):
@@ -297,10 +306,10 @@ def _attempted(cfg) -> list[str]:  # noqa: ANN001
     return [n for n, r in trail.records.items() if not r.cached]
 
 
-def test_each_config_field_reruns_exactly_the_stages_that_declare_it_and_those_after(tiny: Path) -> None:
-    base = load_config(tiny)
+def test_each_config_field_reruns_exactly_the_stages_that_declare_it_and_those_after(mlp: Path) -> None:
+    base = load_config(mlp)
     first = stages.run_all(base)
-    changes = _changes(tiny.parent)
+    changes = _changes(mlp.parent)
     assert sorted(changes) == sorted(stages.config_fields()), "a config field without a row here: say which stage it reruns"
     evidence = first["infer-mapping"].evidence_digest is not None
     wrong = []
@@ -309,9 +318,9 @@ def test_each_config_field_reruns_exactly_the_stages_that_declare_it_and_those_a
         declared = next(s.name for s in stages.STAGES
                         if name in stages.expand(s.reads) or (evidence and name in stages.expand(s.rechecks)))
         assert declared == expected_first, f"{name}: the stage table says {declared} reruns first, this test says {expected_first}"
-        cfg = load_config(tiny, overrides)
+        cfg = load_config(mlp, overrides)
         if name == "source.path":  # the reference does not match edited weights: compare with a baseline without it
-            stages.run_all(load_config(tiny, ["verify.reference_output=null"]))
+            stages.run_all(load_config(mlp, ["verify.reference_output=null"]))
         ran = _attempted(cfg)
         expected = ALL[ALL.index(expected_first):]
         if ran != expected[: len(ran)] or not ran or (len(ran) < len(expected) and name not in ("model.kwargs", "convert.device")):
@@ -320,13 +329,13 @@ def test_each_config_field_reruns_exactly_the_stages_that_declare_it_and_those_a
     assert not wrong, "; ".join(wrong)
 
 
-def test_a_run_whose_every_stage_hits_imports_neither_torch_nor_pandera(tiny: Path) -> None:
+def test_a_run_whose_every_stage_hits_imports_neither_torch_nor_pandera(mlp: Path) -> None:
     """Keys hash code by file (the import closure, read with ast), never by importing it: a cached run stays light."""
     import subprocess
     import sys
 
     code = ("import sys; from np2torch.tasks import stages; from np2torch.tasks.config import load_config; "
-            f"recs = stages.run_all(load_config({str(tiny)!r})); "
+            f"recs = stages.run_all(load_config({str(mlp)!r})); "
             "print([n for n, r in recs.items() if not r.cached], sorted(m for m in ('torch', 'pandera') if m in sys.modules))")
     first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, timeout=300)
     assert first.returncode == 0, first.stderr

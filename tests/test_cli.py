@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, example_config, tiny_arrays, write_tiny_case
-from np2torch.flows.cli import main
+from conftest import REPO, example_config, tiny_arrays
+from np2torch.cli import main
 
 NP2TORCH = shutil.which("np2torch") or str(REPO / ".venv" / "bin" / "np2torch")
 
@@ -43,15 +43,15 @@ def test_plan_prints_manifest_and_writes_nothing(example_data, isolated_data, ca
     assert plan["valid"] and {r["target_key"] for r in plan["rows"]} >= {"fc1.weight", "fc3.bias"}
 
 
-def test_plan_exits_1_on_missing_key(tmp_path, capsys):
+def test_plan_exits_1_on_missing_key(tiny, capsys):
     arrays = tiny_arrays()
     del arrays["fc2.bias"]
-    assert main(["plan", str(write_tiny_case(tmp_path, arrays=arrays)), "--set", "mapping.strategy=name"]) == 1
+    assert main(["plan", str(tiny(arrays=arrays)), "--set", "mapping.strategy=name"]) == 1
     assert "`fc2.bias`: target [2] has no source array" in capsys.readouterr().err
 
 
-def test_bad_config_exits_2_without_prefect_or_traceback(tmp_path):
-    path = write_tiny_case(tmp_path, verify={"rtoll": 1})
+def test_bad_config_exits_2_without_prefect_or_traceback(tiny):
+    path = tiny(verify={"rtoll": 1})
     r = _run("convert", str(path))
     assert r.returncode == 2
     assert "unknown key `verify.rtoll`" in r.stderr and "Traceback" not in r.stderr
@@ -95,13 +95,13 @@ def test_convert_example_end_to_end(prefect_harness, example_data, tmp_path, iso
         ("unused", [], 1, "`extra`: source array [3] is not used by any target"),
     ],
 )
-def test_convert_failures_exit_1_naming_stage_and_key(prefect_harness, tmp_path, capsys, case, overrides, code, message):
+def test_convert_failures_exit_1_naming_stage_and_key(tiny, prefect_harness, tmp_path, capsys, case, overrides, code, message):
     arrays = tiny_arrays()
     if case == "shape":
         arrays["fc1.weight"] = arrays["fc1.weight"][:, :2]
     if case == "unused":
         arrays["extra"] = np.zeros(3, np.float32)
-    path = write_tiny_case(tmp_path, arrays=arrays, mapping={"strategy": "name", "allow_missing": [".*num_batches_tracked"]})
+    path = tiny(arrays=arrays, mapping={"strategy": "name", "allow_missing": [".*num_batches_tracked"]})
     if case == "pickle":
         obj = np.empty(len(arrays), dtype=object)
         obj[:] = list(arrays.values())
@@ -117,10 +117,10 @@ def test_convert_failures_exit_1_naming_stage_and_key(prefect_harness, tmp_path,
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
-def test_expected_failure_prints_no_traceback_as_typed(tmp_path):
+def test_expected_failure_prints_no_traceback_as_typed(tiny):
     arrays = tiny_arrays()
     arrays["fc1.weight"] = arrays["fc1.weight"][:, :2]
-    r = _run("convert", str(write_tiny_case(tmp_path, arrays=arrays, mapping={"strategy": "name"})))
+    r = _run("convert", str(tiny(arrays=arrays, mapping={"strategy": "name"})))
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr + r.stdout, r.stderr
     assert "np2torch: error: [validate] `fc1.weight`" in r.stderr
@@ -128,7 +128,7 @@ def test_expected_failure_prints_no_traceback_as_typed(tmp_path):
 
 
 def test_module_entry_point():
-    r = subprocess.run([sys.executable, "-m", "np2torch.flows.cli", "--help"], capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run([sys.executable, "-m", "np2torch.cli", "--help"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0 and "convert" in r.stdout
 
 
@@ -152,17 +152,17 @@ def test_each_command_help_has_an_example_and_exit_codes(command, capsys):
     assert "exit status: 0 " in out and "; 1 " in out and "; 2 the command line or the config is wrong" in out
 
 
-def test_mistyped_config_key_suggests_the_right_one(tmp_path, capsys):
-    assert main(["plan", str(write_tiny_case(tmp_path, verify={"rtoll": 1}))]) == 2
+def test_mistyped_config_key_suggests_the_right_one(tiny, capsys):
+    assert main(["plan", str(tiny(verify={"rtoll": 1}))]) == 2
     err = capsys.readouterr().err
     assert "unknown key `verify.rtoll` — did you mean `verify.rtol`?" in err and "SPEC" not in err
-    assert main(["plan", str(write_tiny_case(tmp_path, colour="blue"))]) == 2
+    assert main(["plan", str(tiny(colour="blue"))]) == 2
     err = capsys.readouterr().err
     assert "unknown key `colour` — remove it; the top level takes: convert, export, mapping, model, name, source, verify" in err
 
 
-def test_override_error_names_the_set_it_came_from(tmp_path, capsys):
-    path = write_tiny_case(tmp_path)
+def test_override_error_names_the_set_it_came_from(tiny, capsys):
+    path = tiny()
     assert main(["plan", str(path), "--set", "convert.dtype=float17"]) == 2
     assert "(from --set convert.dtype=float17)" in capsys.readouterr().err
     assert main(["plan", str(path), "--set", "mapping.stratgy=name"]) == 2
@@ -187,7 +187,7 @@ def test_light_commands_import_no_prefect(args, example_data):
     args = [a.format(keras=example_data / "keras-cnn" / "weights.npz", mlp=example_config("mlp")) for a in args]
     code = ("import sys, runpy\n"
             f"sys.argv = ['np2torch', *{args!r}]\n"
-            "try:\n    runpy.run_module('np2torch.flows.cli', run_name='__main__')\n"
+            "try:\n    runpy.run_module('np2torch.cli', run_name='__main__')\n"
             "except SystemExit as e:\n    assert not e.code, e.code\n"
             "print('HEAVY', sorted(m for m in ('torch', 'pandas', 'pandera', 'prefect') if m in sys.modules), file=sys.stderr)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env={**os.environ, "NP2TORCH_READ_ONLY": "1"})

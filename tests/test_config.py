@@ -4,47 +4,46 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import write_tiny_case
 from np2torch.tasks.config import load_config
 from np2torch.tasks.errors import ConfigError
 
 
-def test_relative_paths_resolve_against_the_config_folder(tmp_path):
-    cfg = load_config(write_tiny_case(tmp_path))
+def test_relative_paths_resolve_against_the_config_folder(tiny, tmp_path):
+    cfg = load_config(tiny())
     assert cfg.source.path == tmp_path / "weights.npz"
     assert cfg.model.target == f"{tmp_path / 'tiny_model.py'}:Tiny"
     assert cfg.export.dir == tmp_path / "out"
     assert cfg.export.formats == ["safetensors", "pt"]
 
 
-def test_unknown_key_is_named(tmp_path):
-    path = write_tiny_case(tmp_path, convert={"dtyp": "float16"})
+def test_unknown_key_is_named(tiny):
+    path = tiny(convert={"dtyp": "float16"})
     with pytest.raises(ConfigError, match=r"unknown key `convert.dtyp`") as exc:
         load_config(path)
     assert exc.value.exit_code == 2
 
 
-def test_wrong_value_names_key_and_value(tmp_path):
+def test_wrong_value_names_key_and_value(tiny):
     with pytest.raises(ConfigError, match=r"`convert.dtype`: .*'float8'"):
-        load_config(write_tiny_case(tmp_path), ["convert.dtype=float8"])
+        load_config(tiny(), ["convert.dtype=float8"])
 
 
-def test_set_overrides_parse_yaml_values(tmp_path):
-    cfg = load_config(write_tiny_case(tmp_path), ["convert.dtype=float16", "verify.atol=0.5", "mapping.ignore=['opt/.*']"])
+def test_set_overrides_parse_yaml_values(tiny):
+    cfg = load_config(tiny(), ["convert.dtype=float16", "verify.atol=0.5", "mapping.ignore=['opt/.*']"])
     assert cfg.convert.dtype == "float16" and cfg.verify.atol == 0.5 and cfg.mapping.ignore == ["opt/.*"]
 
 
-def test_bad_set_syntax(tmp_path):
+def test_bad_set_syntax(tiny):
     with pytest.raises(ConfigError, match=r"must look like KEY=VALUE"):
-        load_config(write_tiny_case(tmp_path), ["convert.dtype"])
+        load_config(tiny(), ["convert.dtype"])
 
 
-def test_unknown_transform_and_name_pattern(tmp_path):
-    path = write_tiny_case(tmp_path, mapping={"rules": [{"source": "a", "target": "b", "transform": ["transpoze"]}]})
+def test_unknown_transform_and_name_pattern(tiny):
+    path = tiny(mapping={"rules": [{"source": "a", "target": "b", "transform": ["transpoze"]}]})
     with pytest.raises(ConfigError, match=r"unknown transform 'transpoze'"):
         load_config(path)
     with pytest.raises(ConfigError, match=r"name 'Tiny Model' must match"):
-        load_config(write_tiny_case(tmp_path), ["name=Tiny Model"])
+        load_config(tiny(), ["name=Tiny Model"])
 
 
 def test_missing_config_file(tmp_path):
@@ -52,11 +51,11 @@ def test_missing_config_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
-def test_digest_ignores_where_the_config_lives(tmp_path):
+def test_digest_ignores_where_the_config_lives(tiny, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    assert load_config(write_tiny_case(a)).digest() == load_config(write_tiny_case(b)).digest()
-    assert load_config(write_tiny_case(a)).digest() != load_config(write_tiny_case(a), ["verify.atol=0.1"]).digest()
+    assert load_config(tiny(a)).digest() == load_config(tiny(b)).digest()
+    assert load_config(tiny(a)).digest() != load_config(tiny(a), ["verify.atol=0.1"]).digest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,7 +63,7 @@ def test_digest_ignores_where_the_config_lives(tmp_path):
 
 import time  # noqa: E402
 
-from np2torch.flows.cli import main  # noqa: E402
+from np2torch.cli import main  # noqa: E402
 from np2torch.tasks.config import MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, load_batch_config  # noqa: E402
 
 _LOL = '["lol","lol","lol","lol","lol","lol","lol","lol","lol"]'
@@ -108,8 +107,8 @@ def test_a_hostile_config_is_exit_2_with_one_message_fast(tmp_path, isolated_dat
     assert not isolated_data.exists()  # nothing started, nothing written
 
 
-def test_a_config_just_under_the_cap_and_a_bomb_in_a_batch_file(tmp_path):
-    path = write_tiny_case(tmp_path)
+def test_a_config_just_under_the_cap_and_a_bomb_in_a_batch_file(tiny, tmp_path):
+    path = tiny()
     path.write_text(path.read_text() + "#" * (MAX_CONFIG_BYTES - path.stat().st_size - 1) + "\n")
     assert path.stat().st_size == MAX_CONFIG_BYTES
     assert load_config(path).name == "tiny"
@@ -120,8 +119,8 @@ def test_a_config_just_under_the_cap_and_a_bomb_in_a_batch_file(tmp_path):
     assert exc.value.exit_code == 2
 
 
-def test_set_values_are_bounded_too(tmp_path):
-    path = write_tiny_case(tmp_path)
+def test_set_values_are_bounded_too(tiny):
+    path = tiny()
     deep = "[" * 10_000 + "]" * 10_000
     with pytest.raises(ConfigError, match=r"`name`: .*must match") as exc:  # kept as a plain string, then refused by name's rule
         load_config(path, ["name=" + deep])

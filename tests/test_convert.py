@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_pipeline, tiny_arrays, write_tiny_case
+from conftest import run_pipeline, tiny_arrays
 from np2torch.tasks import stages
 from np2torch.tasks.config import load_config
 from np2torch.tasks.state_dict import check_device, load_into_model
@@ -16,8 +16,8 @@ from np2torch.tasks.model import build_model, describe_targets
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
-def test_cast_to_configured_dtype_keeps_integer_buffers(tmp_path, dtype):
-    cfg = load_config(write_tiny_case(tmp_path), [f"convert.dtype={dtype}", "verify.rtol=0.02", "verify.atol=0.02"])
+def test_cast_to_configured_dtype_keeps_integer_buffers(tiny, dtype):
+    cfg = load_config(tiny(), [f"convert.dtype={dtype}", "verify.rtol=0.02", "verify.atol=0.02"])
     recs = run_pipeline(cfg)
     state = load_file(cfg.export.dir / "model.safetensors")
     assert state["fc1.weight"].dtype == getattr(torch, dtype)
@@ -27,16 +27,16 @@ def test_cast_to_configured_dtype_keeps_integer_buffers(tmp_path, dtype):
     assert recs["verify-forward-pass"].metrics["passed"]
 
 
-def test_big_endian_float64_source_converts_exactly(tmp_path):
+def test_big_endian_float64_source_converts_exactly(tiny):
     arrays = {k: v.astype(">f8") for k, v in tiny_arrays().items()}
-    cfg = load_config(write_tiny_case(tmp_path, arrays=arrays))
+    cfg = load_config(tiny(arrays=arrays))
     run_pipeline(cfg)
     state = load_file(cfg.export.dir / "model.safetensors")
     np.testing.assert_array_equal(state["fc2.weight"].numpy(), arrays["fc2.weight"].astype("<f4"))
 
 
-def test_allowed_missing_keeps_the_model_initial_value(tmp_path):
-    cfg = load_config(write_tiny_case(tmp_path))
+def test_allowed_missing_keeps_the_model_initial_value(tiny):
+    cfg = load_config(tiny())
     run_pipeline(cfg)
     state = load_file(cfg.export.dir / "model.safetensors")
     assert state["bn.num_batches_tracked"].item() == 0
@@ -80,9 +80,9 @@ def test_cuda_device_is_a_clear_error_without_a_gpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
-def test_cuda_conversion_matches_cpu(tmp_path):
-    cpu = load_config(write_tiny_case(tmp_path / "a"))
-    gpu = load_config(write_tiny_case(tmp_path / "b"), ["convert.device=cuda", "verify.rtol=1e-4", "verify.atol=1e-5"])
+def test_cuda_conversion_matches_cpu(tiny, tmp_path):
+    cpu = load_config(tiny(tmp_path / "a"))
+    gpu = load_config(tiny(tmp_path / "b"), ["convert.device=cuda", "verify.rtol=1e-4", "verify.atol=1e-5"])
     run_pipeline(cpu)
     recs = run_pipeline(gpu)
     assert recs["convert-to-device"].placed_on == ["cuda:0"]
@@ -90,10 +90,10 @@ def test_cuda_conversion_matches_cpu(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_stage_records_are_small_and_json(tmp_path):
+def test_stage_records_are_small_and_json(tiny):
     import json
 
-    cfg = load_config(write_tiny_case(tmp_path))
+    cfg = load_config(tiny())
     recs = run_pipeline(cfg)
     for name, rec in recs.items():
         # only small JSON records travel between tasks, and come back the same
@@ -117,14 +117,14 @@ def test_cast_into_a_misaligned_place_gives_the_same_bytes():
 
 
 @pytest.mark.parametrize("how", ["one-worker", "small-blocks"])
-def test_every_write_path_gives_the_same_file(tmp_path, monkeypatch, how):
+def test_every_write_path_gives_the_same_file(tiny, tmp_path, monkeypatch, how):
     """Streamed blocks with any number of workers, and blocks smaller than a row, all write the
     same bytes, with the sha256 the cache remembers."""
     import hashlib
 
     from np2torch.tasks import fingerprint, manifest, st_write
 
-    cfg = load_config(write_tiny_case(tmp_path), ["convert.dtype=float16", "verify.rtol=0.02", "verify.atol=0.02"])
+    cfg = load_config(tiny(), ["convert.dtype=float16", "verify.rtol=0.02", "verify.atol=0.02"])
     recs = run_pipeline(cfg)
     rows = manifest.read_manifest(stages.Path(recs["validate"].entry) / "manifest.json")
     records = {r.key: r for r in stages.read_records(recs["load-arrays"])}

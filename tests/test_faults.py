@@ -28,12 +28,11 @@ from pathlib import Path
 
 import pytest
 
-from batch_support import write_batch
-from np2torch.flows.cli import main
+from conftest import write_batch
+from np2torch.cli import main
 from np2torch.tasks import audit, cache, locks, stages
 from np2torch.tasks.config import load_config
 from np2torch.tasks.storage import StorageError
-from tiny_conversion import make_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 NP2TORCH = shutil.which("np2torch") or str(REPO / ".venv" / "bin" / "np2torch")
@@ -162,8 +161,8 @@ def _verify_clean(env: dict[str, str]) -> str:
 
 
 @pytest.mark.slow
-def test_kill_9_at_each_stage_never_wedges_the_next_run(api_url: str, tmp_path: Path, isolated_data: Path) -> None:
-    cfg = make_tiny(tmp_path / "conv")
+def test_kill_9_at_each_stage_never_wedges_the_next_run(tiny, api_url: str, tmp_path: Path, isolated_data: Path) -> None:
+    cfg = tiny("conv", npy_dir=True)
     out = cfg.parent / "out"
     env = _env(isolated_data, api_url)
     r = _run(["convert", str(cfg)], env)
@@ -191,10 +190,10 @@ def test_kill_9_at_each_stage_never_wedges_the_next_run(api_url: str, tmp_path: 
 
 
 @pytest.mark.slow
-def test_a_killed_then_a_terminated_batch_then_rerun(api_url: str, tmp_path: Path, isolated_data: Path) -> None:
+def test_a_killed_then_a_terminated_batch_then_rerun(tiny, api_url: str, tmp_path: Path, isolated_data: Path) -> None:
     """kill -9, then SIGTERM, of a batch whose conversions are parked in worker threads (SIGTERM
     must not wait for them); the next batch run succeeds with byte-identical outputs."""
-    cfgs = [make_tiny(tmp_path / n, name=n) for n in ("tiny-a", "tiny-b")]
+    cfgs = [tiny(n, npy_dir=True, name=n) for n in ("tiny-a", "tiny-b")]
     outs = [c.parent / "out" for c in cfgs]
     batch = write_batch(tmp_path / "batch.yaml", cfgs, max_parallel=2)
     env = _env(isolated_data, api_url)
@@ -222,9 +221,9 @@ def test_a_killed_then_a_terminated_batch_then_rerun(api_url: str, tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_the_temporary_prefect_server_dies_with_a_killed_run(tmp_path: Path, isolated_data: Path) -> None:
+def test_the_temporary_prefect_server_dies_with_a_killed_run(tiny, tmp_path: Path, isolated_data: Path) -> None:
     """No PREFECT_API_URL: the run starts its own server; kill -9 of the run takes it along."""
-    cfg = make_tiny(tmp_path / "conv")
+    cfg = tiny("conv", npy_dir=True)
     run = Paused(["convert", str(cfg)], _env(isolated_data, None), "validate", tmp_path / "run.log")
     try:
         members = _group(run.pgid)
@@ -244,8 +243,8 @@ def test_the_temporary_prefect_server_dies_with_a_killed_run(tmp_path: Path, iso
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_stops_a_run_within_seconds_and_leaves_it_clean(api_url: str, tmp_path: Path, isolated_data: Path, sig: int) -> None:
-    cfg = make_tiny(tmp_path / "conv")
+def test_a_signal_stops_a_run_within_seconds_and_leaves_it_clean(tiny, api_url: str, tmp_path: Path, isolated_data: Path, sig: int) -> None:
+    cfg = tiny("conv", npy_dir=True)
     env = _env(isolated_data, api_url)
     run = Paused(["convert", str(cfg)], env, "verify-forward-pass", tmp_path / "run.log")
     try:
@@ -371,9 +370,9 @@ def test_a_half_written_prefect_result_record_is_recomputed_not_read(tmp_path: P
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS])
-def test_a_full_cache_is_one_error_naming_the_folder_and_a_rerun_completes(tmp_path: Path, isolated_data: Path,
+def test_a_full_cache_is_one_error_naming_the_folder_and_a_rerun_completes(tiny, isolated_data: Path,
                                                                             monkeypatch: pytest.MonkeyPatch, code: int) -> None:
-    cfg = load_config(make_tiny(tmp_path / "conv"))
+    cfg = load_config(tiny("conv", npy_dir=True))
     real = cache.atomic_write_text
 
     def full(path, text):  # the record of the convert stage's entry cannot be written
@@ -410,9 +409,9 @@ def test_a_full_audit_log_disk_is_one_error_naming_the_folder(isolated_data: Pat
 
 
 @pytest.mark.slow
-def test_disk_full_through_the_cli_is_exit_1_and_one_message(prefect_harness, tmp_path: Path, isolated_data: Path,
+def test_disk_full_through_the_cli_is_exit_1_and_one_message(tiny, prefect_harness, isolated_data: Path,
                                                              monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    cfg = make_tiny(tmp_path / "conv")
+    cfg = tiny("conv", npy_dir=True)
     real = cache.atomic_write_text
 
     def full(path, text):
@@ -461,10 +460,10 @@ def _fill(path: Path) -> None:
         os.close(fd)
 
 
-def test_a_really_full_disk_then_freed(tiny_tmpfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_really_full_disk_then_freed(tiny, tiny_tmpfs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = tiny_tmpfs / "data"
     monkeypatch.setenv("NP2TORCH_DATA_DIR", str(data))
-    cfg = load_config(make_tiny(tmp_path / "conv"))
+    cfg = load_config(tiny("conv", npy_dir=True))
     data.mkdir()
     filler = tiny_tmpfs / "filler"
     _fill(filler)

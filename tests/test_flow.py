@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from np2torch.flows.cli import main
+from conftest import flip_byte, tiny_arrays
+from np2torch.cli import main
 from np2torch.tasks import audit, stages
-from tiny_conversion import flip_byte, make_tiny
 
 
 def _sha(p: str | Path) -> str:
@@ -45,10 +45,10 @@ def _artifact(key: str, run_id: str):  # noqa: ANN202 - prefect's Artifact
     return found[0]
 
 
-def test_convert_flow_caches_audits_and_publishes(prefect_harness, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_convert_flow_caches_audits_and_publishes(tiny, prefect_harness, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from np2torch.flows.convert import convert_config
 
-    config = make_tiny(tmp_path / "conv")
+    config = tiny("conv", npy_dir=True)
 
     # 1. first run: every stage computed; report.json is the audit record
     first = convert_config(config)
@@ -110,8 +110,7 @@ def test_convert_flow_caches_audits_and_publishes(prefect_harness, tmp_path: Pat
     table = _artifact("tiny-manifest", second["run_id"])
     rows = json.loads(table.data)
     assert table.type == "table"
-    assert sorted(r["target_key"] for r in rows if r["target_key"]) == sorted(
-        f"fc{i}.{p}" for i in (1, 2, 3) for p in ("weight", "bias"))
+    assert sorted(r["target_key"] for r in rows if r["target_key"]) == sorted([*tiny_arrays(), "bn.num_batches_tracked"])
 
     # 6. a failed validation: failure table in the UI, failed record with the error in the log
     from np2torch.tasks.errors import ValidationError

@@ -1,7 +1,7 @@
 """Hostile and broken inputs (issue 7): one clear error naming the stage, the file/key and the
 cause; no code runs from data; no partial output under a final name; the previous export survives.
 
-Each case runs the CLI in-process as a user types it (``flows.cli.main``) and checks the exit
+Each case runs the CLI in-process as a user types it (``np2torch.cli.main``) and checks the exit
 status and the message, or calls the stage function directly where the CLI adds nothing.
 """
 
@@ -29,7 +29,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from np2torch.flows.cli import main
+from np2torch.cli import main
 from np2torch.tasks import export as export_mod
 from np2torch.tasks.errors import ExportError, LoadError, VerifyError
 from np2torch.tasks.load_arrays import open_array, scan_source

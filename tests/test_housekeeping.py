@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from conftest import run_pipeline
-from np2torch.flows.cli import main
-from np2torch.tasks import audit, housekeeping
+from np2torch import housekeeping
+from np2torch.cli import main
+from np2torch.tasks import audit
 from np2torch.tasks.config import load_config
 from np2torch.tasks.errors import ConfigError
 from np2torch.tasks.paths import cache_dir
-from tiny_conversion import make_tiny
 
 FP16 = ["convert.dtype=float16", "verify.rtol=0.01", "verify.atol=0.001"]
 
@@ -36,8 +36,8 @@ def _entries() -> set[tuple[str, str]]:
     return {(e.stage, e.key) for e in housekeeping.scan_cache()}
 
 
-def test_prune_keeps_the_current_export_and_drops_what_a_newer_run_replaced(tmp_path: Path) -> None:
-    config = make_tiny(tmp_path / "conv")
+def test_prune_keeps_the_current_export_and_drops_what_a_newer_run_replaced(tiny) -> None:
+    config = tiny("conv", npy_dir=True)
     old = _convert(config)
     new = _convert(config, FP16)  # same export folder: the float32 export is gone
     outputs = {o["path"]: o["sha256"] for o in new["export"].outputs}
@@ -51,8 +51,8 @@ def test_prune_keeps_the_current_export_and_drops_what_a_newer_run_replaced(tmp_
     assert all(r.cached for r in again.values())  # and rerunning it is still all cache hits
 
 
-def test_without_an_audit_log_the_entries_an_export_links_to_are_kept(tmp_path: Path) -> None:
-    config = make_tiny(tmp_path / "conv")
+def test_without_an_audit_log_the_entries_an_export_links_to_are_kept(tiny, tmp_path: Path) -> None:
+    config = tiny("conv", npy_dir=True)
     recs = _convert(config)
     exported = next(o["path"] for o in recs["export"].outputs if o["path"].endswith("model.safetensors"))
     audit_log = tmp_path / "np2torch-data" / "audit.jsonl"
@@ -64,10 +64,10 @@ def test_without_an_audit_log_the_entries_an_export_links_to_are_kept(tmp_path: 
     assert _sha(exported) == next(o["sha256"] for o in recs["export"].outputs if o["path"] == exported)
 
 
-def test_an_entry_in_use_is_never_removed(tmp_path: Path) -> None:
+def test_an_entry_in_use_is_never_removed(tiny) -> None:
     from filelock import FileLock
 
-    config = make_tiny(tmp_path / "conv")
+    config = tiny("conv", npy_dir=True)
     recs = run_pipeline(load_config(config))  # no audit record: nothing protected by an export's record
     key = recs["validate"].key
     with FileLock(str(cache_dir() / "validate" / f"{key}.lock")):
@@ -76,8 +76,8 @@ def test_an_entry_in_use_is_never_removed(tmp_path: Path) -> None:
     assert ("validate", key) in _entries()
 
 
-def test_older_than_keeps_recent_entries_and_dry_run_removes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    config = make_tiny(tmp_path / "conv")
+def test_older_than_keeps_recent_entries_and_dry_run_removes_nothing(tiny, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tiny("conv", npy_dir=True)
     run_pipeline(load_config(config))
     before = _entries()
     assert main(["cache", "prune", "--older-than", "7d"]) == 0
@@ -89,8 +89,8 @@ def test_older_than_keeps_recent_entries_and_dry_run_removes_nothing(tmp_path: P
     assert housekeeping.parse_age("12h") == 43200 and housekeeping.parse_age("2") == 2 * 86400
 
 
-def test_du_counts_shared_bytes_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    config = make_tiny(tmp_path / "conv")
+def test_du_counts_shared_bytes_once(tiny, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tiny("conv", npy_dir=True)
     recs = _convert(config)
     size = Path(recs["convert-to-device"].file).stat().st_size
     du = housekeeping.disk_usage()

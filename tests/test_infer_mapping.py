@@ -58,6 +58,8 @@ def test_every_preset_entry_says_why() -> None:
 def test_natural_order_recovers_layer_numbers() -> None:
     names = ["dense_10", "dense_2", "dense", "dense_1"]
     assert sorted(names, key=natural_key) == ["dense", "dense_1", "dense_2", "dense_10"]
+    # file names too; text and numbers never compared with each other, a digit-like '²' stays text
+    assert sorted(["w10.npy", "10", "w2.npy", "w²", "a"], key=natural_key) == ["10", "a", "w2.npy", "w10.npy", "w²"]
 
 
 @pytest.mark.parametrize("leaves, kind", [
@@ -218,7 +220,7 @@ def test_config_rules_accept_every_table_transform() -> None:
 
 
 def test_plan_table_csv_and_json(example_data: Path, capsys: pytest.CaptureFixture) -> None:
-    from np2torch.flows.cli import main
+    from np2torch.cli import main
 
     cfg = str(REPO / "configs" / "examples" / "keras-cnn-auto.yaml")
     assert main(["plan", cfg, "--wide"]) == 0  # candidates and how: details behind --wide
@@ -237,7 +239,7 @@ def test_plan_table_csv_and_json(example_data: Path, capsys: pytest.CaptureFixtu
 
 
 def test_plan_lists_unverified_rows_without_reference(example_data: Path, capsys: pytest.CaptureFixture) -> None:
-    from np2torch.flows.cli import main
+    from np2torch.cli import main
 
     cfg = str(REPO / "configs" / "examples" / "keras-cnn-auto.yaml")
     assert main(["plan", cfg, "--set", "verify.reference_output=", "--format", "json"]) == 0

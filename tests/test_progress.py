@@ -9,11 +9,10 @@ from np2torch.tasks import convert, export, manifest, stages
 from np2torch.tasks.config import load_config
 from np2torch.tasks.progress import RunProgress, track
 from np2torch.tasks.st_io import read_header
-from tiny_conversion import make_tiny
 
 
-def test_convert_and_export_report_every_tensor_byte(tmp_path: Path) -> None:
-    cfg = load_config(make_tiny(tmp_path / "conv"))
+def test_convert_and_export_report_every_tensor_byte(tiny, tmp_path: Path) -> None:
+    cfg = load_config(tiny("conv", npy_dir=True))
     recs = run_pipeline(cfg)
     rows = manifest.read_manifest(Path(recs["validate"].entry) / "manifest.json")
     seen: list[int] = []

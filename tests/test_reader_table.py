@@ -79,7 +79,7 @@ def _toy_case(tmp_path, toy, fmt: str) -> tuple:
 @pytest.mark.parametrize("fmt", ["toy", "auto"])
 def test_a_toy_format_in_a_temporary_module_goes_through_plan(tmp_path, toy, fmt, capsys, monkeypatch):
     import np2torch
-    from np2torch.flows.cli import main
+    from np2torch.cli import main
 
     cfg_path, weights = _toy_case(tmp_path, toy, fmt)
     assert readers.detect_format(tmp_path / "case" / "weights.toy", "auto") == "toy"
@@ -125,7 +125,7 @@ def test_a_toy_format_converts_bit_exact_and_its_key_hashes_its_files(tmp_path, 
 
 
 def test_the_config_and_cli_refuse_a_format_not_in_the_table(tmp_path, capsys):
-    from np2torch.flows.cli import main
+    from np2torch.cli import main
 
     cfg_path = make_tiny(tmp_path)
     cfg = yaml.safe_load(cfg_path.read_text())

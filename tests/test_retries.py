@@ -10,7 +10,6 @@ import pytest
 
 from np2torch.tasks import audit, load_arrays, prefect_tasks
 from np2torch.tasks.errors import LoadError, TransientIOError
-from tiny_conversion import make_tiny
 
 
 def test_transient_errors_are_told_apart_from_deterministic_ones() -> None:
@@ -60,7 +59,7 @@ def _last_record() -> dict:
     return records[-1]
 
 
-def test_a_reader_that_fails_twice_is_retried_and_counted(prefect_harness, fast_retries, tmp_path: Path,
+def test_a_reader_that_fails_twice_is_retried_and_counted(tiny, prefect_harness, fast_retries,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from np2torch.flows.convert import convert_config
 
@@ -74,7 +73,7 @@ def test_a_reader_that_fails_twice_is_retried_and_counted(prefect_harness, fast_
         return real(*args, **kwargs)
 
     monkeypatch.setattr(load_arrays, "scan_source", flaky_scan)
-    record = convert_config(make_tiny(tmp_path / "conv"))
+    record = convert_config(tiny("conv", npy_dir=True))
     assert record["status"] == "success"
     assert record["stages"]["load-arrays"]["attempts"] == 3
     assert all(record["stages"][s]["attempts"] == 1 for s in record["stages"] if s != "load-arrays")
@@ -85,7 +84,7 @@ def test_a_reader_that_fails_twice_is_retried_and_counted(prefect_harness, fast_
     assert any("load-arrays: attempt 3 of 4" in m for m in logs)
 
 
-def test_a_transient_error_while_hashing_the_sources_for_the_key_is_retried(prefect_harness, fast_retries, tmp_path: Path,
+def test_a_transient_error_while_hashing_the_sources_for_the_key_is_retried(tiny, prefect_harness, fast_retries,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The key is computed by the runner before the task starts: a flaky read there is retried too."""
     from np2torch.flows.convert import convert_config
@@ -100,18 +99,18 @@ def test_a_transient_error_while_hashing_the_sources_for_the_key_is_retried(pref
         return real(*args, **kwargs)
 
     monkeypatch.setattr(load_arrays, "fingerprint_files", flaky)
-    record = convert_config(make_tiny(tmp_path / "conv"))
+    record = convert_config(tiny("conv", npy_dir=True))
     assert record["status"] == "success" and failures["left"] == 0
 
 
-def test_a_deterministic_failure_fails_once(prefect_harness, fast_retries, tmp_path: Path) -> None:
+def test_a_deterministic_failure_fails_once(tiny, prefect_harness, fast_retries) -> None:
     from np2torch.flows.convert import convert_config
     from np2torch.tasks.errors import ConversionError
 
     # the model is built with a hidden size the saved arrays do not have: shape mismatch
-    with pytest.raises(ConversionError, match=r"(?s)\[validate\] `fc1.weight`: the manifest fails 5 check\(s\).*"
-                       r"source fc1.weight \[6,4\] with transform \[\] gives the wrong shape \(expected \[7,4\], got \[6,4\]\)"):
-        convert_config(make_tiny(tmp_path / "conv"), ["model.kwargs.hidden=7"])
+    with pytest.raises(ConversionError, match=r"(?s)\[validate\] `fc1.weight`: the manifest fails 7 check\(s\).*"
+                       r"source fc1.weight \[4,3\] with transform \[\] gives the wrong shape \(expected \[7,3\], got \[4,3\]\)"):
+        convert_config(tiny("conv", npy_dir=True), ["model.kwargs.hidden=7"])
     rec = _last_record()
     assert rec["status"] == "failed"
     assert rec["error"]["stage"] == "validate"
@@ -119,8 +118,8 @@ def test_a_deterministic_failure_fails_once(prefect_harness, fast_retries, tmp_p
     assert "not retrying" in " ".join(_logs(rec["run_id"]))
 
 
-def test_a_write_that_keeps_failing_is_retried_then_fails_with_every_attempt_counted(
-        prefect_harness, fast_retries, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_write_that_keeps_failing_is_retried_then_fails_with_every_attempt_counted(tiny,
+        prefect_harness, fast_retries, monkeypatch: pytest.MonkeyPatch) -> None:
     from np2torch.flows.convert import convert_config
     from np2torch.tasks import export
 
@@ -131,7 +130,7 @@ def test_a_write_that_keeps_failing_is_retried_then_fails_with_every_attempt_cou
         raise OSError(errno.EIO, "Input/output error", str(dst))
 
     monkeypatch.setattr(export, "write_safetensors_with_metadata", failing_write)
-    cfg = make_tiny(tmp_path / "conv")
+    cfg = tiny("conv", npy_dir=True)
     with pytest.raises(OSError, match="Input/output error"):
         convert_config(cfg)
     assert calls["n"] == 4

@@ -1,11 +1,11 @@
-"""The local server's retry of busy database writes (np2torch.flows.server_app.RetryBusyWrites)."""
+"""The local server's retry of busy database writes (np2torch.server_app.RetryBusyWrites)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 
-from np2torch.flows.server_app import RetryBusyWrites
+from np2torch.server_app import RetryBusyWrites
 
 
 class FakeApp:

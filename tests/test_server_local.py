@@ -15,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from np2torch.flows import server
+from np2torch import server
+from np2torch.flows import runtime
+from np2torch.tasks.paths import data_dir
+from np2torch.tasks.procs import pid_alive
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,20 +60,20 @@ def no_prefect_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PREFECT_API_URL", "unset-by-fixture")
     monkeypatch.delenv("PREFECT_API_URL")
     monkeypatch.setenv("PREFECT_PROFILES_PATH", str(tmp_path / "no-profiles.toml"))
-    monkeypatch.setattr(server, "_configured_in_process", lambda: None)
-    monkeypatch.setattr(server, "_HINT_SHOWN", False)
+    monkeypatch.setattr(runtime, "_configured_in_process", lambda: None)
+    monkeypatch.setattr(runtime, "_HINT_SHOWN", False)
 
 
 def _write_state(url: str, pid: int) -> None:
-    d = server.server_dir()
+    d = runtime.server_dir()
     d.mkdir(parents=True, exist_ok=True)
     (d / "server.json").write_text(json.dumps({"pid": pid, "url": url, "api_url": f"{url}/api", "home": str(d / "home"),
                                                "log": str(d / "server.log"), "started_at": "now"}))
 
 
 def test_without_any_server_a_temporary_one_is_used_with_one_hint(no_prefect_config, capsys: pytest.CaptureFixture[str]) -> None:
-    first = server.choose_api()
-    second = server.choose_api()
+    first = runtime.choose_api()
+    second = runtime.choose_api()
     assert first.mode == second.mode == "temporary" and not first.lasting
     err = capsys.readouterr().err
     assert err.count("\n") == 1  # one line, once per process
@@ -80,11 +83,11 @@ def test_without_any_server_a_temporary_one_is_used_with_one_hint(no_prefect_con
 def test_a_running_local_server_is_chosen_and_reported_to(no_prefect_config, fake_api: str, monkeypatch: pytest.MonkeyPatch,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     _write_state(fake_api, os.getpid())
-    choice = server.choose_api()
+    choice = runtime.choose_api()
     assert (choice.mode, choice.api_url, choice.ui_url) == ("local", f"{fake_api}/api", fake_api)
     assert os.environ["PREFECT_API_URL"] == f"{fake_api}/api"  # Prefect, imported later, reads it
     monkeypatch.delenv("PREFECT_API_URL")
-    assert server.run_url(choice, "abc") == f"{fake_api}/runs/flow-run/abc"
+    assert runtime.run_url(choice, "abc") == f"{fake_api}/runs/flow-run/abc"
     assert capsys.readouterr().err == ""
 
 
@@ -92,17 +95,17 @@ def test_a_stale_state_file_is_not_a_server(no_prefect_config, fake_api: str) ->
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     _write_state(fake_api, dead.pid)  # answers, but the recorded process is gone
-    assert server.choose_api(hint=False).mode == "temporary"
+    assert runtime.choose_api(hint=False).mode == "temporary"
     _write_state(f"http://127.0.0.1:{_free_port()}", os.getpid())  # alive, but nothing answers
-    assert server.choose_api(hint=False).mode == "temporary"
+    assert runtime.choose_api(hint=False).mode == "temporary"
 
 
 def test_prefect_api_url_wins_over_the_local_server(no_prefect_config, fake_api: str, monkeypatch: pytest.MonkeyPatch) -> None:
     _write_state(f"http://127.0.0.1:{_free_port()}", os.getpid())
     monkeypatch.setenv("PREFECT_API_URL", f"{fake_api}/api")
-    choice = server.choose_api()
+    choice = runtime.choose_api()
     assert (choice.mode, choice.ui_url) == ("env", fake_api)
-    assert server.run_url(choice, "r1") == f"{fake_api}/runs/flow-run/r1"
+    assert runtime.run_url(choice, "r1") == f"{fake_api}/runs/flow-run/r1"
 
 
 def test_a_profile_setting_counts_like_the_environment(no_prefect_config, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -110,15 +113,15 @@ def test_a_profile_setting_counts_like_the_environment(no_prefect_config, monkey
     profiles = tmp_path / "profiles.toml"
     profiles.write_text(f'active = "work"\n[profiles.work]\nPREFECT_API_URL = "{dead}"\n')
     monkeypatch.setenv("PREFECT_PROFILES_PATH", str(profiles))
-    with pytest.raises(server.ApiUnreachable, match="unreachable"):
-        server.choose_api()
+    with pytest.raises(runtime.ApiUnreachable, match="unreachable"):
+        runtime.choose_api()
 
 
 def test_a_dead_prefect_api_url_is_one_line_and_exit_1(tmp_path: Path) -> None:
     """``PREFECT_API_URL`` on a closed port: which URL, unreachable, what to do; no traceback, before Prefect starts."""
     dead = f"http://127.0.0.1:{_free_port()}/api"
     env = {**os.environ, "PREFECT_API_URL": dead, "NP2TORCH_DATA_DIR": str(tmp_path / "data")}
-    code = ("import sys\nfrom np2torch.flows.cli import main\nrc = main(['convert', sys.argv[1]])\n"
+    code = ("import sys\nfrom np2torch.cli import main\nrc = main(['convert', sys.argv[1]])\n"
             "print('prefect imported' if 'prefect' in sys.modules else 'prefect not imported')\nsys.exit(rc)")
     r = subprocess.run([sys.executable, "-c", code, str(REPO / "configs" / "examples" / "keras-cnn.yaml")], env=env, cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
@@ -131,7 +134,7 @@ def test_a_dead_prefect_api_url_is_one_line_and_exit_1(tmp_path: Path) -> None:
 
 
 def test_status_and_stop_without_a_server(capsys: pytest.CaptureFixture[str]) -> None:
-    from np2torch.flows.cli import main
+    from np2torch.cli import main
 
     assert main(["server", "status"]) == 1
     assert "no Prefect server running" in capsys.readouterr().out
@@ -140,8 +143,8 @@ def test_status_and_stop_without_a_server(capsys: pytest.CaptureFixture[str]) ->
 
 
 @pytest.mark.server
-def test_server_start_status_stop_round_trip(no_prefect_config, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    from np2torch.flows.cli import main
+def test_server_start_status_stop_round_trip(tiny, no_prefect_config, capsys: pytest.CaptureFixture[str]) -> None:
+    from np2torch.cli import main
 
     port = _free_port()
     try:
@@ -150,21 +153,19 @@ def test_server_start_status_stop_round_trip(no_prefect_config, capsys: pytest.C
         assert f"Prefect server running at http://127.0.0.1:{port}" in out
         st = server.server_status()
         assert st["healthy"] and st["port"] == port
-        assert Path(st["home"]).is_relative_to(server.server_dir())  # history lives under np2torch's data folder
+        assert Path(st["home"]).is_relative_to(runtime.server_dir())  # history lives under np2torch's data folder
         assert (Path(st["home"]) / "prefect.db").is_file() or any(Path(st["home"]).glob("*.db"))
         assert main(["server", "start", "--port", str(port)]) == 0  # a second start finds it
         assert "already running" in capsys.readouterr().out
         assert main(["server", "status"]) == 0
         assert f"healthy at http://127.0.0.1:{port} (pid {st['pid']})" in capsys.readouterr().out
-        choice = server.choose_api()
+        choice = runtime.choose_api()
         assert choice.mode == "local" and choice.ui_url == f"http://127.0.0.1:{port}"
         # a convert typed by a user now reports to it and prints where its run is in the UI
-        from tiny_conversion import make_tiny
-
-        config = make_tiny(tmp_path / "conv")
+        config = tiny("conv", npy_dir=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-        env["NP2TORCH_DATA_DIR"] = str(server.data_dir())
-        r = subprocess.run([sys.executable, "-m", "np2torch.flows.cli", "convert", str(config)], env=env, capture_output=True, text=True,
+        env["NP2TORCH_DATA_DIR"] = str(data_dir())
+        r = subprocess.run([sys.executable, "-m", "np2torch.cli", "convert", str(config)], env=env, capture_output=True, text=True,
                            timeout=600)
         assert r.returncode == 0, r.stderr
         assert f"np2torch: run in the Prefect UI: http://127.0.0.1:{port}/runs/flow-run/" in r.stderr
@@ -180,22 +181,22 @@ def test_server_start_status_stop_round_trip(no_prefect_config, capsys: pytest.C
         os.environ.pop("PREFECT_API_URL", None)
         assert main(["server", "stop"]) == 0
     assert "Prefect server stopped" in capsys.readouterr().out
-    assert not server._pid_alive(st["pid"])
-    assert server.server_state() is None and main(["server", "status"]) == 1
+    assert not pid_alive(st["pid"])
+    assert runtime.server_state() is None and main(["server", "status"]) == 1
     assert not Path(st["home"]).parent.joinpath("runner.json").exists()  # `server stop` stopped the runner too
 
 
 def _warm_runner_runs_commands(config: Path, port: int) -> None:
     """The runner `server start` started runs a command typed in the same environment: its output,
     its exit status and its failure message reach the command, as if it had run in its own process."""
-    from np2torch.flows import warm
+    from np2torch import warm
 
     st = server.server_status()
-    assert st["runner"], (server.server_dir() / "runner.log").read_text()
-    env = {**os.environ, "NP2TORCH_DATA_DIR": str(server.data_dir())}  # the environment `server start` ran in
+    assert st["runner"], (runtime.server_dir() / "runner.log").read_text()
+    env = {**os.environ, "NP2TORCH_DATA_DIR": str(data_dir())}  # the environment `server start` ran in
 
     def run(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "np2torch.flows.cli", *args], env={**env, **extra}, capture_output=True,
+        return subprocess.run([sys.executable, "-m", "np2torch.cli", *args], env={**env, **extra}, capture_output=True,
                               text=True, timeout=300)
 
     r = run("convert", str(config))
@@ -209,7 +210,7 @@ def _warm_runner_runs_commands(config: Path, port: int) -> None:
     modes = {}
     for where, extra in (("runner", {}), ("own", {"NP2TORCH_WARM": "0"})):
         out = config.parent / f"umask-077-{where}"
-        r = subprocess.run([sys.executable, "-m", "np2torch.flows.cli", "convert", str(config), "--refresh", "--set", f"export.dir={out}"],
+        r = subprocess.run([sys.executable, "-m", "np2torch.cli", "convert", str(config), "--refresh", "--set", f"export.dir={out}"],
                            env={**env, **extra}, capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.umask(0o077))
         assert r.returncode == 0 and ("(warm runner)" in r.stdout) == (where == "runner"), r.stderr
         modes[where] = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir() if p.is_file()}
@@ -218,7 +219,7 @@ def _warm_runner_runs_commands(config: Path, port: int) -> None:
     # a failure inside a stage: exit 1 and the stage's message, on the command's own stderr
     bad = run("convert", str(config), "--set", "convert.dtype=float16", "--set", "verify.atol=0", "--set", "verify.rtol=0")
     assert bad.returncode == 1, bad.stdout + bad.stderr
-    assert "np2torch: error: [infer-mapping] `fc2.weight`: the reference output cannot be reproduced" in bad.stderr
+    assert "np2torch: error: [verify-forward-pass] `verify.reference_output`: the converted model does not reproduce" in bad.stderr
     # another environment (here: the runner turned off; likewise a PREFECT_* or thread-count variable) runs in its own process
     own = run("convert", str(config), NP2TORCH_WARM="0")
     assert own.returncode == 0 and "converted (success)" in own.stdout and "(warm runner)" not in own.stdout
@@ -228,7 +229,7 @@ def _warm_runner_runs_commands(config: Path, port: int) -> None:
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    limited = subprocess.run([sys.executable, "-m", "np2torch.flows.cli", "convert", str(config)], env=env, capture_output=True, text=True,
+    limited = subprocess.run([sys.executable, "-m", "np2torch.cli", "convert", str(config)], env=env, capture_output=True, text=True,
                              timeout=300, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 4096) - 1, hard)))
     assert limited.returncode == 0 and "(warm runner)" not in limited.stdout, limited.stderr
     assert warm.runner_state() is not None

@@ -26,7 +26,7 @@ from uuid import UUID
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from batch_support import REPO, write_batch, write_conversion  # noqa: E402
+from conftest import REPO, write_batch, write_conversion  # noqa: E402
 from ui.flow_run_page import capture_flow_run_page, chromium_path  # noqa: E402
 
 pytestmark = pytest.mark.server
@@ -118,7 +118,7 @@ def ui_batch(prefect_server: Server, tmp_path_factory: pytest.TempPathFactory, e
     convs = [write_conversion("mlp", cfg, out), write_conversion("mlp", cfg, out, name="mlp-broken", kwargs={"hidden": 17}),
              write_conversion("keras-cnn", cfg, out)]
     batch = write_batch(root / "ui-batch.yaml", convs, max_parallel=2)
-    proc = _cli(prefect_server, "-m", "np2torch.flows.cli", "batch", str(batch))
+    proc = _cli(prefect_server, "-m", "np2torch.cli", "batch", str(batch))
     return {"proc": proc, "out": out, "cfg": cfg, "batch": batch}
 
 
@@ -220,7 +220,7 @@ def test_served_schedule_runs_when_triggered(prefect_server: Server, ui_batch: d
     batch = write_batch(tmp_path / "ui-nightly.yaml", [ui_batch["cfg"] / "mlp.yaml"])
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
-        serve = subprocess.Popen([sys.executable, "-m", "np2torch.flows.cli", "serve", str(batch), "--cron", "30 1 * * *", "--name", "ui-nightly"],
+        serve = subprocess.Popen([sys.executable, "-m", "np2torch.cli", "serve", str(batch), "--cron", "30 1 * * *", "--name", "ui-nightly"],
                                  cwd=REPO, env=prefect_server.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_pipeline, write_tiny_case
+from conftest import run_pipeline
 from np2torch.tasks import export, st_io
 from np2torch.tasks.config import load_config
 from np2torch.tasks.errors import ExportError
@@ -54,10 +54,10 @@ def test_shards_are_planned_as_save_pretrained_does() -> None:
     assert st_io.shard_name(0, 3) == "model-00001-of-00003.safetensors"
 
 
-def test_sharded_export_loads_with_transformers_and_equals_the_single_file(tmp_path: Path) -> None:
+def test_sharded_export_loads_with_transformers_and_equals_the_single_file(tiny, tmp_path: Path) -> None:
     import np2torch
 
-    cfg_path = write_tiny_case(tmp_path)
+    cfg_path = tiny()
     single = run_pipeline(load_config(cfg_path, ["export.dir=single"]))
     result = np2torch.convert(cfg_path, overrides=[SHARDS, "export.dir=sharded"], orchestrate=False)
     out = tmp_path / "sharded"
@@ -90,11 +90,11 @@ def test_sharded_export_loads_with_transformers_and_equals_the_single_file(tmp_p
     assert single["export"].outputs[0]["path"].endswith("model.safetensors")
 
 
-def test_a_killed_sharded_export_leaves_the_previous_single_file_whole(tmp_path: Path) -> None:
+def test_a_killed_sharded_export_leaves_the_previous_single_file_whole(tiny, tmp_path: Path) -> None:
     """kill -9 after every shard is written and checked, before any is renamed into place: the
     previous single-file export is byte-identical; the next export cleans up, publishes the
     shards and only then removes the single file; going back to one file removes the shards."""
-    cfg_path = write_tiny_case(tmp_path)
+    cfg_path = tiny()
     out = tmp_path / "out"
     run_pipeline(load_config(cfg_path))
     before = _files(out)
@@ -136,8 +136,8 @@ def _write(p: Path, data: bytes) -> Path:
     return p
 
 
-def test_a_failed_sharded_export_leaves_the_previous_export_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg_path = write_tiny_case(tmp_path)
+def test_a_failed_sharded_export_leaves_the_previous_export_whole(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg_path = tiny()
     out = tmp_path / "out"
     run_pipeline(load_config(cfg_path, [SHARDS]))
     before = _files(out)
@@ -176,15 +176,15 @@ def test_the_self_check_rejects_a_layout_a_strict_parser_would(tmp_path: Path) -
 
 
 @pytest.mark.parametrize(("given", "size"), [("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("1KB", 1000), ("2GiB", 2 * 2**30), (0, 0), (1234, 1234)])
-def test_max_shard_size_reads_bytes_and_units(tmp_path: Path, given, size) -> None:
-    cfg = load_config(write_tiny_case(tmp_path), [f"export.max_shard_size={given}"])
+def test_max_shard_size_reads_bytes_and_units(tiny, tmp_path: Path, given, size) -> None:
+    cfg = load_config(tiny(), [f"export.max_shard_size={given}"])
     assert cfg.export.max_shard_size == size
-    assert load_config(write_tiny_case(tmp_path)).export.max_shard_size == 5 * 10**9  # transformers' default
+    assert load_config(tiny()).export.max_shard_size == 5 * 10**9  # transformers' default
 
 
 @pytest.mark.parametrize("given", ["5 apples", "-1", "GB"])
-def test_a_wrong_max_shard_size_names_the_key(tmp_path: Path, given) -> None:
+def test_a_wrong_max_shard_size_names_the_key(tiny, tmp_path: Path, given) -> None:
     from np2torch.tasks.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"export.max_shard_size"):
-        load_config(write_tiny_case(tmp_path), [f"export.max_shard_size={given}"])
+        load_config(tiny(), [f"export.max_shard_size={given}"])

@@ -69,7 +69,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_import_graph_walker_sees_the_pipeline():
     """The walker itself: it must find the edges we know exist, or the tests below prove nothing."""
     g = _graph()
-    assert "np2torch.tasks.stages" in g and "np2torch.flows.cli" in g
+    assert "np2torch.tasks.stages" in g and "np2torch.cli" in g
     assert {"np2torch.tasks.load_arrays", "np2torch.tasks.export", "np2torch.tasks.cache"} <= g["np2torch.tasks.stages"]
     assert "np2torch.flows.convert" in g["np2torch.flows.batch"]
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
@@ -129,6 +129,14 @@ def test_no_module_outside_the_runner_imports_the_stage_modules_in_order():
         if name != runner and _in_pipeline_order(named, order):
             bad.append(f"{name} names {[n for n in named if n in order]}")
     assert not bad, "modules that run the stages themselves (use np2torch.tasks.stages.run_all): " + "; ".join(bad)
+def test_tasks_and_flows_never_import_the_entry_points():
+    """The CLI and what sits beside it (server management, the warm runner, the cache commands) and the
+    Python API are the top layer: nothing in tasks/ or flows/ imports them, lazily or not."""
+    top = {f"np2torch.{m}" for m in ("cli", "api", "server", "server_app", "warm", "housekeeping")}
+    g = _graph()
+    assert top <= set(g), top - set(g)
+    bad = [f"{m} imports {d}" for m in sorted(g) if m.startswith(("np2torch.tasks", "np2torch.flows")) for d in sorted(g[m] & top)]
+    assert not bad, "an import upwards, from tasks/ or flows/ into the entry points: " + "; ".join(bad)
 
 
 def test_no_long_functions_in_tasks():
@@ -144,7 +152,7 @@ def test_no_long_functions_in_tasks():
 
 def test_import_np2torch_is_light():
     """`import np2torch` (and the CLI module) import neither torch, pandas, pandera nor Prefect."""
-    code = ("import sys, np2torch, np2torch.flows.cli; heavy = [m for m in ('torch', 'pandas', 'pandera', 'prefect') if m in sys.modules]; "
+    code = ("import sys, np2torch, np2torch.cli; heavy = [m for m in ('torch', 'pandas', 'pandera', 'prefect') if m in sys.modules]; "
             "print(heavy); assert callable(np2torch.load_into) and 'torch' not in sys.modules")
     r = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -215,8 +223,8 @@ def test_wheel_installs_np2torch_only_and_converts_outside_the_repo(tmp_path, ex
         entry_points = z.read(record.replace("RECORD", "entry_points.txt")).decode()
     tops = {f.split("/")[0] for f in files}
     assert "np2torch" in tops and not tops & {"tasks", "flows"}, tops
-    assert {"np2torch/tasks/stages.py", "np2torch/flows/cli.py", "np2torch/api.py"} <= set(files)
-    assert "np2torch = np2torch.flows.cli:main" in entry_points
+    assert {"np2torch/tasks/stages.py", "np2torch/cli.py", "np2torch/api.py"} <= set(files)
+    assert "np2torch = np2torch.cli:main" in entry_points
 
     # 2. a fresh venv outside the repository; np2torch from the wheel, its dependencies from this
     #    environment (a .pth file: no download, and torch stays the CPU build)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import run_pipeline, write_tiny_case
+from conftest import run_pipeline
 from np2torch.tasks.config import InputSpec, load_config
 from np2torch.tasks.errors import VerifyError
 from np2torch.tasks.verify import compare, make_inputs
@@ -28,24 +28,24 @@ def test_generated_input_is_reproducible():
     assert a.dtype == np.float32 and np.array_equal(a, b)
 
 
-def test_wrong_weights_fail_verification_with_the_error(tmp_path):
-    path = write_tiny_case(tmp_path)
+def test_wrong_weights_fail_verification_with_the_error(tiny, tmp_path):
+    path = tiny()
     np.save(tmp_path / "ref.npy", np.load(tmp_path / "ref.npy") + 0.5)  # a reference the weights cannot meet
     with pytest.raises(VerifyError, match=r"\[verify-forward-pass\] `verify.reference_output`: the converted model does not reproduce the reference: "
                                           r"10 element\(s\) outside atol=1e-06"):
         run_pipeline(load_config(path))
 
 
-def test_no_reference_checks_shapes_and_finiteness(tmp_path):
-    cfg = load_config(write_tiny_case(tmp_path, verify={"input": {"shape": [4, 3], "seed": 0}, "reference_output": None}))
+def test_no_reference_checks_shapes_and_finiteness(tiny):
+    cfg = load_config(tiny(verify={"input": {"shape": [4, 3], "seed": 0}, "reference_output": None}))
     m = run_pipeline(cfg)["verify-forward-pass"].metrics
     assert m == {**m, "passed": True, "reference": False, "output_shapes": [[4, 2]], "finite": True}
 
 
-def test_forward_that_raises_is_a_verify_error(tmp_path):
+def test_forward_that_raises_is_a_verify_error(tiny, tmp_path):
     import torch
 
-    path = write_tiny_case(tmp_path)
+    path = tiny()
     conv = np.random.default_rng(0).standard_normal((2, 1, 3, 3)).astype("float32")
     np.savez(tmp_path / "w2.npz", **{"conv.weight": conv, "conv.bias": np.zeros(2, "float32"),
                                      "fc.weight": np.zeros((3, 8), "float32"), "fc.bias": np.zeros(3, "float32")})

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from np2torch.flows import warm
+from np2torch import warm
 
 
 def _request(**over: object) -> dict:

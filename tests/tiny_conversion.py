@@ -49,28 +49,3 @@ def make_tiny(root: Path, *, name: str = "tiny", with_reference: bool = True) ->
     return path
 
 
-def cached_stage_in_process(data_dir: str, calls: str, barrier, out) -> None:  # noqa: ANN001 - multiprocessing objects
-    """Child process body: run one cached stage whose compute is slow and leaves a trace."""
-    import os
-    import time
-
-    os.environ["NP2TORCH_DATA_DIR"] = data_dir
-    from np2torch.tasks import cache
-
-    def compute(work: Path) -> dict:
-        with open(calls, "a") as fh:
-            fh.write(f"{os.getpid()}\n")
-        time.sleep(0.5)  # long enough for the other process to reach the lock
-        (work / "artifact.bin").write_bytes(os.urandom(64))
-        return {"pid": os.getpid()}
-
-    barrier.wait(30)
-    rec = cache.run_cached("demo", "d" * 64, compute)
-    out.put({"cached": rec.cached, "pid": rec.record["pid"]})
-
-
-def flip_byte(path: Path, *, from_end: int = 1) -> None:
-    """Change one byte of a file in place (the last data byte of an .npy by default)."""
-    data = bytearray(path.read_bytes())
-    data[-from_end] ^= 0x01
-    path.write_bytes(bytes(data))

@@ -174,6 +174,9 @@ def as_int_shape(shape: Any, where: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def natural_key(text: str) -> tuple:
-    """Sort key reading digit runs as numbers: dense < dense_1 < dense_2 < dense_10 (the one natural sort)."""
-    return tuple((0, int(t)) if t.isdigit() else (1, t) for t in re.split(r"(\d+)", text) if t)
+def natural_key(text: str) -> list[str | int]:
+    """Sort key reading digit runs as numbers: ``dense < dense_1 < dense_2 < dense_10``, ``w2.npy < w10.npy``.
+
+    Splitting on digit runs alternates text and digits, so two keys never compare a number with text.
+    """
+    return [int(t) if i % 2 else t for i, t in enumerate(re.split(r"(\d+)", text))]

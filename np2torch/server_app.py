@@ -1,6 +1,6 @@
 """np2torch's lasting local server: Prefect's own API and UI app, with busy database writes retried in the server.
 
-``np2torch server start`` runs ``python -m np2torch.flows.server_app`` in the background. It
+``np2torch server start`` runs ``python -m np2torch.server_app`` in the background. It
 serves exactly the app ``prefect server start`` serves (:func:`prefect.server.api.server.create_app`
 with its background services), wrapped in one small ASGI layer, :class:`RetryBusyWrites`.
 
@@ -56,7 +56,7 @@ class RetryBusyWrites:
             sent_start = False
             busy = False
 
-            async def guarded_send(message: Message) -> None:
+            async def guarded_send(message: Message, last: bool = last) -> None:  # bound now: called within this try only
                 nonlocal sent_start, busy
                 if message["type"] == "http.response.start":
                     busy = message["status"] == 503 and not last
@@ -113,7 +113,7 @@ def _replay(body: bytes, rest: Receive | None) -> Receive:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m np2torch.flows.server_app", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m np2torch.server_app", description=__doc__.splitlines()[0])
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=4200)
     ap.add_argument("--log-level", default=os.environ.get("PREFECT_SERVER_LOGGING_LEVEL", "warning").lower())

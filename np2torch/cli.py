@@ -61,16 +61,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _in_warm_runner(api: Any, args: argparse.Namespace) -> int | None:
     """With np2torch's local server, the warm runner it started runs this command (no imports to wait
-    for); None when it cannot (see :mod:`np2torch.flows.warm`), and the command runs here."""
+    for); None when it cannot (see :mod:`np2torch.warm`), and the command runs here."""
     if getattr(api, "mode", None) not in ("local", "env"):  # the runner itself checks it reports to the same API
         return None
-    from np2torch.flows.warm import try_delegate
+    from np2torch.warm import try_delegate
 
     return try_delegate(args.argv)
 
 
 def _early_server(api: Any) -> Any:
-    from np2torch.flows.server import start_temporary_early
+    from np2torch.server import start_temporary_early
 
     return start_temporary_early(api)
 
@@ -178,11 +178,73 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_audit(args: argparse.Namespace) -> int:
-    from np2torch.tasks.audit import run_audit
+AUDIT_COLUMNS = ["when", "name", "status", "dtype", "overrides", "cache_hits", "outputs", "run_id"]
 
-    return run_audit(log=Path(args.log) if args.log else None, last=args.last, verify=args.verify, print_table=print_table,
-                     out=sys.stdout, err=sys.stderr)
+
+def _dtype_of(rec: dict[str, Any]) -> str:
+    conv = (rec.get("config") or {}).get("convert") or {}
+    if conv.get("dtype"):
+        return str(conv["dtype"])
+    if not rec.get("config"):
+        return "-"  # a record without its config cannot say
+    from np2torch.tasks.config import ConvertSpec
+
+    return str(ConvertSpec.model_fields["dtype"].default)
+
+
+def _audit_row(rec: dict[str, Any]) -> dict[str, Any]:
+    """One row of ``np2torch audit``: enough to tell runs apart (dtype, overrides, --refresh)."""
+    stages = rec.get("stages") or {}
+    hits = sum(1 for s in stages.values() if s.get("cached"))
+    overrides = list(rec.get("overrides") or []) + (["--refresh"] if rec.get("refresh") else [])
+    row = {"when": (rec.get("finished_at") or "")[:19].replace("T", " "), "name": rec.get("name"), "status": rec.get("status"),
+           "dtype": _dtype_of(rec), "overrides": " ".join(overrides) or "-", "cache_hits": f"{hits}/{len(stages)}",
+           "outputs": ", ".join(Path(o["path"]).name for o in rec.get("outputs") or []) or "-", "run_id": (rec.get("run_id") or "")[:8]}
+    if rec.get("status") == "failed" and rec.get("error"):
+        row["status"] = f"failed in {rec['error'].get('stage')}"
+    return row
+
+
+def _verify_cell(res: dict[str, Any]) -> str:
+    if not res["checked"]:
+        return "-"
+    cell = "ok" if not res["findings"] else "; ".join(f"{f['kind'][:-1]} {Path(f['path']).name} {f['problem']}" for f in res["findings"])
+    return cell + (f" ({len(res['superseded'])} superseded)" if res["superseded"] else "")
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """``np2torch audit [--last N] [--verify]``: the table, then (with --verify) the proof; the exit status."""
+    from np2torch.tasks.audit import read_records, verify_log
+    from np2torch.tasks.paths import audit_log_path
+
+    log, last, err = Path(args.log) if args.log else None, args.last, sys.stderr
+    if not args.verify:
+        records, bad = read_records(log)
+        print_table([_audit_row(r) for r in (records[-last:] if last else records)], AUDIT_COLUMNS)
+        if bad:
+            print(f"\nwarning: {bad} unreadable line(s) in the audit log were skipped (`np2torch audit --verify` says where)", file=err)
+        return 0
+    v = verify_log(log, last=last)
+    print_table([{**_audit_row(r["record"]), "verify": _verify_cell(r)} for r in v.results], [*AUDIT_COLUMNS, "verify"])
+    c = v.chain
+    state = "intact" if c.ok else f"BROKEN ({len(c.problems)} problem(s))"
+    print(f"\naudit log {log or audit_log_path()}: {c.chained} chained record(s), chain {state}"
+          + (f"; {c.unchained} older unchained record(s) (written before chaining; listed, not provable)" if c.unchained else ""))
+    if c.torn_tail:
+        print(f"  the last line is torn ({c.torn_tail} bytes from an interrupted write): not a record, ignored")
+    for p in c.problems:
+        print(f"  line {p['line']}: {p['problem']}: {p['detail']}", file=err)
+    checked = [r for r in v.results if r["checked"]]
+    print(f"{len(checked) - v.failing} record(s) verified, {v.failing} with changed or missing files")
+    for r in v.results:
+        rec = r["record"]
+        for s in r["superseded"]:
+            print(f"  {rec.get('name')} {(rec.get('run_id') or '')[:8]}: {s['kind'][:-1]} {s['path']} superseded by {s['by']}")
+        for f in r["findings"]:
+            detail = f" (recorded sha256 {f['expected'][:16]}…, now {f['actual'][:16]}…)" if f["problem"] == "changed" else ""
+            print(f"  {rec.get('name')} {(rec.get('run_id') or '')[:8]}: {f['kind'][:-1]} {f['path']} {f['problem']}{detail} "
+                  "— changed outside np2torch", file=err)
+    return 0 if v.ok else 1
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
@@ -225,7 +287,10 @@ class _Parser(argparse.ArgumentParser):
 _EXIT = "exit status: 0 {ok}; 1 {fail}; 2 the command line or the config is wrong"
 
 
-def _epilog(example: str, ok: str = "success", fail: str = "the conversion failed (the message names the stage, the key and the fix)") -> str:
+_FAILED = "the conversion failed (the message names the stage, the key and the fix)"
+
+
+def _epilog(example: str, ok: str = "success", fail: str = _FAILED) -> str:
     return f"example:\n  {example}\n\n" + _EXIT.format(ok=ok, fail=fail)
 
 
@@ -255,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("config", help="the conversion's YAML config")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, as for convert")
     pl.add_argument("--format", choices=["table", "csv", "json"], default="table", help="table (default), or every column as csv / json")
-    pl.add_argument("--wide", action="store_true", help="table with every candidate layout and how each row was matched (wider than 120 columns)")
+    pl.add_argument("--wide", action="store_true",
+                    help="table with every candidate layout and how each row was matched (wider than 120 columns)")
     pl.set_defaults(func=cmd_plan)
 
     i = _sub(sub, "inspect", "table of the arrays in a file or folder", "np2torch inspect weights.npz --format json",
@@ -290,8 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--log", default=None, help="audit log path (default $NP2TORCH_AUDIT_LOG or data/audit.jsonl)")
     a.set_defaults(func=cmd_audit)
 
-    from np2torch.flows.server import add_server_parser  # stdlib only: --help stays fast
-    from np2torch.tasks.housekeeping import add_cache_parser
+    from np2torch.housekeeping import add_cache_parser
+    from np2torch.server import add_server_parser  # stdlib only: --help stays fast
 
     add_server_parser(sub)
     add_cache_parser(sub)

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from np2torch.flows.reporting import fmt3
+from np2torch.tasks.audit import read_records
 from np2torch.tasks.errors import ConfigError
 from np2torch.tasks.paths import cache_dir
 
@@ -96,8 +98,6 @@ def scan_cache(root: Path | None = None) -> list[Entry]:
 
 def protected(entries: list[Entry], *, log: Path | None = None) -> dict[tuple[str, str], str]:
     """(stage, key) → why it must stay: what current exports need, from the audit log and the inodes."""
-    from np2torch.tasks.audit import read_records
-
     records, _ = read_records(log)
     latest: dict[str, dict[str, Any]] = {}  # export folder → its latest successful record
     for r in records:
@@ -130,8 +130,6 @@ def protected(entries: list[Entry], *, log: Path | None = None) -> dict[tuple[st
 
 def _last_used_from_audit(entries: list[Entry], log: Path | None) -> None:
     """An entry hit by a later run counts as used then (the entry's files keep their first mtime)."""
-    from np2torch.tasks.audit import read_records
-
     records, _ = read_records(log)
     when: dict[tuple[str, str], float] = {}
     for r in records:
@@ -162,6 +160,10 @@ def _tree_bytes(d: Path) -> int:
     return total
 
 
+def _du_row(stage: str) -> dict[str, Any]:
+    return {"stage": stage, "entries": 0, "bytes": 0, "shared_with_exports": 0, "protected": 0, "work_folders": 0}
+
+
 def disk_usage(root: Path | None = None, *, log: Path | None = None) -> dict[str, Any]:
     """Per stage: entries, bytes held only by the cache, bytes shared with exports, protected entries."""
     root = root or cache_dir()
@@ -169,7 +171,7 @@ def disk_usage(root: Path | None = None, *, log: Path | None = None) -> dict[str
     keep = protected(entries, log=log)
     rows: dict[str, dict[str, Any]] = {}
     for e in entries:
-        r = rows.setdefault(e.stage, {"stage": e.stage, "entries": 0, "bytes": 0, "shared_with_exports": 0, "protected": 0, "work_folders": 0})
+        r = rows.setdefault(e.stage, _du_row(e.stage))
         r["entries"] += 1
         r["bytes"] += e.bytes
         r["shared_with_exports"] += e.shared_bytes
@@ -177,8 +179,7 @@ def disk_usage(root: Path | None = None, *, log: Path | None = None) -> dict[str
     for stage_dir in (p for p in root.iterdir() if p.is_dir() and p.name not in _NOT_STAGES) if root.is_dir() else []:
         work = [p for p in stage_dir.iterdir() if p.is_dir() and p.name.startswith(".")]
         if work:
-            r = rows.setdefault(stage_dir.name, {"stage": stage_dir.name, "entries": 0, "bytes": 0, "shared_with_exports": 0,
-                                                  "protected": 0, "work_folders": 0})
+            r = rows.setdefault(stage_dir.name, _du_row(stage_dir.name))
             r["work_folders"] += len(work)
             r["bytes"] += sum(_tree_bytes(p) for p in work)
     other = {"stat cache": _tree_bytes(root / "stat"), "prefect records": _tree_bytes(root / "prefect")}
@@ -246,11 +247,14 @@ def _drop_orphan_prefect_records(root: Path) -> None:
 
 
 def human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
+    """Bytes at 3 significant digits: ``512 B``, ``1.5 kB``, ``25.8 GB``."""
+    if abs(n) < 1000:
+        return f"{int(n)} B"
+    for unit in ("kB", "MB", "GB"):
         n /= 1000
-    return f"{n:.3g} TB"
+        if abs(n) < 1000:
+            return f"{fmt3(n)} {unit}"
+    return f"{fmt3(n / 1000)} TB"
 
 
 def cache_cli(args: Any) -> int:
@@ -284,6 +288,7 @@ def add_cache_parser(sub: Any) -> None:
                               "exit status: 0 done; 1 the cache could not be read or pruned; 2 the command line is wrong",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("action", choices=["du", "prune"])
-    c.add_argument("--older-than", default=None, metavar="AGE", help="prune only entries unused for AGE (e.g. 7d, 12h); default: all unneeded")
+    c.add_argument("--older-than", default=None, metavar="AGE",
+                   help="prune only entries unused for AGE (e.g. 7d, 12h); default: all unneeded")
     c.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
     c.set_defaults(func=cache_cli)

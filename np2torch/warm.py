@@ -28,7 +28,7 @@ Signals: Ctrl-C or SIGTERM on the command is forwarded to its child, which stops
 too. The socket is the user's own (mode 0600, peer uid checked): no other user can ask the
 runner to run anything. ``NP2TORCH_WARM=0`` turns the runner off for one command.
 
-Importing this module imports only the standard library.
+Importing this module imports only the standard library and np2torch's light modules (no Prefect, no torch).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from np2torch.flows.runtime import configure_prefect, server_dir  # the runner lives in the local server's folder
 from np2torch.tasks.procs import pid_alive, stop_pid
 
 __all__ = ["socket_path", "try_delegate", "serve", "runner_state", "start_runner", "stop_runner", "ENV_COMPARED", "PROTOCOL"]
@@ -63,16 +64,9 @@ _PER_COMMAND = ("NP2TORCH_PROGRESS", "NP2TORCH_WARM", "NP2TORCH_IN_RUNNER")  # r
 # where it lives
 
 
-def _server_dir() -> Path:
-    """The local server's folder (:func:`np2torch.flows.server.server_dir`): the runner lives beside it."""
-    from np2torch.tasks.paths import data_dir
-
-    return data_dir() / "prefect-server"
-
-
 def socket_path() -> Path:
     """The runner's socket: in the server folder, or under /tmp when that path is too long for a socket."""
-    p = _server_dir() / "runner.sock"
+    p = server_dir() / "runner.sock"
     if len(str(p).encode()) < 100:
         return p
     digest = hashlib.sha256(str(p).encode()).hexdigest()[:16]
@@ -80,7 +74,7 @@ def socket_path() -> Path:
 
 
 def _state_file() -> Path:
-    return _server_dir() / "runner.json"
+    return server_dir() / "runner.json"
 
 
 def runner_state() -> dict[str, Any] | None:
@@ -237,9 +231,9 @@ def _changed(snapshot: dict[str, tuple[int, int]]) -> str | None:
 # what a conversion imports, by name: the runner sits beside the CLI (it runs the CLI's entry point
 # in each child), so it names the modules it preloads rather than importing them as a dependency
 # (then every stage's domain module, from the stage table)
-PRELOAD = ("torch", "torch.fx", "pandas", "pandera.pandas", "safetensors.torch", "np2torch.flows.cli", "np2torch.flows.convert",
+PRELOAD = ("torch", "torch.fx", "pandas", "pandera.pandas", "safetensors.torch", "np2torch.cli", "np2torch.flows.convert",
            "np2torch.flows.batch", "np2torch.tasks.prefect_tasks")
-ENTRY = "np2torch.flows.cli:main"  # what each child runs, with the command's arguments
+ENTRY = "np2torch.cli:main"  # what each child runs, with the command's arguments
 
 
 def _native_threads() -> int:
@@ -295,8 +289,6 @@ def _incompatible(req: dict[str, Any], env_snapshot: dict[str, str], limits: dic
 
 def serve(path: Path) -> None:
     """Warm up, then fork one child per command that connects (never returns)."""
-    from np2torch.flows.runtime import configure_prefect
-
     configure_prefect()
     _warm_up()
     env_snapshot = _compared_env(dict(os.environ))
@@ -355,7 +347,7 @@ def _handle(conn: socket.socket, srv: socket.socket, path: Path, env_snapshot: d
         conn.close()
         if stale:
             srv.close()
-            os.execv(sys.executable, [sys.executable, "-m", "np2torch.flows.warm", "serve", str(path)])
+            os.execv(sys.executable, [sys.executable, "-m", "np2torch.warm", "serve", str(path)])
         return
     for stream in (sys.stdout, sys.stderr):
         stream.flush()  # nothing of the runner's own log may be written a second time by the child
@@ -448,7 +440,7 @@ def start_runner(api_url: str, log: Path) -> dict[str, Any]:
     env = dict(os.environ)
     env["PREFECT_API_URL"] = api_url
     with open(log, "ab") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "np2torch.flows.warm", "serve", str(path)], env=env, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen([sys.executable, "-m", "np2torch.warm", "serve", str(path)], env=env, stdin=subprocess.DEVNULL,
                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
     state = {"pid": proc.pid, "socket": str(path), "log": str(log), "api_url": api_url,
              "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -486,7 +478,7 @@ def stop_runner() -> bool:
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 2 or args[0] != "serve":
-        raise SystemExit("usage: python -m np2torch.flows.warm serve SOCKET_PATH")
+        raise SystemExit("usage: python -m np2torch.warm serve SOCKET_PATH")
     serve(Path(args[1]))
 
 
