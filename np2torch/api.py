@@ -446,8 +446,15 @@ def plan_rows(config: str | Path, overrides: Sequence[str] = ()) -> tuple[Config
 
     cfg = load_config(config, list(overrides))
     with _read_only():
-        _, rows = _manifest_rows(cfg)
-    return cfg, rows, _validated(rows, cfg.source.allow_nonfinite)
+        records, rows = _manifest_rows(cfg)
+        return cfg, rows, _validated(rows, cfg.source.allow_nonfinite) or _meaning(cfg, records, rows)
+
+
+def _meaning(cfg: Config, records: list[Any], rows: list[dict[str, Any]]) -> ConversionError | None:
+    """A valid manifest's differences of meaning: the source's stated configuration, the reference's diagnosis (issue 19)."""
+    from np2torch.tasks.diagnose import plan_check
+
+    return plan_check(cfg, records, rows)
 
 
 # load_into's options and their defaults: plan(model, source, ...) takes the same
@@ -463,8 +470,8 @@ def _instance_plan_rows(model: nn.Module, source: str | Path, options: dict[str,
     opts = {**_LOAD_OPTIONS, **options}
     with tempfile.TemporaryDirectory(prefix="np2torch-plan-") as tmp, _read_only(), _registered(model) as target:
         cfg = _instance_config(model, source, target, Path(tmp), **opts)
-        _, rows = _manifest_rows(cfg)
-    return rows, _validated(rows, opts["allow_nonfinite"])
+        records, rows = _manifest_rows(cfg)
+        return rows, _validated(rows, opts["allow_nonfinite"]) or _meaning(cfg, records, rows)
 
 
 def plan(config: str | Path | nn.Module, source: str | Path | None = None, *, overrides: Sequence[str] = (), **load_options: Any) -> pd.DataFrame:

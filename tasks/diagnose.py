@@ -36,7 +36,7 @@ from np2torch.tasks.forward import _flatten_outputs, compare, localise, run_forw
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["TABLE", "Candidate", "Finding", "Row", "architecture_headline", "config_differences", "diagnose"]
+__all__ = ["TABLE", "Candidate", "Finding", "Row", "architecture_headline", "config_differences", "diagnose", "explain", "plan_check"]
 
 Apply = Callable[[nn.Module, list[np.ndarray]], tuple[nn.Module, list[np.ndarray]]]  # on a copy: (model, inputs) → what to run
 _MAX_COMBINED = 3  # candidates combined greedily when no single one reproduces the reference
@@ -465,7 +465,7 @@ class Finding:
     def fix(self) -> str:
         return "; ".join(c.fix for c in self.steps)
 
-    def raise_as(self, cls: type[ConversionError]) -> ConversionError:
+    def as_error(self, cls: type[ConversionError]) -> ConversionError:
         """The caller's error class (its stage), the cause on the first line and the fix on the second."""
         return cls(self.message(), fix=self.fix())
 
@@ -556,6 +556,46 @@ def diagnose(model: nn.Module, inputs: list[np.ndarray], refs: list[np.ndarray] 
         best, _, c = min(better, key=lambda s: s[:2])
         steps.append(c)
     return None
+
+
+def explain(model: nn.Module, inputs: list[np.ndarray], refs: list[np.ndarray] | None, *, rtol: float, atol: float,
+            activations: dict[str, np.ndarray] | None, error: type[ConversionError]) -> None:
+    """After a failed comparison: raise ``error`` naming the difference of meaning that explains it, if one does."""
+    found = diagnose(model, inputs, refs, rtol=rtol, atol=atol, activations=activations)
+    if found is not None:
+        raise found.as_error(error) from None
+
+
+def plan_check(cfg: Any, records: list[Any], rows: list[dict[str, Any]]) -> ConversionError | None:
+    """``plan``'s check of meaning on a valid manifest: the source's stated configuration against the
+    model's modules, then, with a reference, the mapped model's output and its diagnosis."""
+    from np2torch.tasks import evidence
+    from np2torch.tasks.errors import MappingError, VerifyError
+    from np2torch.tasks.forward import load_activations, load_reference, make_inputs
+    from np2torch.tasks.model import build_model
+
+    model = build_model(cfg.model.target, cfg.model.kwargs, device="cpu", allow_unsafe_load=cfg.model.allow_unsafe_load)
+    diffs = config_differences(cfg.source.path, rows, model)
+    if diffs:
+        more = f" (and {len(diffs) - 1} more difference(s) of meaning)" if len(diffs) > 1 else ""
+        return MappingError(diffs[0]["reason"] + more, key=diffs[0]["key"], problems=diffs[1:],
+                            fix=f"{diffs[0]['fix']} (the source states its configuration; the weights are right)")
+    v = cfg.verify
+    if v.input is None or v.reference_output is None:
+        return None
+    inputs, refs = make_inputs(v.input), load_reference(v.reference_output)
+    trial = evidence._Trial(rows, records, model, inputs, refs, {}, v.rtol, v.atol)
+    trial.recorder.close()
+    err, passed, _ = trial.run()
+    if passed:
+        return None
+    try:
+        explain(trial.model, inputs, refs, rtol=v.rtol, atol=v.atol, activations=load_activations(v.reference_activations), error=VerifyError)
+    except VerifyError as exc:
+        return exc
+    return VerifyError(f"the mapped model does not reproduce the reference (max abs error {err:.3g}) and no known difference of meaning "
+                       "explains it", key="verify.reference_output", fix="give verify.reference_activations to localise the first "
+                       "diverging layer; check the rows of that layer")
 
 
 # ---------------------------------------------------------------------------------------------

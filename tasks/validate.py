@@ -197,10 +197,17 @@ def validate_manifest(rows: list[dict[str, Any]], *, allow_nonfinite: bool = Fal
     except pa.errors.SchemaErrors as exc:
         problems = failure_table(exc, df)
         problems.sort(key=lambda p: (list(df["target_key"]).index(p["key"]) if p["key"] in set(df["target_key"]) else len(df), p["reason"]))
+        from np2torch.tasks.diagnose import architecture_headline  # the wrong architecture, as one diff on the first line (issue 19)
+
+        arch = architecture_headline(rows)
+        for p in problems if arch else []:
+            if p["key"] in arch[2]:  # its source exists with another shape: never "allow it missing"
+                p["fix"] = arch[1]
         raise ValidationError(
-            f"the manifest fails {len(problems)} check(s); nothing was converted",
-            key=problems[0]["key"] if problems else None,
+            (f"{arch[0]} (the manifest fails {len(problems)} check(s); nothing was converted)" if arch
+             else f"the manifest fails {len(problems)} check(s); nothing was converted"),
+            key=None if arch else (problems[0]["key"] if problems else None),
             problems=problems,
-            fix=problems[0]["fix"] if problems else None,
+            fix=arch[1] if arch else (problems[0]["fix"] if problems else None),
         ) from None
     return rows
