@@ -129,7 +129,7 @@ class Row:
     reason: str
     candidates: Callable[[Row, Context], Iterator[Candidate]]
     expressible: bool = True  # False: no setting of the PyTorch module reproduces it
-    config: Callable[[dict[str, Any], nn.Module], str | None] | None = None  # a Keras layer config against the module
+    config: Callable[[dict[str, Any], nn.Module], tuple[str, str] | None] | None = None  # a Keras layer config vs the module: (what, fix)
     keras: tuple[str, ...] = ()  # the Keras class names the config check reads
     fix_text: str = ""  # the fix, as the table in the docs states it
 
@@ -159,9 +159,11 @@ def _eps_candidates(values: tuple[float, ...]) -> Callable[[Row, Context], Itera
     return gen
 
 
-def _eps_config(cfg: dict[str, Any], mod: nn.Module) -> str | None:
+def _eps_config(cfg: dict[str, Any], mod: nn.Module) -> tuple[str, str] | None:
     e = cfg.get("epsilon")
-    return None if e is None or math.isclose(float(e), mod.eps, rel_tol=1e-6) else f"source epsilon {_g(float(e))}, model eps {_g(mod.eps)}"
+    if e is None or math.isclose(float(e), mod.eps, rel_tol=1e-6):
+        return None
+    return f"source epsilon {_g(float(e))}, model eps {_g(mod.eps)}", f"nn.{type(mod).__name__}(..., eps={_g(float(e))})"
 
 
 class _Post(nn.Module):
@@ -202,6 +204,9 @@ def _same_padding(row: Row, ctx: Context) -> Iterator[Candidate]:
     if not mods:
         return
     pads = {n: _tf_same_pads(m, ctx.in_shapes[n]) for n, m in mods}
+    mods = [(n, m) for n, m in mods if pads[n] != [p for d in reversed(m.padding) for p in (d, d)]]  # an even total is symmetric in TF too
+    if not mods:
+        return
 
     def apply(m: nn.Module, xs: list[np.ndarray]) -> tuple[nn.Module, list[np.ndarray]]:
         for n, p in pads.items():
@@ -215,13 +220,6 @@ def _same_padding(row: Row, ctx: Context) -> Iterator[Candidate]:
                     f"padding=0 on {_list([n for n, _ in mods])} and `x = F.pad(x, {pads[n0]})` before {n0}"
                     + ("" if len(mods) == 1 else " (each with its own input size)") + "; torch's padding=\"same\" does not allow stride > 1",
                     apply)
-
-
-def _same_config(cfg: dict[str, Any], mod: nn.Module) -> str | None:
-    strides = cfg.get("strides") or [1]
-    if cfg.get("padding") == "same" and max(strides) > 1 and any(getattr(mod, "padding", (0,))):
-        return f"source padding=\"same\" with strides {list(strides)} (pads bottom/right), model padding {list(mod.padding)} (symmetric)"
-    return None
 
 
 class _GeluTanh(TorchFunctionMode):
@@ -333,12 +331,13 @@ def _recurrent(row: Row, ctx: Context) -> Iterator[Candidate]:
                         lambda m, xs: (_replace(m, gru, lambda r: _Cell(r, torch.sigmoid, False)), xs))
 
 
-def _recurrent_config(cfg: dict[str, Any], mod: nn.Module) -> str | None:
-    act = cfg.get("recurrent_activation", "sigmoid")
+def _recurrent_config(cfg: dict[str, Any], mod: nn.Module) -> tuple[str, str] | None:
+    act, kind = cfg.get("recurrent_activation", "sigmoid"), type(mod).__name__
+    fix = f"nn.{kind} cannot express it: run the same weights in a custom cell with the source's equations"
     if act != "sigmoid":
-        return f"source recurrent_activation {act}, {type(mod).__name__} uses sigmoid (not expressible by nn.{type(mod).__name__})"
+        return f"source recurrent_activation {act}, nn.{kind} uses sigmoid (not expressible by nn.{kind})", fix
     if cfg.get("reset_after") is False and isinstance(mod, nn.GRU):
-        return "source reset_after=False, nn.GRU is reset-after (not expressible by nn.GRU)"
+        return "source reset_after=False, nn.GRU is reset-after (not expressible by nn.GRU)", fix
     return None
 
 
@@ -417,7 +416,6 @@ TABLE: list[Row] = [
         config=_eps_config, keras=("LayerNormalization", "GroupNormalization"), fix_text="`eps=` on the named module"),
     Row("padding differs", (nn.Conv1d, nn.Conv2d, nn.Conv3d), "padding=\"same\" with stride > 1: TF pads bottom/right only",
         "symmetric padding=", "the extra row/column of an odd total padding goes after the input in TF", _same_padding,
-        config=_same_config, keras=("Conv1D", "Conv2D", "Conv3D", "DepthwiseConv2D", "SeparableConv2D"),
         fix_text="the exact F.pad before the conv (torch's padding=\"same\" refuses stride > 1)"),
     Row("GELU approximation differs", (nn.GELU,), "tanh (approximate=True, GPT-2's gelu_new)", "erf",
         "the two GELUs differ by up to ~1e-3", _gelu, fix_text="nn.GELU(approximate=\"tanh\")"),
@@ -458,7 +456,7 @@ class Finding:
         for c in self.steps:
             where = f"{c.modules[0]} ({self.kinds[c.modules[0]]})" if c.modules else "input"
             also = f" (also {_list(c.modules[1:])})" if len(c.modules) > 1 else ""
-            tail = "" if c.row.expressible else f" — not expressible by {self.kinds.get(c.modules[0], 'the module') if c.modules else 'the model'}"
+            tail = "" if c.row.expressible else f" (not expressible by nn.{self.kinds.get(c.modules[0], 'Module') if c.modules else 'Module'})"
             parts.append(f"{where}: {c.row.name}: {c.what}{also}{tail}")
         return "; and ".join(parts) + f" — reproduces the reference to {self.error:.1g}"
 
@@ -470,15 +468,22 @@ class Finding:
         return cls(self.message(), fix=self.fix())
 
 
-def _fitted_fix(c: Candidate, model: nn.Module) -> Candidate:
-    """The fitted affine map's values, snapped to a plain constant when one is that value."""
-    a = model.scale.detach().numpy()
-    b = model.shift.detach().numpy()
-    fa = np.array2string(a, precision=6, separator=", ") if len(set(np.round(a, 9))) > 1 else _g(float(a[0]))
-    fb = np.array2string(b, precision=6, separator=", ") if len(set(np.round(b, 9))) > 1 else _g(float(b[0]))
-    return Candidate(c.row, c.modules, c.what + f": x * {fa} + {fb}",
-                     f"start forward with `x = x * scale + shift` (channel axis {model.axis}; scale {fa}, shift {fb}: "
-                     "the source model's Normalization/Rescaling layer)", c.apply, wraps=True)
+def _round(v: np.ndarray, digits: int) -> np.ndarray:
+    return np.array([0.0 if abs(x) < 10.0 ** -digits else float(f"{x:.{digits}g}") for x in v])
+
+
+def _snapped(trials: _Trials, steps: list[Candidate], c: Candidate, fitted: _Affine) -> Candidate:
+    """The fitted affine map with the fewest digits that still reproduces the reference, stated as the fix."""
+    a, b = fitted.scale.detach().numpy(), fitted.shift.detach().numpy()
+    for digits in (2, 3, 4, 6, 9):
+        ra, rb = _round(a, digits), _round(b, digits)
+        apply = (lambda m, xs, ra=ra, rb=rb: (_Affine(m, torch.from_numpy(ra), torch.from_numpy(rb), fitted.axis), xs))
+        if trials.run([*steps, Candidate(c.row, [], "", "", apply, wraps=True)])[1]:
+            break
+    fa, fb = (f"[{', '.join(_g(x) for x in v)}]" if len(set(v)) > 1 else _g(v[0]) for v in (ra, rb))
+    return Candidate(c.row, c.modules, f"{c.what}: x * {fa} + {fb}",
+                     f"start forward with `x = x * scale + shift` (scale {fa}, shift {fb}, over axis {fitted.axis}: the source model's "
+                     "Normalization/Rescaling layer), or map the input so before calling the model", apply, wraps=True)
 
 
 class _Trials:
@@ -548,7 +553,7 @@ def diagnose(model: nn.Module, inputs: list[np.ndarray], refs: list[np.ndarray] 
                 continue
             err, ok, ran = trials.run([*steps, c])
             if ok:
-                return Finding(sorted([*steps, _fitted_fix(c, ran) if c.apply is _fit_affine else c], key=_order(ctx, first)), err, kinds)
+                return Finding(sorted([*steps, _snapped(trials, steps, c, ran) if c.apply is _fit_affine else c], key=_order(ctx, first)), err, kinds)
             scored.append((err, len(scored), c))
         better = [s for s in scored if s[0] < 0.5 * best]  # a step that halves the error, at least
         if not better:
@@ -578,7 +583,7 @@ def plan_check(cfg: Any, records: list[Any], rows: list[dict[str, Any]]) -> Conv
     diffs = config_differences(cfg.source.path, rows, model)
     if diffs:
         more = f" (and {len(diffs) - 1} more difference(s) of meaning)" if len(diffs) > 1 else ""
-        return MappingError(diffs[0]["reason"] + more, key=diffs[0]["key"], problems=diffs[1:],
+        return MappingError(diffs[0]["reason"] + more, problems=diffs[1:],
                             fix=f"{diffs[0]['fix']} (the source states its configuration; the weights are right)")
     v = cfg.verify
     if v.input is None or v.reference_output is None:
@@ -655,8 +660,7 @@ def config_differences(source: Path, rows: list[dict[str, Any]], model: nn.Modul
             if row.config and layer["class_name"] in row.keras and isinstance(mods[mod_name], row.kinds):
                 said = row.config(layer["config"], mods[mod_name])
                 if said:
-                    out.append(Problem(mod_name, f"{mod_name}: {said} (source layer {layer['config']['name']})",
-                                       fix=row.fix_text))
+                    out.append(Problem(mod_name, f"{mod_name}: {said[0]} (source layer {layer['config']['name']})", fix=f"{said[1]} for {mod_name}"))
     return out
 
 
@@ -713,4 +717,4 @@ def architecture_headline(rows: list[dict[str, Any]]) -> tuple[str, str, set[str
     fix = ("the model's architecture differs from the source's: build it with the source's sizes (the constructor arguments that make "
            f"{pairs[0][0]['target_key']} {_as_layout(_shape(pairs[0][1]['source_shape']) or []) or _shape(pairs[0][1]['source_shape'])}); "
            "allowing these targets missing would leave them untrained")
-    return head, fix, {r["target_key"] for r, _ in pairs}
+    return head, fix, {r["target_key"] for r, _ in pairs} | {s["source_key"] for _, s in pairs}

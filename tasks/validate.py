@@ -201,7 +201,7 @@ def validate_manifest(rows: list[dict[str, Any]], *, allow_nonfinite: bool = Fal
 
         arch = architecture_headline(rows)
         for p in problems if arch else []:
-            if p["key"] in arch[2]:  # its source exists with another shape: never "allow it missing"
+            if p["key"] in arch[2]:  # the tensor exists on both sides in another shape: never "allow it missing", never "ignore it"
                 p["fix"] = arch[1]
         raise ValidationError(
             (f"{arch[0]} (the manifest fails {len(problems)} check(s); nothing was converted)" if arch

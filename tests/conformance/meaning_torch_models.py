@@ -119,16 +119,20 @@ class ConvAvgPool(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """Conv2D(4, 3) → ReLU → GlobalAveragePooling2D → Dense(2), on (N, 3, 8, 8) (the Rescaling case adds ``scale``)."""
+    """Conv2D(4, 3) → ReLU → GlobalAveragePooling2D → Dense(2), on (N, 3, 8, 8); the input scaling cases
+    add Rescaling's ``scale`` or Normalization's per-channel ``mean`` and ``variance``."""
 
-    def __init__(self, scale: float = 1.0) -> None:
+    def __init__(self, scale: float = 1.0, mean: list[float] | None = None, variance: list[float] | None = None) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
         self.fc = nn.Linear(4, 2)
         self.scale = scale
+        self.mean = torch.tensor(mean or [0.0] * 3).view(1, 3, 1, 1)
+        self.std = torch.tensor(variance or [1.0] * 3).sqrt().view(1, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(F.relu(self.conv(x * self.scale)).mean((2, 3)))
+        x = (x * self.scale - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        return self.fc(F.relu(self.conv(x)).mean((2, 3)))
 
 
 class Wider(nn.Module):

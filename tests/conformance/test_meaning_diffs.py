@@ -45,6 +45,8 @@ def _nchw(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(x, -1, 1))
 
 
+NORM = ([0.2, -0.2, 0.5], [4.0, 1.0, 0.25])  # a Normalization layer's per-channel mean and variance
+
 # row → (build the Keras model and its source-side input, torch class, natural kwargs, fixed kwargs,
 #        verify input from the Keras input (natural, fixed), what the first three lines must name)
 CASES: dict[str, tuple] = {
@@ -73,6 +75,10 @@ CASES: dict[str, tuple] = {
     "input-rescaling": (lambda: (_model((8, 8, 3), layers.Rescaling(1 / 255), layers.Conv2D(4, 3), layers.ReLU(), layers.GlobalAveragePooling2D(),
                                         layers.Dense(2)), np.random.default_rng(1).uniform(0, 255, (4, 8, 8, 3)).astype(np.float32)),
                         "SmallCNN", {}, {"scale": 1 / 255}, (_nchw, _nchw), ["input scaling differs", "Rescaling(1/255)", "x * 0.003922"]),
+    "input-normalization": (lambda: (_model((8, 8, 3), layers.Normalization(mean=NORM[0], variance=NORM[1]), layers.Conv2D(4, 3), layers.ReLU(),
+                                            layers.GlobalAveragePooling2D(), layers.Dense(2)), _x((4, 8, 8, 3), 3.0, 1.0)),
+                            "SmallCNN", {}, {"mean": NORM[0], "variance": NORM[1]}, (_nchw, _nchw),
+                            ["input scaling differs", "affine map", "scale [0.5, 1, 2]", "shift [-0.1, 0.2, -1]"]),
 }
 
 
