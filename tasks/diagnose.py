@@ -684,37 +684,61 @@ def _as_layout(shape: list[int]) -> list[int] | None:
     return None
 
 
-def architecture_headline(rows: list[dict[str, Any]]) -> tuple[str, str, set[str]] | None:
-    """When model and source disagree in shape or count: the first line (``fc2.weight: model [10, 64],
-    source dense_1/kernel [64, 16] (as [16, 64])``, then the missing and unexpected keys grouped),
-    the fix, and the targets whose source exists with another shape (never to be allowed missing)."""
-    targets = [r for r in rows if r.get("target_key")]
-    wrong = [r for r in targets if r.get("status") == "mapped" and r.get("how") != "tied" and r.get("result_shape") != r.get("target_shape")]
-    missing = [r for r in targets if r.get("status") == "missing"]
-    unused = [r for r in rows if not r.get("target_key") and r.get("status") == "unused"]
-    pairs = [(r, r) for r in wrong]
+def _prefix(key: str) -> str:
+    return key.replace("/", ".").rpartition(".")[0]
+
+
+def _same_tensor_pairs(missing: list[dict[str, Any]], unused: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Missing targets and unused sources that are one tensor in two sizes: a kernel of the same rank
+    sharing a dimension (in row order), then the other tensors of the same module and source layer."""
+    pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []
     free = list(unused)
-    for r in missing:  # a missing target and an unused source of the same rank: the same tensor in another size
+    for r in missing:
         t = _shape(r["target_shape"]) or []
-        hit = next((u for u in free if len(_shape(u["source_shape"]) or []) == len(t) and _shape(u["source_shape"]) != t), None)
+        hit = next((u for u in free if len(t) >= 2 and len(_shape(u["source_shape"]) or []) == len(t) and set(t) & set(_shape(u["source_shape"]))), None)
         if hit is not None:
             free.remove(hit)
             pairs.append((r, hit))
+    layers = {(_prefix(r["target_key"]), _prefix(u["source_key"])) for r, u in pairs}
+    for r in missing:
+        if any(r is p[0] for p in pairs):
+            continue
+        t = _shape(r["target_shape"]) or []
+        hit = next((u for u in free if (_prefix(r["target_key"]), _prefix(u["source_key"])) in layers
+                    and len(_shape(u["source_shape"]) or []) == len(t)), None)
+        if hit is not None:
+            free.remove(hit)
+            pairs.append((r, hit))
+    return pairs
+
+
+def architecture_headline(rows: list[dict[str, Any]]) -> tuple[str, str, str, set[str]] | None:
+    """When model and source disagree in shape or count: the key and the first line (``fc2.weight``:
+    ``model [10, 64], source dense_1/kernel [64, 16] (as [16, 64])``, then the missing and unexpected
+    keys grouped), the fix, and the keys that exist on both sides in another shape (never to be
+    allowed missing nor ignored)."""
+    targets = [r for r in rows if r.get("target_key")]
+    wrong = [r for r in targets if r.get("status") == "mapped" and r.get("how") != "tied" and r.get("result_shape") != r.get("target_shape")
+             and math.prod(_shape(r["source_shape"]) or [0]) != math.prod(_shape(r["target_shape"]) or [0])]  # same count: a layout, not a size
+    missing = [r for r in targets if r.get("status") == "missing"]
+    unused = [r for r in rows if not r.get("target_key") and r.get("status") == "unused"]
+    pairs = [(r, r) for r in wrong] + _same_tensor_pairs(missing, unused)
     if not pairs:
         return None
-    diffs = []
+    diffs, implied = [], []
     for r, src in pairs:
         s = _shape(src["source_shape"]) or []
-        shown = _shape(r.get("result_shape") or "") if src is r else _as_layout(s)
-        diffs.append(f"{r['target_key']}: model {_shape(r['target_shape'])}, source {src['source_key']} {s}" + (f" (as {shown})" if shown and shown != s else ""))
-    head = diffs[0] + (f"; {len(diffs) - 1} more tensor(s) differ in shape ({_list([d.split(':')[0] for d in diffs[1:]])})" if len(diffs) > 1 else "")
+        implied.append((_shape(r.get("result_shape") or "") if src is r else _as_layout(s)) or s)  # the target shape the source implies
+        diffs.append(f"model {_shape(r['target_shape'])}, source {src['source_key']} {s}" + (f" (as {implied[-1]})" if implied[-1] != s else ""))
+    others = [r["target_key"] for r, _ in pairs[1:]]
+    head = diffs[0] + (f"; {len(others)} more tensor(s) differ in shape ({_list(others)})" if others else "")
     rest_missing = [r["target_key"] for r in missing if all(r is not p[0] for p in pairs)]
-    rest_unused = [u["source_key"] for u in free]
+    rest_unused = [u["source_key"] for u in unused if all(u is not p[1] for p in pairs)]
     if rest_missing:
         head += f"; missing in the source: {_list(rest_missing, 8)}"
     if rest_unused:
         head += f"; unexpected in the source: {_list(rest_unused, 8)}"
     fix = ("the model's architecture differs from the source's: build it with the source's sizes (the constructor arguments that make "
-           f"{pairs[0][0]['target_key']} {_as_layout(_shape(pairs[0][1]['source_shape']) or []) or _shape(pairs[0][1]['source_shape'])}); "
+           f"{pairs[0][0]['target_key']} {implied[0]}); "
            "allowing these targets missing would leave them untrained")
-    return head, fix, {r["target_key"] for r, _ in pairs} | {s["source_key"] for _, s in pairs}
+    return pairs[0][0]["target_key"], head, fix, {r["target_key"] for r, _ in pairs} | {s["source_key"] for _, s in pairs}

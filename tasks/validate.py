@@ -201,13 +201,13 @@ def validate_manifest(rows: list[dict[str, Any]], *, allow_nonfinite: bool = Fal
 
         arch = architecture_headline(rows)
         for p in problems if arch else []:
-            if p["key"] in arch[2]:  # the tensor exists on both sides in another shape: never "allow it missing", never "ignore it"
+            if p["key"] in arch[3]:  # the tensor exists on both sides in another shape: never "allow it missing", never "ignore it"
                 p["fix"] = arch[1]
         raise ValidationError(
-            (f"{arch[0]} (the manifest fails {len(problems)} check(s); nothing was converted)" if arch
+            (f"{arch[1]} (the manifest fails {len(problems)} check(s); nothing was converted)" if arch
              else f"the manifest fails {len(problems)} check(s); nothing was converted"),
-            key=None if arch else (problems[0]["key"] if problems else None),
+            key=arch[0] if arch else (problems[0]["key"] if problems else None),
             problems=problems,
-            fix=arch[1] if arch else (problems[0]["fix"] if problems else None),
+            fix=arch[2] if arch else (problems[0]["fix"] if problems else None),
         ) from None
     return rows
