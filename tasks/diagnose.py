@@ -729,7 +729,7 @@ def architecture_headline(rows: list[dict[str, Any]]) -> tuple[str, str, str, se
     for r, src in pairs:
         s = _shape(src["source_shape"]) or []
         implied.append((_shape(r.get("result_shape") or "") if src is r else _as_layout(s)) or s)  # the target shape the source implies
-        diffs.append(f"model {_shape(r['target_shape'])}, source {src['source_key']} {s}" + (f" (as {implied[-1]})" if implied[-1] != s else ""))
+        diffs.append(f"{r['target_key']}: model {_shape(r['target_shape'])}, source {src['source_key']} {s}" + (f" (as {implied[-1]})" if implied[-1] != s else ""))
     others = [r["target_key"] for r, _ in pairs[1:]]
     head = diffs[0] + (f"; {len(others)} more tensor(s) differ in shape ({_list(others)})" if others else "")
     rest_missing = [r["target_key"] for r in missing if all(r is not p[0] for p in pairs)]

@@ -204,8 +204,7 @@ def validate_manifest(rows: list[dict[str, Any]], *, allow_nonfinite: bool = Fal
             if p["key"] in arch[3]:  # the tensor exists on both sides in another shape: never "allow it missing", never "ignore it"
                 p["fix"] = arch[1]
         raise ValidationError(
-            (f"{arch[1]} (the manifest fails {len(problems)} check(s); nothing was converted)" if arch
-             else f"the manifest fails {len(problems)} check(s); nothing was converted"),
+            f"the manifest fails {len(problems)} check(s); nothing was converted" + (f" — {arch[1]}" if arch else ""),
             key=arch[0] if arch else (problems[0]["key"] if problems else None),
             problems=problems,
             fix=arch[2] if arch else (problems[0]["fix"] if problems else None),

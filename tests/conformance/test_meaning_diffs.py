@@ -184,5 +184,5 @@ def test_wrong_architecture_is_one_diff_on_the_first_line(tmp_path) -> None:
         stages.run_all(load_config(d / "config.yaml"))
     text = str(info.value)
     first = text.splitlines()[0]
-    assert "`fc2.weight`: model [10, 16], source " in first and "[16, 5] (as [5, 16])" in first, text
+    assert "— fc2.weight: model [10, 16], source " in first and "[16, 5] (as [5, 16])" in first, text
     assert "allow_missing" not in text.split("Fix:")[-1] and "architecture" in text.split("Fix:")[-1]
