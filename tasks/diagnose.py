@@ -40,6 +40,7 @@ __all__ = ["TABLE", "Candidate", "Finding", "Row", "architecture_headline", "con
 
 Apply = Callable[[nn.Module, list[np.ndarray]], tuple[nn.Module, list[np.ndarray]]]  # on a copy: (model, inputs) → what to run
 _MAX_COMBINED = 3  # candidates combined greedily when no single one reproduces the reference
+_FIT_STEPS = 40  # L-BFGS iterations of the input-map fit: an exact affine map converges in a few; more only costs time
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,7 +388,7 @@ def _fit_affine(m: nn.Module, xs: list[np.ndarray], refs: list[np.ndarray] | Non
         p.requires_grad_(False)
     xt = [torch.from_numpy(np.asarray(v, dtype=np.float64)) for v in xs]
     rt = [torch.from_numpy(np.asarray(r, dtype=np.float64)) for r in refs]
-    opt = torch.optim.LBFGS([wrapped.scale, wrapped.shift], max_iter=200, tolerance_grad=1e-14, tolerance_change=1e-16,
+    opt = torch.optim.LBFGS([wrapped.scale, wrapped.shift], max_iter=_FIT_STEPS, tolerance_grad=1e-14, tolerance_change=1e-16,
                             line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
@@ -549,13 +550,13 @@ def diagnose(model: nn.Module, inputs: list[np.ndarray], refs: list[np.ndarray] 
     for _ in range(_MAX_COMBINED):
         scored = []
         for c in cands:
-            if any(s.row is c.row for s in steps):
+            if any(s.row is c.row for s in steps) or (steps and c.apply is _fit_affine):  # the fit alone, never combined (bounded time)
                 continue
             err, ok, ran = trials.run([*steps, c])
             if ok:
                 return Finding(sorted([*steps, _snapped(trials, steps, c, ran) if c.apply is _fit_affine else c], key=_order(ctx, first)), err, kinds)
             scored.append((err, len(scored), c))
-        better = [s for s in scored if s[0] < 0.5 * best]  # a step that halves the error, at least
+        better = [s for s in scored if s[0] < 0.5 * best and s[2].apply is not _fit_affine]  # halves the error, at least; not a fit
         if not better:
             return None
         best, _, c = min(better, key=lambda s: s[:2])
@@ -673,7 +674,7 @@ def _shape(s: Any) -> list[int] | None:
         v = json.loads(s) if isinstance(s, str) else s
     except ValueError:
         return None
-    return [int(d) for d in v] if isinstance(v, list) else None
+    return [int(d) for d in v] if isinstance(v, list) and all(isinstance(d, int) for d in v) else None  # not a list of shapes (a concat)
 
 
 def _as_layout(shape: list[int]) -> list[int] | None:
@@ -719,7 +720,8 @@ def architecture_headline(rows: list[dict[str, Any]]) -> tuple[str, str, str, se
     allowed missing nor ignored)."""
     targets = [r for r in rows if r.get("target_key")]
     wrong = [r for r in targets if r.get("status") == "mapped" and r.get("how") != "tied" and r.get("result_shape") != r.get("target_shape")
-             and math.prod(_shape(r["source_shape"]) or [0]) != math.prod(_shape(r["target_shape"]) or [0])]  # same count: a layout, not a size
+             and _shape(r["source_shape"]) and _shape(r["result_shape"]) and math.prod(_shape(r["result_shape"]) or [0]) != math.prod(_shape(r["target_shape"]) or [0])]
+    # (the same count is a layout problem, not a size; a transform that does not apply is not a size either)
     missing = [r for r in targets if r.get("status") == "missing"]
     unused = [r for r in rows if not r.get("target_key") and r.get("status") == "unused"]
     pairs = [(r, r) for r in wrong] + _same_tensor_pairs(missing, unused)
