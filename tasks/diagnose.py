@@ -584,7 +584,7 @@ def plan_check(cfg: Any, records: list[Any], rows: list[dict[str, Any]]) -> Conv
     diffs = config_differences(cfg.source.path, rows, model)
     if diffs:
         more = f" (and {len(diffs) - 1} more difference(s) of meaning)" if len(diffs) > 1 else ""
-        return MappingError(diffs[0]["reason"] + more, problems=diffs[1:],
+        return MappingError(f"{diffs[0]['key']}: {diffs[0]['reason']}{more}", problems=diffs[1:],
                             fix=f"{diffs[0]['fix']} (the source states its configuration; the weights are right)")
     v = cfg.verify
     if v.input is None or v.reference_output is None:
@@ -620,19 +620,14 @@ def _keras_layers(cfg: Any) -> Iterator[dict[str, Any]]:
 
 
 def _source_config(path: Path) -> Any:
-    """The model configuration a source carries, as JSON data (never deserialized into objects), or None."""
-    import zipfile
-
+    """The model configuration a legacy Keras ``.h5`` carries (``model_config``), as JSON data (never deserialized), or None."""
     try:
-        if zipfile.is_zipfile(path):  # a .keras archive
-            with zipfile.ZipFile(path) as z:
-                return json.loads(z.read("config.json")) if "config.json" in z.namelist() else None
         import h5py
 
         with h5py.File(path, "r") as f:
             raw = f.attrs.get("model_config")
         return None if raw is None else json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
-    except (OSError, ValueError, KeyError, ImportError):
+    except (OSError, ValueError, ImportError):
         return None
 
 
@@ -661,7 +656,7 @@ def config_differences(source: Path, rows: list[dict[str, Any]], model: nn.Modul
             if row.config and layer["class_name"] in row.keras and isinstance(mods[mod_name], row.kinds):
                 said = row.config(layer["config"], mods[mod_name])
                 if said:
-                    out.append(Problem(mod_name, f"{mod_name}: {said[0]} (source layer {layer['config']['name']})", fix=f"{said[1]} for {mod_name}"))
+                    out.append(Problem(mod_name, f"{said[0]} (source layer {layer['config']['name']})", fix=f"{said[1]} for {mod_name}"))
     return out
 
 
