@@ -40,6 +40,7 @@ __all__ = ["TABLE", "Candidate", "Finding", "Row", "architecture_headline", "con
 
 Apply = Callable[[nn.Module, list[np.ndarray]], tuple[nn.Module, list[np.ndarray]]]  # on a copy: (model, inputs) → what to run
 _MAX_COMBINED = 3  # candidates combined greedily when no single one reproduces the reference
+_MAX_ELEMENTS = 1 << 26  # parameters and buffers: past this (0.5 GB in float64, copied per trial) the diagnosis is not attempted
 _FIT_STEPS = 40  # L-BFGS iterations of the input-map fit: an exact affine map converges in a few; more only costs time
 
 
@@ -533,7 +534,7 @@ def diagnose(model: nn.Module, inputs: list[np.ndarray], refs: list[np.ndarray] 
     float64 CPU copy. ``None`` also when the unchanged copy already reproduces the reference
     (the failure was float rounding, not meaning).
     """
-    if refs is None:
+    if refs is None or sum(t.numel() for t in [*model.parameters(), *model.buffers()]) > _MAX_ELEMENTS:
         return None
     trials = _Trials(model, inputs, refs, rtol, atol)
     best, passed, _ = trials.run([])

@@ -145,3 +145,16 @@ class Wider(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.relu(self.fc1(x)))
+
+
+
+class GRUNet(nn.Module):
+    """GRU(4) → Dense(2) on (N, 5, 3), the natural port of a Keras GRU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(3, 4, batch_first=True)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.gru(x)[0][:, -1])

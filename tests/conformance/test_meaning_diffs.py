@@ -92,7 +92,7 @@ def built() -> dict[str, tuple[Any, np.ndarray, np.ndarray]]:
     return out
 
 
-def _case(tmp_path: Path, name: str, built: dict, kwargs: dict[str, Any], layout: Any, tag: str) -> Path:
+def _case(tmp_path: Path, name: str, built: dict, kwargs: dict[str, Any], layout: Any, tag: str, torch_class: str | None = None) -> Path:
     model, x, ref = built[name]
     d = tmp_path / f"{name}-{tag}"
     d.mkdir()
@@ -100,7 +100,7 @@ def _case(tmp_path: Path, name: str, built: dict, kwargs: dict[str, Any], layout
     np.save(d / "input.npy", layout(x) if layout else x)
     np.save(d / "ref.npy", ref)
     raw = {"name": f"{name}-{tag}", "source": {"path": "weights.npz", "format": "npz"},
-           "model": {"target": f"{MODELS}:{CASES[name][1]}", "kwargs": kwargs}, "mapping": {"strategy": "auto", "preset": "keras"},
+           "model": {"target": f"{MODELS}:{torch_class or CASES[name][1]}", "kwargs": kwargs}, "mapping": {"strategy": "auto", "preset": "keras"},
            "verify": {"input": "input.npy", "reference_output": "ref.npy", **TOL}, "export": {"dir": "out"}}
     (d / "config.yaml").write_text(yaml.safe_dump(raw))
     return d / "config.yaml"
@@ -123,6 +123,17 @@ def test_difference_is_named_then_the_fix_reproduces(tmp_path, built, name, monk
     recs = stages.run_all(load_config(_case(tmp_path, name, built, fixed, lay_fixed, "fixed")))
     metrics = recs["verify-forward-pass"]["metrics"]
     assert metrics["passed"] and metrics["max_abs_error"] < 1e-4
+
+
+def test_keras2_gru_reset_before_is_named_not_expressible(tmp_path) -> None:
+    """GRU(reset_after=False) has one (3u,) bias: the mapping stage already names it as what nn.GRU cannot express."""
+    model = _model((5, 3), layers.GRU(4, reset_after=False), layers.Dense(2))
+    x = _x((4, 5, 3))
+    built = {"gru": (model, x, predict(model, x))}
+    with pytest.raises(ConversionError) as info:
+        stages.run_all(load_config(_case(tmp_path, "gru", built, {}, None, "natural", torch_class="GRUNet")))
+    first = str(info.value).splitlines()[0]
+    assert "reset_after=False" in first and "nn.GRU cannot express" in first
 
 
 def test_plan_with_a_reference_names_the_difference(tmp_path, built) -> None:
