@@ -80,6 +80,10 @@ class GeluMLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def _hard_sigmoid(t: torch.Tensor) -> torch.Tensor:
+    return F.relu6(t + 3) / 6  # Keras 3's hard_sigmoid
+
+
 class HardSigmoidLSTM(nn.Module):
     """LSTM(4, recurrent_activation="hard_sigmoid") → Dense(2) on (N, 5, 3); ``custom_cell`` runs the
     same weights in a cell with Keras 3's hard_sigmoid gates (what nn.LSTM cannot express)."""
@@ -94,11 +98,10 @@ class HardSigmoidLSTM(nn.Module):
         r = self.lstm
         h = x.new_zeros(x.shape[0], 4)
         c = x.new_zeros(x.shape[0], 4)
-        gate = lambda t: F.relu6(t + 3) / 6  # noqa: E731
         for t in range(x.shape[1]):
             i, f, g, o = (x[:, t] @ r.weight_ih_l0.T + r.bias_ih_l0 + h @ r.weight_hh_l0.T + r.bias_hh_l0).chunk(4, 1)
-            c = gate(f) * c + gate(i) * torch.tanh(g)
-            h = gate(o) * torch.tanh(c)
+            c = _hard_sigmoid(f) * c + _hard_sigmoid(i) * torch.tanh(g)
+            h = _hard_sigmoid(o) * torch.tanh(c)
         return h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
