@@ -70,7 +70,7 @@ class _Calls(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
-        if self.stack and name in ("gelu", "softmax", "sigmoid"):
+        if self.stack and name == "gelu":  # functional calls a row changes (F.gelu inside a module's forward)
             hit = self.calls.setdefault(name, [])
             if self.stack[-1] not in hit:
                 hit.append(self.stack[-1])
@@ -377,17 +377,25 @@ def _input_scaling(row: Row, ctx: Context) -> Iterator[Candidate]:
                     "", _fit_affine, wraps=True)
 
 
+def _affine(m: nn.Module, xt: list[torch.Tensor]) -> bool:
+    """The model is affine in its first input on these values: f(2x) − 2·f(x) + f(0) = 0."""
+    with torch.no_grad():
+        f = [_flatten_outputs(m(k * xt[0], *xt[1:])) for k in (0.0, 1.0, 2.0)]
+    return all(torch.allclose(b2 - 2 * b1 + b0, torch.zeros_like(b1), atol=1e-9 * (1 + float(b1.abs().max())))
+               for b0, b1, b2 in zip(*f))
+
+
 def _fit_affine(m: nn.Module, xs: list[np.ndarray], refs: list[np.ndarray] | None = None) -> tuple[nn.Module, list[np.ndarray]]:
     """A per-channel ``x * scale + shift`` before the model, fitted to the reference (L-BFGS, float64)."""
     x = xs[0]
     axis = 1 if x.ndim >= 3 else x.ndim - 1
     n = x.shape[axis]
     wrapped = _Affine(m, torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), axis)
-    if refs is None:
-        return wrapped, xs
+    xt = [torch.from_numpy(np.asarray(v, dtype=np.float64)) for v in xs]
+    if refs is None or sum(np.size(r) for r in refs) < 8 * n or _affine(m, xt):
+        return wrapped, xs  # too few reference values for 2·C parameters, or an affine model (any output offset would "fit"): no fit
     for p in m.parameters():
         p.requires_grad_(False)
-    xt = [torch.from_numpy(np.asarray(v, dtype=np.float64)) for v in xs]
     rt = [torch.from_numpy(np.asarray(r, dtype=np.float64)) for r in refs]
     opt = torch.optim.LBFGS([wrapped.scale, wrapped.shift], max_iter=_FIT_STEPS, tolerance_grad=1e-14, tolerance_change=1e-16,
                             line_search_fn="strong_wolfe")

@@ -76,7 +76,7 @@ CASES: dict[str, tuple] = {
                                         layers.Dense(2)), np.random.default_rng(1).uniform(0, 255, (4, 8, 8, 3)).astype(np.float32)),
                         "SmallCNN", {}, {"scale": 1 / 255}, (_nchw, _nchw), ["input scaling differs", "Rescaling(1/255)", "x * 0.003922"]),
     "input-normalization": (lambda: (_model((8, 8, 3), layers.Normalization(mean=NORM[0], variance=NORM[1]), layers.Conv2D(4, 3), layers.ReLU(),
-                                            layers.GlobalAveragePooling2D(), layers.Dense(2)), _x((4, 8, 8, 3), 3.0, 1.0)),
+                                            layers.GlobalAveragePooling2D(), layers.Dense(2)), _x((16, 8, 8, 3), 3.0, 1.0)),
                             "SmallCNN", {}, {"mean": NORM[0], "variance": NORM[1]}, (_nchw, _nchw),
                             ["input scaling differs", "affine map", "scale [0.5, 1, 2]", "shift [-0.1, 0.2, -1]"]),
 }
