@@ -554,22 +554,27 @@ def diagnose(model: nn.Module, inputs: list[np.ndarray], refs: list[np.ndarray] 
         where = localise(copy.deepcopy(trials.base), inputs, activations, rtol=rtol, atol=atol)
         first = where["module"] if where else None
     kinds = {n: type(m).__name__ for n, m in trials.base.named_modules()}
-    steps: list[Candidate] = []
     cands = _candidates(ctx, first)
+    fits = [c for c in cands if c.apply is _fit_affine]  # the least specific and the costliest: alone, and last
+    steps: list[Candidate] = []
     for _ in range(_MAX_COMBINED):
         scored = []
         for c in cands:
-            if any(s.row is c.row for s in steps) or (steps and c.apply is _fit_affine):  # the fit alone, never combined (bounded time)
+            if c.apply is _fit_affine or any(s.row is c.row for s in steps):
                 continue
-            err, ok, ran = trials.run([*steps, c])
+            err, ok, _ = trials.run([*steps, c])
             if ok:
-                return Finding(sorted([*steps, _snapped(trials, steps, c, ran) if c.apply is _fit_affine else c], key=_order(ctx, first)), err, kinds)
+                return Finding(sorted([*steps, c], key=_order(ctx, first)), err, kinds)
             scored.append((err, len(scored), c))
-        better = [s for s in scored if s[0] < 0.5 * best and s[2].apply is not _fit_affine]  # halves the error, at least; not a fit
+        better = [s for s in scored if s[0] < 0.5 * best]  # a step that halves the error, at least
         if not better:
-            return None
+            break
         best, _, c = min(better, key=lambda s: s[:2])
         steps.append(c)
+    for c in fits:
+        err, ok, ran = trials.run([c])
+        if ok:
+            return Finding([_snapped(trials, [], c, ran)], err, kinds)
     return None
 
 

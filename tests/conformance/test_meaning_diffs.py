@@ -136,11 +136,13 @@ def test_keras2_gru_reset_before_is_named_not_expressible(tmp_path) -> None:
     assert "reset_after=False" in first and "nn.GRU cannot express" in first
 
 
-def test_plan_with_a_reference_names_the_difference(tmp_path, built) -> None:
+def test_plan_with_a_reference_names_the_difference(tmp_path, built, capsys) -> None:
     from np2torch.api import plan_rows
+    from np2torch.flows.cli import main
 
-    _cfg, _rows, problem = plan_rows(_case(tmp_path, "final-softmax", built, {}, None, "plan"))
-    assert problem is not None and "fc2 (Linear): final activation differs" in str(problem).splitlines()[0]
+    assert main(["plan", str(_case(tmp_path, "final-softmax", built, {}, None, "plan"))]) == 1  # `np2torch plan` exits 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "fc2 (Linear): final activation differs" in err[0] and err[1].startswith("Fix: end forward with `x = torch.softmax(x, dim=-1)`")
     _cfg, _rows, problem = plan_rows(_case(tmp_path, "final-softmax", built, {"softmax": True}, None, "plan-fixed"))
     assert problem is None
 
