@@ -161,3 +161,17 @@ class GRUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.gru(x)[0][:, -1])
+
+
+class DenseLNGelu(nn.Module):
+    """Flax Dense(8) → LayerNorm → gelu → Dense(3), on (N, 6): Flax's LayerNorm epsilon is 1e-6 and its gelu the tanh one."""
+
+    def __init__(self, eps: float = 1e-5, approximate: str = "none") -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.ln = nn.LayerNorm(8, eps=eps)
+        self.act = nn.GELU(approximate=approximate)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.ln(self.fc1(x))))

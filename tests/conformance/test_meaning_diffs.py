@@ -136,6 +136,45 @@ def test_keras2_gru_reset_before_is_named_not_expressible(tmp_path) -> None:
     assert "reset_after=False" in first and "nn.GRU cannot express" in first
 
 
+@pytest.mark.slow
+def test_flax_layernorm_epsilon_and_tanh_gelu_are_named_together(flax_linen, tmp_path) -> None:
+    """Flax's defaults (LayerNorm epsilon 1e-6, gelu approximate=True) against a port with PyTorch's: both named, combined."""
+    import jax
+    import jax.numpy as jnp
+    from flax import traverse_util
+
+    fnn = flax_linen
+
+    class Net(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            return fnn.Dense(3)(fnn.gelu(fnn.LayerNorm()(fnn.Dense(8)(x))))
+
+    x = _x((8, 6), 0.002)  # a small variance before the LayerNorm: its epsilon matters
+    variables = Net().init(jax.random.PRNGKey(0), jnp.asarray(x))
+    ref = np.asarray(Net().apply(variables, jnp.asarray(x)), dtype=np.float32)
+    arrays = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(variables, sep="/").items()}
+
+    def config(kwargs: dict[str, Any], tag: str) -> Path:
+        d = tmp_path / tag
+        d.mkdir()
+        np.savez(d / "weights.npz", **arrays)
+        np.save(d / "input.npy", x)
+        np.save(d / "ref.npy", ref)
+        raw = {"name": tag, "source": {"path": "weights.npz"}, "model": {"target": f"{MODELS}:DenseLNGelu", "kwargs": kwargs},
+               "mapping": {"preset": "flax"}, "verify": {"input": "input.npy", "reference_output": "ref.npy", **TOL}, "export": {"dir": "out"}}
+        (d / "config.yaml").write_text(yaml.safe_dump(raw))
+        return d / "config.yaml"
+
+    with pytest.raises(ConversionError) as info:
+        stages.run_all(load_config(config({}, "natural")))
+    head = str(info.value).splitlines()[:3]
+    assert "ln (LayerNorm): eps differs: the source used 1e-06, the model 1e-05" in head[0] and "act (GELU): GELU approximation" in head[0]
+    assert head[1].startswith("Fix: nn.LayerNorm(..., eps=1e-06)") and 'nn.GELU(approximate="tanh")' in head[1]
+    recs = stages.run_all(load_config(config({"eps": 1e-6, "approximate": "tanh"}, "fixed")))
+    assert recs["verify-forward-pass"]["metrics"]["passed"]
+
+
 def test_plan_with_a_reference_names_the_difference(tmp_path, built, capsys) -> None:
     from np2torch.api import plan_rows
     from np2torch.flows.cli import main
