@@ -534,6 +534,10 @@ def _candidates(ctx: Context, first: str | None) -> list[Candidate]:
     return sorted([c for c in cands if not c.modules] if ctx.raised else cands, key=_order(ctx, first))
 
 
+def _elements(model: nn.Module) -> int:
+    return sum(t.numel() for t in [*model.parameters(), *model.buffers()])
+
+
 def diagnose(model: nn.Module, inputs: list[np.ndarray], refs: list[np.ndarray] | None, *, rtol: float, atol: float,
              activations: dict[str, np.ndarray] | None = None) -> Finding | None:
     """The known difference(s) of meaning that make ``model`` reproduce ``refs``, or ``None``.
@@ -542,7 +546,7 @@ def diagnose(model: nn.Module, inputs: list[np.ndarray], refs: list[np.ndarray] 
     float64 CPU copy. ``None`` also when the unchanged copy already reproduces the reference
     (the failure was float rounding, not meaning).
     """
-    if refs is None or sum(t.numel() for t in [*model.parameters(), *model.buffers()]) > _MAX_ELEMENTS:
+    if refs is None or _elements(model) > _MAX_ELEMENTS:
         return None
     trials = _Trials(model, inputs, refs, rtol, atol)
     best, passed, _ = trials.run([])
@@ -594,16 +598,17 @@ def plan_check(cfg: Any, records: list[Any], rows: list[dict[str, Any]]) -> Conv
     from np2torch.tasks.forward import load_activations, load_reference, make_inputs
     from np2torch.tasks.model import build_model
 
-    model = build_model(cfg.model.target, cfg.model.kwargs, device="cpu", allow_unsafe_load=cfg.model.allow_unsafe_load)
+    model = build_model(cfg.model.target, cfg.model.kwargs, allow_unsafe_load=cfg.model.allow_unsafe_load)  # on meta: no memory
     diffs = config_differences(cfg.source.path, rows, model)
     if diffs:
         more = f" (and {len(diffs) - 1} more difference(s) of meaning)" if len(diffs) > 1 else ""
         return MappingError(f"{diffs[0]['key']}: {diffs[0]['reason']}{more}", problems=diffs[1:],
                             fix=f"{diffs[0]['fix']} (the source states its configuration; the weights are right)")
     v = cfg.verify
-    if v.input is None or v.reference_output is None:
+    if v.input is None or v.reference_output is None or _elements(model) > _MAX_ELEMENTS:
         return None
     inputs, refs = make_inputs(v.input), load_reference(v.reference_output)
+    model = build_model(cfg.model.target, cfg.model.kwargs, device="cpu", allow_unsafe_load=cfg.model.allow_unsafe_load)
     trial = evidence._Trial(rows, records, model, inputs, refs, {}, v.rtol, v.atol)
     trial.recorder.close()
     err, passed, _ = trial.run()
