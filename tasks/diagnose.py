@@ -41,7 +41,7 @@ __all__ = ["TABLE", "Candidate", "Finding", "Row", "architecture_headline", "con
 Apply = Callable[[nn.Module, list[np.ndarray]], tuple[nn.Module, list[np.ndarray]]]  # on a copy: (model, inputs) → what to run
 _MAX_COMBINED = 3  # candidates combined greedily when no single one reproduces the reference
 _MAX_ELEMENTS = 1 << 26  # parameters and buffers: past this (0.5 GB in float64, copied per trial) the diagnosis is not attempted
-_FIT_STEPS = 40  # L-BFGS iterations of the input-map fit: an exact affine map converges in a few; more only costs time
+_FIT_STEPS = 12  # Gauss-Newton iterations of the input-map fit: an exact affine map converges in a few; more only costs time
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,7 +357,8 @@ class _Affine(nn.Module):
     def __init__(self, inner: nn.Module, scale: torch.Tensor, shift: torch.Tensor, axis: int):
         super().__init__()
         self.inner, self.axis = inner, axis
-        self.scale, self.shift = nn.Parameter(scale), nn.Parameter(shift)
+        self.register_buffer("scale", scale)
+        self.register_buffer("shift", shift)
 
     def forward(self, x: torch.Tensor, *rest: Any) -> Any:
         shape = [1] * x.dim()
@@ -386,7 +387,11 @@ def _affine(m: nn.Module, xt: list[torch.Tensor]) -> bool:
 
 
 def _fit_affine(m: nn.Module, xs: list[np.ndarray], refs: list[np.ndarray] | None = None) -> tuple[nn.Module, list[np.ndarray]]:
-    """A per-channel ``x * scale + shift`` before the model, fitted to the reference (L-BFGS, float64)."""
+    """A per-channel ``x * scale + shift`` before the model, fitted to the reference (Gauss-Newton, float64).
+
+    Least squares over 2·C numbers with a central-difference Jacobian: no autograd and no
+    ``torch.optim`` (whose first use imports TorchDynamo, seconds on its own).
+    """
     x = xs[0]
     axis = 1 if x.ndim >= 3 else x.ndim - 1
     n = x.shape[axis]
@@ -394,23 +399,34 @@ def _fit_affine(m: nn.Module, xs: list[np.ndarray], refs: list[np.ndarray] | Non
     xt = [torch.from_numpy(np.asarray(v, dtype=np.float64)) for v in xs]
     if refs is None or sum(np.size(r) for r in refs) < 8 * n or _affine(m, xt):
         return wrapped, xs  # too few reference values for 2·C parameters, or an affine model (any output offset would "fit"): no fit
-    for p in m.parameters():
-        p.requires_grad_(False)
-    rt = [torch.from_numpy(np.asarray(r, dtype=np.float64)) for r in refs]
-    opt = torch.optim.LBFGS([wrapped.scale, wrapped.shift], max_iter=_FIT_STEPS, tolerance_grad=1e-14, tolerance_change=1e-16,
-                            line_search_fn="strong_wolfe")
+    ref = np.concatenate([np.ravel(np.asarray(r, dtype=np.float64)) for r in refs])
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        outs = _flatten_outputs(wrapped(*xt))
-        loss = sum(((o - r) ** 2).mean() for o, r in zip(outs, rt))
-        loss.backward()
-        return loss
-    try:
-        wrapped.train(False)
-        opt.step(closure)
-    except RuntimeError:
-        pass
+    def residual(theta: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            wrapped.scale.copy_(torch.from_numpy(theta[:n]))
+            wrapped.shift.copy_(torch.from_numpy(theta[n:]))
+            out = np.concatenate([o.numpy().ravel() for o in _flatten_outputs(wrapped(*xt))])
+        return out - ref if out.shape == ref.shape else np.full_like(ref, np.inf)
+
+    theta = np.concatenate([np.ones(n), np.zeros(n)])
+    r0 = residual(theta)
+    for _ in range(_FIT_STEPS):
+        h = 1e-6 * np.maximum(1.0, np.abs(theta))
+        jac = np.stack([(residual(theta + h[i] * e) - residual(theta - h[i] * e)) / (2 * h[i]) for i, e in enumerate(np.eye(2 * n))], 1)
+        if not np.isfinite(jac).all() or not np.isfinite(r0).all():
+            break
+        step = np.linalg.lstsq(jac, -r0, rcond=None)[0]
+        before = np.linalg.norm(r0)
+        for t in (1.0, 0.5, 0.25):  # damped: accept a step only if it lowers the residual
+            r1 = residual(theta + t * step)
+            if np.linalg.norm(r1) < before:
+                theta, r0 = theta + t * step, r1
+                break
+        else:
+            break
+        if np.linalg.norm(r0) > 0.5 * before or np.linalg.norm(t * step) <= 1e-12 * (1 + np.linalg.norm(theta)):
+            break  # stalled (an exact map converges fast: Gauss-Newton on a zero residual), or converged
+    residual(theta)  # leave the best parameters in the wrapper
     return wrapped, xs
 
 
