@@ -319,11 +319,13 @@ def _run_uncached(cfg: Config, work: Path, until: str) -> dict[str, Any]:
     return stages.run_all(cfg, call=stages.Local(cache=False, work=work), until=until)
 
 
-def _manifest_rows(cfg: Config, work: Path) -> list[ManifestRow]:
-    """Stages 1 and 2 (load-arrays, infer-mapping, evidence included): the manifest rows."""
+def _manifest_rows(cfg: Config, work: Path) -> tuple[list[Any], list[ManifestRow]]:
+    """Stages 1 and 2 (load-arrays, infer-mapping, evidence included): the array records and the manifest rows."""
+    from np2torch.tasks import stages
     from np2torch.tasks.manifest import read_manifest
 
-    return read_manifest(_run_uncached(cfg, work, "infer-mapping")["infer-mapping"].path("manifest.json"))
+    recs = _run_uncached(cfg, work, "infer-mapping")
+    return stages.read_records(recs["load-arrays"]), read_manifest(recs["infer-mapping"].path("manifest.json"))
 
 
 def load_into(model: nn.Module, source: str | Path, *, preset: str | None = None, strategy: str = "auto", rules: Sequence[Any] = (),
@@ -442,8 +444,15 @@ def plan_rows(config: str | Path, overrides: Sequence[str] = ()) -> tuple[Config
 
     cfg = load_config(config, list(overrides))
     with tempfile.TemporaryDirectory(prefix="np2torch-plan-") as tmp, _read_only():
-        rows = _manifest_rows(cfg, Path(tmp))
-    return cfg, rows, _validated(rows, cfg.source.allow_nonfinite)
+        records, rows = _manifest_rows(cfg, Path(tmp))
+        return cfg, rows, _validated(rows, cfg.source.allow_nonfinite) or _meaning(cfg, records, rows)
+
+
+def _meaning(cfg: Config, records: list[Any], rows: list[ManifestRow]) -> ConversionError | None:
+    """A valid manifest's differences of meaning: the source's stated configuration, the reference's diagnosis (issue 19)."""
+    from np2torch.tasks.diagnose import plan_check
+
+    return plan_check(cfg, records, rows)
 
 
 # load_into's options and their defaults: plan(model, source, ...) takes the same
@@ -459,8 +468,8 @@ def _instance_plan_rows(model: nn.Module, source: str | Path, options: dict[str,
     opts = {**_LOAD_OPTIONS, **options}
     with tempfile.TemporaryDirectory(prefix="np2torch-plan-") as tmp, _read_only(), _registered(model) as target:
         cfg = _instance_config(model, source, target, Path(tmp), **opts)
-        rows = _manifest_rows(cfg, Path(tmp) / "work")
-    return rows, _validated(rows, opts["allow_nonfinite"])
+        records, rows = _manifest_rows(cfg, Path(tmp) / "work")
+        return rows, _validated(rows, opts["allow_nonfinite"]) or _meaning(cfg, records, rows)
 
 
 def plan(config: str | Path | nn.Module, source: str | Path | None = None, *, overrides: Sequence[str] = (), **load_options: Any) -> pd.DataFrame:

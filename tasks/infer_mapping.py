@@ -32,7 +32,7 @@ import numpy as np
 
 from np2torch.tasks import transforms as T
 from np2torch.tasks.config import MappingSpec
-from np2torch.tasks.errors import MappingError
+from np2torch.tasks.errors import MappingError, VerifyError
 from np2torch.tasks.layouts import AMBIGUOUS_CONFIDENCE, flatten_heuristic, layout_candidates
 from np2torch.tasks.readers.base import ArrayRecord
 from np2torch.tasks.manifest import ManifestRow, new_row
@@ -199,7 +199,7 @@ def _graph(model: Any, input_spec: Any, trace: Any) -> Callable[[], Callable[[st
 
 def build_manifest(cfg: Any, records: list[ArrayRecord]) -> list[ManifestRow]:
     """Manifest for ``cfg`` from the array table: strategies, layouts, pairings, then evidence for ambiguous rows."""
-    from np2torch.tasks import evidence, forward, model as model_mod
+    from np2torch.tasks import diagnose, evidence, forward, model as model_mod
 
     m = model_mod.build_model(cfg.model.target, cfg.model.kwargs, allow_unsafe_load=cfg.model.allow_unsafe_load)
     targets = model_mod.describe_targets(m)
@@ -216,5 +216,9 @@ def build_manifest(cfg: Any, records: list[ArrayRecord]) -> list[ManifestRow]:
            for r in rows if r.target_key):
         return rows  # validate reports these; evidence needs a complete, well-shaped model
     live = model_mod.build_model(cfg.model.target, cfg.model.kwargs, device="cpu", allow_unsafe_load=cfg.model.allow_unsafe_load)
-    return evidence.resolve(rows, records, model=live, inputs=forward.make_inputs(v.input), refs=forward.load_reference(v.reference_output),
-                            activations=forward.load_activations(v.reference_activations), rtol=v.rtol, atol=v.atol)
+    inputs, refs, acts = forward.make_inputs(v.input), forward.load_reference(v.reference_output), forward.load_activations(v.reference_activations)
+    try:
+        return evidence.resolve(rows, records, model=live, inputs=inputs, refs=refs, activations=acts, rtol=v.rtol, atol=v.atol)
+    except (MappingError, VerifyError):  # no layout reproduces the reference: a difference of meaning may (named before any layout advice)
+        diagnose.explain(live, inputs, refs, rtol=v.rtol, atol=v.atol, activations=acts, error=MappingError)
+        raise

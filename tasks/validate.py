@@ -196,10 +196,16 @@ def validate_manifest(rows: list[ManifestRow], *, allow_nonfinite: bool = False)
     except pa.errors.SchemaErrors as exc:
         problems = failure_table(exc, df)
         problems.sort(key=lambda p: (list(df["target_key"]).index(p["key"]) if p["key"] in set(df["target_key"]) else len(df), p["reason"]))
+        from np2torch.tasks.diagnose import architecture_headline  # the wrong architecture, as one diff on the first line (issue 19)
+
+        arch = architecture_headline(rows)
+        for p in problems if arch else []:
+            if p["key"] in arch[3]:  # the tensor exists on both sides in another shape: never "allow it missing", never "ignore it"
+                p["fix"] = arch[1]
         raise ValidationError(
-            f"the manifest fails {len(problems)} check(s); nothing was converted",
-            key=problems[0]["key"] if problems else None,
+            f"the manifest fails {len(problems)} check(s); nothing was converted" + (f" — {arch[1]}" if arch else ""),
+            key=arch[0] if arch else (problems[0]["key"] if problems else None),
             problems=problems,
-            fix=problems[0]["fix"] if problems else None,
+            fix=arch[2] if arch else (problems[0]["fix"] if problems else None),
         ) from None
     return rows

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from np2torch.tasks.config import VerifySpec
+from np2torch.tasks.diagnose import explain
 from np2torch.tasks.errors import VerifyError
 from np2torch.tasks.forward import compare, load_activations, load_reference, localise, make_inputs, run_forward
 from np2torch.tasks.model import build_model, describe_targets
@@ -64,10 +65,16 @@ def verify_forward_pass(*, model_target: str, model_kwargs: dict[str, Any], weig
     """Metrics of the forward pass against the reference; raises VerifyError when it fails."""
     dev = check_device(device)
     model = load_model_from_file(model_target, model_kwargs, weights, dev, allow_unsafe_load=allow_unsafe_load, stream_pages=True)
-    inputs = make_inputs(spec.input)
-    outputs = run_forward(model, inputs, dev)
-    metrics = compare(outputs, load_reference(spec.reference_output), rtol=spec.rtol, atol=spec.atol)
+    inputs, refs = make_inputs(spec.input), load_reference(spec.reference_output)
+    why = {"rtol": spec.rtol, "atol": spec.atol, "activations": load_activations(spec.reference_activations), "error": VerifyError}
+    try:
+        outputs = run_forward(model, inputs, dev)
+    except VerifyError:
+        explain(model, inputs, refs, **why)  # a difference of meaning (e.g. a channels-last input) is named first
+        raise
+    metrics = compare(outputs, refs, rtol=spec.rtol, atol=spec.atol)
     if not metrics["passed"]:
+        explain(model, inputs, refs, **why)  # raises when a known difference of meaning reproduces the reference
         # localisation: the first layer whose output diverges (from reference activations when given)
         where = localise(model, inputs, load_activations(spec.reference_activations), rtol=spec.rtol, atol=spec.atol, device=dev)
         metrics["first_divergence"] = where
