@@ -88,6 +88,8 @@ class ScanContext:
     allow_pickle: bool = False  # pickled arrays load only when true (source.allow_pickle)
     progress: Callable[[int], None] | None = None  # called with the number of source bytes read, as they are read
     problems: list[Problem] = field(default_factory=list)  # arrays that cannot be parameters, reported together
+    # what a reader recognised and left out on purpose (optimizer state), one line per kind, not per array
+    notes: list[str] = field(default_factory=list)
 
 
 def _one_file(path: Path) -> list[Path]:
@@ -168,9 +170,17 @@ def check_keys(records: list[ArrayRecord], where: str) -> None:
 
 
 def as_int_shape(shape: Any, where: str) -> tuple[int, ...]:
-    """A declared shape as a tuple of non-negative ints, or a LoadError."""
+    """A declared shape as a tuple of non-negative ints, each (and their product, zeros aside)
+    fitting a signed 64-bit int as torch and the safetensors library require, or a LoadError."""
     if not isinstance(shape, (tuple, list)) or len(shape) > MAX_NDIM or any(type(d) is not int or d < 0 for d in shape):
         raise LoadError(f"header declares an invalid shape {short(repr(shape), 200)}", key=where, fix="re-export the file")
+    n = 1
+    for d in shape:
+        n *= max(d, 1)
+    if n >= 1 << 63:
+        raise LoadError(f"header declares shape {short(repr(list(shape)), 200)}, whose dimensions do not fit a signed 64-bit integer",
+                        key=where, expected="every dimension (and their product) below 2**63", actual=short(repr(list(shape)), 200),
+                        fix="re-export the file; no real tensor has such a shape")
     return tuple(shape)
 
 
