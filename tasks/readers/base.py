@@ -105,7 +105,11 @@ class Reader:
       ONE read of each file (its sha256, every array's value statistics; see ``stats.layout_infos``).
     - ``suffixes``: a file with one of these suffixes is this format (``source.format: auto``);
       ``sniff(head, size)``: else, is a file whose first 16 bytes are ``head`` this format.
-    - ``folder``: the source is a folder (``auto`` picks the first folder reader for a folder).
+    - ``claims(path)``: a last say after ``sniff`` (or alone, for a folder or a file no magic
+      tells): is this file or folder this format, looking inside it (a zip that holds a
+      ``model.weights.h5``, a folder that holds an index).
+    - ``folder``: the source is a folder (``auto`` picks the first folder reader that claims a
+      folder); None: either, a folder or a file in it (an index file).
     - ``files(path)``: the files that make up the source, the ones its cache key hashes.
     - ``open(record)``: an array the reader could not describe as a byte range (``offset < 0``);
       every other array is memory-mapped from its file.
@@ -116,9 +120,10 @@ class Reader:
     about: str  # what it reads, for help texts and errors
     suffixes: tuple[str, ...] = ()
     sniff: Callable[[bytes, int], bool] | None = None
-    folder: bool = False
+    folder: bool | None = False
     files: Callable[[Path], list[Path]] = _one_file
     open: Callable[[ArrayRecord], Any] | None = None
+    claims: Callable[[Path], bool] | None = None
 
 
 def with_key(r: ArrayRecord, key: str) -> ArrayRecord:
