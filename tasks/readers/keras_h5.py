@@ -361,7 +361,7 @@ def _infos(path: Path, f, rows, progress, at: list[str]) -> list[dict[str, Any]]
             at[0] = name
             sha, acc = hashlib.sha256(), {"n_nonfinite": 0, "absmax": 0.0, "absmin_nonzero": 0.0}
             for piece in _slabs(f[name], f"{path}::{name}"):  # bounded memory, however large the dataset inflates
-                sha.update(piece.tobytes())
+                sha.update(np.ascontiguousarray(piece).reshape(-1).view(np.uint8))
                 fold(piece.reshape(-1), acc)
             infos[i] = {**acc, "fingerprint": fingerprint_of(["data", sha.hexdigest(), dtype.str, list(shape), False])}
     return infos
