@@ -193,7 +193,7 @@ def _check_link(link, name: str, where: str) -> None:
 
 
 def _legacy(f, where: str, at: list[str]) -> list[tuple[str, Any]]:
-    root = _entry(f, "model_weights", where) if "model_weights" in f and "layer_names" not in f.attrs else f
+    root = _entry(f, "model_weights", where) if "model_weights" in f and not {"layer_names", "layer_names0"} & set(f.attrs) else f
     out = []
     layers = _attr_list(root, "layer_names", where)
     for layer in layers:
@@ -328,7 +328,10 @@ def scan_h5(f, path: Path, ctx: ScanContext, *, base: int | None, size: int, ord
 
 def _scan(f, path: Path, ctx: ScanContext, base: int | None, size: int, order, what: str, at: list[str]) -> list[ArrayRecord]:
     problems: list[Problem] = []  # reported here, with the file: a dataset that cannot be a parameter is not read
-    legacy = "layer_names" in f.attrs or ("model_weights" in f and "layer_names" in f["model_weights"].attrs)
+    def lists(attrs) -> bool:
+        return "layer_names" in attrs or "layer_names0" in attrs
+
+    legacy = lists(f.attrs) or ("model_weights" in f and lists(f["model_weights"].attrs))
     if legacy:
         named = _legacy(f, str(path), at)
     else:

@@ -85,7 +85,7 @@ def _shards(index: Path) -> tuple[dict[str, list[str]], Path]:
         if extra:
             state = "is on disk but" if extra[0] in on_disk else "is"
             raise LoadError(f"shard {short(extra[0])!r} {state} not listed in the index ({len(extra)} such)", key=str(index),
-                            expected=f"{total} shards listed", actual=len([s for s in by_shard if s in want]), fix=_FIX)
+                            expected=f"{int(total)} shards listed", actual=len([s for s in by_shard if s in want]), fix=_FIX)
     order = sorted(by_shard, key=lambda n: (int(m.group(2)) if (m := _SERIES.fullmatch(n)) else 0, n))
     return {s: by_shard[s] for s in order}, folder
 
