@@ -1317,7 +1317,8 @@ def test_safetensors_dimension_past_int64(tmp_path, capsys):
     p = tmp_path / "w.safetensors"
     h = json.dumps({"w": {"dtype": "F32", "shape": [1 << 64, 0], "data_offsets": [0, 0]}}).encode()
     p.write_bytes(struct.pack("<Q", len(h)) + h)
-    _expect(capsys, tmp_path, p, "::w`: header declares shape [18446744073709551616, 0], whose dimensions do not fit a signed 64-bit integer")
+    _expect(capsys, tmp_path, p,
+            "::w`: header declares shape [18446744073709551616, 0], whose dimensions do not fit a signed 64-bit integer")
 
 
 def test_huge_key_is_shortened_in_the_failed_state_prefect_prints():

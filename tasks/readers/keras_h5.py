@@ -303,7 +303,8 @@ def _check_dataset(ds, key: str, where: str, size: int, problems: list[Problem])
     if nbytes > (bound := max_inflate()):
         raise LoadError(f"dataset would need {nbytes} bytes of memory once inflated ({stored} stored), more than the {bound} available",
                         key=where, expected=f"at most {bound} bytes", actual=nbytes,
-                        fix="store the weights uncompressed (contiguous datasets are read in place), or convert on a machine with more memory")
+                        fix="store the weights uncompressed (contiguous datasets are read in place), "
+                            "or convert on a machine with more memory")
     return dtype, shape, -1
 
 

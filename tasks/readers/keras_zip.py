@@ -134,7 +134,8 @@ def scan(path: Path, ctx: ScanContext) -> list[ArrayRecord]:
             if info.compress_type == zipfile.ZIP_STORED:  # as Keras writes it: read in place
                 start = _data_offset(fh, info, where)
                 if start + info.file_size > size:
-                    raise LoadError("archive member is truncated", key=where, expected=info.file_size, actual=max(0, size - start), fix=_FIX)
+                    raise LoadError("archive member is truncated", key=where, expected=info.file_size, actual=max(0, size - start),
+                                    fix=_FIX)
                 with h5_file(path, start, info.file_size) as f:
                     return scan_h5(f, path, ctx, base=start, size=info.file_size, order=order, what="keras-info1")
             data = _inflate(zf, info, where, max_inflate())

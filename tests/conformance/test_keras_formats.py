@@ -60,7 +60,8 @@ def test_keras_file_with_optimizer_state_converts_with_zero_rules(tmp_path, how)
     notes: list[str] = []
     recs = scan_source(src, notes=notes)
     assert [r.key for r in recs] == [v.path for v in model.weights]  # model order; no optimizer variable among them
-    assert notes == [f"optimizer state left out: {len(model.optimizer.variables)} arrays under optimizer/vars/ (training state, not model weights)"]
+    n_opt = len(model.optimizer.variables)
+    assert notes == [f"optimizer state left out: {n_opt} arrays under optimizer/vars/ (training state, not model weights)"]
     if how == "keras":
         assert all(r.offset > 0 for r in recs), "the stored model.weights.h5 is memory-mapped inside the .keras file"
         assert keras_layer_order(src) == [layer.name for layer in model.layers]
