@@ -105,7 +105,7 @@ def layer_order(config: Any) -> list[str]:
             return
         for sub in layers:
             name = sub.get("config", {}).get("name") if isinstance(sub, dict) and isinstance(sub.get("config"), dict) else None
-            if isinstance(name, str):
+            if isinstance(name, str) and sub.get("class_name") != "InputLayer":  # an input holds no weights
                 out.append(prefix + name)
                 walk(sub, f"{prefix}{name}/", depth + 1)
 
