@@ -130,8 +130,12 @@ def _walk(group, prefix: list[str], where: str, out: list[tuple[list[str], Any]]
     if depth > _MAX_DEPTH:
         raise LoadError(f"HDF5 groups nest deeper than {_MAX_DEPTH}", key=where, fix=_FIX)
     for name in group:  # HDF5 lists names in byte order
-        _check_link(group.get(name, getlink=True), "/".join(prefix + [name]), where)
-        obj = group[name]
+        entry = "/".join(prefix + [name])
+        _check_link(group.get(name, getlink=True), entry, where)
+        try:
+            obj = group[name]
+        except (KeyError, OSError, RuntimeError, ValueError) as exc:
+            raise LoadError(f"HDF5 entry {short(entry)!r} cannot be read: {short(str(exc).strip(chr(39)))}", key=where, fix=_FIX) from None
         if isinstance(obj, h5py.Group):
             _walk(obj, prefix + [name], where, out, depth + 1)
         else:
@@ -324,7 +328,8 @@ def scan_h5(f, path: Path, ctx: ScanContext, *, base: int | None, size: int, ord
     except (KeyError, OSError, RuntimeError, ValueError, TypeError) as exc:
         if isinstance(exc, PermissionError):
             raise
-        raise LoadError(f"HDF5 entry {short(at[0])!r} cannot be read: {short(str(exc))}", key=str(path), fix=_FIX) from None
+        raise LoadError(f"HDF5 entry {short(at[0].lstrip('/'))!r} cannot be read: {short(str(exc).strip(chr(39)))}", key=str(path),
+                        fix=_FIX) from None
 
 
 def _scan(f, path: Path, ctx: ScanContext, base: int | None, size: int, order, what: str, at: list[str]) -> list[ArrayRecord]:
