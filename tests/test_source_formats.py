@@ -420,7 +420,8 @@ def test_keras_native_file_layer_order_comes_from_its_config_not_the_file_layout
             f[f"layers/{segment}/vars/1"] = np.ones(2, np.float32)
             f[f"layers/{segment}/vars"].attrs["name"] = name
     p = tmp_path / "m.keras"
-    cfg = {"class_name": "Functional", "config": {"layers": [{"class_name": "Dense", "config": {"name": n}} for n in ("head", "first_written")]}}
+    dense = [{"class_name": "Dense", "config": {"name": n}} for n in ("head", "first_written")]
+    cfg = {"class_name": "Functional", "config": {"layers": dense}}
     with zipfile.ZipFile(p, "w") as zf:
         zf.writestr("config.json", json.dumps(cfg))
         zf.writestr("model.weights.h5", buf.getvalue())
