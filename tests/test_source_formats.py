@@ -426,3 +426,23 @@ def test_keras_native_file_layer_order_comes_from_its_config_not_the_file_layout
         zf.writestr("config.json", json.dumps(cfg))
         zf.writestr("model.weights.h5", buf.getvalue())
     assert [r.key for r in scan_source(p)] == ["head/kernel", "head/bias", "first_written/kernel", "first_written/bias"]
+
+
+def test_keras_native_file_rezipped_with_deflate_is_inflated_under_the_bound(tmp_path):
+    import zipfile
+
+    keras = _keras()
+    from keras import layers
+
+    m = keras.Sequential([keras.Input((4,)), layers.Dense(5, name="fc"), layers.Dense(2, name="head")])
+    p = tmp_path / "m.keras"
+    m.save(p)
+    q = tmp_path / "deflated.keras"
+    with zipfile.ZipFile(p) as src, zipfile.ZipFile(q, "w", zipfile.ZIP_DEFLATED) as dst:
+        for name in src.namelist():
+            dst.writestr(name, src.read(name))
+    recs = scan_source(q)
+    assert all(r.offset == -1 and r.reader == "keras" for r in recs)  # not a byte range of the file: read through the reader
+    got = _values(recs)
+    for v in m.weights:
+        np.testing.assert_array_equal(got[v.path.removeprefix(f"{m.name}/")], keras.ops.convert_to_numpy(v))
