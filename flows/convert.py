@@ -18,7 +18,7 @@ from prefect.logging import get_run_logger
 
 from np2torch.tasks import audit, manifest, stages
 from np2torch.tasks.config import Config, load_config
-from np2torch.tasks.errors import ConversionError, ValidationError
+from np2torch.tasks.errors import STATE_LIMIT, ConversionError, ValidationError, short
 from np2torch.tasks.prefect_tasks import Orchestrated
 from np2torch.tasks.progress import RunProgress
 
@@ -98,12 +98,12 @@ def summary_markdown(record: dict[str, Any]) -> str:
 def _state_message(exc: BaseException, name: str) -> str:
     """What the UI shows beside a failed run: stage, key and cause on one line, then the fix."""
     if isinstance(exc, ConversionError):
-        where = f"{exc.stage}" + (f", `{exc.key}`" if exc.key else "")
+        where = f"{exc.stage}" + (f", `{short(exc.key)}`" if exc.key else "")
         text = f"{name} failed in {where}: {exc.message}"
         if exc.expected is not None or exc.actual is not None:
-            text += f" (expected {exc.expected}, got {exc.actual})"
-        return text + (f". Fix: {exc.fix}" if exc.fix else "")
-    return f"{name} failed: {type(exc).__name__}: {exc}"
+            text += f" (expected {short(str(exc.expected))}, got {short(str(exc.actual))})"
+        return short(text + (f". Fix: {exc.fix}" if exc.fix else ""), STATE_LIMIT)
+    return short(f"{name} failed: {type(exc).__name__}: {exc}", STATE_LIMIT)
 
 
 @flow(name="np2torch-convert", validate_parameters=False)

@@ -23,11 +23,15 @@ __all__ = [
     "VerifyError",
     "Problem",
     "short",
+    "STATE_LIMIT",
 ]
 
 # Keys and paths come from files: one 10 kB key must not make a 10 kB line, or more when it is
 # repeated. Messages show at most this many characters of one, with the middle elided.
 SHORT_LIMIT = 240
+# A whole message line (a failure's one-line state message, a problem line) is never longer than
+# this, whatever a file put into it: Prefect prints a failed state's message whole.
+STATE_LIMIT = 2000
 
 
 def short(text: str, limit: int = SHORT_LIMIT) -> str:
@@ -89,13 +93,13 @@ class ConversionError(Exception):
         head += self.message
         if self.expected is not None or self.actual is not None:
             head += f" (expected {self.expected}, got {self.actual})"
-        lines = [head]
+        lines = [short(head, STATE_LIMIT)]
         for p in self.problems[:50]:
-            lines.append(f"  - {p.line()}")
+            lines.append(f"  - {short(p.line(), STATE_LIMIT)}")
         if len(self.problems) > 50:
             lines.append(f"  … and {len(self.problems) - 50} more")
         if self.fix:
-            lines.append(f"Fix: {self.fix}")
+            lines.append(f"Fix: {short(self.fix, STATE_LIMIT)}")
         return "\n".join(lines)
 
     def __reduce__(self):  # keep the fields across pickling (Prefect persists failed states)

@@ -374,3 +374,75 @@ def test_h5_is_read_through_a_checked_handle(tmp_path):
     os.mkfifo(p)
     with pytest.raises(LoadError, match=rf"^\[load-arrays\] `{p}`: refusing to read a FIFO \(named pipe\)"):
         scan_source(p, fmt="h5")
+
+
+# ---------------------------------------------------------------------------------------------
+# Keras 3 native .keras (issue 18): detected by suffix and by content, read in place, in the config's order
+
+
+def test_keras_native_file_detected_by_content_and_read_in_config_order(tmp_path):
+    keras = _keras()
+    from keras import layers
+
+    from np2torch.tasks.readers.keras_zip import keras_layer_order
+
+    inner = keras.Sequential([layers.Dense(3, name="d3"), layers.Dense(2, name="d2")], name="inner")
+    m = keras.Sequential([keras.Input((4,)), layers.Dense(5, name="zeta"), layers.BatchNormalization(name="alpha"), inner])
+    p = tmp_path / "m.keras"
+    m.save(p)
+    q = tmp_path / "m.zip"  # no .keras suffix: a zip with config.json and model.weights.h5 is still one (it was read as an .npz)
+    q.write_bytes(p.read_bytes())
+    np.savez(tmp_path / "plain.bin", a=np.ones(2))
+    assert [detect_format(x, "auto") for x in (p, q, tmp_path / "plain.bin.npz")] == ["keras", "keras", "npz"]
+    assert keras_layer_order(p) == ["zeta", "alpha", "inner", "inner/d3", "inner/d2"]
+    before = set(tmp_path.rglob("*"))
+    recs = scan_source(q)
+    want = {v.path.removeprefix(f"{m.name}/"): keras.ops.convert_to_numpy(v) for v in m.weights}
+    assert [r.key for r in recs] == list(want)  # the model's order
+    got = _values(recs)
+    for k, v in want.items():
+        np.testing.assert_array_equal(got[k], v)
+    assert all(r.offset > 0 for r in recs) and isinstance(open_array(recs[0]), np.memmap)
+    assert not _left_behind(tmp_path, before), "nothing is extracted to disk"
+
+
+def test_keras_native_file_layer_order_comes_from_its_config_not_the_file_layout(tmp_path):
+    """Layers written to model.weights.h5 in one order and listed in config.json in another: the config wins."""
+    import io
+    import json
+    import zipfile
+
+    h5py = pytest.importorskip("h5py")
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        for segment, name in (("dense", "first_written"), ("dense_1", "head")):
+            f[f"layers/{segment}/vars/0"] = np.ones((2, 2), np.float32)
+            f[f"layers/{segment}/vars/1"] = np.ones(2, np.float32)
+            f[f"layers/{segment}/vars"].attrs["name"] = name
+    p = tmp_path / "m.keras"
+    dense = [{"class_name": "Dense", "config": {"name": n}} for n in ("head", "first_written")]
+    cfg = {"class_name": "Functional", "config": {"layers": dense}}
+    with zipfile.ZipFile(p, "w") as zf:
+        zf.writestr("config.json", json.dumps(cfg))
+        zf.writestr("model.weights.h5", buf.getvalue())
+    assert [r.key for r in scan_source(p)] == ["head/kernel", "head/bias", "first_written/kernel", "first_written/bias"]
+
+
+def test_keras_native_file_rezipped_with_deflate_is_inflated_under_the_bound(tmp_path):
+    import zipfile
+
+    keras = _keras()
+    from keras import layers
+
+    m = keras.Sequential([keras.Input((4,)), layers.Dense(5, name="fc"), layers.Dense(2, name="head")])
+    p = tmp_path / "m.keras"
+    m.save(p)
+    q = tmp_path / "deflated.keras"
+    with zipfile.ZipFile(p) as src, zipfile.ZipFile(q, "w", zipfile.ZIP_DEFLATED) as dst:
+        for name in src.namelist():
+            dst.writestr(name, src.read(name))
+    recs = scan_source(q)
+    assert all(r.offset == -1 and r.reader == "keras" for r in recs)  # not a byte range of the file: read through the reader
+    got = _values(recs)
+    for v in m.weights:
+        np.testing.assert_array_equal(got[v.path.removeprefix(f"{m.name}/")], keras.ops.convert_to_numpy(v))

@@ -11,17 +11,20 @@ hostile or broken input as one :class:`~np2torch.tasks.errors.LoadError`.
 The formats are the rows of ONE table, :data:`~np2torch.tasks.readers.table.READERS`; every
 reader has the same signature, ``scan(path, ctx: ScanContext) -> list[ArrayRecord]``:
 
-=================  ==========================================  ==========================
-``source.format``  files                                       module
-=================  ==========================================  ==========================
-npz                ``np.savez`` / ``np.savez_compressed``      :mod:`.npz`
-npy, flat          ``.npy``                                    :mod:`.npy`
-npy-dir            a folder of ``.npy`` (nested folders)       :mod:`.npy`
-pickle-list        ``get_weights()`` pickles (opt-in only)     :mod:`.npy`, :mod:`.pickled`
-h5                 Keras 3 ``.weights.h5``, legacy Keras .h5   :mod:`.keras_h5`
-safetensors        ``.safetensors``                            :mod:`.safetensors_file`
-msgpack            Flax ``to_bytes`` checkpoints               :mod:`.flax_msgpack`
-=================  ==========================================  ==========================
+===================  ==========================================  ==========================
+``source.format``    files                                       module
+===================  ==========================================  ==========================
+npz                  ``np.savez`` / ``np.savez_compressed``      :mod:`.npz`
+npy, flat            ``.npy``                                    :mod:`.npy`
+npy-dir              a folder of ``.npy`` (nested folders)       :mod:`.npy`
+pickle-list          ``get_weights()`` pickles (opt-in only)     :mod:`.npy`, :mod:`.pickled`
+h5                   Keras 3 ``.weights.h5``, legacy Keras .h5   :mod:`.keras_h5`
+keras                Keras 3 native ``.keras`` (a zip)           :mod:`.keras_zip`
+safetensors          ``.safetensors``                            :mod:`.safetensors_file`
+safetensors-sharded  a folder of shards + ``*.index.json``       :mod:`.sharded`
+                     (or the index file itself)
+msgpack              Flax ``to_bytes`` checkpoints               :mod:`.flax_msgpack`
+===================  ==========================================  ==========================
 """
 
 from np2torch.tasks.readers.access import fingerprint_files, open_array, scan_source, source_files

@@ -7,14 +7,17 @@ with it, and convert, verify and the mapping read arrays with it, so no stage im
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import errno
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from np2torch.tasks.errors import LoadError
+from np2torch.tasks.errors import LoadError, TransientIOError
 from np2torch.tasks.fingerprint import check_regular, file_fingerprint, pack
 from np2torch.tasks.readers.base import ArrayRecord, ScanContext, check_keys, with_key
 from np2torch.tasks.readers.table import detect_format, reader_of
@@ -22,29 +25,34 @@ from np2torch.tasks.readers.table import detect_format, reader_of
 __all__ = ["ArrayRecord", "scan_source", "open_array", "source_files", "fingerprint_files"]
 
 Progress = Callable[[int], None] | None
+log = logging.getLogger("np2torch")
 
 
 def scan_source(path: str | Path, *, fmt: str = "auto", allow_pickle: bool = False, key_prefix: str = "",
-                progress: Progress = None) -> list[ArrayRecord]:
+                progress: Progress = None, notes: list[str] | None = None) -> list[ArrayRecord]:
     """Describe every array of a source (headers, fingerprints, value statistics), in source order.
 
-    ``progress`` is called with the number of source bytes read, as they are read.
+    ``progress`` is called with the number of source bytes read, as they are read; ``notes``
+    gets one line per kind of array the reader left out on purpose (a Keras file's optimizer
+    state), which is also logged once.
     """
     path = Path(path)
     if not path.exists():
         raise LoadError("source path does not exist", key=str(path), fix="check source.path (relative paths are relative to the config file)")
     reader = reader_of(detect_format(path, fmt), str(path))
-    if reader.folder != path.is_dir():
+    if reader.folder is not None and reader.folder != path.is_dir():
         want, got = ("folder", "file") if reader.folder else ("file", "folder")
         raise LoadError(f"format {reader.name} needs a {want}, got a {got}", key=str(path),
                         fix=f"point source.path at a {want}, or set source.format: auto (it tells the format from the {got})")
-    if not reader.folder:
+    if not path.is_dir():
         check_regular(path)
     ctx = ScanContext(allow_pickle=allow_pickle, progress=progress)
-    try:
+    with os_errors(path):
         records = reader.scan(path, ctx)
-    except PermissionError as exc:
-        raise LoadError(f"cannot read: {exc.strerror}", key=exc.filename or str(path), fix="check the file's permissions") from None
+    for note in ctx.notes:  # what a reader left out on purpose: one line each, not one per array
+        log.warning("%s: %s", path, note)
+    if notes is not None:
+        notes += ctx.notes
     if ctx.problems:
         raise LoadError(f"{len(ctx.problems)} array(s) cannot be model parameters", key=str(path), problems=ctx.problems,
                         fix=ctx.problems[0]["fix"])
@@ -53,6 +61,21 @@ def scan_source(path: str | Path, *, fmt: str = "auto", allow_pickle: bool = Fal
         records = [with_key(r, r.key[len(key_prefix):]) if r.key.startswith(key_prefix) else r for r in records]
         check_keys(records, str(path))
     return [r if r.reader else replace(r, reader=reader.name) for r in records]
+
+
+@contextlib.contextmanager
+def os_errors(path: Path) -> Iterator[None]:
+    """An OS error while reading a source (no permission, a symbolic link loop, a file gone) is
+    one LoadError naming the file or link, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, TransientIOError) or exc.errno in (errno.EIO, errno.EAGAIN, errno.EBUSY):
+            raise
+        what = {errno.ELOOP: "is a symbolic link loop (or too many links deep)", errno.EACCES: "cannot be read: permission denied",
+                errno.EPERM: "cannot be read: permission denied"}.get(exc.errno, f"cannot be read: {exc.strerror or exc}")
+        raise LoadError(what, key=exc.filename or str(path),
+                        fix="remove or fix the link" if exc.errno == errno.ELOOP else "check the file and its permissions") from None
 
 
 def open_array(rec: ArrayRecord) -> np.ndarray:
@@ -81,10 +104,11 @@ def source_files(path: str | Path, fmt: str = "auto") -> tuple[Path, list[Path]]
     path = Path(path)
     if not path.exists():
         return path.parent, []
-    reader = reader_of(detect_format(path, fmt), str(path))
-    if reader.folder != path.is_dir():  # the scan says what is wrong
-        return (path, []) if path.is_dir() else (path.parent, [path])
-    return (path if reader.folder else path.parent), reader.files(path)
+    with os_errors(path):
+        reader = reader_of(detect_format(path, fmt), str(path))
+        if reader.folder is not None and reader.folder != path.is_dir():  # the scan says what is wrong
+            return (path, []) if path.is_dir() else (path.parent, [path])
+        return (path if path.is_dir() else path.parent), reader.files(path)
 
 
 def fingerprint_files(paths: list[Path] | list[str], *, progress: Progress = None) -> list[dict[str, Any]]:
@@ -97,7 +121,8 @@ def fingerprint_files(paths: list[Path] | list[str], *, progress: Progress = Non
     """
     with pack(paths):
         for p in map(Path, paths):
-            check_regular(p)
+            with os_errors(p):
+                check_regular(p)
             try:
                 reader_of(detect_format(p, "auto")).scan(p, ScanContext())
             except (LoadError, OSError, ValueError):

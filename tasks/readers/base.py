@@ -88,6 +88,8 @@ class ScanContext:
     allow_pickle: bool = False  # pickled arrays load only when true (source.allow_pickle)
     progress: Callable[[int], None] | None = None  # called with the number of source bytes read, as they are read
     problems: list[Problem] = field(default_factory=list)  # arrays that cannot be parameters, reported together
+    # what a reader recognised and left out on purpose (optimizer state), one line per kind, not per array
+    notes: list[str] = field(default_factory=list)
 
 
 def _one_file(path: Path) -> list[Path]:
@@ -103,7 +105,11 @@ class Reader:
       ONE read of each file (its sha256, every array's value statistics; see ``stats.layout_infos``).
     - ``suffixes``: a file with one of these suffixes is this format (``source.format: auto``);
       ``sniff(head, size)``: else, is a file whose first 16 bytes are ``head`` this format.
-    - ``folder``: the source is a folder (``auto`` picks the first folder reader for a folder).
+    - ``claims(path)``: a last say after ``sniff`` (or alone, for a folder or a file no magic
+      tells): is this file or folder this format, looking inside it (a zip that holds a
+      ``model.weights.h5``, a folder that holds an index).
+    - ``folder``: the source is a folder (``auto`` picks the first folder reader that claims a
+      folder); None: either, a folder or a file in it (an index file).
     - ``files(path)``: the files that make up the source, the ones its cache key hashes.
     - ``open(record)``: an array the reader could not describe as a byte range (``offset < 0``);
       every other array is memory-mapped from its file.
@@ -114,9 +120,10 @@ class Reader:
     about: str  # what it reads, for help texts and errors
     suffixes: tuple[str, ...] = ()
     sniff: Callable[[bytes, int], bool] | None = None
-    folder: bool = False
+    folder: bool | None = False
     files: Callable[[Path], list[Path]] = _one_file
     open: Callable[[ArrayRecord], Any] | None = None
+    claims: Callable[[Path], bool] | None = None
 
 
 def with_key(r: ArrayRecord, key: str) -> ArrayRecord:
@@ -168,9 +175,17 @@ def check_keys(records: list[ArrayRecord], where: str) -> None:
 
 
 def as_int_shape(shape: Any, where: str) -> tuple[int, ...]:
-    """A declared shape as a tuple of non-negative ints, or a LoadError."""
+    """A declared shape as a tuple of non-negative ints, each (and their product, zeros aside)
+    fitting a signed 64-bit int as torch and the safetensors library require, or a LoadError."""
     if not isinstance(shape, (tuple, list)) or len(shape) > MAX_NDIM or any(type(d) is not int or d < 0 for d in shape):
         raise LoadError(f"header declares an invalid shape {short(repr(shape), 200)}", key=where, fix="re-export the file")
+    n = 1
+    for d in shape:
+        n *= max(d, 1)
+    if n >= 1 << 63:
+        raise LoadError(f"header declares shape {short(repr(list(shape)), 200)}, whose dimensions do not fit a signed 64-bit integer",
+                        key=where, expected="every dimension (and their product) below 2**63", actual=short(repr(list(shape)), 200),
+                        fix="re-export the file; no real tensor has such a shape")
     return tuple(shape)
 
 

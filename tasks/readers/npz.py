@@ -40,7 +40,7 @@ _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
 _INFO = "npz-members4"  # stat-cache entry: {member: fingerprint and statistics} for the whole archive
 
 
-def _open_zip(fh, path: Path) -> zipfile.ZipFile:
+def _open_zip(fh, path: Path, what: str = ".npz", fix: str = "re-create it with np.savez") -> zipfile.ZipFile:
     try:
         end = zipfile._EndRecData(fh)  # the end record only: refuse a huge directory before parsing it
     except (OSError, struct.error, ValueError):
@@ -55,7 +55,7 @@ def _open_zip(fh, path: Path) -> zipfile.ZipFile:
     except Exception as exc:  # noqa: BLE001 - zipfile raises BadZipFile, NotImplementedError, ValueError… on garbage
         if isinstance(exc, PermissionError):
             raise
-        raise LoadError(f"not a readable .npz (zip) archive: {short(str(exc))}", key=str(path), fix="re-create it with np.savez") from None
+        raise LoadError(f"not a readable {what} (zip) archive: {short(str(exc))}", key=str(path), fix=fix) from None
 
 
 def _check_names(infos: list[zipfile.ZipInfo], path: Path) -> None:

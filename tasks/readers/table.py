@@ -7,7 +7,9 @@ format is one module (its ``scan``, and ``sniff``/``open``/``files`` when it nee
 row here, or, from outside the package, one :func:`register_reader` call.
 
 The order of the rows is the order ``auto`` asks a file's first bytes (safetensors before msgpack:
-a safetensors header length can start with a byte that also opens a msgpack map).
+a safetensors header length can start with a byte that also opens a msgpack map; keras before
+npz: both are zips, and keras claims only one holding ``config.json`` and ``model.weights.h5``),
+and a folder's readers (an index of shards before a folder of ``.npy``).
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from np2torch.tasks.errors import LoadError
 from np2torch.tasks.fingerprint import open_regular
 import np2torch.tasks.readers.flax_msgpack as flax_msgpack
 import np2torch.tasks.readers.keras_h5 as keras_h5
+import np2torch.tasks.readers.keras_zip as keras_zip
 import np2torch.tasks.readers.npy as npy
 import np2torch.tasks.readers.npz as npz
 import np2torch.tasks.readers.pickled as pickled
 import np2torch.tasks.readers.safetensors_file as safetensors_file
+import np2torch.tasks.readers.sharded as sharded
 from np2torch.tasks.readers.base import Reader
 
 __all__ = ["READERS", "register_reader", "formats", "reader_of", "detect_format"]
@@ -38,6 +42,10 @@ def register_reader(reader: Reader) -> Reader:
 
 
 for _row in (
+    Reader("keras", keras_zip.scan, "Keras 3 native .keras files (zip of config.json + model.weights.h5)", (".keras",), keras_zip.sniff,
+           open=keras_zip.open_member, claims=keras_zip.claims),
+    Reader("safetensors-sharded", sharded.scan, "sharded safetensors: a folder with *.safetensors.index.json, or that index",
+           folder=None, files=sharded.shard_files, claims=sharded.claims),
     Reader("npz", npz.scan, "np.savez / np.savez_compressed archives (.npz)", (".npz",), npz.sniff, open=npz.open_member),
     Reader("npy", npy.scan, "one array saved by np.save (.npy)", (".npy",), npy.sniff),
     Reader("npy-dir", npy.scan_dir, "a folder of .npy files (nested folders)", folder=True, files=npy.npy_files),
@@ -66,14 +74,14 @@ def reader_of(name: str, where: str = "source.format") -> Reader:
 
 def detect_format(path: Path, fmt: str) -> str:
     """The format a source needs: ``fmt`` itself unless ``auto``; for a folder the first folder
-    reader; for a file the reader that claims its suffix, else the first whose ``sniff`` accepts
-    its first 16 bytes."""
+    reader that ``claims`` it; for a file the reader that claims its suffix, else the first
+    whose ``sniff`` accepts its first 16 bytes and whose ``claims`` (when it has one) accepts it."""
     if fmt != "auto":
         return reader_of(fmt, str(path)).name
     rows = list(READERS.values())
     if path.is_dir():
         for r in rows:
-            if r.folder:
+            if r.folder is not False and (r.claims is None or r.claims(path)):
                 return r.name
     else:
         for r in rows:
@@ -83,7 +91,8 @@ def detect_format(path: Path, fmt: str) -> str:
             head = fh.read(16)
             size = fh.seek(0, 2)
         for r in rows:
-            if r.sniff is not None and not r.folder and r.sniff(head, size):
+            if r.folder is not True and (r.sniff or r.claims) and (r.sniff is None or r.sniff(head, size)) \
+                    and (r.claims is None or r.claims(path)):
                 return r.name
     known = ", ".join(f"{r.name} ({r.about})" for r in rows)
     raise LoadError(f"cannot tell the format of this {'folder' if path.is_dir() else 'file'}; np2torch reads {known}", key=str(path),

@@ -16,7 +16,6 @@ source framework. The max abs error of each case is in ``conformance_support.RES
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -100,13 +99,13 @@ def test_flax_cells_into_torch_rnn(flax_rnns, tmp_path: Path, cell: str, layers:
     rows = {r["target_key"]: r for r in plan_without_reference(config) if r["target_key"]}
     w = rows["rnn.weight_ih_l0"]
     assert w["concat"] == 0  # one row, the gates joined in torch's order
-    assert [s.rsplit("/", 2)[-2] for s in json.loads(w["sources"])] == (["ir", "iz", "in"] if cell == "gru" else ["ii", "if", "ig", "io"])
+    assert [s.rsplit("/", 2)[-2] for s in w["sources"]] == (["ir", "iz", "in"] if cell == "gru" else ["ii", "if", "ig", "io"])
     if cell == "gru":
-        assert json.loads(rows["rnn.bias_hh_l0"]["transform_spec"]) == [["pad", [12, 0]]]  # only hn has a hidden-side bias
+        assert rows["rnn.bias_hh_l0"]["transform_spec"] == [["pad", [12, 0]]]  # only hn has a hidden-side bias
     else:
         assert rows["rnn.bias_ih_l0"]["status"] == "zeros"
     if layers == 2:
-        assert all("Cell_1/h" in s for s in json.loads(rows["rnn.weight_hh_l1"]["sources"]))  # layer 1 from the second cell
+        assert all("Cell_1/h" in s for s in rows["rnn.weight_hh_l1"]["sources"])  # layer 1 from the second cell
     check_case(config, ambiguous=lambda k, s: "weight_hh" in k, fresh_model=_fresh(f"{PORTS}:Recurrent", kwargs))
     assert RESULTS[f"flax-{cell}-{layers}"][0] < 1e-4
 
@@ -147,9 +146,9 @@ def test_flax_scan_splits_along_depth(flax_scan, tmp_path: Path) -> None:
     config = write_case(tmp_path, name="flax-scan", arrays=flat, inputs=x, reference=[ref], target=f"{PORTS}:ScanNet", kwargs={}, preset="flax")
     rows = {r["target_key"]: r for r in plan_without_reference(config) if r["target_key"]}
     for i in range(3):
-        spec = json.loads(rows[f"blocks.{i}.fc.weight"]["transform_spec"])
+        spec = rows[f"blocks.{i}.fc.weight"]["transform_spec"]
         assert spec[0] == ["layer", i], spec  # block i reads layer i of the stacked kernel
-        assert json.loads(rows[f"blocks.{i}.norm.weight"]["transform_spec"]) == [["layer", i]]
+        assert rows[f"blocks.{i}.norm.weight"]["transform_spec"] == [["layer", i]]
     assert rows["stem.weight"]["source_key"].endswith("Dense_0/kernel") and rows["head.weight"]["source_key"].endswith("Dense_1/kernel")
     check_case(config, ambiguous=lambda k, s: k.startswith("blocks.") and k.endswith("fc.weight"), fresh_model=_fresh(f"{PORTS}:ScanNet", {}))
     assert RESULTS["flax-scan"][0] < 1e-4
@@ -197,8 +196,8 @@ def test_keras_mha_into_fused_and_split_targets(keras_mha, tmp_path: Path, style
     rows = {r["target_key"]: r for r in plan_without_reference(config) if r["target_key"]}
     fused = {"fused": "qkv.weight", "torch": "mha.in_proj_weight"}.get(style)
     if fused:  # one row, three sources in role order, each per-head kernel (16, 2, 8) → (16, 16) → transposed
-        assert [s.split("/")[-2] for s in json.loads(rows[fused]["sources"])] == ["query", "key", "value"] and rows[fused]["concat"] == 0
-        assert json.loads(rows[fused]["transform_spec"]) == [["reshape", [16, 16]], ["transpose", None]]
+        assert [s.split("/")[-2] for s in rows[fused]["sources"]] == ["query", "key", "value"] and rows[fused]["concat"] == 0
+        assert rows[fused]["transform_spec"] == [["reshape", [16, 16]], ["transpose", None]]
     else:
         assert all(rows[f"{r}.weight"]["source_key"].endswith(f"{s}/kernel")
                    for r, s in (("q", "query"), ("k", "key"), ("v", "value"), ("out", "attention_output")))
@@ -308,7 +307,7 @@ def test_jax_vit_npz_into_timm(jax_vits, tmp_path: Path, layout: str) -> None:
     assert rows["blocks.1.norm2.weight"]["source_key"] == ("Transformer/encoderblock_1/LayerNorm_2/scale" if layout == "vit_jax"
                                                             else "Transformer/encoderblock/LayerNorm_1/scale")
     assert rows["cls_token"]["source_key"] == "cls" and rows["pos_embed"]["source_key"] == pos
-    assert [s.split("/")[-2] for s in json.loads(rows["blocks.1.attn.qkv.weight"]["sources"])] == ["query", "key", "value"]
+    assert [s.split("/")[-2] for s in rows["blocks.1.attn.qkv.weight"]["sources"]] == ["query", "key", "value"]
     check_case(config, ambiguous=lambda k, s: ".attn." in k and k.endswith("weight"), fresh_model=_fresh(VIT_TARGET, VIT))
     from safetensors.torch import load_file
 
@@ -366,7 +365,7 @@ def _check_settled(config: Path, fresh_model) -> None:
     from np2torch.tasks.stages import run_all
 
     cfg = load_config(config)
-    metrics = run_all(cfg)["verify-forward-pass"]["metrics"]
+    metrics = run_all(cfg)["verify-forward-pass"].metrics
     assert metrics["passed"] and metrics["reference"], metrics["problems"]
     model = fresh_model()
     model.load_state_dict(load_file(Path(cfg.export.dir) / "model.safetensors"), strict=True)
