@@ -165,11 +165,10 @@ def role_plain(root: Path, n_blocks: int, out: Path) -> dict:
 def role_stages(config: Path, export_only: bool) -> dict:
     """np2torch's six stages as plain functions; per-stage seconds and peak RSS so far."""
     t0 = time.perf_counter()
-    from np2torch.tasks import stages
-    from np2torch.tasks.config import load_config
     # the stage modules (torch, pandera) are imported by a stage when it first computes; import
     # them here so that, as for the plain script, "work" excludes the imports
-    from np2torch.tasks import convert, export, infer_mapping, validate, verify  # noqa: F401
+    from np2torch.tasks import convert, export, infer_mapping, stages, validate, verify  # noqa: F401
+    from np2torch.tasks.config import load_config
 
     def maxrss() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

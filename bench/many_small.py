@@ -66,7 +66,7 @@ def main(n: int) -> None:
             np.save(sub / f"w_{i}.npy", np.full(4, i, np.float32))
         print(f"{n} tiny .npy files under {folder}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
         _run(f"scan_source, {n} just-written .npy, disk cache cold", "scan", folder, env)
-        _run(f"stage reads (key+scan+inputs), same files, disk cache warm", "stage", folder, env)
+        _run("stage reads (key+scan+inputs), same files, disk cache warm", "stage", folder, env)
         old = time.time_ns() - 10**10
         for p in folder.rglob("*.npy"):
             os.utime(p, ns=(old, old))

@@ -9,6 +9,7 @@ nightly batch can instead be deployed to a process work pool from ``prefect.yaml
 from __future__ import annotations
 
 from pathlib import Path
+
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
 from np2torch.flows.batch import batch_flow, plan_batch

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from np2torch.tasks import joins as J
-from np2torch.tasks import layouts as L
 from np2torch.tasks import kinds as K
+from np2torch.tasks import layouts as L
 from np2torch.tasks import presets as P
 from np2torch.tasks.readers.base import natural_key
 

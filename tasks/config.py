@@ -100,7 +100,7 @@ class Rule(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _source_or_zeros(self) -> "Rule":
+    def _source_or_zeros(self) -> Rule:
         names = [t if isinstance(t, str) else next(iter(t)) for t in self.transform]
         if self.source is None and "zeros" not in names:
             raise ValueError(f"rule for {self.target!r} has no source; give `source:` or `transform: [zeros]`")

@@ -31,10 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from np2torch.tasks.errors import ConversionError, Problem
-from np2torch.tasks.forward import _flatten_outputs, compare, localise, run_forward
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+from np2torch.tasks.errors import ConversionError, Problem
+from np2torch.tasks.forward import _flatten_outputs, compare, localise, run_forward
 
 __all__ = ["TABLE", "Candidate", "Finding", "Row", "architecture_headline", "config_differences", "diagnose", "explain", "plan_check"]
 

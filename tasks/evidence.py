@@ -40,8 +40,8 @@ from torch import nn
 
 from np2torch.tasks import transforms as T
 from np2torch.tasks.errors import MappingError, Problem
-from np2torch.tasks.manifest import ManifestRow
 from np2torch.tasks.forward import Recorder, compare, compare_activation, localise, run_forward
+from np2torch.tasks.manifest import ManifestRow
 from np2torch.tasks.readers.access import ArrayRecord
 from np2torch.tasks.source_tensor import source_tensor
 from np2torch.tasks.strategies import MAX_PAIRINGS

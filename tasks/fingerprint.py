@@ -19,7 +19,6 @@ import contextlib
 import functools
 import hashlib
 import json
-import mmap
 import os
 import stat
 import threading

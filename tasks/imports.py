@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-from functools import lru_cache, cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 __all__ = ["PACKAGES", "closure", "graph", "imports_of", "modules"]

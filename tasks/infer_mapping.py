@@ -34,9 +34,9 @@ from np2torch.tasks import transforms as T
 from np2torch.tasks.config import MappingSpec
 from np2torch.tasks.errors import MappingError, VerifyError
 from np2torch.tasks.layouts import AMBIGUOUS_CONFIDENCE, flatten_heuristic, layout_candidates
-from np2torch.tasks.readers.base import ArrayRecord
 from np2torch.tasks.manifest import ManifestRow, new_row
 from np2torch.tasks.model import TargetInfo
+from np2torch.tasks.readers.base import ArrayRecord
 from np2torch.tasks.strategies import COUNTER_REASON, STRATEGIES, Claim, MapState, find_pairings, is_counter
 
 __all__ = ["build_manifest", "infer_manifest", "target_dtype_for", "layout_candidates", "flatten_heuristic", "AMBIGUOUS_CONFIDENCE"]
@@ -199,7 +199,8 @@ def _graph(model: Any, input_spec: Any, trace: Any) -> Callable[[], Callable[[st
 
 def build_manifest(cfg: Any, records: list[ArrayRecord]) -> list[ManifestRow]:
     """Manifest for ``cfg`` from the array table: strategies, layouts, pairings, then evidence for ambiguous rows."""
-    from np2torch.tasks import diagnose, evidence, forward, model as model_mod
+    from np2torch.tasks import diagnose, evidence, forward
+    from np2torch.tasks import model as model_mod
 
     m = model_mod.build_model(cfg.model.target, cfg.model.kwargs, allow_unsafe_load=cfg.model.allow_unsafe_load)
     targets = model_mod.describe_targets(m)

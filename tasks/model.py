@@ -16,9 +16,9 @@ its config's fields (``transformers:BertModel`` with ``{hidden_size: 32, …}``)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import importlib.util
-import hashlib
 import inspect
 import sys
 import threading

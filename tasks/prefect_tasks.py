@@ -25,13 +25,13 @@ mismatch, a schema failure or a bad config fails once. Every attempt is logged a
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
 import random
 import threading
 import time
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

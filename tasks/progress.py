@@ -70,8 +70,16 @@ class _TerminalBar:
 
     def _start(self) -> None:
         from rich.console import Console
-        from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress as RichProgress, TaskProgressColumn,
-                                   TextColumn, TimeRemainingColumn, TransferSpeedColumn)
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            MofNCompleteColumn,
+            TaskProgressColumn,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+        from rich.progress import Progress as RichProgress
 
         amount = [DownloadColumn(), TransferSpeedColumn()] if self.unit == "B" else [MofNCompleteColumn(), TextColumn(f"{self.unit}")]
         self._bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(), *amount,

@@ -147,7 +147,7 @@ class MappedSafetensors:
             if b > start and k in self._maps:
                 self._maps[k].madvise(mmap.MADV_DONTNEED, start, b - start)
 
-    def __enter__(self) -> "MappedSafetensors":
+    def __enter__(self) -> MappedSafetensors:
         return self
 
     def __exit__(self, *exc: object) -> None:

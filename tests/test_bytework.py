@@ -14,9 +14,8 @@ from safetensors.torch import load_file
 
 from conftest import run_pipeline
 from np2torch.tasks import bytework, export, fingerprint, manifest, st_write, stages
-from np2torch.tasks.errors import ConvertError
 from np2torch.tasks.config import load_config
-from np2torch.tasks.errors import ExportError
+from np2torch.tasks.errors import ConvertError, ExportError
 from np2torch.tasks.fingerprint import Region, file_digests
 from np2torch.tasks.load_arrays import scan_source
 

@@ -20,7 +20,6 @@ import pytest
 from conftest import cached_stage_in_process, flip_byte
 from np2torch.tasks import cache, stages
 from np2torch.tasks.config import load_config
-from conftest import cached_stage_in_process, flip_byte
 from tiny_conversion import MODEL, make_tiny
 
 ALL = stages.NAMES

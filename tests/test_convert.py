@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from conftest import run_pipeline, tiny_arrays
 from np2torch.tasks import stages
 from np2torch.tasks.config import load_config
-from np2torch.tasks.state_dict import check_device, load_into_model
 from np2torch.tasks.errors import ConvertError
 from np2torch.tasks.model import build_model, describe_targets
+from np2torch.tasks.state_dict import check_device, load_into_model
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])

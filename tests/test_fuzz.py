@@ -27,9 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from hypothesis import given
 
 from np2torch.tasks.errors import LoadError
 from np2torch.tasks.load_arrays import open_array, scan_source

@@ -10,13 +10,16 @@ import pytest
 import torch
 from torch import nn
 
-from np2torch.tasks import forward, kinds as K, presets as P, transforms as T
+from np2torch.tasks import forward
+from np2torch.tasks import kinds as K
+from np2torch.tasks import presets as P
+from np2torch.tasks import transforms as T
 from np2torch.tasks.config import MappingSpec
 from np2torch.tasks.errors import MappingError
-from np2torch.tasks.readers import natural_key
 from np2torch.tasks.infer_mapping import flatten_heuristic, infer_manifest, layout_candidates
 from np2torch.tasks.load_arrays import scan_source
 from np2torch.tasks.model import describe_targets
+from np2torch.tasks.readers import natural_key
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from torch import nn
+
 from conftest import REPO
 from np2torch.tasks import kinds as K
 from np2torch.tasks import layouts as L
@@ -24,7 +26,6 @@ from np2torch.tasks.config import MappingSpec
 from np2torch.tasks.infer_mapping import infer_manifest
 from np2torch.tasks.load_arrays import scan_source
 from np2torch.tasks.model import TargetInfo, describe_targets
-from torch import nn
 
 # ---------------------------------------------------------------------------------------------
 # the table against torch

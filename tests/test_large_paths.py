@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 from np2torch.tasks import fingerprint, stages
-from np2torch.tasks.readers import stats
 from np2torch.tasks.config import load_config
 from np2torch.tasks.load_arrays import open_array, scan_source
+from np2torch.tasks.readers import stats
 from np2torch.tasks.st_io import MappedSafetensors
 
 MODEL = '''

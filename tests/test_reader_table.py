@@ -102,8 +102,9 @@ def test_a_toy_format_in_a_temporary_module_goes_through_plan(tmp_path, toy, fmt
 
 
 def test_a_toy_format_converts_bit_exact_and_its_key_hashes_its_files(tmp_path, toy):
-    from np2torch.tasks import stages
     from safetensors.numpy import load_file
+
+    from np2torch.tasks import stages
 
     cfg_path, weights = _toy_case(tmp_path, toy, "toy")
     cfg = load_config(cfg_path)

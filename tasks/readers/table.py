@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from np2torch.tasks.errors import LoadError
-from np2torch.tasks.fingerprint import open_regular
 import np2torch.tasks.readers.flax_msgpack as flax_msgpack
 import np2torch.tasks.readers.keras_h5 as keras_h5
 import np2torch.tasks.readers.keras_zip as keras_zip
@@ -26,6 +24,8 @@ import np2torch.tasks.readers.npz as npz
 import np2torch.tasks.readers.pickled as pickled
 import np2torch.tasks.readers.safetensors_file as safetensors_file
 import np2torch.tasks.readers.sharded as sharded
+from np2torch.tasks.errors import LoadError
+from np2torch.tasks.fingerprint import open_regular
 from np2torch.tasks.readers.base import Reader
 
 __all__ = ["READERS", "register_reader", "formats", "reader_of", "detect_format"]

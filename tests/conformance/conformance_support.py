@@ -72,9 +72,10 @@ def unverified(rows: list[dict[str, Any]]) -> dict[str, list]:
 
 def check_case(config: Path, *, ambiguous: Callable[[str, tuple[int, ...]], bool], fresh_model: Callable[[], torch.nn.Module]) -> None:
     """Steps 1-3 above; ``ambiguous(target_key, target_shape)`` says which rows only a reference settles."""
+    from safetensors.torch import load_file
+
     from np2torch.tasks.config import load_config
     from np2torch.tasks.stages import run_all
-    from safetensors.torch import load_file
 
     rows = plan_without_reference(config)
     open_rows = unverified(rows)

@@ -3,7 +3,6 @@ module is a pairing ambiguity (Keras lists layers by graph depth, not as the tor
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 

@@ -3,7 +3,6 @@ the (2, 3u) GRU bias split into bias_ih / bias_hh, and the LSTM's one bias (bias
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
