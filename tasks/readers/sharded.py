@@ -17,9 +17,9 @@ import os
 import re
 from pathlib import Path
 
+import np2torch.tasks.readers.safetensors_file as safetensors_file
 from np2torch.tasks.errors import LoadError, short
 from np2torch.tasks.fingerprint import open_regular
-from np2torch.tasks.readers import safetensors_file
 from np2torch.tasks.readers.base import MAX_ARRAYS, ArrayRecord, ScanContext
 
 __all__ = ["scan", "claims", "shard_files", "INDEX_SUFFIX"]
