@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from np2torch.tasks.errors import ConfigError
+from np2torch.tasks.errors import ConfigError, short
 from np2torch.tasks.readers import formats
 
 __all__ = [
@@ -206,7 +206,7 @@ class Config(_Strict):
     @classmethod
     def _name_form(cls, v: str) -> str:
         if not re.fullmatch(r"[a-z0-9-]+", v):
-            raise ValueError(f"name {v!r} must match [a-z0-9-]+ (it names the outputs and the Prefect run)")
+            raise ValueError(f"name {short(repr(v), 80)} must match [a-z0-9-]+ (it names the outputs and the Prefect run)")
         return v
 
     def digest(self) -> str:

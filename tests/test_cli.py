@@ -124,7 +124,9 @@ def test_expected_failure_prints_no_traceback_as_typed(tiny):
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr + r.stdout, r.stderr
     assert "np2torch: error: [validate] `fc1.weight`" in r.stderr
-    assert "Fix: fix the transform (e.g. transpose instead of reshape) or the model's constructor arguments" in r.stderr
+    # the first line names the difference; the fix is the model's constructor, never allow_missing
+    assert "fc1.weight: model [4, 3], source fc1.weight [4, 2]" in r.stderr, r.stderr
+    assert "Fix: the model's architecture differs from the source's" in r.stderr and "allow_missing:" not in r.stderr
 
 
 def test_module_entry_point():
