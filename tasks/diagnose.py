@@ -504,7 +504,9 @@ def _snapped(trials: _Trials, steps: list[Candidate], c: Candidate, fitted: _Aff
     a, b = fitted.scale.detach().numpy(), fitted.shift.detach().numpy()
     for digits in (2, 3, 4, 6, 9):
         ra, rb = _round(a, digits), _round(b, digits)
-        apply = (lambda m, xs, ra=ra, rb=rb: (_Affine(m, torch.from_numpy(ra), torch.from_numpy(rb), fitted.axis), xs))
+        def apply(m, xs, ra=ra, rb=rb):
+            return _Affine(m, torch.from_numpy(ra), torch.from_numpy(rb), fitted.axis), xs
+
         if trials.run([*steps, Candidate(c.row, [], "", "", apply, wraps=True)])[1]:
             break
     fa, fb = (f"[{', '.join(_g(x) for x in v)}]" if len(set(v)) > 1 else _g(v[0]) for v in (ra, rb))

@@ -94,7 +94,7 @@ def _layouts(path: Path) -> list[Layout]:
         spans.append((a, b, name))
     spans.sort()
     end = 0  # as the safetensors library checks: the tensors tile the data exactly, no overlap, no gap
-    for (a0, b0, n0), (a1, b1, n1) in zip(spans, spans[1:]):
+    for (_a0, b0, n0), (a1, _b1, n1) in zip(spans, spans[1:]):
         if a1 < b0:
             raise LoadError(f"tensors {short(n0)!r} and {short(n1)!r} overlap in the file", key=str(path), fix=_FIX)
     for a, b, name in spans:
