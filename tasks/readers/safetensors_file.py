@@ -77,7 +77,8 @@ def _layout(path: Path, name: str, entry: Any, data_start: int, data_len: int) -
                         expected=f"0 <= begin <= end <= {data_len}", actual=short(repr(offs)), fix=_FIX)
     want = nbytes_of(shape, dtype)
     if offs[1] - offs[0] != want:
-        raise LoadError(f"tensor declares shape {list(shape)} {entry['dtype']} ({want} bytes) but its data_offsets span {offs[1] - offs[0]}",
+        raise LoadError(f"tensor declares shape {list(shape)} {entry['dtype']} ({want} bytes) "
+                        f"but its data_offsets span {offs[1] - offs[0]}",
                         key=where, expected=want, actual=offs[1] - offs[0], fix=_FIX)
     return Layout(name, shape, dtype, data_start + offs[0]), offs[0], offs[1]
 
