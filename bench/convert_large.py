@@ -232,7 +232,8 @@ def _free_port() -> int:
 
 
 def machine() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")), platform.processor())
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")),
+               platform.processor())
     mem = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal"))
     return {"nproc": os.cpu_count(), "ram_gib": round(mem / 2**20, 1), "cpu": cpu, "date": time.strftime("%Y-%m-%d %H:%M %Z"),
             "loadavg_at_start": os.getloadavg(), "python": platform.python_version()}
@@ -271,7 +272,8 @@ def report(root: Path, args: argparse.Namespace) -> None:
     mach = machine()
     t = time.perf_counter()
     gen = generate(root, args.gb)
-    print(f"generated {gen['n_blocks']} blocks, {gen['model_bytes'] / 1e9:.3f} GB in {time.perf_counter() - t:.1f}s under {root}", flush=True)
+    print(f"generated {gen['n_blocks']} blocks, {gen['model_bytes'] / 1e9:.3f} GB in {time.perf_counter() - t:.1f}s under {root}",
+          flush=True)
     py = sys.executable
     me = str(Path(__file__).resolve())
     base_env = {**os.environ, "PYTHONPATH": str(REPO), "NP2TORCH_AUDIT_LOG": str(root / "audit.jsonl")}
@@ -283,7 +285,8 @@ def report(root: Path, args: argparse.Namespace) -> None:
         return [py, me, "--role", role, "--config", str(root / cfg)]
 
     # warm the page cache for every contender alike: read all inputs once
-    subprocess.run(f"cat {root}/weights.npz > /dev/null; find {root}/weights -name '*.npy' -exec cat {{}} + > /dev/null", shell=True, check=True)
+    subprocess.run(f"cat {root}/weights.npz > /dev/null; find {root}/weights -name '*.npy' -exec cat {{}} + > /dev/null",
+                   shell=True, check=True)
     rows: dict[str, dict] = {}
 
     def go(name: str, cmd: list[str], env: dict | None = None) -> dict:
@@ -300,7 +303,8 @@ def report(root: Path, args: argparse.Namespace) -> None:
     inputs = f"find {gen['npy_dir']} -name '*.npy' -print0 | xargs -0"
     go("openssl dgst -sha256 (inputs)", ["sh", "-c", f"{inputs} openssl dgst -sha256 > /dev/null"])
     go("sha256sum (inputs)", ["sh", "-c", f"{inputs} sha256sum > /dev/null"])
-    go("plain (article)", [py, me, "--role", "plain", "--data", str(root), "--n-blocks", str(gen["n_blocks"]), "--out", str(root / "plain.pt")])
+    go("plain (article)", [py, me, "--role", "plain", "--data", str(root), "--n-blocks", str(gen["n_blocks"]),
+                           "--out", str(root / "plain.pt")])
     go("np2torch stages (npy-dir)", stages_cmd("npy-dir.yaml"), env_for("stages"))
     go("np2torch stages rerun (unchanged)", stages_cmd("npy-dir.yaml"), env_for("stages"))
     go("np2torch export stage alone", stages_cmd("npy-dir.yaml", "export-only"), env_for("stages"))
@@ -343,12 +347,15 @@ def markdown(res: dict) -> str:
     rerun = rows["np2torch stages rerun (unchanged)"]
     exp = rows["np2torch export stage alone"]
     lines = [f"Model: {gen['n_blocks']} blocks, {gen['model_bytes'] / 1e9:.3f} GB float32 ({mb:.0f} MiB). "
-             f"Machine: {m['nproc']} cores, {m['ram_gib']} GiB RAM, {m['cpu']}; {m['date']}; load average at start {m['loadavg_at_start'][0]:.2f}. "
+             f"Machine: {m['nproc']} cores, {m['ram_gib']} GiB RAM, {m['cpu']}; {m['date']}; "
+             f"load average at start {m['loadavg_at_start'][0]:.2f}. "
              "Page cache: warm (inputs read once before the first contender; `sync` before each).", "",
-             "| contender | wall s | work s (excl. imports) | CPU s (user+sys) | peak RSS MiB | RSS / model bytes |", "|---|---|---|---|---|---|"]
+             "| contender | wall s | work s (excl. imports) | CPU s (user+sys) | peak RSS MiB | RSS / model bytes |",
+             "|---|---|---|---|---|---|"]
     for name, r in rows.items():
         work = r["info"].get("work_s")
-        lines.append(f"| {name} | {r['wall_s']:.2f} | {'' if work is None else f'{work:.2f}'} | {r['cpu_s']:.2f} | {r['maxrss_mb']:.0f} | {r['maxrss_mb'] / mb:.2f} |")
+        lines.append(f"| {name} | {r['wall_s']:.2f} | {'' if work is None else f'{work:.2f}'} | {r['cpu_s']:.2f} | "
+                     f"{r['maxrss_mb']:.0f} | {r['maxrss_mb'] / mb:.2f} |")
     stage_line = ", ".join(f"{k} {v['s']:.2f}s" for k, v in st["info"]["stages"].items())
     lines += ["", f"Stages (first run, npy-dir): {stage_line}.", ""]
     exp_rss = exp["info"]["stages"]["export"]["maxrss_mb"]
@@ -363,7 +370,8 @@ def markdown(res: dict) -> str:
         f"| plain (CPU s) / np2torch stages (CPU s) | {plain['cpu_s'] / st['cpu_s']:.2f} | |",
         f"| peak RSS / model bytes (stages) | {st['maxrss_mb'] / mb:.2f} | ≤ 0.3 |",
         f"| peak RSS / model bytes (export stage alone, process) | {exp_rss / mb:.2f} | ≤ 0.3 |",
-        f"| export stage alone: RSS growth over the stages before it / model bytes | {(exp_rss - exp['info']['rss_before_export_mb']) / mb:.3f} | |",
+        f"| export stage alone: RSS growth over the stages before it / model bytes | "
+        f"{(exp_rss - exp['info']['rss_before_export_mb']) / mb:.3f} | |",
         f"| rerun (work) / first (work) | {rerun['info']['work_s'] / st_work:.3f} | ≤ 0.02 |",
         f"| rerun (process wall) / first (process wall) | {rerun['wall_s'] / st['wall_s']:.3f} | |",
     ]

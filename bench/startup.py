@@ -104,13 +104,15 @@ def main() -> None:
         rows["keras-cnn convert, running server, warm runner, --refresh (all stages computed), best of 2"] = min(
             run([*conv, "--refresh"], server_env)[0] for _ in range(2))
         rows["keras-cnn convert, running server, own process, cached, best of 2"] = min(run(conv, own)[0] for _ in range(2))
-        rows["keras-cnn convert, running server, own process, --refresh, best of 2"] = min(run([*conv, "--refresh"], own)[0] for _ in range(2))
+        rows["keras-cnn convert, running server, own process, --refresh, best of 2"] = min(
+            run([*conv, "--refresh"], own)[0] for _ in range(2))
         batch = tmp / "six.yaml"
         entries = [{"config": str(REPO / "configs" / "examples" / f"{n}.yaml"), "set": [f"export.dir={tmp / 'batch-out' / n}"]}
                    for n in EXAMPLES]
         batch.write_text(json.dumps({"conversions": entries, "max_parallel": 2}))
         rows["batch of six, running server, warm runner, computed"], _ = run(["batch", str(batch)], server_env)
-        rows["batch of six, running server, warm runner, cached, best of 2"] = min(run(["batch", str(batch)], server_env)[0] for _ in range(2))
+        rows["batch of six, running server, warm runner, cached, best of 2"] = min(
+            run(["batch", str(batch)], server_env)[0] for _ in range(2))
         rows["batch of six, running server, own process, cached"], _ = run(["batch", str(batch)], own)
         t = time.perf_counter()
         run(["server", "stop"], server_env)

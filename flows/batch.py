@@ -267,7 +267,8 @@ def _batch_run_name() -> str:
 
 
 @flow(name="np2torch-batch", flow_run_name=_batch_run_name, validate_parameters=False)
-def batch_flow(batch_config: str, overrides: list[str] | None = None, dask: str | None = None, refresh: bool = False) -> list[dict[str, Any]]:
+def batch_flow(batch_config: str, overrides: list[str] | None = None, dask: str | None = None,
+               refresh: bool = False) -> list[dict[str, Any]]:
     """Convert every model of a batch config, each in its own child flow run; publish a summary.
 
     ``dask``: None runs as the batch config says; "local" starts a local Dask cluster; an

@@ -30,7 +30,8 @@ def _source_problem(path: Path) -> LoadError | None:
     try:
         st = path.stat()  # follows links: what a read would open
     except FileNotFoundError:
-        return LoadError("source path does not exist", key=str(path), fix="check source.path (relative paths are relative to the config file)")
+        return LoadError("source path does not exist", key=str(path),
+                         fix="check source.path (relative paths are relative to the config file)")
     except OSError as exc:
         return LoadError(f"source path cannot be read: {exc.strerror}", key=str(path), fix="check source.path and its permissions")
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):

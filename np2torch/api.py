@@ -472,7 +472,8 @@ def _instance_plan_rows(model: nn.Module, source: str | Path, options: dict[str,
         return rows, _validated(rows, opts["allow_nonfinite"]) or _meaning(cfg, records, rows)
 
 
-def plan(config: str | Path | nn.Module, source: str | Path | None = None, *, overrides: Sequence[str] = (), **load_options: Any) -> pd.DataFrame:
+def plan(config: str | Path | nn.Module, source: str | Path | None = None, *, overrides: Sequence[str] = (),
+         **load_options: Any) -> pd.DataFrame:
     """The manifest a conversion would use, one row per target tensor then one per unused source key.
 
     ``plan(config_path, overrides=[...])`` plans a config file's conversion;

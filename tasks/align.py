@@ -108,7 +108,8 @@ def order_by_names(names: Sequence[str]) -> list[int]:
             order[k] = i
     index = {n: i for i, n in enumerate(leaf)}
     for i in list(order):
-        base = max((b for b in index if b != leaf[i] and re.fullmatch(rf"{re.escape(b)}_.*[A-Za-z].*|.*[A-Za-z].*_{re.escape(b)}", leaf[i])),
+        base = max((b for b in index if b != leaf[i]
+                    and re.fullmatch(rf"{re.escape(b)}_.*[A-Za-z].*|.*[A-Za-z].*_{re.escape(b)}", leaf[i])),
                    key=len, default=None)
         if base is not None and base != leaf[i]:
             order.remove(i)

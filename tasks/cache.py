@@ -160,7 +160,8 @@ def run_cached(stage: str, key: str, compute: Callable[[Path], dict[str, Any]], 
                 if rec is not None:
                     return CacheResult(rec, True, time.perf_counter() - t0, entry)
                 if entry.exists():
-                    log.warning("%s: cache entry %s is not valid any more (an artifact or exported file changed); recomputing", stage, key[:12])
+                    log.warning("%s: cache entry %s is not valid any more (an artifact or exported file changed); recomputing",
+                                stage, key[:12])
             _remove_leftovers(base, key)  # we hold the key's lock: any work folder of it is a dead run's
             rec = _compute_entry(stage, base, entry, key, compute)
     # what a later hit returns, exactly

@@ -353,7 +353,8 @@ def _did_you_mean(loc: tuple, model: Any) -> str:
 
     for part in loc[:-1]:
         ann = getattr(model, "model_fields", {}).get(part)
-        model = next((t for t in getattr(ann.annotation, "__args__", (ann.annotation,)) if hasattr(t, "model_fields")), None) if ann else None
+        model = (next((t for t in getattr(ann.annotation, "__args__", (ann.annotation,)) if hasattr(t, "model_fields")), None)
+                 if ann else None)
         if model is None:
             return "remove it or check its spelling"
     allowed = [f.alias or n for n, f in model.model_fields.items()]
@@ -401,7 +402,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start})", key=str(path), fix="save the config as UTF-8") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}", key=str(path), fix="check the path and its permissions") from None
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}", key=str(path),
+                          fix="check the path and its permissions") from None
     if len(text) > MAX_CONFIG_BYTES:  # grew while we looked
         raise ConfigError(f"{path} is over {MAX_CONFIG_BYTES:,} bytes", key=str(path), fix="keep configs small")
     try:

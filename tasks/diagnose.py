@@ -157,7 +157,8 @@ def _eps_candidates(values: tuple[float, ...]) -> Callable[[Row, Context], Itera
             if names:
                 m0 = ctx.model.get_submodule(names[0])
                 yield Candidate(row, names, f"the source used {_g(v)}, the model {_g(m0.eps)}",
-                                f"nn.{type(m0).__name__}(..., eps={_g(v)}) for {_list(names)} (the weights are right: no mapping rule changes this)",
+                                f"nn.{type(m0).__name__}(..., eps={_g(v)}) for {_list(names)} "
+                                "(the weights are right: no mapping rule changes this)",
                                 _set_each(names, "eps", v))
     return gen
 
@@ -221,7 +222,8 @@ def _same_padding(row: Row, ctx: Context) -> Iterator[Candidate]:
     yield Candidate(row, [n for n, _ in mods], f"the source pads {pads[n0]} (TF \"same\" with stride {list(m0.stride)} pads bottom/right "
                     f"only), the model pads {list(m0.padding)} on every side",
                     f"padding=0 on {_list([n for n, _ in mods])} and `x = F.pad(x, {pads[n0]})` before {n0}"
-                    + ("" if len(mods) == 1 else " (each with its own input size)") + "; torch's padding=\"same\" does not allow stride > 1",
+                    + ("" if len(mods) == 1 else " (each with its own input size)")
+                    + "; torch's padding=\"same\" does not allow stride > 1",
                     apply)
 
 
@@ -439,7 +441,8 @@ TABLE: list[Row] = [
         "BatchNorm divides by sqrt(var + eps); eps is a constructor argument, in no weight file", _eps_candidates((1e-3, 1.001e-5, 1e-5)),
         config=_eps_config, keras=("BatchNormalization",), fix_text="`eps=` on the named module"),
     Row("eps differs", (nn.LayerNorm, nn.GroupNorm), "Keras 1e-3, TF BERT 1e-12, Flax 1e-6", "1e-5",
-        "LayerNorm divides by sqrt(var + eps); eps is a constructor argument, in no weight file", _eps_candidates((1e-3, 1e-12, 1e-6, 1e-5)),
+        "LayerNorm divides by sqrt(var + eps); eps is a constructor argument, in no weight file",
+        _eps_candidates((1e-3, 1e-12, 1e-6, 1e-5)),
         config=_eps_config, keras=("LayerNormalization", "GroupNormalization"), fix_text="`eps=` on the named module"),
     Row("padding differs", (nn.Conv1d, nn.Conv2d, nn.Conv3d), "padding=\"same\" with stride > 1: TF pads bottom/right only",
         "symmetric padding=", "the extra row/column of an odd total padding goes after the input in TF", _same_padding,
@@ -483,7 +486,8 @@ class Finding:
         for c in self.steps:
             where = f"{c.modules[0]} ({self.kinds[c.modules[0]]})" if c.modules else "input"
             also = f" (also {_list(c.modules[1:])})" if len(c.modules) > 1 else ""
-            tail = "" if c.row.expressible else f" (not expressible by nn.{self.kinds.get(c.modules[0], 'Module') if c.modules else 'Module'})"
+            tail = ("" if c.row.expressible
+                    else f" (not expressible by nn.{self.kinds.get(c.modules[0], 'Module') if c.modules else 'Module'})")
             parts.append(f"{where}: {c.row.name}: {c.what}{also}{tail}")
         return "; and ".join(parts) + f" — reproduces the reference to {self.error:.1g}"
 
@@ -504,7 +508,9 @@ def _snapped(trials: _Trials, steps: list[Candidate], c: Candidate, fitted: _Aff
     a, b = fitted.scale.detach().numpy(), fitted.shift.detach().numpy()
     for digits in (2, 3, 4, 6, 9):
         ra, rb = _round(a, digits), _round(b, digits)
-        apply = (lambda m, xs, ra=ra, rb=rb: (_Affine(m, torch.from_numpy(ra), torch.from_numpy(rb), fitted.axis), xs))
+        def apply(m, xs, ra=ra, rb=rb):
+            return _Affine(m, torch.from_numpy(ra), torch.from_numpy(rb), fitted.axis), xs
+
         if trials.run([*steps, Candidate(c.row, [], "", "", apply, wraps=True)])[1]:
             break
     fa, fb = (f"[{', '.join(_g(x) for x in v)}]" if len(set(v)) > 1 else _g(v[0]) for v in (ra, rb))
@@ -632,7 +638,8 @@ def plan_check(cfg: Any, records: list[Any], rows: list[dict[str, Any]]) -> Conv
     if passed:
         return None
     try:
-        explain(trial.model, inputs, refs, rtol=v.rtol, atol=v.atol, activations=load_activations(v.reference_activations), error=VerifyError)
+        explain(trial.model, inputs, refs, rtol=v.rtol, atol=v.atol, activations=load_activations(v.reference_activations),
+                error=VerifyError)
     except VerifyError as exc:
         return exc
     return VerifyError(f"the mapped model does not reproduce the reference (max abs error {err:.3g}) and no known difference of meaning "
@@ -727,7 +734,8 @@ def _same_tensor_pairs(missing: list[dict[str, Any]], unused: list[dict[str, Any
     free = list(unused)
     for r in missing:
         t = _shape(r["target_shape"]) or []
-        hit = next((u for u in free if len(t) >= 2 and len(_shape(u["source_shape"]) or []) == len(t) and set(t) & set(_shape(u["source_shape"]))), None)
+        hit = next((u for u in free if len(t) >= 2 and len(_shape(u["source_shape"]) or []) == len(t)
+                    and set(t) & set(_shape(u["source_shape"]))), None)
         if hit is not None:
             free.remove(hit)
             pairs.append((r, hit))
@@ -751,7 +759,8 @@ def architecture_headline(rows: list[dict[str, Any]]) -> tuple[str, str, str, se
     allowed missing nor ignored)."""
     targets = [r for r in rows if r["target_key"]]
     wrong = [r for r in targets if r["status"] == "mapped" and r["how"] != "tied" and r["result_shape"] != r["target_shape"]
-             and _shape(r["source_shape"]) and _shape(r["result_shape"]) and math.prod(_shape(r["result_shape"]) or [0]) != math.prod(_shape(r["target_shape"]) or [0])]
+             and _shape(r["source_shape"]) and _shape(r["result_shape"])
+             and math.prod(_shape(r["result_shape"]) or [0]) != math.prod(_shape(r["target_shape"]) or [0])]
     # (the same count is a layout problem, not a size; a transform that does not apply is not a size either)
     missing = [r for r in targets if r["status"] == "missing"]
     unused = [r for r in rows if not r["target_key"] and r["status"] == "unused"]
@@ -762,7 +771,8 @@ def architecture_headline(rows: list[dict[str, Any]]) -> tuple[str, str, str, se
     for r, src in pairs:
         s = _shape(src["source_shape"]) or []
         implied.append((_shape(r["result_shape"] or "") if src is r else _as_layout(s)) or s)  # the target shape the source implies
-        diffs.append(f"{r['target_key']}: model {_shape(r['target_shape'])}, source {src['source_key']} {s}" + (f" (as {implied[-1]})" if implied[-1] != s else ""))
+        diffs.append(f"{r['target_key']}: model {_shape(r['target_shape'])}, source {src['source_key']} {s}"
+                     + (f" (as {implied[-1]})" if implied[-1] != s else ""))
     others = [r["target_key"] for r, _ in pairs[1:]]
     head = diffs[0] + (f"; {len(others)} more tensor(s) differ in shape ({_list(others)})" if others else "")
     rest_missing = [r["target_key"] for r in missing if all(r is not p[0] for p in pairs)]

@@ -225,7 +225,7 @@ def _resolve_pairings(s: _Search) -> list[int]:
                 errors[g] = _search_pairings(s, groups, choice, [g], options)
     for g, group in enumerate(groups):
         _set_pairing(s, group, choice[g])
-        for i, blocks in group[1]:
+        for i, _blocks in group[1]:
             src = _block(s.cands[i][s.choice[i]])
             s.active[i] = [k for k, c in enumerate(s.cands[i]) if c and c[0][0] == "source" and _block(c) == src]
             s.method[i] = "reference output (pairing)" if s.trial.refs is not None else "reference activations (pairing)"

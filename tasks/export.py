@@ -148,7 +148,8 @@ def check_export(path: Path, tensors: dict[str, dict[str, Any]], *, reread: bool
         raise ExportError(f"the written file does not parse as safetensors: {exc}", key=str(path), fix="rerun with --refresh") from None
     keys = set(header) - {"__metadata__"}
     if keys != set(tensors):
-        raise ExportError("exported keys differ from the converted ones", key=str(path), expected=sorted(tensors)[:10], actual=sorted(keys)[:10])
+        raise ExportError("exported keys differ from the converted ones", key=str(path), expected=sorted(tensors)[:10],
+                          actual=sorted(keys)[:10])
     names = []
     for k, info in tensors.items():
         h = header[k]
@@ -167,7 +168,8 @@ def check_export(path: Path, tensors: dict[str, dict[str, Any]], *, reread: bool
     expected = _expected_digests(names, tensors, reference)
     problems += [k for k, d in zip(names, digests) if d != expected[k]]
     if problems:
-        raise ExportError(f"{len(problems)} exported tensor(s) differ from the converted ones", key=problems[0], fix="the disk may be faulty; rerun with --refresh")
+        raise ExportError(f"{len(problems)} exported tensor(s) differ from the converted ones", key=problems[0],
+                          fix="the disk may be faulty; rerun with --refresh")
     if known_sha is None and stat_key(path) == version:
         remember(path, "sha256", sha, own=True)  # np2torch wrote it and just re-read every byte
 
@@ -242,7 +244,8 @@ def export_outputs(*, converted: Path, tensors: dict[str, dict[str, Any]], manif
         probe.touch()
         probe.unlink()
     except OSError as exc:
-        raise ExportError(f"cannot write to the export folder: {exc.strerror}", key=str(out_dir), fix="choose a writable export.dir (--set export.dir=...)") from None
+        raise ExportError(f"cannot write to the export folder: {exc.strerror}", key=str(out_dir),
+                          fix="choose a writable export.dir (--set export.dir=...)") from None
     outputs = []
     staged: list[tuple[Path, Path]] = []
 

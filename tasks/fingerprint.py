@@ -2,9 +2,9 @@
 
 A file's sha256 (the audit record's proof, and what every array fingerprint of the file is derived
 from) and what the readers computed in the same read are stored in a stat cache keyed by
-(device, inode, size, mtime_ns, ctime_ns), as DVC does (plus ctime): an unchanged file is never re-read to be re-hashed, and any write to its
-bytes changes its ctime, which no user call can set back, so a changed file is always noticed
-even when its size and mtime are restored.
+(device, inode, size, mtime_ns, ctime_ns), as DVC does (plus ctime): an unchanged file is never
+re-read to be re-hashed, and any write to its bytes changes its ctime, which no user call can set
+back, so a changed file is always noticed even when its size and mtime are restored.
 
 :func:`file_digests` reads a file ONCE and computes, from the same buffers, its sha256 (on a
 helper thread: hashlib releases the GIL) and whatever a region's ``on_chunk`` callback folds in
@@ -31,8 +31,8 @@ from typing import Any
 
 from np2torch.tasks.paths import cache_dir
 
-__all__ = ["pack", "SMALL_FILE", "open_regular", "check_regular", "sha256_file", "stat_key", "cached_by_stat", "remember", "peek", "file_fingerprint",
-           "Region", "file_digests"]
+__all__ = ["pack", "SMALL_FILE", "open_regular", "check_regular", "sha256_file", "stat_key", "cached_by_stat", "remember", "peek",
+           "file_fingerprint", "Region", "file_digests"]
 
 _RACY_NS = 2_000_000_000  # a stat is trusted only for files last modified more than this ago
 _PIECE = 1 << 20  # read size of file_digests: a piece is hashed and folded while it is still in the cores' L2 caches (1 MiB measured
@@ -226,7 +226,8 @@ def _stat_root(env: tuple[str | None, str | None], cwd: str) -> str:
 
 
 def _entry_path(key: dict[str, Any], what: str, root: Path | None) -> str:
-    ident = hashlib.sha256(f"{what}\0{key['dev']}\0{key['inode']}\0{key['size']}\0{key['mtime_ns']}\0{key['ctime_ns']}".encode()).hexdigest()
+    ident = hashlib.sha256(f"{what}\0{key['dev']}\0{key['inode']}\0{key['size']}\0"
+                           f"{key['mtime_ns']}\0{key['ctime_ns']}".encode()).hexdigest()
     if root is not None:
         base = str(root / "stat")
     else:

@@ -47,7 +47,8 @@ def _load_arrays_file(path: Path, what: str) -> list[np.ndarray]:
 def make_inputs(spec: InputSpec | Path | None) -> list[np.ndarray]:
     """The forward pass's positional inputs, generated reproducibly or read from a file."""
     if spec is None:
-        raise VerifyError("no verify.input given", key="verify.input", fix="add verify.input: {shape: [...], dtype: float32, seed: 0} or a .npy path")
+        raise VerifyError("no verify.input given", key="verify.input",
+                          fix="add verify.input: {shape: [...], dtype: float32, seed: 0} or a .npy path")
     if isinstance(spec, Path):
         return _load_arrays_file(spec, "input")
     rng = np.random.default_rng(spec.seed)
@@ -112,11 +113,13 @@ def run_forward(model: nn.Module, inputs: list[np.ndarray], device: torch.device
             out = model(*xs)
     except Exception as exc:
         shapes = [list(x.shape) for x in xs]
-        raise VerifyError(f"the forward pass raised {type(exc).__name__}: {exc}", key="forward", expected="the model to accept the verify input",
-                          actual=f"inputs of shape {shapes}", fix="check verify.input's shape and the model's forward (e.g. a missing Flatten)") from None
+        raise VerifyError(f"the forward pass raised {type(exc).__name__}: {exc}", key="forward",
+                          expected="the model to accept the verify input", actual=f"inputs of shape {shapes}",
+                          fix="check verify.input's shape and the model's forward (e.g. a missing Flatten)") from None
     outs = _flatten_outputs(out)
     if not outs:
-        raise VerifyError(f"forward returned {type(out).__name__}, with no tensors to check", key="forward", fix="return a tensor (or tuple/dict of tensors)")
+        raise VerifyError(f"forward returned {type(out).__name__}, with no tensors to check", key="forward",
+                          fix="return a tensor (or tuple/dict of tensors)")
     return [o.detach().to("cpu", torch.float64).numpy() for o in outs]
 
 
@@ -297,7 +300,8 @@ class _Tracer(TorchFunctionMode):
 
 def _is_channels_last_permute(m: _Made, src: torch.Tensor) -> bool:
     """``x.permute(0, 2, 3, 1)`` (or a transpose/movedim to the same effect) of a (N, C, *S) activation."""
-    dims = [int(a) for a in m.args if isinstance(a, int)] or [int(a) for a in (m.args[0] if m.args and isinstance(m.args[0], (list, tuple)) else [])]
+    dims = ([int(a) for a in m.args if isinstance(a, int)]
+            or [int(a) for a in (m.args[0] if m.args and isinstance(m.args[0], (list, tuple)) else [])])
     nd = src.dim()
     if m.op == "permute" and len(dims) == nd:
         return dims == [0, *range(2, nd), 1]

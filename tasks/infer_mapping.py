@@ -217,7 +217,8 @@ def build_manifest(cfg: Any, records: list[ArrayRecord]) -> list[ManifestRow]:
            for r in rows if r.target_key):
         return rows  # validate reports these; evidence needs a complete, well-shaped model
     live = model_mod.build_model(cfg.model.target, cfg.model.kwargs, device="cpu", allow_unsafe_load=cfg.model.allow_unsafe_load)
-    inputs, refs, acts = forward.make_inputs(v.input), forward.load_reference(v.reference_output), forward.load_activations(v.reference_activations)
+    inputs, refs, acts = (forward.make_inputs(v.input), forward.load_reference(v.reference_output),
+                          forward.load_activations(v.reference_activations))
     try:
         return evidence.resolve(rows, records, model=live, inputs=inputs, refs=refs, activations=acts, rtol=v.rtol, atol=v.atol)
     except (MappingError, VerifyError):  # no layout reproduces the reference: a difference of meaning may (named before any layout advice)

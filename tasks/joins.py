@@ -114,7 +114,8 @@ def source_join(children: dict[str, dict[str, Src]]) -> tuple[str, dict[str, dic
     return None
 
 
-def attention_parts(module: str, module_type: str, children: dict[str, dict[str, Any]]) -> list[tuple[tuple[str, ...], dict[str, str]]] | None:
+def attention_parts(module: str, module_type: str,
+                    children: dict[str, dict[str, Any]]) -> list[tuple[tuple[str, ...], dict[str, str]]] | None:
     """A torch attention module's projections: [(roles stacked on the output axis, {weight/bias: key})].
 
     ``children``: the module's own parameters under ``""`` and its Linear children by name, each
@@ -191,7 +192,8 @@ def _attention_claims(roles: dict[str, dict[str, Src]], parts: list[tuple[tuple[
             else:
                 steps = _bias_steps(srcs[0])
             what = f"per-head {leaf}s joined" if len(stacked) > 1 else f"per-head {leaf}"
-            p = _joined(tkey, shapes[tkey], srcs, steps, f"attention {names}: {what} on the output axis in role order", square_ok=leaf == "weight")
+            p = _joined(tkey, shapes[tkey], srcs, steps, f"attention {names}: {what} on the output axis in role order",
+                        square_ok=leaf == "weight")
             if p is None:
                 return None
             out.append(p)
@@ -208,7 +210,8 @@ def _cell_claims(kind: str, gates: dict[str, dict[str, Src]], keys: dict[str, st
         if tw not in keys:
             return None
         p = _joined(keys[tw], shapes[keys[tw]], [x["kernel"] for x in parts], [["transpose", None]],
-                    f"{kind} gates {', '.join(side + x for x in g.gates)} (in, u) kernels → torch's order {', '.join(g.gates)}; {g.why}", True)
+                    f"{kind} gates {', '.join(side + x for x in g.gates)} (in, u) kernels "
+                    f"→ torch's order {', '.join(g.gates)}; {g.why}", True)
         if p is None:
             return None
         out.append(p)

@@ -71,7 +71,8 @@ def _import_file(path: Path) -> Any:
         spec.loader.exec_module(module)
     except Exception as exc:
         sys.modules.pop(name, None)
-        raise ModelError(f"importing the model file failed: {type(exc).__name__}: {exc}", key=str(path), fix="fix the error in the model file") from None
+        raise ModelError(f"importing the model file failed: {type(exc).__name__}: {exc}", key=str(path),
+                         fix="fix the error in the model file") from None
     return module
 
 
@@ -92,7 +93,8 @@ def import_target(target: str, *, allow_unsafe_load: bool = False) -> Any:
     for part in attr.split("."):
         if not hasattr(obj, part):
             avail = sorted(n for n in dir(module) if not n.startswith("_"))[:20]
-            raise ModelError(f"{mod_name} has no attribute {attr!r}", key=target, expected=f"one of {avail}", actual=attr, fix="check the name after ':' in model.target")
+            raise ModelError(f"{mod_name} has no attribute {attr!r}", key=target, expected=f"one of {avail}", actual=attr,
+                             fix="check the name after ':' in model.target")
         obj = getattr(obj, part)
     return obj
 
@@ -112,7 +114,8 @@ def _load_pickled_module(path: Path, allow_unsafe_load: bool) -> Any:
     except Exception as exc:
         raise ModelError(f"torch.load failed: {type(exc).__name__}: {exc}", key=str(path)) from None
     if not isinstance(obj, nn.Module):
-        raise ModelError(f"file holds a {type(obj).__name__}, not an nn.Module", key=str(path), fix="point model.target at a model class instead")
+        raise ModelError(f"file holds a {type(obj).__name__}, not an nn.Module", key=str(path),
+                         fix="point model.target at a model class instead")
     return lambda **_: obj
 
 
@@ -131,7 +134,8 @@ def _register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) 
     p = self._parameters.get(name)
     if getattr(_META, "depth", 0) > 0 and p is not None and not p.is_meta and not isinstance(p, nn.parameter.UninitializedParameter):
         extra = dict(getattr(p, "__dict__", {}))
-        self._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad, **extra) if extra else type(p)(p.to("meta"), p.requires_grad)
+        self._parameters[name] = (type(p)(p.to("meta"), requires_grad=p.requires_grad, **extra) if extra
+                                  else type(p)(p.to("meta"), p.requires_grad))
 
 
 @contextlib.contextmanager
@@ -178,7 +182,8 @@ def build_model(target: str, kwargs: dict[str, Any] | None = None, *, device: st
     """
     factory = import_target(target, allow_unsafe_load=allow_unsafe_load)
     if not callable(factory):
-        raise ModelError(f"{target} is a {type(factory).__name__}, not a class or factory", key=target, fix="point model.target at an nn.Module class or a function returning one")
+        raise ModelError(f"{target} is a {type(factory).__name__}, not a class or factory", key=target,
+                         fix="point model.target at an nn.Module class or a function returning one")
     kwargs = dict(kwargs or {})
     build = _config_factory(factory, kwargs) or (lambda: factory(**kwargs))
 
@@ -198,9 +203,11 @@ def build_model(target: str, kwargs: dict[str, Any] | None = None, *, device: st
         else:
             model = None
         if model is None:
-            raise ModelError(f"building the model failed: {type(exc).__name__}: {exc}", key=target, fix="check model.kwargs against the constructor's signature") from None
+            raise ModelError(f"building the model failed: {type(exc).__name__}: {exc}", key=target,
+                             fix="check model.kwargs against the constructor's signature") from None
     if not isinstance(model, nn.Module):
-        raise ModelError(f"{target} returned a {type(model).__name__}, not an nn.Module", key=target, fix="return an nn.Module from the factory")
+        raise ModelError(f"{target} returned a {type(model).__name__}, not an nn.Module", key=target,
+                         fix="return an nn.Module from the factory")
     _check_buffers(model, target)
     return model
 
@@ -210,8 +217,9 @@ def _check_buffers(model: nn.Module, target: str) -> None:
     lost = [k for k, b in model.named_buffers() if b.is_meta and k not in persistent]
     if lost:
         raise ModelError(f"non-persistent buffer(s) {lost} are neither in the state dict nor computed by the constructor "
-                         "(they are derived from parameters on the meta device)", key=lost[0], expected="a buffer the constructor computes, or a persistent one",
-                         actual="a meta tensor", fix=f"register {lost[0]!r} with persistent=True (then it is mapped like a parameter), or compute it "
+                         "(they are derived from parameters on the meta device)", key=lost[0],
+                         expected="a buffer the constructor computes, or a persistent one", actual="a meta tensor",
+                         fix=f"register {lost[0]!r} with persistent=True (then it is mapped like a parameter), or compute it "
                          "in __init__ from plain values rather than from a parameter")
 
 
@@ -222,8 +230,9 @@ def finish_load(model: nn.Module, device: torch.device | str) -> nn.Module:
     dev = torch.device(device)
     left = [k for k, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)] if t.is_meta]
     if left:
-        raise ModelError(f"{len(left)} tensor(s) still on the meta device after loading: {left[:5]}", key=left[0], expected="a loaded or computed value",
-                         actual="a meta tensor", fix=f"map {left[0]!r} (or allow it with mapping.allow_missing), or make the constructor compute it")
+        raise ModelError(f"{len(left)} tensor(s) still on the meta device after loading: {left[:5]}", key=left[0],
+                         expected="a loaded or computed value", actual="a meta tensor",
+                         fix=f"map {left[0]!r} (or allow it with mapping.allow_missing), or make the constructor compute it")
     for mod in model.modules():
         for name, b in list(mod._buffers.items()):
             if b is not None and b.device != dev:
@@ -249,11 +258,13 @@ def describe_targets(model: nn.Module) -> list[TargetInfo]:
     return out
 
 
-def materialize_missing(model_target: str, kwargs: dict[str, Any], keys: list[str], *, allow_unsafe_load: bool = False) -> dict[str, torch.Tensor]:
+def materialize_missing(model_target: str, kwargs: dict[str, Any], keys: list[str], *,
+                        allow_unsafe_load: bool = False) -> dict[str, torch.Tensor]:
     """Initial values of the targets allowed to stay missing (seeded, so reproducible).
 
     Buffers are the constructor's own values already (built for real). For parameters, only the
-    submodules that own them are materialised (empty on the CPU, then their own ``reset_parameters``), each seeded from its name, so a 20 GB model whose
+    submodules that own them are materialised (empty on the CPU, then their own ``reset_parameters``),
+    each seeded from its name, so a 20 GB model whose
     ``num_batches_tracked`` counters may stay missing never exists on the CPU. When an owner
     cannot initialise itself that way, the whole model is built on the CPU instead.
     """

@@ -81,7 +81,8 @@ PRESETS: dict[str, Preset] = {
                     "biases": ("bias", "tf.contrib.layers / slim name of a bias"),
                     "w": ("weight", "OpenAI GPT-2 / TF1 hand-written layers: weight"), "b": ("bias", "… bias"),
                     "g": ("weight", "… LayerNorm gain (OpenAI 'g'/'b')"),
-                    "output_weights": ("weight", "TF1 BERT classifier 'cls/seq_relationship/output_weights' (labels, hidden): torch's layout"),
+                    "output_weights": ("weight", "TF1 BERT classifier 'cls/seq_relationship/output_weights' (labels, hidden): "
+                                                 "torch's layout"),
                     "output_bias": ("bias", "TF1 BERT 'output_bias' (cls/predictions/output_bias → cls.predictions.bias)")},
         layouts={("weights", 2): ([["transpose", None]], "slim fully_connected weights (in, out)"),
                  ("weights", 4): ([["permute", [3, 2, 0, 1]]], "slim conv2d weights (H, W, I, O)"),

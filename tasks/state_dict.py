@@ -24,7 +24,8 @@ def check_device(device: str) -> torch.device:
             raise ConvertError("CUDA is not available on this machine", key="convert.device", expected="a visible CUDA GPU", actual="none",
                                fix="use --set convert.device=cpu, or run on a machine with a GPU")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConvertError(f"there is no {device}", key="convert.device", expected=f"cuda:0..cuda:{torch.cuda.device_count() - 1}", actual=device)
+            raise ConvertError(f"there is no {device}", key="convert.device",
+                               expected=f"cuda:0..cuda:{torch.cuda.device_count() - 1}", actual=device)
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ConvertError("MPS is not available on this machine", key="convert.device", fix="use --set convert.device=cpu")
     return dev
@@ -50,14 +51,14 @@ def load_into_model(model: nn.Module, state: dict[str, torch.Tensor], targets: l
             problems.append(Problem(k, "shape differs from the model's", expected=list(t.shape), actual=list(state[k].shape),
                                     fix="fix the transform for this key"))
     if problems:
-        raise ConvertError(f"the converted state dict does not load strictly ({len(problems)} problem(s))", key=problems[0]["key"], problems=problems,
-                           fix=problems[0]["fix"])
+        raise ConvertError(f"the converted state dict does not load strictly ({len(problems)} problem(s))", key=problems[0]["key"],
+                           problems=problems, fix=problems[0]["fix"])
     sd = {k: v for k, v in state.items() if k not in tied}
     result = model.load_state_dict(sd, strict=False, assign=True)
     left = [k for k in result.missing_keys if k not in tied]
     if left or result.unexpected_keys:
-        raise ConvertError("load_state_dict reported problems", key=(left + result.unexpected_keys)[0], expected="no missing/unexpected keys",
-                           actual={"missing": left, "unexpected": result.unexpected_keys})
+        raise ConvertError("load_state_dict reported problems", key=(left + result.unexpected_keys)[0],
+                           expected="no missing/unexpected keys", actual={"missing": left, "unexpected": result.unexpected_keys})
     for key, first in tied.items():
         mod_path, _, name = key.rpartition(".")
         src_path, _, src_name = first.rpartition(".")

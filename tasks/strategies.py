@@ -118,8 +118,9 @@ def _check_target(st: MapState, target: str, where: str) -> bool:
     import difflib
 
     close = difflib.get_close_matches(target, list(st.targets), n=3)
-    st.problems.append(Problem(where, f"rule target {target!r} is not a key of the model", expected=f"one of {close or list(st.targets)[:5]}",
-                               actual=target, fix="use a key printed by `np2torch plan`"))
+    st.problems.append(Problem(where, f"rule target {target!r} is not a key of the model",
+                               expected=f"one of {close or list(st.targets)[:5]}", actual=target,
+                               fix="use a key printed by `np2torch plan`"))
     return False
 
 
@@ -301,7 +302,8 @@ def _layer_claims(st: MapState, kind: str, leaves: dict[str, str], module: str, 
             for tleaf, spec, why in outs:
                 out.append((f"{prefix}{tleaf}{suffix}", Claim([key], [list(s) for s in spec], how, confidence, note=why)))
         for z in rec.zeros:
-            out.append((f"{prefix}{z}{suffix}", Claim([], [["zeros", None]], how, confidence, zeros=True, note=f"{rec.why}: no source; zeros")))
+            out.append((f"{prefix}{z}{suffix}",
+                        Claim([], [["zeros", None]], how, confidence, zeros=True, note=f"{rec.why}: no source; zeros")))
     else:
         for leaf, key in leaves.items():
             tleaf = K.leaf_role(kind, leaf)
@@ -630,7 +632,8 @@ def match_shapes(st: MapState) -> None:
 
 def match_families(st: MapState) -> None:
     for p in align.propose(st):
-        st.claim(p.target, Claim(p.sources, p.spec, p.how, p.confidence, concat=p.concat, note=p.note, zeros=p.zeros, candidates=p.candidates))
+        st.claim(p.target, Claim(p.sources, p.spec, p.how, p.confidence, concat=p.concat, note=p.note, zeros=p.zeros,
+                                 candidates=p.candidates))
 
 
 @dataclass(frozen=True)

@@ -131,14 +131,16 @@ TRANSFORMS: dict[str, Transform] = {
     "reshape": Transform(lambda a, shp: np.reshape(a, _reshape_shape(a.shape, shp)), _reshape_shape,
                          "same elements, new shape (C order): a flat slice back to its tensor"),
     "flatten_nhwc_to_nchw": Transform(_nhwc_apply, _nhwc_shape,
-                                      "a dense layer after a channels-last Flatten sees (H, W, C)-ordered inputs; torch flattens (C, H, W)"),
+                                      "a dense layer after a channels-last Flatten sees (H, W, C)-ordered inputs; "
+                                      "torch flattens (C, H, W)"),
     "slice": Transform(lambda a, arg: a.reshape(-1)[int(arg[0]) : int(arg[1])], _slice_shape,
                        "a range of a flat parameter vector"),
     "zeros": Transform(lambda a, _: a, lambda s, _: s, "the target gets zeros (e.g. a bias the source never had)"),
     "reorder_chunks": Transform(_chunks_apply, _chunks_shape,
                                 "reorder equal blocks along axis 0: gate order differs, Keras GRU (z, r, h) vs torch (r, z, n)"),
     "pad": Transform(_pad_apply, _pad_shape,
-                     "zeros before/after along axis 0: Flax GRUCell has a bias only for the n gate's hidden part (torch bias_hh is r, z, n)"),
+                     "zeros before/after along axis 0: Flax GRUCell has a bias only for the n gate's hidden part "
+                     "(torch bias_hh is r, z, n)"),
     "index": Transform(lambda a, i: a[int(i)], _index_shape,
                        "take one row of axis 0: Keras GRU reset_after bias (2, 3u) holds input and recurrent biases"),
     "layer": Transform(lambda a, i: a[int(i)], _index_shape,
@@ -195,7 +197,8 @@ def layout_label(spec: Spec) -> str:
     for name, arg in spec:
         if name in ("slice", "layer", PAIRING_STEP):
             continue
-        parts.append(name if name in ("reshape", "flatten_nhwc_to_nchw") or arg is None else f"{name}={json.dumps(arg, separators=(',', ':'))}")
+        parts.append(name if name in ("reshape", "flatten_nhwc_to_nchw") or arg is None
+                     else f"{name}={json.dumps(arg, separators=(',', ':'))}")
     return "; ".join(parts) or "as-is"
 
 

@@ -175,7 +175,8 @@ def _problem_for(name: str, row: pd.Series, key: str) -> Problem:
         return Problem(key, f"{_count(n, 'nonzero value(s)')} of source {row['source_key']} become 0 in {row['target_dtype']} "
                             f"(smallest |x| {float(row['absmin_nonzero']):.3g})", fix=_FIX[name])
     if name == "dtype":
-        return Problem(key, f"source dtype {row['source_dtype']} cannot become {row['target_dtype']}", expected=row["target_dtype"], actual=row["source_dtype"], fix=_FIX[name])
+        return Problem(key, f"source dtype {row['source_dtype']} cannot become {row['target_dtype']}", expected=row["target_dtype"],
+                       actual=row["source_dtype"], fix=_FIX[name])
     if name == "numel":
         return Problem(key, "numel is inconsistent with target_shape", expected=cell_text(row["target_shape"]), actual=row["numel"],
                        fix=_FIX[name])

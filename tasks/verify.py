@@ -32,8 +32,8 @@ from np2torch.tasks.state_dict import check_device, load_into_model
 __all__ = ["make_inputs", "load_reference", "compare", "run_forward", "verify_forward_pass", "load_model_from_file"]
 
 
-def load_model_from_file(model_target: str, model_kwargs: dict[str, Any], weights: Path, device: torch.device, *, allow_unsafe_load: bool = False,
-                         stream_pages: bool = False) -> nn.Module:
+def load_model_from_file(model_target: str, model_kwargs: dict[str, Any], weights: Path, device: torch.device, *,
+                         allow_unsafe_load: bool = False, stream_pages: bool = False) -> nn.Module:
     """The model on ``device`` with the converted weights (zero-copy on the CPU).
 
     With ``stream_pages`` (CPU), each module's weights leave this process's resident memory once
@@ -82,7 +82,8 @@ def verify_forward_pass(*, model_target: str, model_kwargs: dict[str, Any], weig
             err = "" if where["max_abs_error"] is None else f", max abs error {where['max_abs_error']:.3g}"
             metrics["problems"].append(f"first diverging layer: {where['module']} ({where['by']}{err})")
         elif not spec.reference_activations:
-            metrics["problems"].append("give verify.reference_activations (module outputs of the source model) to localise the first diverging layer")
+            metrics["problems"].append("give verify.reference_activations (module outputs of the source model) "
+                                       "to localise the first diverging layer")
     del model
     if not metrics["passed"]:
         raise VerifyError("the converted model does not reproduce the reference: " + "; ".join(metrics["problems"]),

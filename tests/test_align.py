@@ -42,7 +42,8 @@ def test_gru_cell_join_pads_the_only_hidden_bias() -> None:
     kind, parts = J.source_join(gates)
     assert kind == "gru_cell"
     keys = {"weight_ih": "w_ih", "weight_hh": "w_hh", "bias_ih": "b_ih", "bias_hh": "b_hh"}
-    rows = {p.target: p for p in J.join_claims(kind, parts, keys, {"w_ih": (3 * u, n_in), "w_hh": (3 * u, u), "b_ih": (3 * u,), "b_hh": (3 * u,)})}
+    rows = {p.target: p
+            for p in J.join_claims(kind, parts, keys, {"w_ih": (3 * u, n_in), "w_hh": (3 * u, u), "b_ih": (3 * u,), "b_hh": (3 * u,)})}
     assert rows["w_ih"].sources == ["ir/kernel", "iz/kernel", "in/kernel"] and rows["w_ih"].concat == 0
     assert rows["b_hh"].sources == ["hn/bias"] and rows["b_hh"].spec == [["pad", [2 * u, 0]]]
     assert rows["w_hh"].candidates == [[["transpose", None]], []]  # square: only a reference tells (in, out) from (out, in)

@@ -157,7 +157,8 @@ def test_load_into_wrong_reference_is_a_verify_error_naming_the_tolerance(tiny, 
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"preset": "pytorch"}, ConfigError, r"`mapping.preset`: Input should be 'none', 'keras', 'tf' or 'flax'"),
     ({"strategy": "names"}, ConfigError, r"`mapping.strategy`"),
-    ({"rules": [{"source": "dense/kernel", "target": "3.weight", "transform": ["transpos"]}]}, ConfigError, r"unknown transform 'transpos'"),
+    ({"rules": [{"source": "dense/kernel", "target": "3.weight", "transform": ["transpos"]}]}, ConfigError,
+     r"unknown transform 'transpos'"),
     ({"reference": np.zeros(3)}, ConfigError, r"reference must be a pair \(inputs, expected outputs\)"),
     ({"device": "tpu"}, ConfigError, r"device 'tpu' must be cpu, cuda, cuda:N or mps"),
 ])

@@ -100,7 +100,8 @@ def test_overrides_that_repeat_a_name_or_folder_are_rejected(tmp_path: Path, exa
 
 
 @pytest.mark.parametrize(("entry", "message"), [
-    ({"set": ["name=x"], "sett": ["convert.dtype=float16"]}, r"conversions\[1\] \(.*mlp.yaml\) is not a valid config:\n  - unknown key `sett`"),
+    ({"set": ["name=x"], "sett": ["convert.dtype=float16"]},
+     r"conversions\[1\] \(.*mlp.yaml\) is not a valid config:\n  - unknown key `sett`"),
     ({"set": ["convert.dtype"]}, r"conversions\[1\] \(.*mlp.yaml\).*\n.*'convert.dtype' must look like KEY=VALUE"),
     ({"set": ["name=x", "convert.dtyp=float16"]}, r"conversions\[1\] \(.*mlp.yaml\) with set \['name=x', 'convert.dtyp=float16'\]: "
                                                    r"(?s:.*)unknown key `convert.dtyp`"),
@@ -175,7 +176,8 @@ def test_summary_row_reads_an_audit_record() -> None:
 
 
 def test_serve_checks_cron_and_batch_before_prefect(tmp_path: Path, example_data: Path) -> None:
-    with pytest.raises(ConfigError, match=r"(?s)`--cron`: 'every night' is not a valid cron schedule \(expected five fields.*Fix: quote it"):
+    with pytest.raises(ConfigError, match=r"(?s)`--cron`: 'every night' is not a valid cron schedule "
+                                          r"\(expected five fields.*Fix: quote it"):
         check_cron("every night")
     a = write_conversion("mlp", tmp_path / "cfg", tmp_path / "out")
     batch = write_batch(tmp_path / "nightly.yaml", [a])

@@ -192,7 +192,8 @@ def test_light_commands_import_no_prefect(args, example_data):
             "try:\n    runpy.run_module('np2torch.cli', run_name='__main__')\n"
             "except SystemExit as e:\n    assert not e.code, e.code\n"
             "print('HEAVY', sorted(m for m in ('torch', 'pandas', 'pandera', 'prefect') if m in sys.modules), file=sys.stderr)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env={**os.environ, "NP2TORCH_READ_ONLY": "1"})
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "NP2TORCH_READ_ONLY": "1"})
     assert r.returncode == 0, r.stderr
     heavy = r.stderr.rsplit("HEAVY ", 1)[1].strip()
     assert heavy == ("['pandas', 'pandera', 'torch']" if args[0] == "plan" else "[]"), heavy

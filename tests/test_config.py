@@ -81,7 +81,8 @@ HOSTILE = {
     "too-big": "name: x\n" + "# padding\n" * (MAX_CONFIG_BYTES // 10 + 1),
 }
 EXPECT = {"alias-bomb": "uses the YAML alias *a; aliases are not allowed", "one-alias": "uses the YAML alias *n",
-          "nested-100000-flow": f"nests deeper than {MAX_CONFIG_DEPTH} levels", "nested-100000-map": f"nests deeper than {MAX_CONFIG_DEPTH} levels",
+          "nested-100000-flow": f"nests deeper than {MAX_CONFIG_DEPTH} levels",
+          "nested-100000-map": f"nests deeper than {MAX_CONFIG_DEPTH} levels",
           "python-tag": "could not determine a constructor for the tag", "bad-syntax": "line 2, column 7",
           "not-utf8": "is not UTF-8 text", "not-a-mapping": "must hold a mapping at the top level",
           "too-big": f"a config may be at most {MAX_CONFIG_BYTES:,} bytes"}

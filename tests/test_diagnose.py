@@ -44,7 +44,8 @@ def test_no_claim_when_nothing_differs_in_meaning_and_the_model_is_untouched() -
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model[1].eps == 1e-5
 
 
-def _row(target: str, status: str, tshape: list[int], source: str = "", sshape: list[int] | None = None, result: list[int] | None = None) -> dict:
+def _row(target: str, status: str, tshape: list[int], source: str = "", sshape: list[int] | None = None,
+         result: list[int] | None = None) -> dict:
     return {"target_key": target, "status": status, "how": "name", "target_shape": json.dumps(tshape), "source_key": source,
             "source_shape": json.dumps(sshape) if sshape else "", "result_shape": json.dumps(result) if result else ""}
 

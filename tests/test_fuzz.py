@@ -121,7 +121,8 @@ def mutated(draw, seeds: list[bytes]) -> bytes:
                 continue
             old = draw(st.sampled_from(present))
             new = draw(st.sampled_from(tokens + [b"(1000000000, 1000000000)", b"(-1,)", b"'<c8'", b"'O'", b"'<U3'", b"'<M8[s]'",
-                                                 b"(3, 'x')", b"None", b"{}", b"'<f4', 'x': (", b"(2**62,)", b"(4294967296, 4294967296, 16)"]))
+                                                 b"(3, 'x')", b"None", b"{}", b"'<f4', 'x': (", b"(2**62,)",
+                                                 b"(4294967296, 4294967296, 16)"]))
             at = draw(st.sampled_from([i for i in range(len(data)) if data.startswith(old, i)]))
             data[at : at + len(old)] = new
     return bytes(data)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CODE = "from np2torch.tasks import paths; h, why = paths.home_origin(); print(h); print(why); print(paths.cache_dir()); print(paths.audit_log_path())"
+CODE = ("from np2torch.tasks import paths; h, why = paths.home_origin(); print(h); print(why); print(paths.cache_dir()); "
+        "print(paths.audit_log_path())")
 
 
 def _where(cwd: Path, home: Path, **env: str) -> list[str]:

@@ -177,7 +177,8 @@ def test_npy_header_larger_than_file_allocates_nothing(tmp_path, capsys):
     p.write_bytes(_huge_shape_npy((1 << 20, 1 << 20)))  # 4 TiB declared, 16 bytes present
     rc, err, peak = _inspect_traced(capsys, p)
     assert rc == 1
-    assert f"[load-arrays] `{p}`: file is truncated: the header declares shape [1048576, 1048576] <f4 (4398046511104 bytes) but only 16 bytes follow it" in err
+    assert (f"[load-arrays] `{p}`: file is truncated: the header declares shape [1048576, 1048576] <f4 (4398046511104 bytes) "
+            "but only 16 bytes follow it") in err
     assert peak < 8 << 20, f"reading a 4 TiB header allocated {peak} bytes"
 
 
@@ -211,7 +212,8 @@ def test_object_npy_without_opt_in(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("dtype", "kind"),
-    [("<c8", "complex"), ("<U4", "string"), ("|S4", "bytes"), ("<M8[s]", "datetime"), ("<m8[s]", "timedelta"), ([("a", "<f4")], "void/struct")],
+    [("<c8", "complex"), ("<U4", "string"), ("|S4", "bytes"), ("<M8[s]", "datetime"), ("<m8[s]", "timedelta"),
+     ([("a", "<f4")], "void/struct")],
 )
 def test_non_numeric_dtypes_refused(tmp_path, capsys, dtype, kind):
     d = tmp_path / "w"
@@ -224,7 +226,8 @@ def test_non_numeric_dtypes_refused(tmp_path, capsys, dtype, kind):
     assert rc == 1
     dt = np.dtype(dtype).str
     assert f"[load-arrays] `{d}`: 1 array(s) cannot be model parameters" in err
-    assert f"`fc.weight`: has {kind} dtype {dt}, which cannot be a model parameter (expected a real numeric dtype (float, int, bool), got {dt})" in err
+    assert (f"`fc.weight`: has {kind} dtype {dt}, which cannot be a model parameter "
+            f"(expected a real numeric dtype (float, int, bool), got {dt})") in err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,7 +385,8 @@ def test_zip_bomb_real_highly_compressible_member(tmp_path, capsys):
     assert info.file_size / info.compress_size > 200
     rc, err, peak = _inspect_traced(capsys, p)
     assert rc == 1
-    assert f"compressed member would expand to {info.file_size} bytes from {info.compress_size} (ratio > 200); refusing to inflate a likely zip bomb" in err
+    assert (f"compressed member would expand to {info.file_size} bytes from {info.compress_size} (ratio > 200); "
+            "refusing to inflate a likely zip bomb") in err
     assert peak < 8 << 20
 
 
@@ -434,7 +438,8 @@ def test_pickle_exploit_refused_and_nothing_runs(tmp_path, capsys, kind):
     assert rc == 1
     assert not marker.exists(), "the pickle payload ran"
     want = "builtins.eval" if kind == "pkl-eval" else f"{os.system.__module__}.system"
-    assert f"refused to unpickle: pickle wants to call {want}, which is not allowed (only NumPy arrays and plain containers are). Nothing from the file was run" in err
+    assert (f"refused to unpickle: pickle wants to call {want}, which is not allowed (only NumPy arrays and plain containers are). "
+            "Nothing from the file was run") in err
     assert "[load-arrays] `" + str(p) in err
     # the same file through the whole plan stage (config opt-in) is refused the same way
     rc, err = cli(capsys, "plan", write_config(tmp_path, p, source={"allow_pickle": True, "format": "auto"}))
@@ -490,7 +495,8 @@ def test_nonfinite_error_by_default_allowed_with_option(tmp_path, capsys):
     rc, err = cli(capsys, "plan", cfg)
     assert rc == 1
     assert "[validate] `fc.weight`: the manifest fails 2 check(s); nothing was converted" in err
-    assert "`fc.weight`: source fc.weight holds 2 NaN/Inf value(s) — fix: clean the source, or set source.allow_nonfinite: true if NaN/Inf is intended" in err
+    assert ("`fc.weight`: source fc.weight holds 2 NaN/Inf value(s) — fix: clean the source, "
+            "or set source.allow_nonfinite: true if NaN/Inf is intended") in err
     assert "`fc.bias`: source fc.bias holds 1 NaN/Inf value(s)" in err
     rc, err = cli(capsys, "plan", cfg, "--set", "source.allow_nonfinite=true")
     assert rc == 0, err
@@ -545,7 +551,8 @@ def test_config_wrong_type(tmp_path, capsys):
     cfg = write_config(tmp_path, tmp_path / "w.npz", verify={"rtol": "tight"})
     rc, err = cli(capsys, "plan", cfg)
     assert rc == 2
-    assert "[config] `verify.rtol`:" in err and "`verify.rtol`: Input should be a valid number, unable to parse string as a number (got 'tight')" in err
+    assert ("[config] `verify.rtol`:" in err
+            and "`verify.rtol`: Input should be a valid number, unable to parse string as a number (got 'tight')" in err)
 
 
 def test_source_path_does_not_exist(tmp_path, capsys):
@@ -589,7 +596,8 @@ def test_forward_pass_raises(tmp_path):
     from np2torch.tasks.model import build_model
 
     m = build_model(f"{tmp_path / 'model.py'}:BadForward", device="cpu")
-    with pytest.raises(VerifyError, match=r"^\[verify-forward-pass\] `forward`: the forward pass raised RuntimeError: forward exploded on purpose "
+    with pytest.raises(VerifyError, match=r"^\[verify-forward-pass\] `forward`: the forward pass raised RuntimeError: "
+                                          r"forward exploded on purpose "
                                           r"\(expected the model to accept the verify input, got inputs of shape \[\[2, 3\]\]\)"):
         run_forward(m, [np.ones((2, 3), np.float32)], torch.device("cpu"))
 
@@ -625,8 +633,10 @@ def test_pickled_architecture_refused_without_opt_in(tmp_path, capsys, monkeypat
     cfg = write_config(tmp_path, _npz(tmp_path, tiny_weights()), target="arch.pt:model")
     rc, err = cli(capsys, "plan", cfg)
     assert rc == 1
-    assert (f"[model] `{arch}`: a pickled model architecture (torch.save of an nn.Module) can run arbitrary code when loaded; refused") in err
-    assert "Fix: give the architecture as code ('path/to/file.py:Class'), or set model.allow_unsafe_load: true if you trust this file" in err
+    assert (f"[model] `{arch}`: a pickled model architecture (torch.save of an nn.Module) "
+            "can run arbitrary code when loaded; refused") in err
+    assert ("Fix: give the architecture as code ('path/to/file.py:Class'), "
+            "or set model.allow_unsafe_load: true if you trust this file") in err
     assert not marker.exists()
 
 
@@ -701,7 +711,8 @@ def _converted(tmp_path: Path, scale: float, n: int = 64) -> tuple[Path, dict]:
     tensors = {"fc.weight": torch.full((n, 3), scale), "fc.bias": torch.arange(n, dtype=torch.float32) * scale}
     p = tmp_path / f"converted-{scale}.safetensors"
     save_file(tensors, str(p))
-    info = {k: {"dtype": "float32", "shape": list(v.shape), "sha256": hashlib.sha256(v.numpy().tobytes()).hexdigest()} for k, v in tensors.items()}
+    info = {k: {"dtype": "float32", "shape": list(v.shape), "sha256": hashlib.sha256(v.numpy().tobytes()).hexdigest()}
+            for k, v in tensors.items()}
     return p, info
 
 
@@ -856,13 +867,17 @@ _RECON = np._core.multiarray._reconstruct
     ("payload", "cause"),
     [
         # a float64 dtype flagged as holding object pointers: NumPy would dereference the floats
-        (_Reduce(np.dtype, ("f8", False, True), (3, "<", None, None, None, -1, -1, 63)), "a dtype state (3, '<', None, None, None, -1, -1, 63) that changes more than the byte order"),
+        (_Reduce(np.dtype, ("f8", False, True), (3, "<", None, None, None, -1, -1, 63)),
+         "a dtype state (3, '<', None, None, None, -1, -1, 63) that changes more than the byte order"),
         # an object array declaring 10^10 elements: NumPy would allocate (and zero) 80 GB first
-        (_Reduce(_RECON, (np.ndarray, (0,), b"b"), (1, (10**10,), np.dtype("O"), False, [])), "an object array of 10000000000 elements with 0 items"),
+        (_Reduce(_RECON, (np.ndarray, (0,), b"b"), (1, (10**10,), np.dtype("O"), False, [])),
+         "an object array of 10000000000 elements with 0 items"),
         (_Reduce(_RECON, (np.ndarray, (10**10,), np.dtype("O"))), "an array placeholder (10000000000,)"),
         (_Reduce(np.ndarray, ((10**10,), "O")), "pickle calls ndarray, which is not allowed"),
-        (_Reduce(_RECON, (np.ndarray, (0,), b"b"), (1, (10**6,), np.dtype("f4"), False, b"\0" * 8)), "array data of 8 bytes for shape (1000000,) float32"),
-        (_Reduce(np.dtype, ("V8", False, True)), "pickle holds an unsupported dtype dtype('V8'), which NumPy never writes for a plain array"),
+        (_Reduce(_RECON, (np.ndarray, (0,), b"b"), (1, (10**6,), np.dtype("f4"), False, b"\0" * 8)),
+         "array data of 8 bytes for shape (1000000,) float32"),
+        (_Reduce(np.dtype, ("V8", False, True)),
+         "pickle holds an unsupported dtype dtype('V8'), which NumPy never writes for a plain array"),
     ],
     ids=["dtype-flags", "object-array-bomb", "placeholder-bomb", "ndarray-call", "short-data", "void-dtype"],
 )
@@ -895,7 +910,8 @@ def test_broken_verify_files_are_named(tmp_path, what):
     bomb = tmp_path / f"{what}.npy"
     bomb.write_bytes(_huge_shape_npy((1 << 20, 1 << 20)))
     read = (lambda p: make_inputs(p)) if what == "input" else load_reference
-    with pytest.raises(VerifyError, match=rf"^\[verify-forward-pass\] `{bomb}`: cannot read verify\.{what}: file is truncated: the header declares "
+    with pytest.raises(VerifyError, match=rf"^\[verify-forward-pass\] `{bomb}`: cannot read verify\.{what}: "
+                                          r"file is truncated: the header declares "
                                           r"shape \[1048576, 1048576\] <f4 \(4398046511104 bytes\) but only 16 bytes follow it"):
         read(bomb)
     notzip = tmp_path / f"{what}.npz"
@@ -956,7 +972,8 @@ def _not_regular_sources(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     (folder / "b.npy").symlink_to("/dev/zero")
     return {
         "dev-zero": (Path("/dev/zero"), "refusing to read a character device: only regular files are read"),
-        "link-to-urandom": (tmp_path / "urandom.npz", "refusing to read a character device (a link to /dev/urandom): only regular files are read"),
+        "link-to-urandom": (tmp_path / "urandom.npz",
+                            "refusing to read a character device (a link to /dev/urandom): only regular files are read"),
         "fifo": (fifo, "refusing to read a FIFO (named pipe): only regular files are read"),
         "folder-member-link-to-zero": (folder, None),
     }
@@ -1009,8 +1026,9 @@ def test_fingerprint_refuses_devices_and_fifos(tmp_path):
     fifo = tmp_path / "p"
     os.mkfifo(fifo)
     for p in (Path("/dev/zero"), fifo):
-        for fn in (fingerprint.sha256_file, fingerprint.file_fingerprint, lambda q: fingerprint.file_digests(q, [fingerprint.Region(0, 10)])):
-            done, exc = _in_thread(lambda: fn(p), 10)
+        for fn in (fingerprint.sha256_file, fingerprint.file_fingerprint,
+                   lambda q: fingerprint.file_digests(q, [fingerprint.Region(0, 10)])):
+            done, exc = _in_thread(lambda fn=fn, p=p: fn(p), 10)
             assert done and isinstance(exc, LoadError) and "only regular files are read" in str(exc), exc
 
 
@@ -1080,7 +1098,8 @@ def test_npz_member_count_cap(tmp_path, capsys, monkeypatch):
     rc, err = cli(capsys, "inspect", p)
     assert time.perf_counter() - t < 5
     assert rc == 1
-    assert (f"[load-arrays] `{p}`: archive declares 65000 members, more than the 60000 a checkpoint can have; refusing to read its directory "
+    assert (f"[load-arrays] `{p}`: archive declares 65000 members, more than the 60000 a checkpoint can have; "
+            "refusing to read its directory "
             "(expected at most 60000 members, got 65000)") in err
 
 

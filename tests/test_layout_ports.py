@@ -73,8 +73,8 @@ def test_order_matching_refits_named_squeezed_weights(tmp_path: Path) -> None:
     w1, b1, w2, b2 = rng.standard_normal((1, 4, 6)), rng.standard_normal(6), rng.standard_normal((1, 6, 3)), rng.standard_normal(3)
     np.savez(tmp_path / "w.npz", **{"model/a/w": w1, "model/a/b": b1, "model/z/w": w2, "model/z/b": b2})
     (tmp_path / "m.py").write_text(MODELS)
-    cfg = {"name": "squeeze", "source": {"path": "w.npz"}, "model": {"target": "m.py:TwoDense"}, "mapping": {"preset": "tf", "strategy": "order"},
-           "export": {"dir": "out"}}
+    cfg = {"name": "squeeze", "source": {"path": "w.npz"}, "model": {"target": "m.py:TwoDense"},
+           "mapping": {"preset": "tf", "strategy": "order"}, "export": {"dir": "out"}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     c = load_config(tmp_path / "c.yaml")
     rows = {r["target_key"]: r for r in infer_mapping.build_manifest(c, load_arrays.scan_source(c.source.path)) if r["target_key"]}

@@ -515,7 +515,8 @@ def _stacked(rng: np.random.Generator, names: tuple[str, str]) -> tuple[dict[str
 @pytest.mark.parametrize("names", [("lstm", "lstm_1"), ("lstm_9", "lstm_10")], ids=["lstm-lstm_1", "lstm_9-lstm_10"])
 def test_keras_stacked_lstms_into_two_layer_torch_lstm(tmp_path: Path, names: tuple[str, str]) -> None:
     p, x, ref = _stacked(np.random.default_rng(11), names)
-    case = run_case(tmp_path, f"stacked-{names[1].replace('_', '-')}", p, f"{MODELS}:StackedLSTMNet", {"n_in": 5}, {"preset": "keras"}, x, ref)
+    case = run_case(tmp_path, f"stacked-{names[1].replace('_', '-')}", p, f"{MODELS}:StackedLSTMNet", {"n_in": 5}, {"preset": "keras"},
+                    x, ref)
     rows = case["rows"]
     assert case["metrics"]["passed"] and case["metrics"]["max_abs_error"] < 1e-5
     for layer, scope in enumerate(names):

@@ -150,7 +150,8 @@ def _logs(client: Any, flow_run_id: UUID) -> list[str]:
 def _artifacts(client: Any, flow_run_id: UUID) -> dict[str, Any]:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    return {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))}
+    return {a.key: a
+            for a in client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))}
 
 
 def _table(artifact: Any) -> list[dict[str, Any]]:
@@ -220,7 +221,8 @@ def test_served_schedule_runs_when_triggered(prefect_server: Server, ui_batch: d
     batch = write_batch(tmp_path / "ui-nightly.yaml", [ui_batch["cfg"] / "mlp.yaml"])
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
-        serve = subprocess.Popen([sys.executable, "-m", "np2torch.cli", "serve", str(batch), "--cron", "30 1 * * *", "--name", "ui-nightly"],
+        serve = subprocess.Popen([sys.executable, "-m", "np2torch.cli", "serve", str(batch), "--cron", "30 1 * * *",
+                                  "--name", "ui-nightly"],
                                  cwd=REPO, env=prefect_server.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120

@@ -175,7 +175,8 @@ def test_the_self_check_rejects_a_layout_a_strict_parser_would(tmp_path: Path) -
         export.check_export(p, tensors)
 
 
-@pytest.mark.parametrize(("given", "size"), [("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("1KB", 1000), ("2GiB", 2 * 2**30), (0, 0), (1234, 1234)])
+@pytest.mark.parametrize(("given", "size"),
+                         [("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("1KB", 1000), ("2GiB", 2 * 2**30), (0, 0), (1234, 1234)])
 def test_max_shard_size_reads_bytes_and_units(tiny, tmp_path: Path, given, size) -> None:
     cfg = load_config(tiny(), [f"export.max_shard_size={given}"])
     assert cfg.export.max_shard_size == size

@@ -262,10 +262,13 @@ def _mp_array(shape, dtype: str, data: bytes) -> bytes:
 
 HOSTILE = {
     "st-header-longer-than-file": (lambda: _st(b"{}", n=1 << 40), "safetensors",
-                                   "safetensors header declares 1099511627776 bytes but the file holds 2 after the length (and the limit is 104857600)"),
+                                   "safetensors header declares 1099511627776 bytes but the file holds 2 after the length "
+                                   "(and the limit is 104857600)"),
     "st-too-short": (lambda: b"\x01\x02", "safetensors", "not a safetensors file: 2 bytes, shorter than the 8-byte header length"),
-    "st-not-json": (lambda: _st(b"{not json"), "safetensors", "safetensors header is not valid JSON: Expecting property name enclosed in double quotes"),
-    "st-duplicate": (lambda: _st(b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 4),
+    "st-not-json": (lambda: _st(b"{not json"), "safetensors",
+                    "safetensors header is not valid JSON: Expecting property name enclosed in double quotes"),
+    "st-duplicate": (lambda: _st(b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+                                 b'"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 4),
                      "safetensors", "safetensors header is not valid JSON: duplicate name 'a'"),
     "st-huge-shape": (lambda: _st({"w": {"dtype": "F32", "shape": [1 << 20, 1 << 20], "data_offsets": [0, 16]}}, b"\0" * 16), "safetensors",
                       "::w|tensor declares shape [1048576, 1048576] F32 (4398046511104 bytes) but its data_offsets span 16"),
@@ -273,11 +276,14 @@ HOSTILE = {
                            "::w|tensor's data_offsets [0, 16] fall outside the 8 data bytes"),
     "st-bf16": (lambda: _st({"w": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4), "safetensors",
                 "::w|tensor has dtype BF16, which np2torch cannot read"),
-    "st-overlap": (lambda: _st({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
+    "st-overlap": (lambda: _st({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
                                b"\0" * 12), "safetensors", "tensors 'a' and 'b' overlap in the file"),
-    "mp-truncated": (lambda: _mp_array([4], "float32", b"\0" * 16)[:-6], "msgpack", "not a valid Flax msgpack checkpoint: a length of 16 bytes at byte"),
+    "mp-truncated": (lambda: _mp_array([4], "float32", b"\0" * 16)[:-6], "msgpack",
+                     "not a valid Flax msgpack checkpoint: a length of 16 bytes at byte"),
     "mp-huge-shape": (lambda: _mp_array([1 << 20, 1 << 20], "float32", b"\0" * 16), "msgpack",
-                      "not a valid Flax msgpack checkpoint: array 'params/w' declares shape [1048576, 1048576] float32 (4398046511104 bytes) but holds 16 data bytes"),
+                      "not a valid Flax msgpack checkpoint: array 'params/w' declares shape [1048576, 1048576] float32 "
+                      "(4398046511104 bytes) but holds 16 data bytes"),
     "mp-object-dtype": (lambda: _mp_array([1], "object", b"\0" * 8), "msgpack",
                         "not a valid Flax msgpack checkpoint: array 'params/w' has dtype 'object'; supported: float16"),
     "mp-garbage": (lambda: b"\x81\xa1w\xc1", "msgpack", "not a valid Flax msgpack checkpoint: byte 0xc1 at 3 is not MessagePack"),
@@ -285,7 +291,8 @@ HOSTILE = {
     "mp-deep": (lambda: b"\x81\xa1k" * 200 + b"\xc0", "msgpack", "not a valid Flax msgpack checkpoint: nesting deeper than 64"),
     "mp-map32-lies": (lambda: b"\xdf\xff\xff\xff\xff", "msgpack",
                       "not a valid Flax msgpack checkpoint: a length of 1 bytes at byte 5 runs past the end of the file (5 bytes)"),
-    "mp-trailing": (lambda: _mp_array([1], "float32", b"\0" * 4) + b"\0", "msgpack", "not a valid Flax msgpack checkpoint: 1 bytes follow the end of the tree"),
+    "mp-trailing": (lambda: _mp_array([1], "float32", b"\0" * 4) + b"\0", "msgpack",
+                    "not a valid Flax msgpack checkpoint: 1 bytes follow the end of the tree"),
     "h5-garbled": (lambda: b"\x89HDF\r\n\x1a\n" + b"\xff" * 200, "h5", "HDF5 file is truncated or corrupt: "),
     "h5-not-hdf5": (lambda: b"hello world", "h5", "not an HDF5 file (no HDF5 signature at its start)"),
 }
@@ -338,7 +345,8 @@ def test_h5_links_are_not_followed(tmp_path, kind):
 
     p = _h5_with(tmp_path, build)
     what = "an external link" if kind == "external" else "a soft link"
-    with pytest.raises(LoadError, match=rf"^\[load-arrays\] `{p}`: HDF5 entry 'layers/dense/vars/1' is {what}; links to other objects or files are not followed"):
+    with pytest.raises(LoadError, match=rf"^\[load-arrays\] `{p}`: HDF5 entry 'layers/dense/vars/1' is {what}; "
+                                        r"links to other objects or files are not followed"):
         scan_source(p)
 
 
@@ -347,14 +355,16 @@ def test_h5_compression_bomb_refused_before_reading(tmp_path):
         f.create_dataset("layers/dense/vars/0", shape=(1 << 20, 1 << 14), dtype="f4", chunks=(1024, 1024), compression="gzip")
 
     p = _h5_with(tmp_path, build)
-    with pytest.raises(LoadError, match=rf"^\[load-arrays\] `{p}::/layers/dense/vars/0`: dataset would expand to 68719476736 bytes from 0 stored "
+    with pytest.raises(LoadError, match=rf"^\[load-arrays\] `{p}::/layers/dense/vars/0`: "
+                                        r"dataset would expand to 68719476736 bytes from 0 stored "
                                         r"\(ratio > 200\); refusing to read a likely compression bomb"):
         scan_source(p)
 
 
 def test_h5_string_dataset_is_not_a_parameter(tmp_path):
     p = _h5_with(tmp_path, lambda f, h5py: f.create_dataset("layers/dense/vars/0", data=np.array([b"abc", b"de"])))
-    with pytest.raises(LoadError, match=rf"^\[load-arrays\] `{p}`: 1 array\(s\) cannot be model parameters\n  - `dense/0`: has bytes dtype \|S3"):
+    with pytest.raises(LoadError, match=rf"^\[load-arrays\] `{p}`: 1 array\(s\) cannot be model parameters\n"
+                                        r"  - `dense/0`: has bytes dtype \|S3"):
         scan_source(p)
 
 

@@ -179,8 +179,8 @@ def test_runs_beside_a_users_tasks_py_and_flows_package(tmp_path, example_data):
     env = {**os.environ, "NP2TORCH_DATA_DIR": str(tmp_path / "data")}
     r = subprocess.run([str(np2torch_cli), "inspect", str(weights)], cwd=proj, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0 and "fc1.weight" in r.stdout, r.stderr
-    r = subprocess.run([str(np2torch_cli), "plan", str(REPO / "configs" / "examples" / "mlp.yaml")], cwd=proj, capture_output=True, text=True,
-                       env=env, timeout=300)
+    r = subprocess.run([str(np2torch_cli), "plan", str(REPO / "configs" / "examples" / "mlp.yaml")], cwd=proj, capture_output=True,
+                       text=True, env=env, timeout=300)
     assert r.returncode == 0 and "fc3.bias" in r.stdout, r.stderr
     # `python -c` puts the working folder first on sys.path, as Prefect's flow loader does
     code = textwrap.dedent(f"""

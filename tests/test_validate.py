@@ -40,7 +40,8 @@ def test_all_problems_reported_at_once(tiny):
     assert text.startswith("[validate] `fc1.weight`: the manifest fails 4 check(s); nothing was converted")
     assert "`fc1.weight`: source fc1.weight [4,2] with transform [] gives the wrong shape (expected [4,3], got [4,2])" in text
     assert "`bn.running_var`: target [4] has no source array" in text
-    assert "`optimizer/step`: source array [1] is not used by any target — fix: map it with a rule, or leave it out on purpose with mapping.ignore" in text
+    assert ("`optimizer/step`: source array [1] is not used by any target — fix: map it with a rule, "
+            "or leave it out on purpose with mapping.ignore") in text
     assert "`fc2.bias`: source fc2.bias holds 1 NaN/Inf value(s)" in text
 
 
@@ -57,5 +58,6 @@ def test_float16_overflow_named_before_casting(tiny):
     arrays = {k: v.astype(np.float64) for k, v in tiny_arrays().items()}
     arrays["fc1.weight"][0, 0] = 1e6
     _, rows = _rows(tiny(arrays=arrays), ["convert.dtype=float16"])
-    with pytest.raises(ValidationError, match=r"`fc1.weight`: 1 value\(s\) of source fc1.weight exceed float16's maximum 65504 \(largest \|x\| 1e\+06\)"):
+    with pytest.raises(ValidationError, match=r"`fc1.weight`: 1 value\(s\) of source fc1.weight exceed float16's maximum 65504 "
+                                              r"\(largest \|x\| 1e\+06\)"):
         validate_manifest(rows)

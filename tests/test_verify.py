@@ -31,7 +31,8 @@ def test_generated_input_is_reproducible():
 def test_wrong_weights_fail_verification_with_the_error(tiny, tmp_path):
     path = tiny()
     np.save(tmp_path / "ref.npy", np.load(tmp_path / "ref.npy") + 0.5)  # a reference the weights cannot meet
-    with pytest.raises(VerifyError, match=r"\[verify-forward-pass\] `verify.reference_output`: the converted model does not reproduce the reference: "
+    with pytest.raises(VerifyError, match=r"\[verify-forward-pass\] `verify.reference_output`: "
+                                          r"the converted model does not reproduce the reference: "
                                           r"10 element\(s\) outside atol=1e-06"):
         run_pipeline(load_config(path))
 

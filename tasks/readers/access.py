@@ -38,7 +38,8 @@ def scan_source(path: str | Path, *, fmt: str = "auto", allow_pickle: bool = Fal
     """
     path = Path(path)
     if not path.exists():
-        raise LoadError("source path does not exist", key=str(path), fix="check source.path (relative paths are relative to the config file)")
+        raise LoadError("source path does not exist", key=str(path),
+                        fix="check source.path (relative paths are relative to the config file)")
     reader = reader_of(detect_format(path, fmt), str(path))
     if reader.folder is not None and reader.folder != path.is_dir():
         want, got = ("folder", "file") if reader.folder else ("file", "folder")

@@ -367,7 +367,7 @@ def _infos(path: Path, f, rows, progress, at: list[str]) -> list[dict[str, Any]]
     got = layout_infos(path, [Layout(rows[i][0], rows[i][3], rows[i][2], rows[i][4], member=rows[i][1]) for i in mapped], progress)
     for i, info in zip(mapped, got):
         infos[i] = info
-    for i, (key, name, dtype, shape, off) in enumerate(rows):
+    for i, (_key, name, dtype, shape, off) in enumerate(rows):
         if off < 0:
             at[0] = name
             sha, acc = hashlib.sha256(), {"n_nonfinite": 0, "absmax": 0.0, "absmin_nonzero": 0.0}

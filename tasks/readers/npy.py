@@ -49,7 +49,8 @@ def _scan_one(path: Path, key: str, ctx: ScanContext) -> list[ArrayRecord]:
         return scan_pickled(path, allow_pickle=ctx.allow_pickle, payload_offset=rec["pickle"], problems=ctx.problems)
     dtype, shape = np.dtype(rec["dtype"]), tuple(rec["shape"])
     check_dtype(dtype, key, ctx.problems)
-    return [ArrayRecord(key, str(path), None, None, rec["hlen"], shape, rec["dtype"], rec["fortran"], nbytes_of(shape, dtype), **rec["info"])]
+    return [ArrayRecord(key, str(path), None, None, rec["hlen"], shape, rec["dtype"], rec["fortran"], nbytes_of(shape, dtype),
+                        **rec["info"])]
 
 
 def scan(path: Path, ctx: ScanContext) -> list[ArrayRecord]:
@@ -105,7 +106,8 @@ def scan_dir(path: Path, ctx: ScanContext) -> list[ArrayRecord]:
     """Format ``npy-dir``: a folder of ``.npy`` files (nested folders), keyed by their relative paths."""
     files = npy_files(path)
     if not files:
-        raise LoadError("folder holds no .npy files", key=str(path), fix="point source.path at the folder of .npy files, or set source.format")
+        raise LoadError("folder holds no .npy files", key=str(path),
+                        fix="point source.path at the folder of .npy files, or set source.format")
     records: list[ArrayRecord] = []
     root = str(path) + os.sep
     with pack(files):

@@ -110,7 +110,8 @@ def _crc_of(fh, offset: int, length: int) -> int:
 def _stored_header(fh, info: zipfile.ZipInfo, where: str, size: int) -> tuple[int, NpyHeader]:
     data_start = _data_offset(fh, info, where)
     if data_start + info.file_size > size:
-        raise LoadError("archive member is truncated", key=where, expected=info.file_size, actual=max(0, size - data_start), fix="re-copy the file")
+        raise LoadError("archive member is truncated", key=where, expected=info.file_size, actual=max(0, size - data_start),
+                        fix="re-copy the file")
     fh.seek(data_start)
     try:
         return data_start, read_header(fh, where=where)
@@ -198,7 +199,8 @@ class _Inflate:
         if not self.error:
             self._take(self.z.flush())
         if self.error or not self.z.eof or self.left:
-            raise LoadError(f"archive member is corrupt: {self.error or 'its deflate stream ends early'}", key=where, fix="re-create the .npz")
+            raise LoadError(f"archive member is corrupt: {self.error or 'its deflate stream ends early'}", key=where,
+                            fix="re-create the .npz")
         if self.crc & 0xFFFFFFFF != self.info.CRC:
             raise _crc_error(where, self.info.CRC, self.crc & 0xFFFFFFFF)
         h = self.h

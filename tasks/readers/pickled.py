@@ -44,7 +44,8 @@ def _flatten(obj: Any, where: str) -> list[tuple[str, np.ndarray]]:
     elif isinstance(obj, (list, tuple)):
         items = [(str(i), v) for i, v in enumerate(obj)]
     else:
-        raise LoadError(f"pickle holds a {type(obj).__name__}, not a list or dict of arrays", key=where, fix="save the weights as a list of arrays (np.save of model.get_weights())")
+        raise LoadError(f"pickle holds a {type(obj).__name__}, not a list or dict of arrays", key=where,
+                        fix="save the weights as a list of arrays (np.save of model.get_weights())")
     out = []
     for k, v in items:
         if not isinstance(v, np.ndarray):
@@ -71,11 +72,13 @@ def load_pickled(path: str, member: str | None, payload_offset: int | None, mtim
             fix="this file is not a plain pickle of arrays; do not load it, or re-export the weights as .npz",
         ) from None
     except Exception as exc:
-        raise LoadError(f"pickle is corrupt or truncated: {type(exc).__name__}: {short(str(exc))}", key=where, fix="re-export the file") from None
+        raise LoadError(f"pickle is corrupt or truncated: {type(exc).__name__}: {short(str(exc))}", key=where,
+                        fix="re-export the file") from None
     return tuple(_flatten(obj, where))
 
 
-def scan_pickled(path: Path, *, allow_pickle: bool, member: str | None = None, payload_offset: int | None = None, problems: list[Problem]) -> list[ArrayRecord]:
+def scan_pickled(path: Path, *, allow_pickle: bool, member: str | None = None, payload_offset: int | None = None,
+                 problems: list[Problem]) -> list[ArrayRecord]:
     where = f"{path}::{member}" if member else str(path)
     if not allow_pickle:
         raise LoadError(

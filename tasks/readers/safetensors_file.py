@@ -77,7 +77,8 @@ def _layout(path: Path, name: str, entry: Any, data_start: int, data_len: int) -
                         expected=f"0 <= begin <= end <= {data_len}", actual=short(repr(offs)), fix=_FIX)
     want = nbytes_of(shape, dtype)
     if offs[1] - offs[0] != want:
-        raise LoadError(f"tensor declares shape {list(shape)} {entry['dtype']} ({want} bytes) but its data_offsets span {offs[1] - offs[0]}",
+        raise LoadError(f"tensor declares shape {list(shape)} {entry['dtype']} ({want} bytes) "
+                        f"but its data_offsets span {offs[1] - offs[0]}",
                         key=where, expected=want, actual=offs[1] - offs[0], fix=_FIX)
     return Layout(name, shape, dtype, data_start + offs[0]), offs[0], offs[1]
 
@@ -94,7 +95,7 @@ def _layouts(path: Path) -> list[Layout]:
         spans.append((a, b, name))
     spans.sort()
     end = 0  # as the safetensors library checks: the tensors tile the data exactly, no overlap, no gap
-    for (a0, b0, n0), (a1, b1, n1) in zip(spans, spans[1:]):
+    for (_a0, b0, n0), (a1, _b1, n1) in zip(spans, spans[1:]):
         if a1 < b0:
             raise LoadError(f"tensors {short(n0)!r} and {short(n1)!r} overlap in the file", key=str(path), fix=_FIX)
     for a, b, name in spans:

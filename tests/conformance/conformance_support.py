@@ -25,8 +25,8 @@ RESULTS: dict[str, tuple[float, float, int]] = {}  # case → (verify max abs er
 EXPORT_RESULTS: dict[str, float] = {}  # Keras cases (keras_support): case → max abs error of the export loaded strictly into the torch port
 
 
-def write_case(root: Path, *, name: str, arrays: dict[str, np.ndarray] | np.ndarray | bytes, inputs: np.ndarray, reference: list[np.ndarray],
-               target: str, kwargs: dict[str, Any], preset: str, strategy: str = "auto", fmt: str = "auto",
+def write_case(root: Path, *, name: str, arrays: dict[str, np.ndarray] | np.ndarray | bytes, inputs: np.ndarray,
+               reference: list[np.ndarray], target: str, kwargs: dict[str, Any], preset: str, strategy: str = "auto", fmt: str = "auto",
                rtol: float = 1e-4, atol: float = 1e-5) -> Path:
     """The files a user has (weights, input, reference) and the config they would write."""
     root.mkdir(parents=True, exist_ok=True)
@@ -79,11 +79,13 @@ def check_case(config: Path, *, ambiguous: Callable[[str, tuple[int, ...]], bool
 
     rows = plan_without_reference(config)
     open_rows = unverified(rows)
-    must = [r["target_key"] for r in rows if r["target_key"] and r["status"] == "mapped" and ambiguous(r["target_key"], tuple(r["target_shape"]))]
+    must = [r["target_key"] for r in rows
+            if r["target_key"] and r["status"] == "mapped" and ambiguous(r["target_key"], tuple(r["target_shape"]))]
     assert must, "the case has no row that only a reference can settle: it tests nothing about layouts"
     settled_silently = [k for k in must if k not in open_rows]
     assert not settled_silently, f"rows only a reference can settle are marked verified without one: {settled_silently[:5]}"
-    assert all(len(open_rows[k]) >= 2 for k in must), f"an unverified row names fewer than two candidates: {[(k, open_rows[k]) for k in must if len(open_rows[k]) < 2][:3]}"
+    assert all(len(open_rows[k]) >= 2 for k in must), (
+        f"an unverified row names fewer than two candidates: {[(k, open_rows[k]) for k in must if len(open_rows[k]) < 2][:3]}")
 
     cfg = load_config(config)
     recs = run_all(cfg)

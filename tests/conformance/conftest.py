@@ -20,7 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tiny configs are built locally; 
 # XLA's CPU compiler dominates a tiny Flax model's run time; its cheap settings halve it (the
 # reference is still what apply() computes)
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true").strip()
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true").strip()
 
 INSTALL = "pip install -e '.[frameworks]' (scripts/setup.sh installs it)"
 

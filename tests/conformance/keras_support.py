@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
-keras = pytest.importorskip("keras", reason="Keras 3 is not installed (pip install keras h5py; it runs on the torch backend, no TensorFlow)")
+keras = pytest.importorskip("keras",
+                            reason="Keras 3 is not installed (pip install keras h5py; it runs on the torch backend, no TensorFlow)")
 if int(keras.__version__.split(".")[0]) < 3:
     pytest.skip(f"Keras 3 is needed, found {keras.__version__}", allow_module_level=True)
 

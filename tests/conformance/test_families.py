@@ -143,14 +143,16 @@ def test_flax_scan_splits_along_depth(flax_scan, tmp_path: Path) -> None:
     v, x, ref = flax_scan
     flat = _flat(v)
     assert [k for k, a in flat.items() if a.shape == (3, 8, 8)] == ["params/ScanBlock_0/Dense_0/kernel"]  # as nn.scan writes it
-    config = write_case(tmp_path, name="flax-scan", arrays=flat, inputs=x, reference=[ref], target=f"{PORTS}:ScanNet", kwargs={}, preset="flax")
+    config = write_case(tmp_path, name="flax-scan", arrays=flat, inputs=x, reference=[ref], target=f"{PORTS}:ScanNet", kwargs={},
+                        preset="flax")
     rows = {r["target_key"]: r for r in plan_without_reference(config) if r["target_key"]}
     for i in range(3):
         spec = rows[f"blocks.{i}.fc.weight"]["transform_spec"]
         assert spec[0] == ["layer", i], spec  # block i reads layer i of the stacked kernel
         assert rows[f"blocks.{i}.norm.weight"]["transform_spec"] == [["layer", i]]
     assert rows["stem.weight"]["source_key"].endswith("Dense_0/kernel") and rows["head.weight"]["source_key"].endswith("Dense_1/kernel")
-    check_case(config, ambiguous=lambda k, s: k.startswith("blocks.") and k.endswith("fc.weight"), fresh_model=_fresh(f"{PORTS}:ScanNet", {}))
+    check_case(config, ambiguous=lambda k, s: k.startswith("blocks.") and k.endswith("fc.weight"),
+               fresh_model=_fresh(f"{PORTS}:ScanNet", {}))
     assert RESULTS["flax-scan"][0] < 1e-4
 
 
@@ -201,7 +203,8 @@ def test_keras_mha_into_fused_and_split_targets(keras_mha, tmp_path: Path, style
     else:
         assert all(rows[f"{r}.weight"]["source_key"].endswith(f"{s}/kernel")
                    for r, s in (("q", "query"), ("k", "key"), ("v", "value"), ("out", "attention_output")))
-    check_case(config, ambiguous=lambda k, s: "head" not in k and k.endswith("weight"), fresh_model=_fresh(f"{PORTS}:SelfAttention", kwargs))
+    check_case(config, ambiguous=lambda k, s: "head" not in k and k.endswith("weight"),
+               fresh_model=_fresh(f"{PORTS}:SelfAttention", kwargs))
     assert RESULTS[f"keras-mha-{style}"][0] < 1e-4
 
 
@@ -292,7 +295,8 @@ def test_jax_vit_npz_into_timm(jax_vits, tmp_path: Path, layout: str) -> None:
     from timm.models import vision_transformer as tv
 
     arrays, x, ref = jax_vits[layout]
-    blocks = "Transformer/encoderblock_1/MultiHeadDotProductAttention_1" if layout == "vit_jax" else "Transformer/encoderblock/MultiHeadDotProductAttention_0"
+    blocks = ("Transformer/encoderblock_1/MultiHeadDotProductAttention_1" if layout == "vit_jax"
+              else "Transformer/encoderblock/MultiHeadDotProductAttention_0")
     pos = "Transformer/posembed_input/pos_embedding" if layout == "vit_jax" else "pos_embedding"
     assert {"cls", "embedding/kernel", pos, "Transformer/encoder_norm/scale", "head/kernel", f"{blocks}/query/kernel"} <= set(arrays)
     name = f"jax-vit-{layout.replace('_', '-')}"

@@ -122,7 +122,8 @@ def _flax_bert(nn, cfg: dict):
         @nn.compact
         def __call__(self, ids):
             pos = jnp.arange(ids.shape[1])[None, :]
-            x = (nn.Embed(cfg["vocab_size"], H, name="word_embeddings")(ids) + nn.Embed(cfg["max_position_embeddings"], H, name="position_embeddings")(pos)
+            x = (nn.Embed(cfg["vocab_size"], H, name="word_embeddings")(ids)
+                 + nn.Embed(cfg["max_position_embeddings"], H, name="position_embeddings")(pos)
                  + nn.Embed(cfg["type_vocab_size"], H, name="token_type_embeddings")(jnp.zeros_like(ids)))
             return nn.LayerNorm(epsilon=eps, name="LayerNorm")(x)
 
@@ -192,10 +193,12 @@ def test_flax_bert_like_tree_into_transformers_bert(flax_linen, transformers, tm
     variables = jax.jit(model.init)(jax.random.PRNGKey(2), jnp.asarray(ids))
     # LayerNorm scales start at 1 and biases at 0: perturb every leaf so each tensor is distinctive
     rng = np.random.default_rng(3)
-    variables = jax.tree_util.tree_map(lambda v: jnp.asarray(np.asarray(v) + 0.05 * rng.standard_normal(v.shape).astype(np.float32)), variables)
+    variables = jax.tree_util.tree_map(lambda v: jnp.asarray(np.asarray(v) + 0.05 * rng.standard_normal(v.shape).astype(np.float32)),
+                                       variables)
     arrays = _flat(variables)
     assert "params/encoder/layer/0/attention/self/query/kernel" in arrays
     ref = [np.asarray(o, dtype=np.float64) for o in jax.jit(model.apply)(variables, jnp.asarray(ids))]
-    config = write_case(tmp_path, name=f"flax-bert-tree-{container}", arrays=arrays if container == "npz" else _saved(variables, container), inputs=ids, reference=ref,
+    config = write_case(tmp_path, name=f"flax-bert-tree-{container}",
+                        arrays=arrays if container == "npz" else _saved(variables, container), inputs=ids, reference=ref,
                         target="transformers:BertModel", kwargs=BERT, preset="flax", atol=1e-4)
     check_case(config, ambiguous=_square, fresh_model=_fresh("transformers:BertModel", BERT))

@@ -56,27 +56,34 @@ CASES: dict[str, tuple] = {
     "layernorm-eps": (lambda: (_model((6,), layers.Dense(8), layers.LayerNormalization(), layers.Dense(3)), _x((4, 6), 3.0)),
                       "DenseLN", {}, {"eps": 1e-3}, (None, None), ["ln (LayerNorm)", "eps differs", "eps=0.001"]),
     "final-softmax": (lambda: (_model((6,), layers.Dense(8, activation="relu"), layers.Dense(4, activation="softmax")), _x((4, 6))),
-                      "Classifier", {}, {"softmax": True}, (None, None), ["fc2 (Linear)", "softmax of the output", "torch.softmax(x, dim=-1)"]),
+                      "Classifier", {}, {"softmax": True}, (None, None),
+                      ["fc2 (Linear)", "softmax of the output", "torch.softmax(x, dim=-1)"]),
     "same-padding-stride": (lambda: (_model((8, 8, 3), layers.Conv2D(4, 3, strides=2, padding="same"), layers.GlobalAveragePooling2D(),
                                             layers.Dense(2)), _x((4, 8, 8, 3))),
-                            "StridedConv", {}, {"tf_same": True}, (_nchw, _nchw), ["conv (Conv2d)", "padding differs", "F.pad(x, [0, 1, 0, 1])"]),
+                            "StridedConv", {}, {"tf_same": True}, (_nchw, _nchw),
+                            ["conv (Conv2d)", "padding differs", "F.pad(x, [0, 1, 0, 1])"]),
     "gelu-tanh": (lambda: (_model((6,), layers.Dense(8), layers.Activation(lambda t: keras.activations.gelu(t, approximate=True)),
                                   layers.Dense(3)), _x((4, 6), 2.0)),
                   "GeluMLP", {}, {"approximate": "tanh"}, (None, None), ["act (GELU)", "tanh", 'nn.GELU(approximate="tanh")']),
-    "recurrent-hard-sigmoid": (lambda: (_model((5, 3), layers.LSTM(4, recurrent_activation="hard_sigmoid"), layers.Dense(2)), _x((4, 5, 3), 2.0)),
+    "recurrent-hard-sigmoid": (lambda: (_model((5, 3), layers.LSTM(4, recurrent_activation="hard_sigmoid"), layers.Dense(2)),
+                                        _x((4, 5, 3), 2.0)),
                                "HardSigmoidLSTM", {}, {"custom_cell": True}, (None, None),
                                ["lstm (LSTM)", "hard_sigmoid", "not expressible", "cannot express"]),
-    "avgpool-count-include-pad": (lambda: (_model((6, 6, 3), layers.Conv2D(4, 3, padding="same"), layers.AveragePooling2D(3, strides=1, padding="same"),
+    "avgpool-count-include-pad": (lambda: (_model((6, 6, 3), layers.Conv2D(4, 3, padding="same"),
+                                                  layers.AveragePooling2D(3, strides=1, padding="same"),
                                                   layers.GlobalAveragePooling2D(), layers.Dense(2)), _x((4, 6, 6, 3))),
-                                  "ConvAvgPool", {}, {"count_include_pad": False}, (_nchw, _nchw), ["pool (AvgPool2d)", "count_include_pad=False"]),
+                                  "ConvAvgPool", {}, {"count_include_pad": False}, (_nchw, _nchw),
+                                  ["pool (AvgPool2d)", "count_include_pad=False"]),
     "input-layout-nhwc": (lambda: (_model((8, 8, 3), layers.Conv2D(4, 3), layers.ReLU(), layers.GlobalAveragePooling2D(), layers.Dense(2)),
                                    _x((4, 8, 8, 3))),
                           "SmallCNN", {}, {}, (None, _nchw), ["input", "channels-last (NHWC)", "np.moveaxis(x, -1, 1)"]),
-    "input-rescaling": (lambda: (_model((8, 8, 3), layers.Rescaling(1 / 255), layers.Conv2D(4, 3), layers.ReLU(), layers.GlobalAveragePooling2D(),
-                                        layers.Dense(2)), np.random.default_rng(1).uniform(0, 255, (4, 8, 8, 3)).astype(np.float32)),
+    "input-rescaling": (lambda: (_model((8, 8, 3), layers.Rescaling(1 / 255), layers.Conv2D(4, 3), layers.ReLU(),
+                                        layers.GlobalAveragePooling2D(), layers.Dense(2)),
+                                 np.random.default_rng(1).uniform(0, 255, (4, 8, 8, 3)).astype(np.float32)),
                         "SmallCNN", {}, {"scale": 1 / 255}, (_nchw, _nchw), ["input scaling differs", "Rescaling(1/255)", "x * 0.003922"]),
-    "input-normalization": (lambda: (_model((8, 8, 3), layers.Normalization(mean=NORM[0], variance=NORM[1]), layers.Conv2D(4, 3), layers.ReLU(),
-                                            layers.GlobalAveragePooling2D(), layers.Dense(2)), _x((16, 8, 8, 3), 3.0, 1.0)),
+    "input-normalization": (lambda: (_model((8, 8, 3), layers.Normalization(mean=NORM[0], variance=NORM[1]), layers.Conv2D(4, 3),
+                                            layers.ReLU(), layers.GlobalAveragePooling2D(), layers.Dense(2)),
+                                     _x((16, 8, 8, 3), 3.0, 1.0)),
                             "SmallCNN", {}, {"mean": NORM[0], "variance": NORM[1]}, (_nchw, _nchw),
                             ["input scaling differs", "affine map", "scale [0.5, 1, 2]", "shift [-0.1, 0.2, -1]"]),
 }
@@ -100,7 +107,8 @@ def _case(tmp_path: Path, name: str, built: dict, kwargs: dict[str, Any], layout
     np.save(d / "input.npy", layout(x) if layout else x)
     np.save(d / "ref.npy", ref)
     raw = {"name": f"{name}-{tag}", "source": {"path": "weights.npz", "format": "npz"},
-           "model": {"target": f"{MODELS}:{torch_class or CASES[name][1]}", "kwargs": kwargs}, "mapping": {"strategy": "auto", "preset": "keras"},
+           "model": {"target": f"{MODELS}:{torch_class or CASES[name][1]}", "kwargs": kwargs},
+           "mapping": {"strategy": "auto", "preset": "keras"},
            "verify": {"input": "input.npy", "reference_output": "ref.npy", **TOL}, "export": {"dir": "out"}}
     (d / "config.yaml").write_text(yaml.safe_dump(raw))
     return d / "config.yaml"
@@ -162,7 +170,8 @@ def test_flax_layernorm_epsilon_and_tanh_gelu_are_named_together(flax_linen, tmp
         np.save(d / "input.npy", x)
         np.save(d / "ref.npy", ref)
         raw = {"name": tag, "source": {"path": "weights.npz"}, "model": {"target": f"{MODELS}:DenseLNGelu", "kwargs": kwargs},
-               "mapping": {"preset": "flax"}, "verify": {"input": "input.npy", "reference_output": "ref.npy", **TOL}, "export": {"dir": "out"}}
+               "mapping": {"preset": "flax"}, "verify": {"input": "input.npy", "reference_output": "ref.npy", **TOL},
+               "export": {"dir": "out"}}
         (d / "config.yaml").write_text(yaml.safe_dump(raw))
         return d / "config.yaml"
 

@@ -58,7 +58,8 @@ def _ids(seed: int, n: int = 2, length: int = 9, vocab: int = 61) -> np.ndarray:
 
 
 def _square_linear(key: str, shape: tuple[int, ...]) -> bool:
-    return key.endswith(".weight") and len(shape) == 2 and shape[0] == shape[1] and "embeddings" not in key and not key.endswith(("wte.weight", "wpe.weight"))
+    return (key.endswith(".weight") and len(shape) == 2 and shape[0] == shape[1] and "embeddings" not in key
+            and not key.endswith(("wte.weight", "wpe.weight")))
 
 
 # ---------------------------------------------------------------------------------------------
