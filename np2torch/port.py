@@ -155,10 +155,34 @@ def port(source: str | Path, *, out: str | Path, reference: tuple[Any, Any] | No
         print(f"np2torch port: {len(gen.placeholders)} placeholder(s) in model.py: {', '.join(gen.placeholders)}; "
               "write them by hand, then run `np2torch convert config.yaml`", file=sys.stderr)
         return cls, None
-    result = convert(config, orchestrate=orchestrate)
-    import json
+    from np2torch.tasks.manifest import read_manifest
 
-    manifest_path = next((Path(o.path) for o in result.outputs if Path(o.path).name == "manifest.json"), None)
-    rows = json.loads(manifest_path.read_text()) if manifest_path else []
-    rows = rows.get("rows", rows) if isinstance(rows, dict) else rows
-    return cls, Manifest.from_dicts(rows, verification=result.verification, name=config.parent.name)
+    result = convert(config, orchestrate=orchestrate)
+    path = result.record.get("manifest_path")
+    rows = read_manifest(path) if path and Path(path).is_file() else []
+    return cls, Manifest.from_dicts(rows, verification=result.verification, name=result.name)
+
+
+def cli_port(args: Any, *, convert: Any) -> int:
+    """``np2torch port SOURCE --out DIR …``: write the module and config, then ``convert`` (the CLI's
+    own convert command, given as a callable so the conversion runs exactly as ``np2torch convert``)."""
+    import argparse
+    import time
+
+    t0 = time.perf_counter()
+    ref = (args.input, args.reference) if args.input is not None and args.reference is not None else None
+    if (args.input is None) != (args.reference is None):
+        print("np2torch port: --input and --reference go together (the reference answers that input)", file=sys.stderr)
+        return 2
+    config, gen = write_port(args.source, args.out, reference=ref, layout=args.layout, allow_placeholders=args.allow_placeholders)
+    out = Path(args.out)
+    print(f"np2torch port: wrote {out / 'model.py'} (class {gen.class_name}, {gen.layers} layer calls) and {config} "
+          f"in {time.perf_counter() - t0:.2f}s")
+    for (arg, cf), (shape, _) in zip(gen.inputs, gen.input_specs, strict=True):
+        if cf and ref is not None:
+            print(f"  verify input {arg}: Keras's channels-last array permuted to channels-first {('N', *shape[1:])}")
+    if gen.placeholders:
+        print(f"np2torch port: PLACEHOLDERS in model.py for {', '.join(gen.placeholders)}: write them by hand, then run "
+              f"`np2torch convert {config}`", file=sys.stderr)
+        return 0
+    return convert(argparse.Namespace(config=str(config.resolve()), set=[], refresh=False, argv=["convert", str(config.resolve())]))

@@ -844,7 +844,7 @@ def generate(model: dict[str, Any], *, layout: str = "channels_first", allow_pla
                     if code is not None:
                         uses_separable |= code.startswith("Separable(")
                         with torch.device("meta"):
-                            setattr(root, name, eval(code, ns))  # generated from checked numbers and identifiers
+                            setattr(root, name, eval(code, ns).eval())  # generated from checked numbers and identifiers
                         init_lines.append(f"self.{name} = {code}")
                         if cls == "BatchNormalization" and cfg.get("center", True) != cfg.get("scale", True):
                             allow_missing.append(f"{name}\\.{'bias' if not cfg.get('center', True) else 'weight'}")
