@@ -57,7 +57,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_port(args: argparse.Namespace) -> int:
-    from np2torch.port import cli_port
+    from np2torch.porting import cli_port
 
     return cli_port(args, convert=cmd_convert)
 
