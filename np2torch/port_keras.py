@@ -213,6 +213,7 @@ class Layer:
     cfg: dict[str, Any]
     inputs: list[T] = field(default_factory=list)
     kwargs: dict[str, Any] = field(default_factory=dict)
+    args: list[Any] = field(default_factory=list)  # the call's positional arguments: tensors (T), numbers, lists of them
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.cfg.get(key, default)
@@ -448,15 +449,17 @@ def _upsampling_forward(layer: Layer) -> tuple[str, bool]:
 
 
 def _common(layer: Layer) -> tuple[list[str], bool]:
-    cf = any(t.cf for t in layer.inputs)
-    return [t.to(cf) for t in layer.inputs], cf
+    """The operands in one layout: a merge layer's list argument, or an op's arguments (tensors and numbers)."""
+    ops = layer.args[0] if len(layer.args) == 1 and isinstance(layer.args[0], list) else layer.args
+    cf = any(t.cf for t in ops if isinstance(t, T))
+    return [t.to(cf) if isinstance(t, T) else repr(_float(t, "operand")) for t in ops], cf
 
 
 def _merge(op: str) -> Callable[[Layer], tuple[str, bool]]:
     def forward(layer: Layer) -> tuple[str, bool]:
         xs, cf = _common(layer)
-        if op == "sub":
-            return f"{xs[0]} - {xs[1]}", cf
+        if op in ("-", "/"):
+            return f"{xs[0]} {op} {xs[1]}", cf
         if op in ("+", "*"):
             return f" {op} ".join(xs), cf
         fn = {"avg": "mean", "max": "amax", "min": "amin"}[op]
@@ -534,6 +537,86 @@ def _elu_forward(layer: Layer) -> tuple[str, bool]:
     return f"F.elu({layer.x.var}, {_float(layer.get('alpha', 1.0), 'alpha')!r})", layer.x.cf
 
 
+def _channel_dim(layer: Layer) -> int:
+    _norm_axis(layer)
+    return layer.x.dim(-1)
+
+
+def _normalization_module(layer: Layer) -> str:
+    c, extra = layer.x.keras_shape()[-1], ""
+    if layer.get("mean") is not None:  # constants written in the config, not variables
+        mean, var = (layer.get(k) for k in ("mean", "variance"))
+        mean, var = ([_float(v, k) for v in (x if isinstance(x, list) else [x] * c)] for x, k in ((mean, "mean"), (var, "variance")))
+        extra = f", mean={mean!r}, variance={var!r}"
+    inv = ", invert=True" if layer.get("invert") else ""
+    return f"Normalization({c}, dim={_channel_dim(layer)}{extra}{inv})"
+
+
+def _embedding_module(layer: Layer) -> str:
+    if layer.get("mask_zero"):
+        raise _unsupported(layer, "mask_zero=True: Keras's later layers skip the masked steps, which the port does not do", ("mask_zero",))
+    return f"nn.Embedding({_int(layer.get('input_dim'), 'input_dim')}, {_int(layer.get('output_dim'), 'output_dim')})"
+
+
+_RNN = {"LSTM": "LSTM", "GRU": "GRU", "SimpleRNN": "RNN"}
+
+
+def _rnn_check(layer: Layer, cfg: dict[str, Any], cls: str) -> None:
+    inner = Layer(layer.keras_name, layer.name, cls, cfg)
+    if cls not in _RNN:
+        raise _unsupported(inner, "only LSTM, GRU and SimpleRNN are ported inside Bidirectional")
+    for key, want in (("return_state", False), ("stateful", False), ("time_major", False)):
+        if bool(cfg.get(key, False)) != want:
+            raise _unsupported(inner, f"{key}={cfg.get(key)}", (key,))
+    if _act_name(cfg.get("activation", "tanh")) != "tanh" and not (cls == "SimpleRNN" and _act_name(cfg.get("activation")) == "relu"):
+        raise _unsupported(inner, "an activation other than tanh (torch's LSTM/GRU use tanh)", ("activation",))
+    if cls != "SimpleRNN" and _act_name(cfg.get("recurrent_activation", "sigmoid")) != "sigmoid":
+        raise _unsupported(inner, "a recurrent_activation other than sigmoid", ("recurrent_activation",))
+    if cls == "GRU" and not cfg.get("reset_after", True):
+        raise _unsupported(inner, "GRU(reset_after=False): torch's nn.GRU applies the reset gate after the matmul (reset_after=True)",
+                           ("reset_after",))
+
+
+def _rnn_module_code(layer: Layer, cfg: dict[str, Any], cls: str, bidirectional: bool) -> str:
+    _rnn_check(layer, cfg, cls)
+    args = [str(layer.x.keras_shape()[-1]), str(_int(cfg.get("units"), "units")), "batch_first=True"]
+    args += [] if cfg.get("use_bias", True) else ["bias=False"]
+    args += ["nonlinearity=\"relu\""] if cls == "SimpleRNN" and _act_name(cfg.get("activation")) == "relu" else []
+    args += ["bidirectional=True"] if bidirectional else []
+    return f"nn.{_RNN[cls]}({', '.join(args)})"
+
+
+def _rnn_forward(layer: Layer) -> tuple[str, bool]:
+    x = layer.x.to(False)
+    x = f"{x}.flip(1)" if layer.get("go_backwards") else x
+    return f"self.{layer.name}({x})[0]" + ("" if layer.get("return_sequences") else "[:, -1]"), False
+
+
+def _inner(layer: Layer) -> tuple[dict[str, Any], str]:
+    inner = layer.get("layer") or {}
+    return (inner.get("config") or {}), str(inner.get("class_name"))
+
+
+def _bidirectional_module(layer: Layer) -> str:
+    cfg, cls = _inner(layer)
+    back = layer.get("backward_layer")
+    keys = ("units", "activation", "recurrent_activation", "use_bias", "return_sequences", "return_state", "reset_after")
+    if isinstance(back, dict) and any((back.get("config") or {}).get(k) != cfg.get(k) for k in keys):
+        raise _unsupported(layer, "a backward_layer configured unlike the forward one", ("backward_layer",))
+    if cfg.get("go_backwards"):
+        raise _unsupported(layer, "a forward layer with go_backwards=True", ("layer",))
+    return _rnn_module_code(layer, cfg, cls, True)
+
+
+def _bidirectional_forward(layer: Layer) -> tuple[str, bool]:
+    cfg, _ = _inner(layer)
+    mode = {"concat": "concat", "sum": "sum", "mul": "mul", "ave": "ave"}.get(layer.get("merge_mode", "concat"))
+    if mode is None:
+        raise _unsupported(layer, "merge_mode None (two outputs)", ("merge_mode",))
+    last = not cfg.get("return_sequences", False)
+    return f"merge_directions(self.{layer.name}({layer.x.to(False)})[0], \"{mode}\", last={last})", False
+
+
 _CONV = Row(_conv_module, _conv_forward, {"kernel": "weight", "bias": "bias"})
 _SEPARABLE = Row(_separable_module, _conv_forward,
                  {"depthwise_kernel": "depthwise.weight", "pointwise_kernel": "pointwise.weight", "bias": "pointwise.bias"})
@@ -560,13 +643,23 @@ LAYERS: dict[str, Row] = {
     "Softmax": Row(_none, _softmax_forward),
     "LeakyReLU": Row(_none, _leaky_forward),
     "ELU": Row(_none, _elu_forward),
-    "Add": Row(_none, _merge("+")), "Multiply": Row(_none, _merge("*")), "Subtract": Row(_none, _merge("sub")),
+    "Add": Row(_none, _merge("+")), "Multiply": Row(_none, _merge("*")), "Subtract": Row(_none, _merge("-")),
+    "Divide": Row(_none, _merge("/")), "TrueDivide": Row(_none, _merge("/")),
     "Average": Row(_none, _merge("avg")), "Maximum": Row(_none, _merge("max")), "Minimum": Row(_none, _merge("min")),
     "Concatenate": Row(_none, _concat_forward),
     "Flatten": Row(_none, _flatten_forward),
     "Reshape": Row(_none, _reshape_forward),
     "Permute": Row(_none, _permute_forward),
     "Rescaling": Row(_none, _rescaling_forward),
+    "Normalization": Row(_normalization_module, lambda la: (f"self.{la.name}({la.x.var})", la.x.cf), {"mean": "mean", "variance": "variance"}),
+    "LayerScale": Row(lambda la: f"LayerScale({la.x.keras_shape()[-1]}, dim={_channel_dim(la)})",
+                      lambda la: (f"self.{la.name}({la.x.var})", la.x.cf), {"gamma": "weight"}),
+    "Embedding": Row(_embedding_module, lambda la: (f"self.{la.name}({la.x.var}.long())", False), {"embeddings": "weight"}),
+    **{k: Row(lambda la: _rnn_module_code(la, la.cfg, la.cls, False), _rnn_forward,
+              {"kernel": "weight_ih_l0", "recurrent_kernel": "weight_hh_l0", "bias": "bias_ih_l0 (+ bias_hh_l0: GRU row 1, else zeros)"})
+       for k in _RNN},
+    "Bidirectional": Row(_bidirectional_module, _bidirectional_forward,
+                         {"forward_*": "*_l0", "backward_*": "*_l0_reverse"}),
     **{k: _IDENTITY for k in ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianDropout",
                               "GaussianNoise", "AlphaDropout", "ActivityRegularization")},
 }
@@ -580,28 +673,6 @@ _WANTS_CF = re.compile(r"^(Conv\dD|DepthwiseConv\dD|SeparableConv\dD|\w+Pooling\
 # the graph: Sequential or Functional config → inputs, calls in order, outputs
 
 Ref = tuple[str, int, int]  # (layer name, node index, tensor index): Keras's keras_history
-
-_SEPARABLE_SRC = '''
-
-class Separable(nn.Module):
-    """Keras SeparableConv: a depthwise conv (no bias), then a 1x1 pointwise conv."""
-
-    def __init__(self, depthwise: nn.Module, pointwise: nn.Module) -> None:
-        super().__init__()
-        self.depthwise = depthwise
-        self.pointwise = pointwise
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pointwise(self.depthwise(x))
-'''
-
-_PLACEHOLDER_SRC = '''
-
-def placeholder(layer: str, *xs: torch.Tensor) -> torch.Tensor:
-    """PLACEHOLDER written by `np2torch port --allow-placeholders`: a layer np2torch cannot port."""
-    raise NotImplementedError(f"Keras layer {layer} was not ported: write it by hand")
-'''
-
 
 def _ref(v: Any) -> Ref | None:
     if isinstance(v, dict) and v.get("class_name") == "__keras_tensor__":
@@ -624,12 +695,23 @@ def _refs(v: Any) -> list[Ref]:
     return []
 
 
-def _node_inputs(node: Any) -> tuple[list[Ref], dict[str, Ref]]:
-    """Positional tensor inputs and tensor keyword arguments of one call."""
+def _raw(v: Any) -> Any:
+    """A call argument with each tensor as its Ref; numbers kept; anything else None."""
+    r = _ref(v)
+    if r is not None:
+        return r
+    if isinstance(v, list):
+        return [_raw(x) for x in v]
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _node_inputs(node: Any) -> tuple[list[Ref], dict[str, Ref], list[Any]]:
+    """Positional tensor inputs, tensor keyword arguments and the raw positional arguments of one call."""
     if isinstance(node, dict):  # Keras 3: {"args": [...], "kwargs": {...}}
         kw = {k: r[0] for k, v in (node.get("kwargs") or {}).items() if len(r := _refs(v)) == 1}
-        return _refs(node.get("args", [])), kw
-    return _refs(node), {}  # Keras 2: [[name, node, tensor, kwargs], ...]
+        return _refs(node.get("args", [])), kw, [_raw(a) for a in node.get("args", [])]
+    refs = _refs(node)  # Keras 2: [[name, node, tensor, kwargs], ...]
+    return refs, {}, [refs] if len(refs) > 1 else refs
 
 
 def _refs_list(v: Any) -> list[Ref]:
@@ -647,7 +729,7 @@ def _input_shape(cfg: dict[str, Any]) -> tuple[Any, ...] | None:
 class Graph:
     name: str
     inputs: list[tuple[str, tuple[Any, ...], str]]  # (layer name, batch shape, dtype)
-    calls: list[tuple[dict[str, Any], int, list[Ref], dict[str, Ref]]]  # (layer, node index, args, kwargs)
+    calls: list[tuple[dict[str, Any], int, list[Ref], dict[str, Ref], list[Any]]]  # (layer, node, tensor args, kwargs, raw args)
     outputs: list[Ref]
 
 
@@ -674,7 +756,7 @@ def parse_graph(model: dict[str, Any]) -> Graph:
                 if layer.get("class_name") == "InputLayer":
                     continue
             layer = {**layer, "name": lc.get("name", layer.get("name", f"layer_{i}"))}
-            calls.append((layer, 0, [prev], {}))
+            calls.append((layer, 0, [prev], {}, [prev]))
             prev = (layer["name"], 0, 0)
         return Graph(name, inputs, calls, [prev] if prev else [])
     inputs = []
@@ -692,8 +774,7 @@ def parse_graph(model: dict[str, Any]) -> Graph:
             inputs.append((lname, shape, str((layer.get("config") or {}).get("dtype", "float32"))))
             continue
         for k, node in enumerate(layer.get("inbound_nodes") or []):
-            args, kwargs = _node_inputs(node)
-            calls.append((layer, k, args, kwargs))
+            calls.append((layer, k, *_node_inputs(node)))
     return Graph(name, inputs, _toposort(calls, {i[0] for i in inputs}), _refs_list(cfg.get("output_layers")))
 
 
@@ -759,20 +840,20 @@ def _wrap(line: str, indent: int) -> list[str]:
 
 
 def generate(model: dict[str, Any], *, layout: str = "channels_first", allow_placeholders: bool = False) -> Generated:
-    from collections import OrderedDict
+    import inspect
 
     import torch
     import torch.nn.functional as F
     from torch import nn
 
+    from np2torch import port_runtime
+
     graph = parse_graph(model)
     cname = class_name(graph.name)
-    ns: dict[str, Any] = {"torch": torch, "nn": nn, "F": F}
-    # tracing twin of the file's Separable helper: the same child names, so the same state dict
-    ns["Separable"] = lambda dw, pw: nn.Sequential(OrderedDict([("depthwise", dw), ("pointwise", pw)]))
+    ns: dict[str, Any] = {"torch": torch, "nn": nn, "F": F, **port_runtime.HELPERS}
     ns["placeholder"] = lambda layer, *xs: xs[0]  # traced as identity; the written file raises
     root = nn.Module()
-    reserved = {"self", "torch", "nn", "F", "placeholder", "Separable"} | set(dir(nn.Module))
+    reserved = {"self", "torch", "nn", "F", *port_runtime.HELPERS} | set(dir(nn.Module))
     used: set[str] = set()
 
     def unique(name: str) -> str:
@@ -786,7 +867,7 @@ def generate(model: dict[str, Any], *, layout: str = "channels_first", allow_pla
         return out
 
     consumers: dict[str, list[str]] = {}
-    for layer, _k, args, kwargs in graph.calls:
+    for layer, _k, args, kwargs, _raw_args in graph.calls:
         for r in [*args, *kwargs.values()]:
             consumers.setdefault(r[0], []).append(layer.get("class_name", ""))
     tensors: dict[tuple[str, int, int], T] = {}
@@ -811,8 +892,8 @@ def generate(model: dict[str, Any], *, layout: str = "channels_first", allow_pla
     allow_missing: list[str] = []
     placeholders: list[str] = []
     attr_of: dict[str, str] = {}
-    uses_separable = False
-    for layer_dict, k, args, kwargs in graph.calls:
+    helpers: set[str] = set()
+    for layer_dict, k, args, kwargs, raw_args in graph.calls:
         kname, cls = layer_dict["name"], str(layer_dict.get("class_name"))
         cfg = layer_dict.get("config") if isinstance(layer_dict.get("config"), dict) else {}
         try:
@@ -825,7 +906,11 @@ def generate(model: dict[str, Any], *, layout: str = "channels_first", allow_pla
             attr_of[kname] = unique(kname)
         name = attr_of[kname]
         var = name if k == 0 else unique(f"{name}_{k}")
-        layer = Layer(kname, name, cls, cfg, ins, kw)
+
+        def resolve(v: Any) -> Any:
+            return tensors[v] if isinstance(v, tuple) else [resolve(x) for x in v] if isinstance(v, list) else v
+
+        layer = Layer(kname, name, cls, cfg, ins, kw, [resolve(a) for a in raw_args])
         row = LAYERS.get(cls)
         try:
             if row is None:
@@ -842,13 +927,14 @@ def generate(model: dict[str, Any], *, layout: str = "channels_first", allow_pla
                 if k == 0:
                     code = row.module(layer)
                     if code is not None:
-                        uses_separable |= code.startswith("Separable(")
+                        helpers |= {h for h in port_runtime.HELPERS if f"{h}(" in code}
                         with torch.device("meta"):
                             setattr(root, name, eval(code, ns).eval())  # generated from checked numbers and identifiers
                         init_lines.append(f"self.{name} = {code}")
                         if cls == "BatchNormalization" and cfg.get("center", True) != cfg.get("scale", True):
                             allow_missing.append(f"{name}\\.{'bias' if not cfg.get('center', True) else 'weight'}")
                 expr, cf = row.forward(layer)
+                helpers |= {h for h in port_runtime.HELPERS if f"{h}(" in expr}
                 comment_extra = ""
         except ValueError as exc:
             raise _unsupported(layer, str(exc)) from None
@@ -871,16 +957,18 @@ def generate(model: dict[str, Any], *, layout: str = "channels_first", allow_pla
     doc_in = ", ".join(f"{v} {_shape_comment(tuple(env[v].shape))}" + (" channels-first" if cf else "") for v, cf in zip(signature, inputs_cf))
     src = ['"""PyTorch port of a Keras model, written by `np2torch port` from the model\'s saved architecture.', "",
            f"Inputs: {doc_in} (N: batch).", "Weights: load the `model.safetensors` np2torch wrote next to this file.", '"""', "",
-           "import torch", "import torch.nn.functional as F", "from torch import nn"]
-    if uses_separable:
-        src += _SEPARABLE_SRC.rstrip("\n").split("\n")
+           "import torch", *(["import torch.nn.functional as F"] if any("F." in line for line in fwd_lines) else []), "from torch import nn"]
     if placeholders:
-        src += _PLACEHOLDER_SRC.rstrip("\n").split("\n")
+        helpers.add("placeholder")
+    for h in port_runtime.HELPERS:  # their source, as defined (and traced) in np2torch.port_runtime
+        if h in helpers:
+            src += ["", "", *inspect.getsource(port_runtime.HELPERS[h]).rstrip("\n").split("\n")]
     src += ["", "", f"class {cname}(nn.Module):", f'    """Keras model {graph.name if ident(graph.name) else "(unnamed)"}: {len(graph.calls)} layer calls."""', "", "    def __init__(self) -> None:", "        super().__init__()"]
     for line in init_lines:
         src += _wrap("        " + line, 8)
     args_sig = ", ".join(f"{v}: torch.Tensor" for v in signature)
-    src += ["", f"    def forward(self, {args_sig}):"]
+    ret_t = "torch.Tensor" if len(ret) == 1 else f"tuple[{', '.join(['torch.Tensor'] * len(ret))}]"
+    src += ["", f"    def forward(self, {args_sig}) -> {ret_t}:"]
     for line in fwd_lines:
         src += _wrap("        " + line, 8)
     text = "\n".join(src) + "\n"
