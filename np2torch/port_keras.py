@@ -281,7 +281,7 @@ def _padded(layer: Layer, x: str, n: int, k: tuple[int, ...], s: tuple[int, ...]
         raise _unsupported(layer, f"padding {str(mode)[:20]!r}", ("padding",))
     pads = [_same_pads(sz, kk, ss, dd) for sz, kk, ss, dd in zip(_spatial(layer, n), k, s, d, strict=True)]
     if all(a == b for a, b in pads):
-        return x, tuple(a for a, _ in pads)
+        return x, tuple(a for a, _ in pads) if any(a for a, _ in pads) else 0
     flat = [p for a, b in reversed(pads) for p in (a, b)]  # F.pad: last dim first
     return f"F.pad({x}, ({', '.join(map(str, flat))}){value})", 0
 
@@ -501,8 +501,9 @@ def _const(layer: Layer, key: str) -> str:
 
 
 def _rescaling_forward(layer: Layer) -> tuple[str, bool]:
-    t = layer.x
-    return f"{t.var} * {_const(layer, 'scale')} + {_const(layer, 'offset')}", t.cf
+    t, off = layer.x, _const(layer, "offset")
+    off = "" if off == "0.0" else f" - {off[1:]}" if off.startswith("-") else f" + {off}"
+    return f"{t.var} * {_const(layer, 'scale')}{off}", t.cf
 
 
 def _activation_forward(layer: Layer) -> tuple[str, bool]:
@@ -664,9 +665,10 @@ LAYERS: dict[str, Row] = {
                               "GaussianNoise", "AlphaDropout", "ActivityRegularization")},
 }
 
-# layers whose input tensor, when a model input, is best given channels-first
-_WANTS_CF = re.compile(r"^(Conv\dD|DepthwiseConv\dD|SeparableConv\dD|\w+Pooling\dD|ZeroPadding\dD|Cropping\dD|UpSampling\dD|"
-                       r"BatchNormalization)$")
+# a rank-3 model input that feeds one of these is a sequence (N, T, C) and stays batch-first in
+# both layouts; any other rank >= 3 input is an image / signal / volume, channels-first by default
+_SEQUENCE = re.compile(r"^(Embedding|LSTM|GRU|SimpleRNN|Bidirectional|MultiHeadAttention|Attention|Dense|LayerNormalization|"
+                       r"TimeDistributed)$")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -876,7 +878,7 @@ def generate(model: dict[str, Any], *, layout: str = "channels_first", allow_pla
     for iname, shape, dtype in graph.inputs:
         var = unique(iname)
         kshape = tuple(1 if i == 0 else (8 if d is None else _int(d, "input shape")) for i, d in enumerate(shape))
-        cf = layout == "channels_first" and len(kshape) >= 3 and any(_WANTS_CF.match(c) for c in consumers.get(iname, []))
+        cf = layout == "channels_first" and (len(kshape) >= 4 or len(kshape) == 3 and not any(_SEQUENCE.match(c) for c in consumers.get(iname, [])))
         t = T(var, kshape, False)
         t = T(var, tuple(env_shape := torch.empty(kshape).permute(*((0, len(kshape) - 1, *range(1, len(kshape) - 1)) if cf else
                                                                     range(len(kshape)))).shape), cf)
