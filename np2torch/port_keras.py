@@ -129,7 +129,12 @@ def read_keras_config(path: str | Path) -> dict[str, Any]:
 
 
 def _unsupported(layer: Layer, why: str, keys: tuple[str, ...] = ()) -> PortError:
-    shown = {k: layer.cfg.get(k) for k in keys if k in layer.cfg}
+    def brief(v: Any) -> Any:  # what a key holds, never the bytecode or a long blob
+        if isinstance(v, dict):
+            return "<Python bytecode, not shown>" if v.get("class_name") == "__lambda__" else f"<{str(v.get('class_name', 'dict'))[:40]}>"
+        return v if not isinstance(v, str) or len(v) <= 60 else v[:60] + "…"
+
+    shown = {k: brief(layer.cfg.get(k)) for k in keys if k in layer.cfg}
     return PortError(f"layer {layer.keras_name!r} ({layer.cls}): {why}" + (f"; config {json.dumps(shown)[:300]}" if shown else ""),
                      key=layer.keras_name, fix="write this part by hand, or run `np2torch port --allow-placeholders` to get the rest of the "
                      "module with a clearly marked placeholder for it")
