@@ -116,7 +116,7 @@ def write_port(source: str | Path, out: str | Path, *, reference: tuple[Any, Any
             verify["reference_output"] = _save(ys, out / "verify_reference").name
     elif len(gen.input_specs) == 1:  # no input given: a generated one of the traced shape (shapes and finiteness only)
         verify["input"] = {"shape": gen.input_specs[0][0], "dtype": gen.input_specs[0][1]}
-    cname = name or re.sub(r"[^a-z0-9]+", "-", gen.class_name.lower()).strip("-") or "port"
+    cname = name or re.sub(r"[^a-z0-9]+", "-", re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "-", gen.class_name).lower()).strip("-") or "port"
     raw = {"name": cname, "source": {"path": _rel(weights, out), "format": fmt},
            "model": {"target": f"model.py:{gen.class_name}"},
            "mapping": {"strategy": "auto", "preset": "keras", "allow_missing": [r".*num_batches_tracked", *gen.allow_missing]},
@@ -180,7 +180,7 @@ def cli_port(args: Any, *, convert: Any) -> int:
           f"in {time.perf_counter() - t0:.2f}s")
     for (arg, cf), (shape, _) in zip(gen.inputs, gen.input_specs, strict=True):
         if cf and ref is not None:
-            print(f"  verify input {arg}: Keras's channels-last array permuted to channels-first {('N', *shape[1:])}")
+            print(f"  verify input {arg}: Keras's channels-last array permuted to channels-first (N, {', '.join(map(str, shape[1:]))})")
     if gen.placeholders:
         print(f"np2torch port: PLACEHOLDERS in model.py for {', '.join(gen.placeholders)}: write them by hand, then run "
               f"`np2torch convert {config}`", file=sys.stderr)
