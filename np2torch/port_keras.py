@@ -846,138 +846,200 @@ def _wrap(line: str, indent: int) -> list[str]:
     return [*out, code]
 
 
+_NESTED = ("Sequential", "Functional", "Model")
+
+
+class _Writer:
+    """Writes one class per (sub)model, tracing each line on ``meta`` tensors as it is written."""
+
+    def __init__(self, layout: str, allow_placeholders: bool) -> None:
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+
+        from np2torch import port_runtime
+
+        self.torch, self.nn, self.runtime = torch, nn, port_runtime
+        self.layout, self.allow_placeholders = layout, allow_placeholders
+        self.ns: dict[str, Any] = {"torch": torch, "nn": nn, "F": F, **port_runtime.HELPERS}
+        self.ns["placeholder"] = lambda layer, *xs: xs[0]  # traced as identity; the written file raises
+        self.reserved = {"self", "torch", "nn", "F", *port_runtime.HELPERS} | set(dir(nn.Module))
+        self.classes: list[list[str]] = []  # class sources, nested models first
+        self.class_names: set[str] = set()
+        self.helpers: set[str] = set()
+        self.allow_missing: list[str] = []
+        self.placeholders: list[str] = []
+        self.n_calls = 0
+        self.uses_f = False
+        ns = self.ns
+
+        class Replay(nn.Module):
+            """A written class as traced: its submodules, and its forward lines evaluated in order."""
+
+            def forward(self, *xs: Any) -> Any:
+                env = dict(zip(self.inputs, xs, strict=True))
+                for var, expr in self.steps:
+                    env[var] = eval(expr, {**ns, "self": self}, env)  # our own lines, as written into the file
+                return env[self.steps[-1][0]]
+
+        self.Replay = Replay
+
+    def write_class(self, graph: Graph, given: list[T] | None = None, prefix: str = "") -> tuple[str, Any, list[T], list[T]]:
+        """(class name, traced module, input tensors, output tensors) of one (sub)model's class."""
+        torch = self.torch
+        root = self.Replay()
+        root.steps, root.inputs = [], []
+        used: set[str] = set()
+
+        def unique(name: str) -> str:
+            base = ident(name) or "layer"
+            base = base + "_" if base in self.reserved else base
+            out, i = base, 1
+            while out in used:
+                out, i = f"{base}_{i}", i + 1
+            used.add(out)
+            return out
+
+        consumers: dict[str, list[str]] = {}
+        for layer, _k, args, kwargs, _raw_args in graph.calls:
+            for r in [*args, *kwargs.values()]:
+                consumers.setdefault(r[0], []).append(layer.get("class_name", ""))
+        tensors: dict[tuple[str, int, int], T] = {}
+        env: dict[str, Any] = {}
+        inputs: list[T] = []
+        if given is not None and len(given) != len(graph.inputs):
+            raise PortError(f"nested model {graph.name[:60]!r} takes {len(graph.inputs)} inputs, is given {len(given)}", key=graph.name[:80])
+        for j, (iname, shape, dtype) in enumerate(graph.inputs):
+            var = unique(iname)
+            if given is not None:  # a nested model works in its caller's layout
+                t = T(var, given[j].shape, given[j].cf)
+                env[var] = torch.zeros(t.shape, device="meta", dtype=self.env_of[given[j].var].dtype)
+            else:
+                kshape = tuple(1 if i == 0 else (8 if d is None else _int(d, "input shape")) for i, d in enumerate(shape))
+                cf = self.layout == "channels_first" and (
+                    len(kshape) >= 4 or len(kshape) == 3 and not any(_SEQUENCE.match(c) for c in consumers.get(iname, [])))
+                t = T(var, (kshape[0], kshape[-1], *kshape[1:-1]) if cf else kshape, cf)
+                env[var] = torch.zeros(t.shape, dtype=torch.int64 if "int" in dtype else torch.float32, device="meta")
+            tensors[(iname, 0, 0)] = t
+            inputs.append(t)
+            root.inputs.append(var)
+
+        init_lines: list[str] = []
+        fwd_lines: list[str] = []
+        attr_of: dict[str, str] = {}
+        nested: dict[str, tuple[list[T], list[T]]] = {}
+        for layer_dict, k, args, kwargs, raw_args in graph.calls:
+            self.n_calls += 1
+            kname, cls = layer_dict["name"], str(layer_dict.get("class_name"))
+            cfg = layer_dict.get("config") if isinstance(layer_dict.get("config"), dict) else {}
+            try:
+                ins = [tensors[(r[0], r[1], r[2])] for r in args]
+                kw = {key: tensors[(r[0], r[1], r[2])] for key, r in kwargs.items()}
+            except KeyError as exc:
+                raise PortError(f"layer {kname!r} reads a tensor no layer produced: {exc}", key=kname[:80],
+                                fix="layers with several outputs are not supported yet") from None
+            if kname not in attr_of:
+                attr_of[kname] = unique(kname)
+            name = attr_of[kname]
+            var = name if k == 0 else unique(f"{name}_{k}")
+
+            def resolve(v: Any) -> Any:
+                return tensors[v] if isinstance(v, tuple) else [resolve(x) for x in v] if isinstance(v, list) else v
+
+            layer = Layer(kname, name, cls, cfg, ins, kw, [resolve(a) for a in raw_args])
+            row = LAYERS.get(cls)
+            comment_extra = ""
+            try:
+                if cls in _NESTED and isinstance(cfg.get("layers"), list):
+                    if k == 0:
+                        self.env_of = {**getattr(self, "env_of", {}), **env}
+                        sub_name, sub_root, sub_ins, sub_outs = self.write_class(parse_graph(layer_dict), ins, f"{prefix}{name}.")
+                        setattr(root, name, sub_root)
+                        init_lines.append(f"self.{name} = {sub_name}()")
+                        nested[kname] = (sub_ins, sub_outs)
+                    sub_ins, sub_outs = nested[kname]
+                    if len(sub_outs) != 1:
+                        raise _unsupported(layer, "a nested model with several outputs")
+                    # a shared nested model takes each call's inputs in the layout it was written for
+                    expr, cf = f"self.{name}({', '.join(t.to(s.cf) for t, s in zip(ins, sub_ins, strict=True))})", sub_outs[0].cf
+                elif row is None:
+                    if not self.allow_placeholders:
+                        why = {"Lambda": "a Lambda layer holds Python bytecode, which np2torch never runs or translates",
+                               "TFOpLambda": "a TF op recorded as a layer, which np2torch never runs"}.get(
+                            cls, f"class {cls[:60]!r} is not in np2torch's layer table (a custom layer, or one not supported yet)")
+                        keys = tuple(k2 for k2 in ("function", "module", "registered_name", "arguments") if k2 in cfg or k2 in layer_dict)
+                        raise _unsupported(Layer(kname, name, cls, {**layer_dict, **cfg}), why, keys)
+                    self.placeholders.append(f"{kname} ({cls})")
+                    self.helpers.add("placeholder")
+                    expr, cf = f"placeholder(\"{name}\", {', '.join(t.var for t in ins)})", ins[0].cf if ins else False
+                    comment_extra = f"  PLACEHOLDER: Keras {ident(cls) or 'unknown'} layer not ported, write it by hand"
+                else:
+                    if k == 0:
+                        code = row.module(layer)
+                        if code is not None:
+                            self.helpers |= {h for h in self.runtime.HELPERS if f"{h}(" in code}
+                            with torch.device("meta"):
+                                setattr(root, name, eval(code, self.ns).eval())  # generated from checked numbers and identifiers
+                            init_lines.append(f"self.{name} = {code}")
+                            if cls == "BatchNormalization" and cfg.get("center", True) != cfg.get("scale", True):
+                                self.allow_missing.append(re.escape(f"{prefix}{name}.{'bias' if not cfg.get('center', True) else 'weight'}"))
+                    expr, cf = row.forward(layer)
+                    self.helpers |= {h for h in self.runtime.HELPERS if f"{h}(" in expr}
+                    comment_extra = "  Keras " + cls + ": identity at inference" if row is _IDENTITY else ""
+            except ValueError as exc:
+                raise _unsupported(layer, str(exc)) from None
+            try:
+                value = eval(expr, {**self.ns, "self": root}, env)  # our own expression, traced on meta tensors
+            except Exception as exc:  # noqa: BLE001 - a shape the row did not expect: name the layer
+                raise PortError(f"layer {kname!r} ({cls}): the generated line does not run on its input shapes: {exc}", key=kname[:80],
+                                actual=[t.keras_shape() for t in ins], fix="report this model to np2torch; write the layer by hand") from None
+            env[var] = value
+            root.steps.append((var, expr))
+            t = T(var, tuple(value.shape), cf and value.dim() >= 3)
+            tensors[(kname, k, 0)] = t
+            fwd_lines.append(f"{var} = {expr}  # {_shape_comment(t.shape)}{comment_extra}")
+
+        outs = [tensors[(r[0], r[1], r[2])] for r in graph.outputs]
+        top = given is None
+        ret = [t.to(False) if top and self.layout == "channels_last" else t.var for t in outs]
+        if top:
+            outs = [T(t.var, t.shape, t.cf and self.layout != "channels_last") for t in outs]
+        fwd_lines.append("return " + (ret[0] if len(ret) == 1 else ", ".join(ret)))
+        self.uses_f |= any("F." in line for line in fwd_lines)
+
+        cname = class_name(graph.name)
+        while cname in self.class_names:
+            cname += "_"
+        self.class_names.add(cname)
+        shown = graph.name if ident(graph.name) else "(unnamed)"
+        src = [f"class {cname}(nn.Module):", f'    """Keras model {shown}: {len(graph.calls)} layer calls."""', "",
+               "    def __init__(self) -> None:", "        super().__init__()"]
+        for line in init_lines:
+            src += _wrap("        " + line, 8)
+        ret_t = "torch.Tensor" if len(ret) == 1 else f"tuple[{', '.join(['torch.Tensor'] * len(ret))}]"
+        src += ["", f"    def forward(self, {', '.join(f'{t.var}: torch.Tensor' for t in inputs)}) -> {ret_t}:"]
+        for line in fwd_lines:
+            src += _wrap("        " + line, 8)
+        self.classes.append(src)
+        self.env_of = {**getattr(self, "env_of", {}), **env}
+        return cname, root, inputs, outs
+
+
 def generate(model: dict[str, Any], *, layout: str = "channels_first", allow_placeholders: bool = False) -> Generated:
+    """The source of ``model.py`` for a Keras model config (plus what the config and verify need)."""
     import inspect
 
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
-    from np2torch import port_runtime
-
-    graph = parse_graph(model)
-    cname = class_name(graph.name)
-    ns: dict[str, Any] = {"torch": torch, "nn": nn, "F": F, **port_runtime.HELPERS}
-    ns["placeholder"] = lambda layer, *xs: xs[0]  # traced as identity; the written file raises
-    root = nn.Module()
-    reserved = {"self", "torch", "nn", "F", *port_runtime.HELPERS} | set(dir(nn.Module))
-    used: set[str] = set()
-
-    def unique(name: str) -> str:
-        base = ident(name) or "layer"
-        if base in reserved:
-            base += "_"
-        out, i = base, 1
-        while out in used:
-            out, i = f"{base}_{i}", i + 1
-        used.add(out)
-        return out
-
-    consumers: dict[str, list[str]] = {}
-    for layer, _k, args, kwargs, _raw_args in graph.calls:
-        for r in [*args, *kwargs.values()]:
-            consumers.setdefault(r[0], []).append(layer.get("class_name", ""))
-    tensors: dict[tuple[str, int, int], T] = {}
-    env: dict[str, Any] = {}
-    signature, inputs_cf = [], []
-    for iname, shape, dtype in graph.inputs:
-        var = unique(iname)
-        kshape = tuple(1 if i == 0 else (8 if d is None else _int(d, "input shape")) for i, d in enumerate(shape))
-        cf = layout == "channels_first" and (len(kshape) >= 4 or len(kshape) == 3 and not any(_SEQUENCE.match(c) for c in consumers.get(iname, [])))
-        t = T(var, kshape, False)
-        t = T(var, tuple(env_shape := torch.empty(kshape).permute(*((0, len(kshape) - 1, *range(1, len(kshape) - 1)) if cf else
-                                                                    range(len(kshape)))).shape), cf)
-        del env_shape
-        tdtype = torch.int64 if "int" in dtype else torch.float32
-        env[var] = torch.zeros(t.shape, dtype=tdtype, device="meta")
-        tensors[(iname, 0, 0)] = t
-        signature.append(var)
-        inputs_cf.append(cf)
-
-    init_lines: list[str] = []
-    fwd_lines: list[str] = []
-    allow_missing: list[str] = []
-    placeholders: list[str] = []
-    attr_of: dict[str, str] = {}
-    helpers: set[str] = set()
-    for layer_dict, k, args, kwargs, raw_args in graph.calls:
-        kname, cls = layer_dict["name"], str(layer_dict.get("class_name"))
-        cfg = layer_dict.get("config") if isinstance(layer_dict.get("config"), dict) else {}
-        try:
-            ins = [tensors[(r[0], r[1], r[2])] for r in args]
-            kw = {key: tensors[(r[0], r[1], r[2])] for key, r in kwargs.items()}
-        except KeyError as exc:
-            raise PortError(f"layer {kname!r} reads a tensor no layer produced: {exc}", key=kname[:80],
-                            fix="multi-output layers and nested models are not supported yet") from None
-        if kname not in attr_of:
-            attr_of[kname] = unique(kname)
-        name = attr_of[kname]
-        var = name if k == 0 else unique(f"{name}_{k}")
-
-        def resolve(v: Any) -> Any:
-            return tensors[v] if isinstance(v, tuple) else [resolve(x) for x in v] if isinstance(v, list) else v
-
-        layer = Layer(kname, name, cls, cfg, ins, kw, [resolve(a) for a in raw_args])
-        row = LAYERS.get(cls)
-        try:
-            if row is None:
-                if not allow_placeholders:
-                    why = {"Lambda": "a Lambda layer holds Python bytecode, which np2torch never runs or translates",
-                           "TFOpLambda": "a TF op recorded as a layer, which np2torch never runs"}.get(
-                        cls, f"class {cls[:60]!r} is not in np2torch's layer table (a custom layer, or one not supported yet)")
-                    keys = tuple(k2 for k2 in ("function", "module", "registered_name", "arguments") if k2 in cfg or k2 in layer_dict)
-                    raise _unsupported(Layer(kname, name, cls, {**layer_dict, **cfg}), why, keys)
-                placeholders.append(f"{kname} ({cls})")
-                expr, cf = f"placeholder(\"{name}\", {', '.join(t.var for t in ins)})", ins[0].cf if ins else False
-                comment_extra = f"  PLACEHOLDER: Keras {ident(cls) or 'unknown'} layer not ported, write it by hand"
-            else:
-                if k == 0:
-                    code = row.module(layer)
-                    if code is not None:
-                        helpers |= {h for h in port_runtime.HELPERS if f"{h}(" in code}
-                        with torch.device("meta"):
-                            setattr(root, name, eval(code, ns).eval())  # generated from checked numbers and identifiers
-                        init_lines.append(f"self.{name} = {code}")
-                        if cls == "BatchNormalization" and cfg.get("center", True) != cfg.get("scale", True):
-                            allow_missing.append(f"{name}\\.{'bias' if not cfg.get('center', True) else 'weight'}")
-                expr, cf = row.forward(layer)
-                helpers |= {h for h in port_runtime.HELPERS if f"{h}(" in expr}
-                comment_extra = ""
-        except ValueError as exc:
-            raise _unsupported(layer, str(exc)) from None
-        try:
-            value = eval(expr, {**ns, "self": root}, env)  # our own expression, traced on meta tensors
-        except Exception as exc:  # noqa: BLE001 - a shape the row did not expect: name the layer
-            raise PortError(f"layer {kname!r} ({cls}): the generated line does not run on its input shapes: {exc}", key=kname[:80],
-                            actual=[t.keras_shape() for t in ins], fix="report this model to np2torch; write the layer by hand") from None
-        env[var] = value
-        t = T(var, tuple(value.shape), cf and value.dim() >= 3)
-        tensors[(kname, k, 0)] = t
-        fwd_lines.append(f"{var} = {expr}  # {_shape_comment(t.shape)}" + (comment_extra or (
-            "  Keras " + cls + ": identity at inference" if row is _IDENTITY else "")))
-
-    outs = [tensors[(r[0], r[1], r[2])] for r in graph.outputs]
-    ret = [t.to(False) if layout == "channels_last" else t.var for t in outs]
-    outputs_cf = [t.cf and layout != "channels_last" for t in outs]
-    fwd_lines.append("return " + (ret[0] if len(ret) == 1 else ", ".join(ret)))
-
-    doc_in = ", ".join(f"{v} {_shape_comment(tuple(env[v].shape))}" + (" channels-first" if cf else "") for v, cf in zip(signature, inputs_cf))
+    w = _Writer(layout, allow_placeholders)
+    cname, _root, inputs, outs = w.write_class(parse_graph(model))
+    doc_in = ", ".join(f"{t.var} {_shape_comment(t.shape)}" + (" channels-first" if t.cf else "") for t in inputs)
     src = ['"""PyTorch port of a Keras model, written by `np2torch port` from the model\'s saved architecture.', "",
            f"Inputs: {doc_in} (N: batch).", "Weights: load the `model.safetensors` np2torch wrote next to this file.", '"""', "",
-           "import torch", *(["import torch.nn.functional as F"] if any("F." in line for line in fwd_lines) else []), "from torch import nn"]
-    if placeholders:
-        helpers.add("placeholder")
-    for h in port_runtime.HELPERS:  # their source, as defined (and traced) in np2torch.port_runtime
-        if h in helpers:
-            src += ["", "", *inspect.getsource(port_runtime.HELPERS[h]).rstrip("\n").split("\n")]
-    src += ["", "", f"class {cname}(nn.Module):", f'    """Keras model {graph.name if ident(graph.name) else "(unnamed)"}: {len(graph.calls)} layer calls."""', "", "    def __init__(self) -> None:", "        super().__init__()"]
-    for line in init_lines:
-        src += _wrap("        " + line, 8)
-    args_sig = ", ".join(f"{v}: torch.Tensor" for v in signature)
-    ret_t = "torch.Tensor" if len(ret) == 1 else f"tuple[{', '.join(['torch.Tensor'] * len(ret))}]"
-    src += ["", f"    def forward(self, {args_sig}) -> {ret_t}:"]
-    for line in fwd_lines:
-        src += _wrap("        " + line, 8)
-    text = "\n".join(src) + "\n"
-    return Generated(text, cname, list(zip(signature, inputs_cf, strict=True)), outputs_cf, allow_missing, placeholders, len(graph.calls),
-                     [(list(env[v].shape), "int64" if env[v].dtype == torch.int64 else "float32") for v in signature])
+           "import torch", *(["import torch.nn.functional as F"] if w.uses_f else []), "from torch import nn"]
+    for h, fn in w.runtime.HELPERS.items():  # their source, as defined (and traced) in np2torch.port_runtime
+        if h in w.helpers:
+            src += ["", "", *inspect.getsource(fn).rstrip("\n").split("\n")]
+    for cls_src in w.classes:
+        src += ["", "", *cls_src]
+    specs = [(list(t.shape), "int64" if w.env_of[t.var].dtype == w.torch.int64 else "float32") for t in inputs]
+    return Generated("\n".join(src) + "\n", cname, [(t.var, t.cf) for t in inputs], [t.cf for t in outs], w.allow_missing,
+                     w.placeholders, w.n_calls, specs)
