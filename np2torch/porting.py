@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 import zipfile
 from pathlib import Path
@@ -92,20 +93,10 @@ def _rel(path: Path, base: Path) -> str:
         return str(path.resolve())
 
 
-def write_port(source: str | Path, out: str | Path, *, reference: tuple[Any, Any] | None = None, inputs: Any = None,
-               layout: str = "channels_first", allow_placeholders: bool = False, name: str | None = None) -> tuple[Path, Generated]:
-    """Write ``out/model.py`` and ``out/config.yaml`` (and the verify arrays in the module's layout);
-    return the config's path and what was generated. Nothing is written when the model cannot be ported."""
+def _write_files(source: Path, out: Path, gen: Generated, xs: list[np.ndarray] | None, ys: list[np.ndarray] | None, layout: str,
+                 name: str | None) -> None:
     import yaml
 
-    source, out = Path(source), Path(out)
-    if layout not in LAYOUTS:
-        raise PortError(f"unknown layout {layout!r}", key="layout", expected=" | ".join(LAYOUTS), actual=layout)
-    gen = generate(read_keras_config(source), layout=layout, allow_placeholders=allow_placeholders)
-    x, y = (reference if reference is not None else (inputs, None))
-    xs = _to_torch_layout(_arrays(x, "input"), [cf for _, cf in gen.inputs], "input") if x is not None else None
-    ys = _to_torch_layout(_arrays(y, "reference"), gen.outputs, "reference") if y is not None else None
-    out.mkdir(parents=True, exist_ok=True)
     (out / "model.py.tmp").write_text(gen.source)
     os.replace(out / "model.py.tmp", out / "model.py")
     weights, fmt = _weights_source(source, out)
@@ -127,6 +118,27 @@ def write_port(source: str | Path, out: str | Path, *, reference: tuple[Any, Any
     if xs is not None and any(cf for _, cf in gen.inputs):
         header += "# verify_input is the given input permuted to the module's channels-first layout (Keras's last axis moved to 1).\n"
     (out / "config.yaml").write_text(header + yaml.safe_dump(raw, sort_keys=False))
+
+
+def write_port(source: str | Path, out: str | Path, *, reference: tuple[Any, Any] | None = None, inputs: Any = None,
+               layout: str = "channels_first", allow_placeholders: bool = False, name: str | None = None) -> tuple[Path, Generated]:
+    """Write ``out/model.py`` and ``out/config.yaml`` (and the verify arrays in the module's layout);
+    return the config's path and what was generated. Nothing is written when the model cannot be ported."""
+    source, out = Path(source), Path(out)
+    if layout not in LAYOUTS:
+        raise PortError(f"unknown layout {layout!r}", key="layout", expected=" | ".join(LAYOUTS), actual=layout)
+    gen = generate(read_keras_config(source), layout=layout, allow_placeholders=allow_placeholders)
+    x, y = (reference if reference is not None else (inputs, None))
+    xs = _to_torch_layout(_arrays(x, "input"), [cf for _, cf in gen.inputs], "input") if x is not None else None
+    ys = _to_torch_layout(_arrays(y, "reference"), gen.outputs, "reference") if y is not None else None
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_files(source, out, gen, xs, ys, layout, name)
+    except BaseException:
+        if created:  # a failed port leaves nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     return out / "config.yaml", gen
 
 

@@ -328,6 +328,7 @@ _CFG = {"class_name": "Functional", "config": {"name": "m", "layers": [
     ({"config.json": json.dumps(_CFG).encode()}, "model.weights.h5", "symbolic link"),
     ({"metadata.json": b"{}"}, None, "no config.json"),
     ({"config.json": b"{not json"}, None, "not valid JSON"),
+    ({"config.json": json.dumps(_CFG).encode()}, None, "no model.weights.h5"),  # found after model.py was due: still nothing left
 ])
 def test_keras_zip_hazards(tmp_path, members, link, match) -> None:
     with pytest.raises(PortError, match=match):
