@@ -304,6 +304,8 @@ class Row:
     module: Callable[[Layer], str | None]
     forward: Callable[[Layer], tuple[str, bool]]
     weights: dict[str, str] = field(default_factory=dict)
+    # mapping rules for variables whose layout no preset can guess: (layer, torch prefix) → config rules
+    rules: Callable[[Layer, str], list[dict[str, Any]]] | None = None
 
 
 def _none(layer: Layer) -> None:
@@ -623,6 +625,58 @@ def _bidirectional_forward(layer: Layer) -> tuple[str, bool]:
     return f"merge_directions(self.{layer.name}({layer.x.to(False)})[0], \"{mode}\", last={last})", False
 
 
+def _mha_dims(layer: Layer) -> tuple[int, int, int, int]:
+    for key, ok in (("attention_axes", lambda v: v in (None, [1], 1)), ("use_gate", lambda v: not v), ("sliding_window", lambda v: v is None)):
+        if not ok(layer.get(key)):
+            raise _unsupported(layer, f"{key}={str(layer.get(key))[:30]}", (key,))
+    heads, kd = _int(layer.get("num_heads"), "num_heads"), _int(layer.get("key_dim"), "key_dim")
+    vd = _int(layer.get("value_dim") or kd, "value_dim")
+    out = layer.get("output_shape")
+    out = layer.x.keras_shape()[-1] if out is None else _int(out[0] if isinstance(out, list) and len(out) == 1 else out, "output_shape")
+    return heads, kd, vd, out
+
+
+def _mha_tensors(layer: Layer) -> tuple[T, T, T | None]:
+    ts = [a for a in layer.args if isinstance(a, T)]
+    q, v = ts[0], layer.kwargs.get("value", ts[1] if len(ts) > 1 else None)
+    k = layer.kwargs.get("key", ts[2] if len(ts) > 2 else None)
+    if not isinstance(v, T) or layer.kwargs.get("attention_mask") is not None or layer.kwargs.get("return_attention_scores"):
+        raise _unsupported(layer, "a call without value, or with attention_mask / return_attention_scores")
+    return q, v, k if isinstance(k, T) else None
+
+
+def _mha_module(layer: Layer) -> str:
+    heads, kd, vd, out = _mha_dims(layer)
+    q, v, k = _mha_tensors(layer)
+    dims = [q.keras_shape()[-1], v.keras_shape()[-1], (k or v).keras_shape()[-1], heads, kd, vd, out]
+    return f"MultiHeadAttention({', '.join(map(str, dims))}{'' if layer.get('use_bias', True) else ', bias=False'})"
+
+
+def _mha_forward(layer: Layer) -> tuple[str, bool]:
+    q, v, k = _mha_tensors(layer)
+    args = [q.to(False), v.to(False)] + ([f"key={k.to(False)}"] if k is not None else [])
+    args += ["causal=True"] if layer.kwargs.get("use_causal_mask") is True else []
+    return f"self.{layer.name}({', '.join(args)})", False
+
+
+def _mha_rules(layer: Layer, prefix: str) -> list[dict[str, Any]]:
+    """Keras keeps heads as an axis ((C, H, D) kernels, (H, D) biases); the port's Linears hold (H*D, C)."""
+    heads, kd, vd, out = _mha_dims(layer)
+    q, v, k = _mha_tensors(layer)
+    src = f"(.*/)?{re.escape(layer.keras_name)}/"  # a Keras 3 .weights.h5 may leave these variables numbered (0, 1)
+    rules = []
+    for part, cin, d in (("query", q.keras_shape()[-1], kd), ("key", (k or v).keras_shape()[-1], kd), ("value", v.keras_shape()[-1], vd)):
+        rules.append({"source": f"{src}{part}/(kernel|0)(:0)?", "target": f"{prefix}{layer.name}.{part}.weight",
+                      "transform": [{"reshape": [cin, heads * d]}, "transpose"]})
+        if layer.get("use_bias", True):
+            rules.append({"source": f"{src}{part}/(bias|1)(:0)?", "target": f"{prefix}{layer.name}.{part}.bias", "transform": [{"reshape": [heads * d]}]})
+    rules.append({"source": f"{src}attention_output/(kernel|0)(:0)?", "target": f"{prefix}{layer.name}.attention_output.weight",
+                  "transform": [{"reshape": [heads * vd, out]}, "transpose"]})
+    if layer.get("use_bias", True):
+        rules.append({"source": f"{src}attention_output/(bias|1)(:0)?", "target": f"{prefix}{layer.name}.attention_output.bias"})
+    return rules
+
+
 _CONV = Row(_conv_module, _conv_forward, {"kernel": "weight", "bias": "bias"})
 _SEPARABLE = Row(_separable_module, _conv_forward,
                  {"depthwise_kernel": "depthwise.weight", "pointwise_kernel": "pointwise.weight", "bias": "pointwise.bias"})
@@ -664,6 +718,7 @@ LAYERS: dict[str, Row] = {
     **{k: Row(lambda la: _rnn_module_code(la, la.cfg, la.cls, False), _rnn_forward,
               {"kernel": "weight_ih_l0", "recurrent_kernel": "weight_hh_l0", "bias": "bias_ih_l0 (+ bias_hh_l0: GRU row 1, else zeros)"})
        for k in _RNN},
+    "MultiHeadAttention": Row(_mha_module, _mha_forward, {"query/kernel (C, H, D)": "query.weight (H*D, C)"}, _mha_rules),
     "Bidirectional": Row(_bidirectional_module, _bidirectional_forward,
                          {"forward_*": "*_l0", "backward_*": "*_l0_reverse"}),
     **{k: _IDENTITY for k in ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianDropout",
@@ -714,8 +769,8 @@ def _raw(v: Any) -> Any:
 
 def _node_inputs(node: Any) -> tuple[list[Ref], dict[str, Ref], list[Any]]:
     """Positional tensor inputs, tensor keyword arguments and the raw positional arguments of one call."""
-    if isinstance(node, dict):  # Keras 3: {"args": [...], "kwargs": {...}}
-        kw = {k: r[0] for k, v in (node.get("kwargs") or {}).items() if len(r := _refs(v)) == 1}
+    if isinstance(node, dict):  # Keras 3: {"args": [...], "kwargs": {...}}; bool keywords (use_causal_mask) kept as they are
+        kw = {k: r[0] if len(r := _refs(v)) == 1 else v for k, v in (node.get("kwargs") or {}).items() if len(_refs(v)) == 1 or v is True}
         return _refs(node.get("args", [])), kw, [_raw(a) for a in node.get("args", [])]
     refs = _refs(node)  # Keras 2: [[name, node, tensor, kwargs], ...]
     return refs, {}, [refs] if len(refs) > 1 else refs
@@ -792,7 +847,7 @@ def _toposort(calls: list, available: set[str]) -> list:
     while pending:
         rest = []
         for c in pending:
-            if all((r[0], r[1]) in done for r in [*c[2], *c[3].values()]):
+            if all((r[0], r[1]) in done for r in [*c[2], *(v for v in c[3].values() if isinstance(v, tuple))]):
                 out.append(c)
                 done.add((c[0]["name"], c[1]))
             else:
@@ -819,6 +874,7 @@ class Generated:
     placeholders: list[str]
     layers: int
     input_specs: list[tuple[list[int], str]]  # (torch shape with N=1, dtype) per input: the traced example
+    rules: list[dict[str, Any]] = field(default_factory=list)  # mapping rules for what the keras preset cannot guess
 
 
 def _shape_comment(shape: tuple[int, ...]) -> str:
@@ -868,6 +924,7 @@ class _Writer:
         self.class_names: set[str] = set()
         self.helpers: set[str] = set()
         self.allow_missing: list[str] = []
+        self.rules: list[dict[str, Any]] = []
         self.placeholders: list[str] = []
         self.n_calls = 0
         self.uses_f = False
@@ -902,7 +959,7 @@ class _Writer:
 
         consumers: dict[str, list[str]] = {}
         for layer, _k, args, kwargs, _raw_args in graph.calls:
-            for r in [*args, *kwargs.values()]:
+            for r in [*args, *(v for v in kwargs.values() if isinstance(v, tuple))]:
                 consumers.setdefault(r[0], []).append(layer.get("class_name", ""))
         tensors: dict[tuple[str, int, int], T] = {}
         env: dict[str, Any] = {}
@@ -934,7 +991,7 @@ class _Writer:
             cfg = layer_dict.get("config") if isinstance(layer_dict.get("config"), dict) else {}
             try:
                 ins = [tensors[(r[0], r[1], r[2])] for r in args]
-                kw = {key: tensors[(r[0], r[1], r[2])] for key, r in kwargs.items()}
+                kw = {key: tensors[(r[0], r[1], r[2])] if isinstance(r, tuple) else r for key, r in kwargs.items()}
             except KeyError as exc:
                 raise PortError(f"layer {kname!r} reads a tensor no layer produced: {exc}", key=kname[:80],
                                 fix="layers with several outputs are not supported yet") from None
@@ -981,6 +1038,7 @@ class _Writer:
                             with torch.device("meta"):
                                 setattr(root, name, eval(code, self.ns).eval())  # generated from checked numbers and identifiers
                             init_lines.append(f"self.{name} = {code}")
+                            self.rules += row.rules(layer, prefix) if row.rules else []
                             if cls == "BatchNormalization" and cfg.get("center", True) != cfg.get("scale", True):
                                 self.allow_missing.append(re.escape(f"{prefix}{name}.{'bias' if not cfg.get('center', True) else 'weight'}"))
                     expr, cf = row.forward(layer)
@@ -1042,4 +1100,4 @@ def generate(model: dict[str, Any], *, layout: str = "channels_first", allow_pla
         src += ["", "", *cls_src]
     specs = [(list(t.shape), "int64" if w.env_of[t.var].dtype == w.torch.int64 else "float32") for t in inputs]
     return Generated("\n".join(src) + "\n", cname, [(t.var, t.cf) for t in inputs], [t.cf for t in outs], w.allow_missing,
-                     w.placeholders, w.n_calls, specs)
+                     w.placeholders, w.n_calls, specs, w.rules)

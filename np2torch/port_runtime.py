@@ -1,13 +1,15 @@
 """Helpers that ``np2torch port`` copies (source text, via :func:`inspect.getsource`) into a
 generated ``model.py`` when a layer needs one, and uses as they are to trace the module while
-writing it: one definition for both. Only torch here: the generated file imports nothing else."""
+writing it: one definition for both. Only torch here (the generated file imports nothing else),
+and no line over 120 columns (the generated file's limit)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-__all__ = ["HELPERS", "LayerScale", "Normalization", "Separable", "merge_directions", "placeholder"]
+__all__ = ["HELPERS", "LayerScale", "MultiHeadAttention", "Normalization", "Separable", "merge_directions",
+           "placeholder"]
 
 
 class Separable(nn.Module):
@@ -33,7 +35,7 @@ class Normalization(nn.Module):
         super().__init__()
         fixed = mean is not None
         self.register_buffer("mean", torch.tensor(mean) if fixed else torch.zeros(channels), persistent=not fixed)
-        self.register_buffer("variance", torch.tensor(variance) if fixed else torch.ones(channels), persistent=not fixed)
+        self.register_buffer("variance", torch.tensor(variance if fixed else [1.0] * channels), persistent=not fixed)
         self.dim = dim
         self.invert = invert
 
@@ -78,4 +80,34 @@ def placeholder(layer: str, *xs: torch.Tensor) -> torch.Tensor:
     raise NotImplementedError(f"Keras layer {layer} was not ported: write it by hand")
 
 
-HELPERS = {f.__name__: f for f in (Separable, Normalization, LayerScale, merge_directions, placeholder)}
+
+
+class MultiHeadAttention(nn.Module):
+    """Keras MultiHeadAttention over the time axis of (N, T, C) tensors: query/key/value projections
+    per head, softmax(q k^T / sqrt(key_dim)) v, then the output projection (Keras's layer names)."""
+
+    def __init__(self, query_dim: int, value_dim_in: int, key_dim_in: int, heads: int, key_dim: int, value_dim: int,
+                 out_dim: int, bias: bool = True) -> None:
+        super().__init__()
+        self.query = nn.Linear(query_dim, heads * key_dim, bias=bias)
+        self.key = nn.Linear(key_dim_in, heads * key_dim, bias=bias)
+        self.value = nn.Linear(value_dim_in, heads * value_dim, bias=bias)
+        self.attention_output = nn.Linear(heads * value_dim, out_dim, bias=bias)
+        self.heads = heads
+        self.scale = key_dim ** -0.5
+
+    def forward(self, query: torch.Tensor, value: torch.Tensor, key: torch.Tensor | None = None,
+                causal: bool = False) -> torch.Tensor:
+        key = value if key is None else key
+        q = self.query(query).unflatten(-1, (self.heads, -1)).transpose(1, 2) * self.scale
+        k = self.key(key).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        v = self.value(value).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        scores = q @ k.transpose(-1, -2)
+        if causal:
+            keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+            scores = scores.masked_fill(~keep, float("-inf"))
+        return self.attention_output((scores.softmax(-1) @ v).transpose(1, 2).flatten(2))
+
+
+HELPERS = {f.__name__: f for f in (Separable, Normalization, LayerScale, MultiHeadAttention, merge_directions,
+                                   placeholder)}

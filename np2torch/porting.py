@@ -110,7 +110,8 @@ def _write_files(source: Path, out: Path, gen: Generated, xs: list[np.ndarray] |
     cname = name or re.sub(r"[^a-z0-9]+", "-", re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "-", gen.class_name).lower()).strip("-") or "port"
     raw = {"name": cname, "source": {"path": _rel(weights, out), "format": fmt},
            "model": {"target": f"model.py:{gen.class_name}"},
-           "mapping": {"strategy": "auto", "preset": "keras", "allow_missing": [r".*num_batches_tracked", *gen.allow_missing]},
+           "mapping": {"strategy": "auto", "preset": "keras", **({"rules": gen.rules} if gen.rules else {}),
+                       "allow_missing": [r".*num_batches_tracked", *gen.allow_missing]},
            "convert": {"dtype": "float32", "device": "cpu"},
            "verify": {k: v for k, v in verify.items() if v is not None}, "export": {"dir": "out"}}
     header = (f"# Written by `np2torch port` from {source.name!r} (layout {layout}); re-run with `np2torch convert config.yaml`.\n"

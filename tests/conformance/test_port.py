@@ -112,6 +112,16 @@ def _randomize(model, seed: int) -> None:
         v.assign(value.astype("float32"))
 
 
+def _attention():
+    """Causal self-attention, then cross-attention with its own key, value and output sizes: two (N, T, C) inputs."""
+    seq = keras.Input((5, 8), name="seq")
+    mem = keras.Input((4, 6), name="memory")
+    x = L.MultiHeadAttention(num_heads=2, key_dim=3, name="self_attn")(seq, seq, use_causal_mask=True)
+    x = L.LayerNormalization()(L.Add()([seq, x]))
+    y = L.MultiHeadAttention(num_heads=3, key_dim=2, value_dim=4, output_shape=7, name="cross")(x, mem, key=mem)
+    return keras.Model([seq, mem], L.Dense(2)(y), name="attention"), [(2, 5, 8), (2, 4, 6)]
+
+
 def _nested():
     """A Sequential used as a layer, called twice (shared weights, nested class)."""
     block = keras.Sequential([keras.Input((6, 6, 4)), L.Conv2D(4, 3, padding="same", name="conv"), L.LayerNormalization(name="norm")],
@@ -131,12 +141,14 @@ def _app(name: str, size: int):
 
 
 MODELS = {"cnn_branches": _cnn_branches, "audio": _audio, "multi_input": _multi_input, "text": _text, "nested": _nested,
+          "attention": _attention,
           "MobileNetV2": _app("MobileNetV2", 32), "ResNet50": _app("ResNet50", 32), "VGG16": _app("VGG16", 32),
           "MobileNetV3Small": _app("MobileNetV3Small", 32), "EfficientNetB0": _app("EfficientNetB0", 32),
           "DenseNet121": _app("DenseNet121", 32), "ResNet50V2": _app("ResNet50V2", 32), "Xception": _app("Xception", 71),
           "InceptionV3": _app("InceptionV3", 75), "EfficientNetV2B0": _app("EfficientNetV2B0", 32),
           "ConvNeXtTiny": _app("ConvNeXtTiny", 32)}  # NASNetMobile does not build on Keras's torch backend
-FAST = ["cnn_branches", "audio", "multi_input", "text", "nested", "MobileNetV2"]
+FAST = ["cnn_branches", "audio", "multi_input", "text", "nested", "attention", "MobileNetV2"]
+SEQUENCES = ("text", "attention")  # rank-3 inputs that feed attention / RNNs stay (N, T, C) in both layouts
 SLOW = [m for m in MODELS if m not in FAST]
 _BUILT: dict[str, tuple[Path, list[np.ndarray], list[np.ndarray]]] = {}
 
@@ -198,11 +210,11 @@ def _port_and_compare(built, case: str, fmt: str, layout: str, tmp_path: Path) -
     model = cls()
     model.load_state_dict(load_file(out / "out" / "model.safetensors"), strict=True)
     model.eval()
-    cfs = [a.ndim >= 3 and layout == "channels_first" and case not in ("text",) for a in xs]
+    cfs = [layout == "channels_first" and (a.ndim >= 4 or a.ndim == 3 and case not in SEQUENCES) for a in xs]
     with torch.no_grad():
         got = model(*[torch.from_numpy(_torch_layout(x, cf)) for x, cf in zip(xs, cfs, strict=True)])
     got = [g.numpy() for g in (got if isinstance(got, tuple) else (got,))]
-    err = max(float(np.abs(_keras_layout(g, layout) - y).max()) for g, y in zip(got, ys, strict=True))
+    err = max(float(np.abs(_keras_layout(g, y.shape) - y).max()) for g, y in zip(got, ys, strict=True))
     name = f"port-{case}-{fmt}-{layout.split('_')[1]}"
     _record(f"{name} (port {seconds:.0f}s)", err)  # the closing table: error and port time per case
     print(f"{name}: max abs error {err:.3g}, port {seconds:.1f}s")
@@ -210,8 +222,9 @@ def _port_and_compare(built, case: str, fmt: str, layout: str, tmp_path: Path) -
     return err
 
 
-def _keras_layout(a: np.ndarray, layout: str) -> np.ndarray:
-    return np.moveaxis(a, 1, -1) if layout == "channels_first" and a.ndim >= 3 else a
+def _keras_layout(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A channels-first image output back in Keras's layout (sequences and vectors already are)."""
+    return a if a.shape == shape else np.moveaxis(a, 1, -1)
 
 
 @pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
