@@ -383,7 +383,7 @@ def _bn_module(layer: Layer) -> str:
     n = {2: 1, 3: 1, 4: 2, 5: 3}.get(layer.x.rank)
     if n is None:
         raise _unsupported(layer, f"BatchNormalization of a rank-{layer.x.rank} tensor")
-    if layer.get("renorm") or layer.get("synchronized") and False:
+    if layer.get("renorm"):
         raise _unsupported(layer, "batch renormalisation", ("renorm",))
     affine = "" if layer.get("center", True) or layer.get("scale", True) else ", affine=False"
     return f"nn.BatchNorm{n}d({layer.x.keras_shape()[-1]}, eps={_float(layer.get('epsilon', 1e-3), 'epsilon')!r}{affine})"
