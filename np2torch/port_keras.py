@@ -882,23 +882,25 @@ def _shape_comment(shape: tuple[int, ...]) -> str:
 
 
 def _wrap(line: str, indent: int) -> list[str]:
-    """Split a too-long line after ', ' inside brackets (implicit continuation)."""
+    """Split a too-long line inside brackets (implicit continuation): after ', ' or after an opening bracket."""
     if len(line) <= LINE:
         return [line]
     code, _, comment = line.partition("  # ")
     out = ([" " * indent + "# " + comment] if comment else [])
     cont = " " * (indent + 4)
     while len(code) > LINE:
-        depth, cut = 0, -1
+        depth, cut, skip = 0, -1, 0
         for i, ch in enumerate(code[:LINE]):
             depth += ch in "([{"
             depth -= ch in ")]}"
-            if depth > 0 and code.startswith(", ", i) and i + 1 < LINE:
-                cut = i + 1
+            if depth > 0 and code.startswith(", ", i):
+                cut, skip = i + 1, 1
+            elif ch in "([{" and i > len(cont):
+                cut, skip = i + 1, 0
         if cut < 0:
             break
         out.append(code[:cut])
-        code = cont + code[cut + 1:]
+        code = cont + code[cut + skip:]
     return [*out, code]
 
 
