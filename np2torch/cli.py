@@ -59,6 +59,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_port(args: argparse.Namespace) -> int:
+    from np2torch.porting import cli_port
+
+    return cli_port(args, convert=cmd_convert)
+
+
 def _in_warm_runner(api: Any, args: argparse.Namespace) -> int | None:
     """With np2torch's local server, the warm runner it started runs this command (no imports to wait
     for); None when it cannot (see :mod:`np2torch.warm`), and the command runs here."""
@@ -314,6 +320,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. convert.dtype=float16")
     c.add_argument("--refresh", action="store_true", help="recompute every stage, ignoring the cache")
     c.set_defaults(func=cmd_convert)
+
+    po = _sub(sub, "port", "write a PyTorch module for a Keras .keras/.h5 model, then convert and verify its weights",
+              "np2torch port model.keras --out ported --input x.npy --reference y.npy",
+              fail="the model cannot be ported (the message names the layer and what to do) or its conversion failed")
+    po.add_argument("source", help="a Keras 3 .keras file or a legacy .h5 saved with model.save")
+    po.add_argument("--out", required=True, metavar="DIR", help="folder for model.py, config.yaml and out/")
+    po.add_argument("--input", default=None, metavar="X.npy", help="what the Keras model was given (Keras's layout; .npz for several)")
+    po.add_argument("--reference", default=None, metavar="Y.npy", help="what it answered (model.predict)")
+    po.add_argument("--layout", choices=["channels_first", "channels_last"], default="channels_first",
+                    help="channels_first: images (N, C, H, W) as torch expects (default); channels_last: Keras's own layout")
+    po.add_argument("--allow-placeholders", action="store_true", help="write placeholders for layers np2torch cannot port (not run)")
+    po.set_defaults(func=cmd_port)
 
     pl = _sub(sub, "plan", "print the manifest it would use; write nothing", "np2torch plan conversion.yaml --wide",
               ok="the manifest is valid", fail="the manifest fails a check (all failures are listed)")
