@@ -78,7 +78,8 @@ def _zip_config(path: Path) -> dict[str, Any]:
         with zf.open(info) as fh:
             raw = fh.read(MAX_CONFIG_BYTES + 1)  # the declared size may lie: bound what inflates
         if len(raw) > MAX_CONFIG_BYTES:
-            raise PortError("config.json inflates past its bound", key=f"{path}:config.json", expected=f"<= {MAX_CONFIG_BYTES} bytes", fix=fix)
+            raise PortError("config.json inflates past its bound", key=f"{path}:config.json", expected=f"<= {MAX_CONFIG_BYTES} bytes",
+                fix=fix)
         return _json(raw, f"{path}:config.json")
 
 
@@ -136,7 +137,8 @@ def _unsupported(layer: Layer, why: str, keys: tuple[str, ...] = ()) -> PortErro
 
     shown = {k: brief(layer.cfg.get(k)) for k in keys if k in layer.cfg}
     return PortError(f"layer {layer.keras_name!r} ({layer.cls}): {why}" + (f"; config {json.dumps(shown)[:300]}" if shown else ""),
-                     key=layer.keras_name, fix="write this part by hand, or run `np2torch port --allow-placeholders` to get the rest of the "
+                     key=layer.keras_name,
+                         fix="write this part by hand, or run `np2torch port --allow-placeholders` to get the rest of the "
                      "module with a clearly marked placeholder for it")
 
 
@@ -357,7 +359,8 @@ def _separable_module(layer: Layer) -> str:
     mid = cin * _int(layer.get("depth_multiplier", 1), "depth_multiplier")
     pad = _padded(layer, "x", n, k, s, d)[1]
     dw = [str(cin), str(mid), _tup(k)] + ([f"stride={_tup(s)}"] if any(v != 1 for v in s) else []) + (
-        [f"padding={_tup(pad)}"] if pad else []) + ([f"dilation={_tup(d)}"] if any(v != 1 for v in d) else []) + [f"groups={cin}", "bias=False"]
+        [f"padding={_tup(pad)}"] if pad else []) + ([f"dilation={_tup(d)}"] if any(v != 1 for v in d) else []) + [f"groups={cin}",
+            "bias=False"]
     pw = [str(mid), str(_int(layer.get("filters"), "filters")), "1"] + ([] if layer.get("use_bias", True) else ["bias=False"])
     return f"Separable(nn.Conv{n}d({', '.join(dw)}), nn.Conv{n}d({', '.join(pw)}))"
 
@@ -626,7 +629,8 @@ def _bidirectional_forward(layer: Layer) -> tuple[str, bool]:
 
 
 def _mha_dims(layer: Layer) -> tuple[int, int, int, int]:
-    for key, ok in (("attention_axes", lambda v: v in (None, [1], 1)), ("use_gate", lambda v: not v), ("sliding_window", lambda v: v is None)):
+    for key, ok in (("attention_axes", lambda v: v in (None, [1], 1)), ("use_gate", lambda v: not v), ("sliding_window",
+        lambda v: v is None)):
         if not ok(layer.get(key)):
             raise _unsupported(layer, f"{key}={str(layer.get(key))[:30]}", (key,))
     heads, kd = _int(layer.get("num_heads"), "num_heads"), _int(layer.get("key_dim"), "key_dim")
@@ -669,7 +673,8 @@ def _mha_rules(layer: Layer, prefix: str) -> list[dict[str, Any]]:
         rules.append({"source": f"{src}{part}/(kernel|0)(:0)?", "target": f"{prefix}{layer.name}.{part}.weight",
                       "transform": [{"reshape": [cin, heads * d]}, "transpose"]})
         if layer.get("use_bias", True):
-            rules.append({"source": f"{src}{part}/(bias|1)(:0)?", "target": f"{prefix}{layer.name}.{part}.bias", "transform": [{"reshape": [heads * d]}]})
+            rules.append({"source": f"{src}{part}/(bias|1)(:0)?", "target": f"{prefix}{layer.name}.{part}.bias",
+                "transform": [{"reshape": [heads * d]}]})
     rules.append({"source": f"{src}attention_output/(kernel|0)(:0)?", "target": f"{prefix}{layer.name}.attention_output.weight",
                   "transform": [{"reshape": [heads * vd, out]}, "transpose"]})
     if layer.get("use_bias", True):
@@ -711,7 +716,8 @@ LAYERS: dict[str, Row] = {
     "Reshape": Row(_none, _reshape_forward),
     "Permute": Row(_none, _permute_forward),
     "Rescaling": Row(_none, _rescaling_forward),
-    "Normalization": Row(_normalization_module, lambda la: (f"self.{la.name}({la.x.var})", la.x.cf), {"mean": "mean", "variance": "variance"}),
+    "Normalization": Row(_normalization_module, lambda la: (f"self.{la.name}({la.x.var})", la.x.cf), {"mean": "mean",
+        "variance": "variance"}),
     "LayerScale": Row(lambda la: f"LayerScale({la.x.keras_shape()[-1]}, dim={_channel_dim(la)})",
                       lambda la: (f"self.{la.name}({la.x.var})", la.x.cf), {"gamma": "weight"}),
     "Embedding": Row(_embedding_module, lambda la: (f"self.{la.name}({la.x.var}.long())", False), {"embeddings": "weight"}),
@@ -811,7 +817,8 @@ def parse_graph(model: dict[str, Any]) -> Graph:
                 shape = _input_shape(lc) or (cfg.get("build_input_shape") and tuple(cfg["build_input_shape"])) or (
                     tuple((layer.get("build_config") or {}).get("input_shape") or ()) or None)
                 if shape is None:
-                    raise PortError("the Sequential model has no input shape", key=name[:80], fix="build the model (model.build or an Input) before saving")
+                    raise PortError("the Sequential model has no input shape", key=name[:80],
+                        fix="build the model (model.build or an Input) before saving")
                 iname = lc.get("name", "input") if layer.get("class_name") == "InputLayer" else "inputs"
                 inputs.append((iname, shape, str(lc.get("dtype", "float32"))))
                 prev = (iname, 0, 0)
@@ -967,7 +974,8 @@ class _Writer:
         env: dict[str, Any] = {}
         inputs: list[T] = []
         if given is not None and len(given) != len(graph.inputs):
-            raise PortError(f"nested model {graph.name[:60]!r} takes {len(graph.inputs)} inputs, is given {len(given)}", key=graph.name[:80])
+            raise PortError(f"nested model {graph.name[:60]!r} takes {len(graph.inputs)} inputs, is given {len(given)}",
+                key=graph.name[:80])
         for j, (iname, shape, dtype) in enumerate(graph.inputs):
             var = unique(iname)
             if given is not None:  # a nested model works in its caller's layout
@@ -1042,7 +1050,8 @@ class _Writer:
                             init_lines.append(f"self.{name} = {code}")
                             self.rules += row.rules(layer, prefix) if row.rules else []
                             if cls == "BatchNormalization" and cfg.get("center", True) != cfg.get("scale", True):
-                                self.allow_missing.append(re.escape(f"{prefix}{name}.{'bias' if not cfg.get('center', True) else 'weight'}"))
+                                leaf = "bias" if not cfg.get("center", True) else "weight"
+                                self.allow_missing.append(re.escape(f"{prefix}{name}.{leaf}"))
                     expr, cf = row.forward(layer)
                     self.helpers |= {h for h in self.runtime.HELPERS if f"{h}(" in expr}
                     comment_extra = "  Keras " + cls + ": identity at inference" if row is _IDENTITY else ""
@@ -1052,7 +1061,8 @@ class _Writer:
                 value = eval(expr, {**self.ns, "self": root}, env)  # our own expression, traced on meta tensors
             except Exception as exc:  # noqa: BLE001 - a shape the row did not expect: name the layer
                 raise PortError(f"layer {kname!r} ({cls}): the generated line does not run on its input shapes: {exc}", key=kname[:80],
-                                actual=[t.keras_shape() for t in ins], fix="report this model to np2torch; write the layer by hand") from None
+                                actual=[t.keras_shape() for t in ins],
+                                    fix="report this model to np2torch; write the layer by hand") from None
             env[var] = value
             root.steps.append((var, expr))
             t = T(var, tuple(value.shape), cf and value.dim() >= 3)

@@ -25,7 +25,6 @@ __all__ = ["PortError", "port", "write_port"]
 
 LAYOUTS = ("channels_first", "channels_last")
 TOL = {"rtol": 1e-4, "atol": 1e-5}  # a correct float32 port of a deep network differs from Keras by ~1e-5
-MAX_WEIGHTS_BYTES = 64 << 30
 
 
 def _arrays(value: Any, what: str) -> list[np.ndarray]:
@@ -58,32 +57,16 @@ def _save(arrays: list[np.ndarray], path: Path) -> Path:
     return path.with_suffix(".npz")
 
 
-def _weights_source(source: Path, out: Path) -> tuple[Path, str]:
-    """The file the conversion reads: the source itself when a reader takes it, else the
-    ``model.weights.h5`` of a ``.keras`` zip copied out (bounded, its members already checked)."""
-    from np2torch.tasks.readers import FORMATS
-
+def _weights_source(source: Path) -> tuple[Path, str]:
+    """The file the conversion reads, and its format: the ``.keras`` zip itself (read in place by
+    the ``keras`` reader, its config's layer order used) or the legacy ``.h5``."""
     with open(source, "rb") as fh:
-        is_zip = fh.read(4) == b"PK\x03\x04"
-    if not is_zip:
-        return source, "h5"
-    if "keras" in FORMATS:
-        return source, "keras"
+        if fh.read(4) != b"PK\x03\x04":
+            return source, "h5"
     with zipfile.ZipFile(source) as zf:
-        info = zf.getinfo("model.weights.h5") if "model.weights.h5" in zf.namelist() else None
-        if info is None or info.file_size > MAX_WEIGHTS_BYTES:
-            raise PortError(".keras zip has no model.weights.h5 (or it is too large)", key=str(source), fix="re-save with model.save('x.keras')")
-        dest = out / "model.weights.h5"
-        tmp = dest.with_suffix(".h5.tmp")
-        n = 0
-        with zf.open(info) as src, open(tmp, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                n += len(chunk)
-                if n > info.file_size:
-                    raise PortError("model.weights.h5 inflates past its declared size", key=f"{source}:model.weights.h5", fix="re-save the model")
-                dst.write(chunk)
-        os.replace(tmp, dest)
-    return dest, "h5"
+        if "model.weights.h5" not in zf.namelist():
+            raise PortError(".keras zip has no model.weights.h5", key=str(source), fix="re-save with model.save('x.keras')")
+    return source, "keras"
 
 
 def _rel(path: Path, base: Path) -> str:
@@ -99,7 +82,7 @@ def _write_files(source: Path, out: Path, gen: Generated, xs: list[np.ndarray] |
 
     (out / "model.py.tmp").write_text(gen.source)
     os.replace(out / "model.py.tmp", out / "model.py")
-    weights, fmt = _weights_source(source, out)
+    weights, fmt = _weights_source(source)
     verify: dict[str, Any] = dict(TOL)
     if xs is not None:
         verify["input"] = _save(xs, out / "verify_input").name
@@ -173,7 +156,7 @@ def port(source: str | Path, *, out: str | Path, reference: tuple[Any, Any] | No
     result = convert(config, orchestrate=orchestrate)
     path = result.record.get("manifest_path")
     rows = read_manifest(path) if path and Path(path).is_file() else []
-    return cls, Manifest.from_dicts(rows, verification=result.verification, name=result.name)
+    return cls, Manifest(tuple(rows), verification=result.verification, name=result.name)
 
 
 def cli_port(args: Any, *, convert: Any) -> int:

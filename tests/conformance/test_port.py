@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import np2torch
+from np2torch.port_keras import PortError
+
 from .keras_support import _record, keras
 
 h5py = pytest.importorskip("h5py", reason="h5py is not installed (pip install h5py)")
-
-import np2torch
-from np2torch.port_keras import PortError
 
 L = keras.layers
 REPO = Path(__file__).resolve().parents[2]
@@ -276,7 +276,7 @@ def test_generated_module_reads_like_the_keras_graph(built, tmp_path) -> None:
 
 def test_cli_port_runs_the_usual_conversion(prefect_harness, built, tmp_path) -> None:
     # no capsys here: Prefect's console handler, created on the first flow run, would keep its closed stream
-    from np2torch.flows.cli import main
+    from np2torch.cli import main
 
     d, xs, ys = built("audio")
     np.save(tmp_path / "x.npy", xs[0])
@@ -305,7 +305,7 @@ def _lambda_model(d: Path) -> Path:
 
 
 def test_lambda_layer_is_one_clear_error_and_nothing_is_written(tmp_path, capsys) -> None:
-    from np2torch.flows.cli import main
+    from np2torch.cli import main
 
     src = _lambda_model(tmp_path)
     with pytest.raises(PortError, match=r"(?s)'double_it' \(Lambda\).*bytecode.*not shown.*np2torch port --allow-placeholders"):
@@ -316,7 +316,7 @@ def test_lambda_layer_is_one_clear_error_and_nothing_is_written(tmp_path, capsys
 
 
 def test_allow_placeholders_writes_a_marked_module_and_runs_nothing(tmp_path, capsys) -> None:
-    from np2torch.flows.cli import main
+    from np2torch.cli import main
 
     src = _lambda_model(tmp_path)
     assert main(["port", str(src), "--out", str(tmp_path / "ph"), "--allow-placeholders"]) == 0
@@ -368,7 +368,8 @@ def test_config_json_inflating_past_its_bound(tmp_path, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("patch,match", [
-    ({"class_name": "Evil", "module": "os", "registered_name": "os>system"}, r"'d' \(Evil\).*not in np2torch's layer table.*registered_name"),
+    ({"class_name": "Evil", "module": "os", "registered_name": "os>system"},
+        r"'d' \(Evil\).*not in np2torch's layer table.*registered_name"),
     ({"config": {"name": "d", "units": "2); import os; os.system('echo pwned'"}}, r"units must be an integer"),
     ({"config": {"name": "d", "units": 2, "activation": {"module": "evil", "class_name": "function", "config": "boom"}}},
      r"activation .* is not one np2torch knows"),
