@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
+import os
 from functools import cache, lru_cache
 from pathlib import Path
 
-__all__ = ["PACKAGES", "closure", "graph", "imports_of", "modules"]
+__all__ = ["PACKAGES", "closure", "graph", "imports_of", "modules", "remembered_graph"]
 
 PACKAGES = ("np2torch", "np2torch.tasks", "np2torch.flows")
 
@@ -57,16 +59,49 @@ def graph() -> dict[str, set[str]]:
     return {name: imports_of(name, path, frozenset(mods)) for name, path in mods.items()}
 
 
+def _versions(mods: dict[str, Path]) -> dict[str, list]:
+    out = {}
+    for name, path in mods.items():
+        st = path.stat()
+        out[name] = [str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    return out
+
+
+@lru_cache(maxsize=1)
+def remembered_graph() -> dict[str, frozenset[str]]:
+    """:func:`graph`, remembered in the cache folder while no module file changed (a fresh
+    process then reads one small file instead of parsing every module: a cached run's keys
+    cost milliseconds, not a second)."""
+    from np2torch.tasks.paths import atomic_write_text, cache_dir
+
+    mods = modules()
+    versions = _versions(mods)
+    store = cache_dir() / "imports-graph.json"
+    try:
+        saved = json.loads(store.read_text())
+        if saved.get("versions") == versions:
+            return {k: frozenset(v) for k, v in saved["graph"].items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    g = graph()
+    if os.environ.get("NP2TORCH_READ_ONLY") != "1":
+        try:
+            atomic_write_text(store, json.dumps({"versions": versions, "graph": {k: sorted(v) for k, v in g.items()}}))
+        except OSError:  # a read-only cache folder: computed again next time
+            pass
+    return {k: frozenset(v) for k, v in g.items()}
+
+
 @cache
 def closure(root: str) -> tuple[str, ...]:
     """``root`` and every np2torch module it imports, transitively, sorted (what a stage's code hash covers)."""
-    mods = modules()
-    if root not in mods:
+    g = remembered_graph()
+    if root not in g:
         raise ModuleNotFoundError(f"no source file for np2torch module {root!r}")
     seen, todo = {root}, [root]
     while todo:
         m = todo.pop()
-        for dep in imports_of(m, mods[m], frozenset(mods)):
+        for dep in g[m]:
             if dep not in seen:
                 seen.add(dep)
                 todo.append(dep)
