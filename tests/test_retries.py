@@ -53,6 +53,18 @@ def _logs(run_id: str) -> list[str]:
     return [log.message for log in logs]
 
 
+def _flaky(real, failures: dict[str, int]):
+    """``real``, failing with EIO while ``failures["left"]`` lasts (a flaky disk)."""
+
+    def call(*args, **kwargs):  # noqa: ANN002, ANN003 - same signature as the real one
+        if failures["left"]:
+            failures["left"] -= 1
+            raise OSError(errno.EIO, "Input/output error", "weights/fc1.weight.npy")
+        return real(*args, **kwargs)
+
+    return call
+
+
 def _last_record() -> dict:
     records, bad = audit.read_records()
     assert bad == 0
@@ -63,16 +75,7 @@ def test_a_reader_that_fails_twice_is_retried_and_counted(tiny, prefect_harness,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from np2torch.flows.convert import convert_config
 
-    real = load_arrays.scan_source
-    failures = {"left": 2}
-
-    def flaky_scan(*args, **kwargs):  # noqa: ANN002, ANN003 - same signature as the real one
-        if failures["left"]:
-            failures["left"] -= 1
-            raise OSError(errno.EIO, "Input/output error", "weights/fc1.weight.npy")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(load_arrays, "scan_source", flaky_scan)
+    monkeypatch.setattr(load_arrays, "scan_source", _flaky(load_arrays.scan_source, {"left": 2}))
     record = convert_config(tiny("conv", npy_dir=True))
     assert record["status"] == "success"
     assert record["stages"]["load-arrays"]["attempts"] == 3
@@ -89,16 +92,8 @@ def test_a_transient_error_while_hashing_the_sources_for_the_key_is_retried(tiny
     """The key is computed by the runner before the task starts: a flaky read there is retried too."""
     from np2torch.flows.convert import convert_config
 
-    real = load_arrays.fingerprint_files
     failures = {"left": 1}
-
-    def flaky(*args, **kwargs):  # noqa: ANN002, ANN003 - same signature as the real one
-        if failures["left"]:
-            failures["left"] -= 1
-            raise OSError(errno.EIO, "Input/output error", "weights/fc1.weight.npy")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(load_arrays, "fingerprint_files", flaky)
+    monkeypatch.setattr(load_arrays, "fingerprint_files", _flaky(load_arrays.fingerprint_files, failures))
     record = convert_config(tiny("conv", npy_dir=True))
     assert record["status"] == "success" and failures["left"] == 0
 

@@ -195,3 +195,13 @@ def natural_key(text: str) -> list[str | int]:
     Splitting on digit runs alternates text and digits, so two keys never compare a number with text.
     """
     return [int(t) if i % 2 else t for i, t in enumerate(re.split(r"(\d+)", text))]
+
+
+def no_dup_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``'s ``object_pairs_hook`` for untrusted headers: a name given twice is refused, not silently overwritten."""
+    d: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"duplicate name {short(k)!r}")
+        d[k] = v
+    return d

@@ -27,7 +27,7 @@ import numpy as np
 
 from np2torch.tasks.errors import LoadError, short
 from np2torch.tasks.fingerprint import open_regular
-from np2torch.tasks.readers.base import ArrayRecord, ScanContext
+from np2torch.tasks.readers.base import ArrayRecord, ScanContext, no_dup_keys
 from np2torch.tasks.readers.keras_h5 import MAX_COMPRESSION_RATIO, h5_file, max_inflate, read_dataset, scan_h5
 from np2torch.tasks.readers.npz import _check_names, _data_offset, _open_zip
 
@@ -77,19 +77,10 @@ def _inflate(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str, limit: int)
     return data
 
 
-def _no_dups(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    d: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in d:
-            raise ValueError(f"duplicate name {short(k)!r}")
-        d[k] = v
-    return d
-
-
 def _config(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> Any:
     where = f"{path}::{CONFIG}"
     try:
-        return json.loads(_inflate(zf, info, where, MAX_CONFIG).decode("utf-8"), object_pairs_hook=_no_dups)
+        return json.loads(_inflate(zf, info, where, MAX_CONFIG).decode("utf-8"), object_pairs_hook=no_dup_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise LoadError(f"config.json is not valid JSON: {short(str(exc))}", key=where, fix=_FIX) from None
 

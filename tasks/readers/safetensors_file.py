@@ -20,7 +20,7 @@ import numpy as np
 
 from np2torch.tasks.errors import LoadError, short
 from np2torch.tasks.fingerprint import open_regular
-from np2torch.tasks.readers.base import MAX_ARRAYS, ArrayRecord, ScanContext, as_int_shape, nbytes_of
+from np2torch.tasks.readers.base import MAX_ARRAYS, ArrayRecord, ScanContext, as_int_shape, nbytes_of, no_dup_keys
 from np2torch.tasks.readers.stats import Layout, scan_layouts
 
 __all__ = ["scan", "sniff", "MAX_HEADER"]
@@ -29,15 +29,6 @@ MAX_HEADER = 100 << 20  # the safetensors library's own limit
 _DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "|i1",
            "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "|u1", "BOOL": "|b1"}
 _FIX = "re-save the tensors with safetensors (save_file) or re-copy the file"
-
-
-def _no_dups(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    d: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in d:
-            raise ValueError(f"duplicate name {short(k)!r}")
-        d[k] = v
-    return d
 
 
 def _header(path: Path) -> tuple[dict[str, Any], int, int]:
@@ -53,7 +44,7 @@ def _header(path: Path) -> tuple[dict[str, Any], int, int]:
                             expected=f"at most {min(MAX_HEADER, size - 8)}", actual=n, fix=_FIX)
         text = fh.read(n)
     try:
-        header = json.loads(text.decode("utf-8"), object_pairs_hook=_no_dups)
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=no_dup_keys)
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:

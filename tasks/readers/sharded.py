@@ -20,7 +20,7 @@ from pathlib import Path
 import np2torch.tasks.readers.safetensors_file as safetensors_file
 from np2torch.tasks.errors import LoadError, short
 from np2torch.tasks.fingerprint import open_regular
-from np2torch.tasks.readers.base import MAX_ARRAYS, ArrayRecord, ScanContext
+from np2torch.tasks.readers.base import MAX_ARRAYS, ArrayRecord, ScanContext, no_dup_keys
 
 __all__ = ["scan", "claims", "shard_files", "INDEX_SUFFIX"]
 
@@ -45,7 +45,7 @@ def _weight_map(index: Path) -> dict[str, str]:
     if len(text) > safetensors_file.MAX_HEADER:
         raise LoadError(f"index is larger than {safetensors_file.MAX_HEADER} bytes", key=str(index), fix=_FIX)
     try:
-        doc = json.loads(text.decode("utf-8"), object_pairs_hook=safetensors_file._no_dups)
+        doc = json.loads(text.decode("utf-8"), object_pairs_hook=no_dup_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise LoadError(f"index is not valid JSON: {short(str(exc))}", key=str(index), fix=_FIX) from None
     wm = doc.get("weight_map") if isinstance(doc, dict) else None
