@@ -112,7 +112,10 @@ def start_temporary_early(choice: ApiChoice) -> TemporaryServer | None:
 
 
 def _port_free(host: str, port: int) -> bool:
+    """True unless a program listens on ``port``: bound with ``SO_REUSEADDR`` as the server itself
+    (uvicorn) binds, so the ``TIME_WAIT`` sockets a just-stopped server leaves do not count."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

@@ -133,6 +133,25 @@ def test_a_dead_prefect_api_url_is_one_line_and_exit_1(tmp_path: Path) -> None:
     assert r.stdout.strip() == "prefect not imported"
 
 
+def test_time_wait_sockets_of_a_stopped_server_do_not_block_its_port() -> None:
+    """Item 8: only a real listener is "another program"; the TIME_WAIT a stopped server leaves is not."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    assert not server._port_free("127.0.0.1", port)  # a live listener
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = listener.accept()
+    conn.close()  # the server side closes first: its end of the connection stays in TIME_WAIT
+    client.close()
+    listener.close()
+    with socket.socket() as plain:  # what the old check did: a bind without SO_REUSEADDR trips over TIME_WAIT
+        with pytest.raises(OSError):
+            plain.bind(("127.0.0.1", port))
+    assert server._port_free("127.0.0.1", port)
+
+
 def test_status_and_stop_without_a_server(capsys: pytest.CaptureFixture[str]) -> None:
     from np2torch.cli import main
 
@@ -184,6 +203,13 @@ def test_server_start_status_stop_round_trip(tiny, no_prefect_config, capsys: py
     assert not pid_alive(st["pid"])
     assert runtime.server_state() is None and main(["server", "status"]) == 1
     assert not Path(st["home"]).parent.joinpath("runner.json").exists()  # `server stop` stopped the runner too
+    # a restart right after the stop works (the stopped server's TIME_WAIT sockets are no "other program")
+    try:
+        assert main(["server", "start", "--port", str(port)]) == 0, capsys.readouterr()
+        assert f"Prefect server running at http://127.0.0.1:{port}" in capsys.readouterr().out
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        main(["server", "stop"])
 
 
 def _warm_runner_runs_commands(config: Path, port: int) -> None:
