@@ -121,9 +121,10 @@ def make_task_runner(bc: BatchConfig, dask: str | None = None) -> TaskRunner:
         return ThreadPoolTaskRunner(max_workers=bc.max_parallel)
     try:
         from prefect_dask import DaskTaskRunner
-    except ImportError:  # an optional dependency: say how to get it
-        raise ConfigError("the Dask task runner needs prefect-dask", key="task_runner", expected="prefect-dask installed",
-                          actual="not installed", fix="pip install 'np2torch[dask]' (prefect-dask and dask[distributed])") from None
+    except ImportError as exc:  # an optional dependency: say how to get it (the CLI's preflight said so before Prefect started)
+        from np2torch.flows.preflight import dask_problem
+
+        raise (dask_problem() or ConfigError(f"the Dask task runner failed to import: {exc}", key="task_runner")) from None
     address = dask if dask not in (None, "local") else bc.dask_address
     if address:
         return DaskTaskRunner(address=address)

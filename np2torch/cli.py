@@ -27,10 +27,29 @@ __all__ = ["main", "build_parser"]
 # commands (each imports what it needs: `np2torch --help` and `inspect` never import Prefect or torch)
 
 
+def _rejected_audited(args: argparse.Namespace, config: str, check: Any, *check_args: Any) -> Any:
+    """Run a preflight check; a command it rejects (no stage ran) still leaves an audit line: ``status: rejected`` and why."""
+    try:
+        return check(*check_args)
+    except ConversionError as exc:
+        from np2torch.tasks import audit
+
+        now = audit.now()
+        record = {"run_id": None, "name": Path(config).stem, "command": args.command, "argv": args.argv, "config_path": str(config),
+                  "started_at": now, "finished_at": now, "status": "rejected", "reason": str(exc).splitlines()[0],
+                  "error": exc.to_record(), "stages": {}, "inputs": [], "outputs": []}
+        try:
+            audit.append_record(record)
+        except (ConversionError, OSError) as why:  # an unwritable home must not hide the reason the command was refused
+            print(f"np2torch: warning: could not append to the audit log: {str(why).splitlines()[0]}", file=sys.stderr)
+        raise
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from np2torch.flows.preflight import preflight_convert
 
-    cfg, api = preflight_convert(args.config, args.set)  # config, paths, model target, Prefect API: before Prefect starts
+    # config, paths, model target, Prefect API: before Prefect starts
+    cfg, api = _rejected_audited(args, args.config, preflight_convert, args.config, args.set)
     code = _in_warm_runner(api, args)
     if code is not None:
         return code
@@ -200,8 +219,8 @@ def _audit_row(rec: dict[str, Any]) -> dict[str, Any]:
     row = {"when": (rec.get("finished_at") or "")[:19].replace("T", " "), "name": rec.get("name"), "status": rec.get("status"),
            "dtype": _dtype_of(rec), "overrides": " ".join(overrides) or "-", "cache_hits": f"{hits}/{len(stages)}",
            "outputs": ", ".join(Path(o["path"]).name for o in rec.get("outputs") or []) or "-", "run_id": (rec.get("run_id") or "")[:8]}
-    if rec.get("status") == "failed" and rec.get("error"):
-        row["status"] = f"failed in {rec['error'].get('stage')}"
+    if rec.get("status") in ("failed", "rejected") and rec.get("error"):
+        row["status"] = f"{rec['status']} in {rec['error'].get('stage')}"
     return row
 
 
@@ -250,7 +269,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_batch(args: argparse.Namespace) -> int:
     from np2torch.flows.preflight import preflight_batch
 
-    api = preflight_batch(args.batch_config, args.set)  # config and Prefect API: before Prefect starts
+    # config, the Dask extra, Prefect API: before Prefect starts
+    api = _rejected_audited(args, args.batch_config, preflight_batch, args.batch_config, args.set, args.dask)
     code = _in_warm_runner(api, args)
     if code is not None:
         return code
