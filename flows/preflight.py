@@ -167,7 +167,8 @@ def dask_problem() -> ConfigError | None:
     missing = [m for m in ("prefect_dask", "distributed") if importlib.util.find_spec(m) is None]
     if not missing:
         return None
-    return ConfigError("the Dask task runner needs the dask extra", key="task_runner", expected="prefect-dask and dask[distributed] installed",
+    return ConfigError("the Dask task runner needs the dask extra", key="task_runner",
+                       expected="prefect-dask and dask[distributed] installed",
                        actual=f"{', '.join(missing)} not importable",
                        fix="pip install 'np2torch[dask]', or run on threads (task_runner: thread, without --dask)")
 
