@@ -236,11 +236,13 @@ def server_cli(args: argparse.Namespace) -> int:
     if args.action == "stop":
         print("np2torch: Prefect server stopped" if stop_server() else "np2torch: no Prefect server was running")
         return 0
+    from np2torch.tasks.paths import home_line
+
     st = server_status()
     if not st["running"]:
-        print("np2torch: no Prefect server running (start one with `np2torch server start`)")
+        print(f"np2torch: no Prefect server running (start one with `np2torch server start`)\n  {home_line()}")
         return 1
     print(f"np2torch: Prefect server {'healthy' if st['healthy'] else 'NOT answering'} at {st['url']} (pid {st['pid']})\n"
           f"  API: {st['api_url']}\n  history: {st['home']}\n  log: {st['log']}\n  started: {st['started_at']}\n"
-          f"  warm runner: {'running (pid ' + str(st['runner_pid']) + ')' if st['runner'] else 'not running'}")
+          f"  warm runner: {'running (pid ' + str(st['runner_pid']) + ')' if st['runner'] else 'not running'}\n  {home_line()}")
     return 0 if st["healthy"] else 1
