@@ -152,14 +152,14 @@ def check_config(cfg: Config) -> None:
     raise first
 
 
-def preflight_convert(config: str | Path, overrides: list[str] | None = None) -> tuple[Config, Any]:
+def preflight_convert(config: str | Path, overrides: list[str] | None = None, start_server: bool = False) -> tuple[Config, Any]:
     """Config schema, paths, model target, then the Prefect API; return the checked config (what the
     flow runs: the file is parsed once per command) and the chosen API."""
     from np2torch.flows.runtime import choose_api
 
     cfg = load_config(config, list(overrides or []))
     check_config(cfg)
-    return cfg, choose_api()
+    return cfg, choose_api(start=start_server)
 
 
 def dask_problem() -> ConfigError | None:
@@ -173,7 +173,8 @@ def dask_problem() -> ConfigError | None:
                        fix="pip install 'np2torch[dask]', or run on threads (task_runner: thread, without --dask)")
 
 
-def preflight_batch(batch_config: str | Path, overrides: list[str] | None = None, dask: str | None = None) -> Any:
+def preflight_batch(batch_config: str | Path, overrides: list[str] | None = None, dask: str | None = None,
+                    start_server: bool = False) -> Any:
     """The batch config's schema, each conversion's config (its failures are reported per conversion
     by the batch, not here), the Dask extra when the batch runs on Dask, then the Prefect API."""
     from np2torch.flows.runtime import choose_api
@@ -181,4 +182,4 @@ def preflight_batch(batch_config: str | Path, overrides: list[str] | None = None
     bc = load_batch_config(batch_config, list(overrides or []))
     if (dask is not None or bc.task_runner == "dask") and (problem := dask_problem()) is not None:
         raise problem
-    return choose_api()
+    return choose_api(start=start_server)

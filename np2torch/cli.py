@@ -50,7 +50,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from np2torch.flows.preflight import preflight_convert
 
     # config, paths, model target, Prefect API: before Prefect starts
-    cfg, api = _rejected_audited(args, args.config, preflight_convert, args.config, args.set)
+    cfg, api = _rejected_audited(args, args.config, preflight_convert, args.config, args.set, not args.no_server)
     code = _in_warm_runner(api, args)
     if code is not None:
         return code
@@ -74,10 +74,10 @@ def _started() -> float:
     if os.environ.get("NP2TORCH_T0"):
         return float(os.environ["NP2TORCH_T0"])
     try:  # Linux: the process's start time, in clock ticks after boot
-        since_boot = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
-        boot = next(float(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines() if ln.startswith("btime"))
-        return boot + since_boot
-    except (OSError, ValueError, IndexError, StopIteration):
+        started = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - started)
+    except (OSError, ValueError, IndexError):
         return _IMPORTED
 
 
@@ -131,6 +131,8 @@ def _in_warm_runner(api: Any, args: argparse.Namespace) -> int | None:
         return None
     from np2torch.warm import try_delegate
 
+    if os.environ.get("NP2TORCH_T0"):  # this is the runner's child: it has the command's start already
+        return try_delegate(args.argv)
     os.environ["NP2TORCH_T0"] = str(_started())  # the command's start, for the time its summary shows
     try:
         return try_delegate(args.argv)
@@ -322,7 +324,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from np2torch.flows.preflight import preflight_batch
 
     # config, the Dask extra, Prefect API: before Prefect starts
-    api = _rejected_audited(args, args.batch_config, preflight_batch, args.batch_config, args.set, args.dask)
+    api = _rejected_audited(args, args.batch_config, preflight_batch, args.batch_config, args.set, args.dask, not args.no_server)
     code = _in_warm_runner(api, args)
     if code is not None:
         return code
@@ -389,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--refresh", action="store_true", help="recompute every stage, ignoring the cache")
     c.add_argument("-v", "--verbose", action="store_true",
                    help="also show Prefect's own log lines (always in the run's UI page and the home's log file)")
+    c.add_argument("--no-server", action="store_true",
+                   help="with no server running, use a temporary one; do not start the lasting local server (also NP2TORCH_NO_SERVER=1)")
     c.set_defaults(func=cmd_convert)
 
     pl = _sub(sub, "plan", "print the manifest it would use; write nothing", "np2torch plan conversion.yaml --wide",
@@ -417,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the conversions on Dask: a local cluster, or an existing scheduler address (tcp://host:8786)")
     b.add_argument("--refresh", action="store_true", help="recompute every stage of every conversion")
     b.add_argument("-v", "--verbose", action="store_true", help="also show Prefect's own log lines, as for convert")
+    b.add_argument("--no-server", action="store_true",
+                   help="with no server running, use a temporary one; do not start the lasting local server (also NP2TORCH_NO_SERVER=1)")
     b.set_defaults(func=cmd_batch)
 
     s = _sub(sub, "serve", "a scheduled deployment, visible in the Prefect UI", 'np2torch serve configs/batch.yaml --cron "0 2 * * *"',

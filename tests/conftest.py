@@ -18,6 +18,9 @@ EXAMPLE_NAMES = ["mlp", "seed-flat", "seed-layers", "seed-pickled", "keras-cnn"]
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# no test leaves a lasting server behind: a convert or batch with no server running uses a temporary
+# one; the tests of the lasting server's start-on-first-use lift this with a temporary home and stop it
+os.environ["NP2TORCH_NO_SERVER"] = "1"
 
 
 @pytest.fixture(autouse=True)
