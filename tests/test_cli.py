@@ -124,7 +124,7 @@ def test_expected_failure_prints_no_traceback_as_typed(tiny):
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr + r.stdout, r.stderr
     assert "np2torch: error: [validate] `fc1.weight`" in r.stderr
-    assert "Fix: fix the transform (e.g. transpose instead of reshape) or the model's constructor arguments" in r.stderr
+    assert "Fix: the model's architecture differs from the source's: build it with the source's sizes" in r.stderr  # issue 19's fix
 
 
 def test_module_entry_point():

@@ -93,3 +93,12 @@ def test_the_python_api_is_quiet_unless_verbose(prefect_harness, tiny, capfd: py
     assert "Finished in state" in loud.out + loud.err
     np2torch.convert(config)  # and quiet again
     assert "Finished in state" not in "".join(capfd.readouterr())
+
+
+def test_convert_and_batch_take_verbose_and_no_server() -> None:
+    from np2torch.cli import build_parser
+
+    for command in ("convert", "batch"):
+        args = build_parser().parse_args([command, "x.yaml", "-v", "--no-server"])
+        assert args.verbose and args.no_server
+        assert not build_parser().parse_args([command, "x.yaml"]).verbose
