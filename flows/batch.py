@@ -36,7 +36,7 @@ from np2torch.tasks import audit
 from np2torch.tasks.config import BatchConfig, load_batch_config, load_config
 from np2torch.tasks.errors import ConfigError, ConversionError
 
-__all__ = ["batch_flow", "run_batch", "run_batch_cli", "BatchError", "make_task_runner", "plan_batch"]
+__all__ = ["batch_flow", "run_batch", "run_batch_cli", "BatchError", "make_task_runner", "plan_batch", "batch_tags"]
 
 
 class BatchError(ConversionError):
@@ -121,9 +121,10 @@ def make_task_runner(bc: BatchConfig, dask: str | None = None) -> TaskRunner:
         return ThreadPoolTaskRunner(max_workers=bc.max_parallel)
     try:
         from prefect_dask import DaskTaskRunner
-    except ImportError:  # an optional dependency: say how to get it
-        raise ConfigError("the Dask task runner needs prefect-dask", key="task_runner", expected="prefect-dask installed",
-                          actual="not installed", fix="pip install 'np2torch[dask]' (prefect-dask and dask[distributed])") from None
+    except ImportError as exc:  # an optional dependency: say how to get it (the CLI's preflight said so before Prefect started)
+        from np2torch.flows.preflight import dask_problem
+
+        raise (dask_problem() or ConfigError(f"the Dask task runner failed to import: {exc}", key="task_runner")) from None
     address = dask if dask not in (None, "local") else bc.dask_address
     if address:
         return DaskTaskRunner(address=address)
@@ -255,15 +256,24 @@ def _progress_line(done: int, total: int, row: dict[str, Any]) -> str:
 
 
 def _batch_run_name() -> str:
-    """``nightly.yaml: 6 conversions`` for every run, scheduled, triggered from the UI or from the CLI."""
+    """``nightly.yaml: 6 conversions, 2026-12-06 17:05:12`` for every run, scheduled, triggered from the UI
+    or from the CLI: each run of one batch has its own name."""
+    import datetime
+
     from prefect.runtime import flow_run
 
     path = Path(str(flow_run.parameters.get("batch_config", "batch")))
+    when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     try:
         n = len(load_batch_config(path, list(flow_run.parameters.get("overrides") or [])).conversions)
     except (ConversionError, OSError):
-        return path.name
-    return f"{path.name}: {n} conversion{'s' if n != 1 else ''}"
+        return f"{path.name}, {when}"
+    return f"{path.name}: {n} conversion{'s' if n != 1 else ''}, {when}"
+
+
+def batch_tags(batch_config: str | Path) -> list[str]:
+    """Tags of a batch run, like a conversion's: to filter runs in the UI (its conversions carry them too)."""
+    return ["np2torch", "batch", f"batch:{Path(batch_config).stem}"]
 
 
 @flow(name="np2torch-batch", flow_run_name=_batch_run_name, validate_parameters=False)
@@ -344,7 +354,9 @@ def run_batch(batch_config: str | Path, overrides: list[str] | None = None, *, d
     path = Path(batch_config).resolve()
     plan_batch(load_batch_config(path, overrides or []))  # config errors surface before Prefect starts
     api = choose_api()
-    with using_api(api):
+    from prefect import tags
+
+    with using_api(api), tags(*batch_tags(path)):
         state = batch_flow(batch_config=str(path), overrides=list(overrides or []), dask=dask, refresh=refresh, return_state=True)
     url = run_url(api, str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None)
     if url:

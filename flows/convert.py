@@ -18,7 +18,7 @@ from prefect.logging import get_run_logger
 
 from np2torch.tasks import audit, manifest, stages
 from np2torch.tasks.config import Config, load_config
-from np2torch.tasks.errors import STATE_LIMIT, ConversionError, ValidationError, short
+from np2torch.tasks.errors import ConversionError, ValidationError, one_line, short
 from np2torch.tasks.prefect_tasks import Orchestrated
 from np2torch.tasks.progress import RunProgress
 
@@ -102,8 +102,8 @@ def _state_message(exc: BaseException, name: str) -> str:
         text = f"{name} failed in {where}: {exc.message}"
         if exc.expected is not None or exc.actual is not None:
             text += f" (expected {short(str(exc.expected))}, got {short(str(exc.actual))})"
-        return short(text + (f". Fix: {exc.fix}" if exc.fix else ""), STATE_LIMIT)
-    return short(f"{name} failed: {type(exc).__name__}: {exc}", STATE_LIMIT)
+        return one_line(text + (f". Fix: {exc.fix}" if exc.fix else ""))
+    return one_line(f"{name} failed: {type(exc).__name__}: {exc}")
 
 
 @flow(name="np2torch-convert", validate_parameters=False)

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from np2torch.tasks.config import Config, load_batch_config, load_config
-from np2torch.tasks.errors import ConversionError, ExportError, LoadError, ModelError, Problem
+from np2torch.tasks.errors import ConfigError, ConversionError, ExportError, LoadError, ModelError, Problem
 
-__all__ = ["check_config", "preflight_convert", "preflight_batch"]
+__all__ = ["check_config", "preflight_convert", "preflight_batch", "dask_problem", "missing_model_file"]
 
 
 def _source_problem(path: Path) -> LoadError | None:
@@ -81,14 +81,37 @@ def _defines(tree: ast.Module, name: str) -> bool | None:
     return None if unsure else False
 
 
-def _model_problem(target: str) -> ModelError | None:
+def _suggest(name: str, choices: list[str], listing: str) -> str:
+    """``; did you mean `mlp.py`?`` from ``choices``, else ``; <listing>: a, b``, else nothing (as for config keys)."""
+    import difflib
+
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean `{close[0]}`?"
+    return f"; {listing}: {', '.join(sorted(choices)[:20])}" if choices else ""
+
+
+def missing_model_file(path: Path, target: str) -> ConfigError:
+    folder = path.parent
+    try:
+        siblings = [p.name for p in folder.iterdir() if p.suffix == path.suffix and p.is_file()]
+    except OSError:
+        siblings = []
+    hint = _suggest(path.name, siblings, f"{path.suffix} files there")
+    return ConfigError(f"model file {path} does not exist{hint}", key="model.target", expected="an existing file", actual=target,
+                       fix="check model.target (paths are relative to the config file)")
+
+
+def _model_problem(target: str) -> ConversionError | None:
+    """A model file, module or name that does not exist is a config error (exit 2); a file that exists but
+    cannot be parsed or read is the model's (exit 1)."""
     mod, _, attr = target.rpartition(":")
+    if mod.endswith((".pt", ".pth", ".py")) and not Path(mod).is_file():
+        return missing_model_file(Path(mod), target)
     if mod.endswith((".pt", ".pth")):
-        return None if Path(mod).is_file() else ModelError("model file does not exist", key=mod, fix="check model.target")
+        return None
     if mod.endswith(".py"):
         path = Path(mod)
-        if not path.is_file():
-            return ModelError("model file does not exist", key=str(path), fix="check model.target (paths are relative to the config file)")
     else:
         try:
             spec = importlib.util.find_spec(mod)
@@ -97,8 +120,8 @@ def _model_problem(target: str) -> ModelError | None:
         else:
             why = "no such module"
         if spec is None:
-            return ModelError(f"cannot import module {mod!r} ({why})", key=target,
-                              fix="check model.target: 'pkg.module:Class' must be importable, or use 'path/to/file.py:Class'")
+            return ConfigError(f"cannot import module {mod!r} ({why})", key="model.target", actual=target,
+                               fix="check model.target: 'pkg.module:Class' must be importable, or use 'path/to/file.py:Class'")
         path = Path(spec.origin) if spec.origin and spec.origin.endswith(".py") else None
         if path is None:
             return None  # a compiled or namespace module: checked when it is imported
@@ -110,9 +133,9 @@ def _model_problem(target: str) -> ModelError | None:
         return ModelError(f"the model file cannot be read: {exc.strerror}", key=str(path), fix="check its permissions")
     head = attr.split(".")[0]
     if _defines(tree, head) is False:
-        names = sorted(n.name for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and not n.name.startswith("_"))[:20]
-        return ModelError(f"{path.name} defines no {head!r}", key=target, expected=f"one of {names}", actual=head,
-                          fix="check the name after ':' in model.target")
+        names = sorted(n.name for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and not n.name.startswith("_"))
+        return ConfigError(f"{path.name} defines no {head!r}{_suggest(head, names, 'it defines')}", key="model.target",
+                           actual=target, fix="check the name after ':' in model.target")
     return None
 
 
@@ -122,6 +145,7 @@ def check_config(cfg: Config) -> None:
                                                 _model_problem(cfg.model.target)) if e is not None]
     if not found:
         return
+    found.sort(key=lambda e: -e.exit_code)  # a config error among them makes the whole a config error (exit 2)
     first = found[0]
     if len(found) > 1:  # one message with every problem, under the first one's stage and exit status
         problems = [Problem(e.key or e.stage, f"[{e.stage}] {e.message}", fix=e.fix or "") for e in found]
@@ -129,20 +153,34 @@ def check_config(cfg: Config) -> None:
     raise first
 
 
-def preflight_convert(config: str | Path, overrides: list[str] | None = None) -> tuple[Config, Any]:
+def preflight_convert(config: str | Path, overrides: list[str] | None = None, start_server: bool = False) -> tuple[Config, Any]:
     """Config schema, paths, model target, then the Prefect API; return the checked config (what the
     flow runs: the file is parsed once per command) and the chosen API."""
     from np2torch.flows.runtime import choose_api
 
     cfg = load_config(config, list(overrides or []))
     check_config(cfg)
-    return cfg, choose_api()
+    return cfg, choose_api(start=start_server)
 
 
-def preflight_batch(batch_config: str | Path, overrides: list[str] | None = None) -> Any:
+def dask_problem() -> ConfigError | None:
+    """The Dask task runner's packages (the ``dask`` extra), looked up without importing them."""
+    missing = [m for m in ("prefect_dask", "distributed") if importlib.util.find_spec(m) is None]
+    if not missing:
+        return None
+    return ConfigError("the Dask task runner needs the dask extra", key="task_runner",
+                       expected="prefect-dask and dask[distributed] installed",
+                       actual=f"{', '.join(missing)} not importable",
+                       fix="pip install 'np2torch[dask]', or run on threads (task_runner: thread, without --dask)")
+
+
+def preflight_batch(batch_config: str | Path, overrides: list[str] | None = None, dask: str | None = None,
+                    start_server: bool = False) -> Any:
     """The batch config's schema, each conversion's config (its failures are reported per conversion
-    by the batch, not here), then the Prefect API."""
+    by the batch, not here), the Dask extra when the batch runs on Dask, then the Prefect API."""
     from np2torch.flows.runtime import choose_api
 
-    load_batch_config(batch_config, list(overrides or []))
-    return choose_api()
+    bc = load_batch_config(batch_config, list(overrides or []))
+    if (dask is not None or bc.task_runner == "dask") and (problem := dask_problem()) is not None:
+        raise problem
+    return choose_api(start=start_server)

@@ -10,7 +10,9 @@ Which API a ``convert`` or ``batch`` reports to (:func:`choose_api`):
    first, and an unreachable URL is one clear error (exit 1) instead of three tracebacks;
 2. else np2torch's local server (``np2torch server start``, :mod:`np2torch.server`), when its
    state file names a live process that answers;
-3. else Prefect's temporary server, with one line saying how to start the lasting one.
+3. else, for ``convert`` and ``batch`` on the command line, that server started now in the
+   background (it stops after an idle period), unless ``--no-server`` / ``NP2TORCH_NO_SERVER=1``;
+4. else Prefect's temporary server, with one line saying how to start the lasting one.
 
 Importing this module imports no Prefect: these checks run before Prefect starts.
 """
@@ -34,7 +36,8 @@ from np2torch.tasks.paths import data_dir
 from np2torch.tasks.procs import pid_alive
 
 __all__ = ["PREFECT_DEFAULTS", "configure_prefect", "quiet_expected_tracebacks", "ApiChoice", "ApiUnreachable", "choose_api", "using_api",
-           "run_url", "probe", "server_dir", "server_state", "server_state_file", "healthy_local_server", "log_file"]
+           "run_url", "probe", "server_dir", "server_state", "server_state_file", "healthy_local_server", "log_file",
+           "last_used_file", "autostart_allowed"]
 
 _PROBE_TIMEOUT_S = 2.0
 
@@ -148,6 +151,16 @@ def server_state_file() -> Path:
     return server_dir() / "server.json"
 
 
+def last_used_file() -> Path:
+    """Touched by each command that reports to the local server: its idle stop counts from it."""
+    return server_dir() / "last-used"
+
+
+def autostart_allowed() -> bool:
+    """Whether a command may start the lasting local server: not with ``NP2TORCH_NO_SERVER=1`` (``--no-server``)."""
+    return os.environ.get("NP2TORCH_NO_SERVER", "").strip().lower() in ("", "0", "false", "no")
+
+
 def server_state() -> dict[str, Any] | None:
     """The local server's recorded pid/URL, or None when none was started (or it was stopped)."""
     try:
@@ -216,8 +229,12 @@ def _ui_of(api_url: str) -> str:
     return url[: -len("/api")] if url.endswith("/api") else url
 
 
-def choose_api(*, hint: bool = True) -> ApiChoice:
+def choose_api(*, hint: bool = True, start: bool = False) -> ApiChoice:
     """The API this process's runs report to; makes np2torch's local server the default when it answers.
+
+    ``start`` (``convert`` and ``batch`` on the command line): with no server running, start the
+    lasting local server in the background and use it (:func:`np2torch.server.autostart_server`),
+    unless ``NP2TORCH_NO_SERVER=1`` (``--no-server``); a temporary server when it cannot start.
 
     Raises :class:`ApiUnreachable` when ``PREFECT_API_URL`` is set but nothing answers there.
     """
@@ -238,7 +255,13 @@ def choose_api(*, hint: bool = True) -> ApiChoice:
     if configured:
         return ApiChoice("configured", configured, None)
     state = healthy_local_server()
+    if state is None and start and autostart_allowed():
+        from np2torch.server import autostart_server  # stdlib only
+
+        state = autostart_server()
     if state is not None:
+        with contextlib.suppress(OSError):
+            last_used_file().touch()  # the server's idle stop counts from the last command
         os.environ["PREFECT_API_URL"] = state["api_url"]  # read by Prefect when it is imported after this
         return ApiChoice("local", state["api_url"], state["url"])
     if hint and not _HINT_SHOWN:

@@ -542,7 +542,8 @@ def inspect(path: str | Path, *, allow_pickle: bool = False, source_format: str 
 # convert: a config through the whole pipeline
 
 
-def convert(config: str | Path, *, overrides: Sequence[str] = (), refresh: bool = False, orchestrate: bool = True) -> ConversionResult:
+def convert(config: str | Path, *, overrides: Sequence[str] = (), refresh: bool = False, orchestrate: bool = True,
+            verbose: bool = False) -> ConversionResult:
     """Run the conversion a config file describes; return its audit record, typed.
 
     With ``orchestrate=True`` (the default) it is a Prefect flow run, as ``np2torch convert``
@@ -554,6 +555,8 @@ def convert(config: str | Path, *, overrides: Sequence[str] = (), refresh: bool 
         config: path of the YAML config (relative paths inside are relative to it).
         overrides: ``"KEY=VALUE"`` strings with dotted keys, as ``--set``: ``["convert.dtype=float16"]``.
         refresh: recompute every stage, ignoring the caches.
+        verbose: also show Prefect's own log lines ("attempt 1 of 4", …) here; they always reach the
+            run in the UI and the log file in the np2torch home.
 
     Returns:
         :class:`ConversionResult`: ``status``, ``outputs`` (path, bytes, sha256), ``verification``,
@@ -579,7 +582,7 @@ def convert(config: str | Path, *, overrides: Sequence[str] = (), refresh: bool 
         from np2torch.flows.convert import convert_config
         from np2torch.flows.preflight import check_config
 
-        quiet_expected_tracebacks()
+        quiet_expected_tracebacks(verbose=verbose)
         check_config(cfg)
         record = convert_config(cfg, refresh=refresh)
     else:

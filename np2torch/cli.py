@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,10 +28,29 @@ __all__ = ["main", "build_parser"]
 # commands (each imports what it needs: `np2torch --help` and `inspect` never import Prefect or torch)
 
 
+def _rejected_audited(args: argparse.Namespace, config: str, check: Any, *check_args: Any) -> Any:
+    """Run a preflight check; a command it rejects (no stage ran) still leaves an audit line: ``status: rejected`` and why."""
+    try:
+        return check(*check_args)
+    except ConversionError as exc:
+        from np2torch.tasks import audit
+
+        now = audit.now()
+        record = {"run_id": None, "name": Path(config).stem, "command": args.command, "argv": args.argv, "config_path": str(config),
+                  "started_at": now, "finished_at": now, "status": "rejected", "reason": str(exc).splitlines()[0],
+                  "error": exc.to_record(), "stages": {}, "inputs": [], "outputs": []}
+        try:
+            audit.append_record(record)
+        except (ConversionError, OSError) as why:  # an unwritable home must not hide the reason the command was refused
+            print(f"np2torch: warning: could not append to the audit log: {str(why).splitlines()[0]}", file=sys.stderr)
+        raise
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from np2torch.flows.preflight import preflight_convert
 
-    cfg, api = preflight_convert(args.config, args.set)  # config, paths, model target, Prefect API: before Prefect starts
+    # config, paths, model target, Prefect API: before Prefect starts
+    cfg, api = _rejected_audited(args, args.config, preflight_convert, args.config, args.set, not args.no_server)
     code = _in_warm_runner(api, args)
     if code is not None:
         return code
@@ -41,21 +61,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if early is not None:
         early.wait()
 
-    quiet_expected_tracebacks()
+    quiet_expected_tracebacks(verbose=args.verbose)
     record = convert_config(cfg, refresh=args.refresh)
-    v = record.get("verification") or {}
-    where = " (warm runner)" if os.environ.get("NP2TORCH_IN_RUNNER") else ""
-    print(f"np2torch: {record['name']} converted ({record['status']}) in {record['seconds']:.2f}s{where}")
-    for name, s in record["stages"].items():
-        print(f"  {name:<20} {'cached  ' if s['cached'] else 'computed'} {s['seconds']:8.3f}s  attempts {s['attempts']}")
-    if v:
-        if v.get("reference"):
-            print(f"  verification: passed, max abs error {fmt3(v['max_abs_error'])}, max rel error {fmt3(v['max_rel_error'])} "
-                  f"(rtol {v['rtol']}, atol {v['atol']})")
-        else:
-            print(f"  verification: passed (no reference: output shapes {v['output_shapes']}, all finite)")
-    for o in record["outputs"]:
-        print(f"  wrote {o['path']}  ({o['bytes']} bytes, sha256 {o['sha256'][:16]}…)")
+    for line in summary_lines(record, time.time() - _started(), terminal=sys.stdout.isatty()):
+        print(line)
     return 0
 
 
@@ -63,6 +72,60 @@ def cmd_port(args: argparse.Namespace) -> int:
     from np2torch.porting import cli_port
 
     return cli_port(args, convert=cmd_convert)
+def _started() -> float:
+    """When this command started (epoch seconds): the process's start (or, in the warm runner, the command's,
+    passed as ``NP2TORCH_T0``), so the time shown is the command's, not only the stages'."""
+    if os.environ.get("NP2TORCH_T0"):
+        return float(os.environ["NP2TORCH_T0"])
+    try:  # Linux: the process's start time, in clock ticks after boot
+        started = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - started)
+    except (OSError, ValueError, IndexError):
+        return _IMPORTED
+
+
+_IMPORTED = time.time()
+
+
+def summary_lines(record: dict[str, Any], command_s: float, *, terminal: bool) -> list[str]:
+    """What a successful ``convert`` prints: at most 9 lines on a terminal (one per stage), 4 otherwise.
+
+    The head says whether the stages were cached and both times (the command's, the stages');
+    the outputs of a cached export were not written by this command: they are "kept (unchanged)";
+    ``report.json`` (written by every successful run) is listed.
+    """
+    stages = record["stages"]
+    n_cached = sum(1 for st in stages.values() if st["cached"])
+    how = (f"all {len(stages)} stages cached" if n_cached == len(stages) else "computed" if not n_cached
+           else f"{n_cached} of {len(stages)} stages cached")
+    where = ", warm runner" if os.environ.get("NP2TORCH_IN_RUNNER") else ""
+    lines = [f"np2torch: {record['name']} converted ({record['status']}, {how}) in {command_s:.1f}s "
+             f"(stages {record['seconds']:.2f}s{where})"]
+
+    def stage(name: str, st: dict[str, Any], width: int = 0, state: bool = True) -> str:
+        retried = f", {st['attempts']} attempts" if st.get("attempts", 1) > 1 else ""
+        word = ("cached  " if st["cached"] else "computed") if width else "cached" if st["cached"] else "computed"
+        return f"{name:<{width}} " + (f"{word} " if state else "") + f"{st['seconds']:.3f}s{retried}"
+
+    if terminal:
+        lines += [f"  {stage(n, st, 20)}" for n, st in stages.items()]
+    else:  # one line; when every stage was cached (or none), the head says it
+        lines.append("  stages: " + ", ".join(stage(n, st, state=0 < n_cached < len(stages)) for n, st in stages.items()))
+    v = record.get("verification") or {}
+    if v.get("reference"):
+        lines.append(f"  verification: passed, max abs error {fmt3(v['max_abs_error'])}, max rel error {fmt3(v['max_rel_error'])} "
+                     f"(rtol {v['rtol']}, atol {v['atol']})")
+    elif v:
+        lines.append(f"  verification: passed (no reference: output shapes {v['output_shapes']}, all finite)")
+    outputs = [Path(o["path"]) for o in record["outputs"]]
+    kept = bool(stages.get("export", {}).get("cached"))
+    folder = outputs[0].parent if outputs else None
+    names = ", ".join(str(p.relative_to(folder)) if p.is_relative_to(folder) else str(p) for p in outputs)
+    if outputs:
+        lines.append(f"  {'kept (unchanged, export cached)' if kept else 'wrote'} in {folder}/: {names}"
+                     + ("; wrote report.json" if kept else ", report.json"))
+    return lines
 
 
 def _in_warm_runner(api: Any, args: argparse.Namespace) -> int | None:
@@ -72,7 +135,13 @@ def _in_warm_runner(api: Any, args: argparse.Namespace) -> int | None:
         return None
     from np2torch.warm import try_delegate
 
-    return try_delegate(args.argv)
+    if os.environ.get("NP2TORCH_T0"):  # this is the runner's child: it has the command's start already
+        return try_delegate(args.argv)
+    os.environ["NP2TORCH_T0"] = str(_started())  # the command's start, for the time its summary shows
+    try:
+        return try_delegate(args.argv)
+    finally:
+        os.environ.pop("NP2TORCH_T0", None)
 
 
 def _early_server(api: Any) -> Any:
@@ -206,8 +275,8 @@ def _audit_row(rec: dict[str, Any]) -> dict[str, Any]:
     row = {"when": (rec.get("finished_at") or "")[:19].replace("T", " "), "name": rec.get("name"), "status": rec.get("status"),
            "dtype": _dtype_of(rec), "overrides": " ".join(overrides) or "-", "cache_hits": f"{hits}/{len(stages)}",
            "outputs": ", ".join(Path(o["path"]).name for o in rec.get("outputs") or []) or "-", "run_id": (rec.get("run_id") or "")[:8]}
-    if rec.get("status") == "failed" and rec.get("error"):
-        row["status"] = f"failed in {rec['error'].get('stage')}"
+    if rec.get("status") in ("failed", "rejected") and rec.get("error"):
+        row["status"] = f"{rec['status']} in {rec['error'].get('stage')}"
     return row
 
 
@@ -221,12 +290,13 @@ def _verify_cell(res: dict[str, Any]) -> str:
 def cmd_audit(args: argparse.Namespace) -> int:
     """``np2torch audit [--last N] [--verify]``: the table, then (with --verify) the proof; the exit status."""
     from np2torch.tasks.audit import read_records, verify_log
-    from np2torch.tasks.paths import audit_log_path
+    from np2torch.tasks.paths import audit_log_path, home_line
 
     log, last, err = Path(args.log) if args.log else None, args.last, sys.stderr
     if not args.verify:
         records, bad = read_records(log)
         print_table([_audit_row(r) for r in (records[-last:] if last else records)], AUDIT_COLUMNS)
+        print(f"\naudit log {log or audit_log_path()}; {home_line()}")
         if bad:
             print(f"\nwarning: {bad} unreadable line(s) in the audit log were skipped (`np2torch audit --verify` says where)", file=err)
         return 0
@@ -236,6 +306,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     state = "intact" if c.ok else f"BROKEN ({len(c.problems)} problem(s))"
     print(f"\naudit log {log or audit_log_path()}: {c.chained} chained record(s), chain {state}"
           + (f"; {c.unchained} older unchained record(s) (written before chaining; listed, not provable)" if c.unchained else ""))
+    print(home_line())
     if c.torn_tail:
         print(f"  the last line is torn ({c.torn_tail} bytes from an interrupted write): not a record, ignored")
     for p in c.problems:
@@ -256,15 +327,18 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_batch(args: argparse.Namespace) -> int:
     from np2torch.flows.preflight import preflight_batch
 
-    api = preflight_batch(args.batch_config, args.set)  # config and Prefect API: before Prefect starts
+    # config, the Dask extra, Prefect API: before Prefect starts
+    api = _rejected_audited(args, args.batch_config, preflight_batch, args.batch_config, args.set, args.dask, not args.no_server)
     code = _in_warm_runner(api, args)
     if code is not None:
         return code
     early = _early_server(api)
     from np2torch.flows.batch import run_batch_cli
+    from np2torch.flows.runtime import quiet_expected_tracebacks
 
     if early is not None:
         early.wait()
+    quiet_expected_tracebacks(verbose=args.verbose)
     return run_batch_cli(args)
 
 
@@ -319,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config", help="the conversion's YAML config")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. convert.dtype=float16")
     c.add_argument("--refresh", action="store_true", help="recompute every stage, ignoring the cache")
+    c.add_argument("-v", "--verbose", action="store_true",
+                   help="also show Prefect's own log lines (always in the run's UI page and the home's log file)")
+    c.add_argument("--no-server", action="store_true",
+                   help="with no server running, use a temporary one; do not start the lasting local server (also NP2TORCH_NO_SERVER=1)")
     c.set_defaults(func=cmd_convert)
 
     po = _sub(sub, "port", "write a PyTorch module for a Keras .keras/.h5 model, then convert and verify its weights",
@@ -331,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     po.add_argument("--layout", choices=["channels_first", "channels_last"], default="channels_first",
                     help="channels_first: images (N, C, H, W) as torch expects (default); channels_last: Keras's own layout")
     po.add_argument("--allow-placeholders", action="store_true", help="write placeholders for layers np2torch cannot port (not run)")
+    po.add_argument("-v", "--verbose", action="store_true", help="also show Prefect's own log lines, as for convert")
+    po.add_argument("--no-server", action="store_true", help="as for convert: never start the lasting local server")
     po.set_defaults(func=cmd_port)
 
     pl = _sub(sub, "plan", "print the manifest it would use; write nothing", "np2torch plan conversion.yaml --wide",
@@ -358,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dask", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="run the conversions on Dask: a local cluster, or an existing scheduler address (tcp://host:8786)")
     b.add_argument("--refresh", action="store_true", help="recompute every stage of every conversion")
+    b.add_argument("-v", "--verbose", action="store_true", help="also show Prefect's own log lines, as for convert")
+    b.add_argument("--no-server", action="store_true",
+                   help="with no server running, use a temporary one; do not start the lasting local server (also NP2TORCH_NO_SERVER=1)")
     b.set_defaults(func=cmd_batch)
 
     s = _sub(sub, "serve", "a scheduled deployment, visible in the Prefect UI", 'np2torch serve configs/batch.yaml --cron "0 2 * * *"',

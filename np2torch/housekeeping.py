@@ -269,6 +269,9 @@ def cache_cli(args: Any) -> int:
                   f"protected {r['protected']}{extra}")
         for name, b in du["other"].items():
             print(f"  {name:<20} {human(b):>24}")
+        from np2torch.tasks.paths import home_line
+
+        print(home_line())
         return 0
     age = parse_age(args.older_than) if args.older_than else 0.0
     res = prune(older_than=age, dry_run=args.dry_run)

@@ -181,4 +181,5 @@ def cli_port(args: Any, *, convert: Any) -> int:
         print(f"np2torch port: PLACEHOLDERS in model.py for {', '.join(gen.placeholders)}: write them by hand, then run "
               f"`np2torch convert {config}`", file=sys.stderr)
         return 0
-    return convert(argparse.Namespace(config=str(config.resolve()), set=[], refresh=False, argv=["convert", str(config.resolve())]))
+    return convert(argparse.Namespace(config=str(config.resolve()), set=[], refresh=False, argv=["convert", str(config.resolve())],
+                                      verbose=getattr(args, "verbose", False), no_server=getattr(args, "no_server", False)))

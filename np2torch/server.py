@@ -14,12 +14,14 @@ management is no Prefect flow: it sits beside the CLI, and imports Prefect nowhe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +30,14 @@ from np2torch.flows.runtime import ApiChoice, healthy_local_server, probe, serve
 from np2torch.tasks.errors import ConversionError
 from np2torch.tasks.procs import pid_alive, stop_pid
 
-__all__ = ["TemporaryServer", "start_temporary_early", "start_server", "stop_server", "server_status", "add_server_parser", "server_cli",
+__all__ = ["TemporaryServer", "start_temporary_early", "start_server", "autostart_server", "stop_server", "server_status",
+           "add_server_parser", "server_cli",
            "DEFAULT_HOST", "DEFAULT_PORT"]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4200
 START_TIMEOUT_S = 180.0  # a first start migrates a fresh SQLite database; a busy 2-core box is slow
+AUTO_IDLE_S = 3 * 3600.0  # a server a convert/batch started stops after this long without a command (NP2TORCH_SERVER_IDLE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,7 +116,10 @@ def start_temporary_early(choice: ApiChoice) -> TemporaryServer | None:
 
 
 def _port_free(host: str, port: int) -> bool:
+    """True unless a program listens on ``port``: bound with ``SO_REUSEADDR`` as the server itself
+    (uvicorn) binds, so the ``TIME_WAIT`` sockets a just-stopped server leaves do not count."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -127,14 +134,86 @@ def _tail(path: Path, n: int = 15) -> str:
         return ""
 
 
-def start_server(*, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, timeout: float = START_TIMEOUT_S) -> dict[str, Any]:
-    """Start the server (:mod:`np2torch.server_app`) detached (own session: it outlives this command); wait until healthy."""
+@contextlib.contextmanager
+def _start_lock(timeout: float = START_TIMEOUT_S) -> Iterator[None]:
+    """One starter at a time per home (a file lock): two commands started at once start one server."""
+    import fcntl
+
+    d = server_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / "start.lock", "a+") as fh:
+        t0 = time.monotonic()
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() - t0 > timeout:
+                    raise ConversionError(f"another np2torch command has been starting the server for {timeout:g} s", key=str(d),
+                                          stage="server", fix="see server.log there, or `np2torch server stop` and try again") from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def idle_seconds(default: float) -> float:
+    """``NP2TORCH_SERVER_IDLE`` (seconds; 0: never) or ``default``."""
+    try:
+        return max(0.0, float(os.environ["NP2TORCH_SERVER_IDLE"]))
+    except (KeyError, ValueError):
+        return default
+
+
+def autostart_server() -> dict[str, Any] | None:
+    """Start the lasting local server for a ``convert`` or ``batch`` that found none; say so in one line.
+
+    Port 4200 when free, else any free port; it stops after :data:`AUTO_IDLE_S` without a command
+    (``NP2TORCH_SERVER_IDLE``). None (the command uses a temporary server) when it cannot start.
+    """
+    try:
+        with _start_lock():
+            running = healthy_local_server()  # another command may have started it meanwhile
+            if running is not None:
+                return running
+            port = DEFAULT_PORT if _port_free(DEFAULT_HOST, DEFAULT_PORT) else _any_free_port()
+            st = start_server(port=port, idle_s=idle_seconds(AUTO_IDLE_S), wait_runner=False, locked=True)
+    except ConversionError as exc:
+        print(f"np2torch: could not start the local Prefect server, using a temporary one: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return None
+    idle = f"after {_human_s(st['idle_s'])} idle or " if st.get("idle_s") else ""
+    print(f"np2torch: started the local Prefect server at {st['url']} in the background (run history, UI; later commands use it; "
+          f"it stops {idle}with `np2torch server stop`; --no-server: a temporary one)", file=sys.stderr)
+    return st
+
+
+def _any_free_port() -> int:
+    with socket.socket() as s:
+        s.bind((DEFAULT_HOST, 0))
+        return s.getsockname()[1]
+
+
+def _human_s(seconds: float) -> str:
+    return f"{seconds / 3600:g} h" if seconds >= 3600 else f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
+
+
+def start_server(*, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, timeout: float = START_TIMEOUT_S, idle_s: float = 0.0,
+                 wait_runner: bool = True, locked: bool = False) -> dict[str, Any]:
+    """Start the server (:mod:`np2torch.server_app`) detached (own session: it outlives this command); wait until healthy.
+
+    ``idle_s`` > 0: it stops itself after that long without a command using it. Under the home's
+    start lock (``locked``: the caller holds it), so that two starters start one server.
+    """
+    if not locked:
+        with _start_lock(timeout):
+            return start_server(host=host, port=port, timeout=timeout, idle_s=idle_s, wait_runner=wait_runner, locked=True)
     running = healthy_local_server()
     if running is not None:
         st = warm.runner_state()
         if st is None or not pid_alive(int(st["pid"])) or st.get("api_url") != running["api_url"]:
             warm.start_runner(running["api_url"], server_dir() / "runner.log")
-        return {**running, "already_running": True, "runner": warm.wait_ready(timeout)}
+        return {**running, "already_running": True, "runner": warm.wait_ready(timeout) if wait_runner else None}
     old = server_state()
     if old and pid_alive(int(old["pid"])):
         stop_server()  # recorded but not answering: replace it rather than start a second one
@@ -151,12 +230,12 @@ def start_server(*, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, timeout:
     url = f"http://{host}:{port}"
     # Prefect's own server app (UI, API, services), with busy SQLite writes retried inside the
     # server instead of by the client after 2-8 s of backoff (np2torch.server_app)
-    cmd = [sys.executable, "-m", "np2torch.server_app", "--host", host, "--port", str(port)]
+    cmd = [sys.executable, "-m", "np2torch.server_app", "--host", host, "--port", str(port), "--idle-stop", str(idle_s)]
     with open(log, "ab") as fh:
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, cwd=str(d),
                                 start_new_session=True, close_fds=True)
     state = {"pid": proc.pid, "host": host, "port": port, "url": url, "api_url": f"{url}/api", "home": str(home), "log": str(log),
-             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "idle_s": idle_s}
     tmp = server_state_file().with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=2))
     os.replace(tmp, server_state_file())
@@ -169,7 +248,7 @@ def start_server(*, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, timeout:
                                   fix=f"see its log:\n{_tail(log)}")
         if probe(state["api_url"], timeout=1.0) is None:
             waited = time.monotonic() - t0
-            return {**state, "seconds": round(waited, 1), "runner": warm.wait_ready(max(5.0, timeout - waited))}
+            return {**state, "seconds": round(waited, 1), "runner": warm.wait_ready(max(5.0, timeout - waited)) if wait_runner else None}
         time.sleep(0.25)
     stop_server()
     raise ConversionError(f"the Prefect server did not answer within {timeout:g} s", key=str(log), stage="server",
@@ -220,7 +299,7 @@ def add_server_parser(sub: Any) -> None:
 def server_cli(args: argparse.Namespace) -> int:
     if args.action == "start":
         print("np2torch: starting the Prefect server (a first start takes a while: it creates the database)...", file=sys.stderr)
-        st = start_server(host=args.host, port=args.port)
+        st = start_server(host=args.host, port=args.port, idle_s=idle_seconds(0.0))
         if st.get("already_running"):
             print(f"np2torch: the Prefect server is already running at {st['url']} (pid {st['pid']})")
         else:
@@ -233,11 +312,13 @@ def server_cli(args: argparse.Namespace) -> int:
     if args.action == "stop":
         print("np2torch: Prefect server stopped" if stop_server() else "np2torch: no Prefect server was running")
         return 0
+    from np2torch.tasks.paths import home_line
+
     st = server_status()
     if not st["running"]:
-        print("np2torch: no Prefect server running (start one with `np2torch server start`)")
+        print(f"np2torch: no Prefect server running (start one with `np2torch server start`)\n  {home_line()}")
         return 1
     print(f"np2torch: Prefect server {'healthy' if st['healthy'] else 'NOT answering'} at {st['url']} (pid {st['pid']})\n"
           f"  API: {st['api_url']}\n  history: {st['home']}\n  log: {st['log']}\n  started: {st['started_at']}\n"
-          f"  warm runner: {'running (pid ' + str(st['runner_pid']) + ')' if st['runner'] else 'not running'}")
+          f"  warm runner: {'running (pid ' + str(st['runner_pid']) + ')' if st['runner'] else 'not running'}\n  {home_line()}")
     return 0 if st["healthy"] else 1

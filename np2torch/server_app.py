@@ -18,6 +18,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
+import threading
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -112,13 +115,45 @@ def _replay(body: bytes, rest: Receive | None) -> Receive:
     return receive
 
 
+def _stop_when_idle(idle_s: float) -> None:
+    """Stop this server (and its warm runner) once no command has used it for ``idle_s`` seconds.
+
+    Each command that reports to the local server touches its ``last-used`` file
+    (:func:`np2torch.flows.runtime.choose_api`); the state file goes first, so that no command
+    picks a server that is stopping.
+    """
+    from np2torch import warm
+    from np2torch.flows.runtime import last_used_file, server_state, server_state_file
+
+    started = time.time()
+    while True:
+        time.sleep(max(0.5, min(idle_s / 4, 60.0)))
+        try:
+            last = max(started, last_used_file().stat().st_mtime)
+        except OSError:
+            last = started
+        if time.time() - last < idle_s:
+            continue
+        state = server_state()
+        if state is not None and int(state["pid"]) == os.getpid():
+            server_state_file().unlink(missing_ok=True)
+            warm.stop_runner()
+        print(f"np2torch: no command for {idle_s:g} s: stopping", flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's graceful shutdown
+        return
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m np2torch.server_app", description=__doc__.splitlines()[0])
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=4200)
     ap.add_argument("--log-level", default=os.environ.get("PREFECT_SERVER_LOGGING_LEVEL", "warning").lower())
     ap.add_argument("--ephemeral", action="store_true", help="what Prefect's temporary server serves (API only, no UI)")
+    ap.add_argument("--idle-stop", type=float, default=0.0, metavar="SECONDS",
+                    help="stop (with the warm runner) after this long without a command using it (0: never)")
     args = ap.parse_args(argv)
+    if args.idle_stop > 0:
+        threading.Thread(target=_stop_when_idle, args=(args.idle_stop,), daemon=True, name="np2torch-idle-stop").start()
 
     import prefect
     import uvicorn

@@ -57,7 +57,7 @@ _MAX_MSG = 4 * 1024 * 1024
 # a command whose values differ from the runner's runs in its own process
 ENV_COMPARED = ("PREFECT_", "NP2TORCH_", "OMP_", "MKL_", "OPENBLAS_", "TORCH_", "PYTORCH_", "CUDA_", "PYTHONPATH", "PYTHONHASHSEED",
                 "LD_LIBRARY_PATH", "LD_PRELOAD", "HOME", "DO_NOT_TRACK")
-_PER_COMMAND = ("NP2TORCH_PROGRESS", "NP2TORCH_WARM", "NP2TORCH_IN_RUNNER")  # read at run time: may differ
+_PER_COMMAND = ("NP2TORCH_PROGRESS", "NP2TORCH_WARM", "NP2TORCH_IN_RUNNER", "NP2TORCH_T0")  # read at run time: may differ
 
 
 # ---------------------------------------------------------------------------------------------

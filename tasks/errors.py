@@ -34,6 +34,11 @@ SHORT_LIMIT = 240
 STATE_LIMIT = 2000
 
 
+def one_line(text: object, limit: int = STATE_LIMIT) -> str:
+    """A message on one line (its lines joined by " | "), for where a newline shows as a literal ``\\n`` (Prefect's UI and logs)."""
+    return short(" | ".join(ln.strip() for ln in str(text).splitlines() if ln.strip()), limit)
+
+
 def short(text: str, limit: int = SHORT_LIMIT) -> str:
     """``text`` unchanged when short, else its start and end around an "…(N chars)…" marker."""
     text = str(text)

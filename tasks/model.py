@@ -59,8 +59,10 @@ class TargetInfo:
 
 
 def _import_file(path: Path) -> Any:
-    if not path.is_file():
-        raise ModelError("model file does not exist", key=str(path), fix="check model.target (paths are relative to the config file)")
+    if not path.is_file():  # a config error (exit 2) with a did-you-mean, as the preflight check says it
+        from np2torch.flows.preflight import missing_model_file
+
+        raise missing_model_file(path, str(path))
     name = "np2torch_user_model_" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
@@ -101,7 +103,9 @@ def import_target(target: str, *, allow_unsafe_load: bool = False) -> Any:
 
 def _load_pickled_module(path: Path, allow_unsafe_load: bool) -> Any:
     if not path.is_file():
-        raise ModelError("model file does not exist", key=str(path), fix="check model.target")
+        from np2torch.flows.preflight import missing_model_file
+
+        raise missing_model_file(path, str(path))
     if not allow_unsafe_load:
         raise ModelError(
             "a pickled model architecture (torch.save of an nn.Module) can run arbitrary code when loaded; refused",

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["PIN_FILE", "home", "home_origin", "data_dir", "cache_dir", "audit_log_path", "atomic_write_text", "atomic_writer"]
+__all__ = ["PIN_FILE", "home", "home_origin", "home_line", "data_dir", "cache_dir", "audit_log_path", "atomic_write_text", "atomic_writer"]
 
 # A project pins its own np2torch home with this file at its root (one line: the home's path,
 # relative to the file's folder), found from any subfolder as git finds ``.git``.
@@ -49,6 +49,12 @@ def home_origin() -> tuple[Path, str]:
     if found is not None:
         return found[0], f"pinned by {found[1]}"
     return _user_home().resolve(), "per-user default"
+
+
+def home_line() -> str:
+    """``np2torch home: PATH (what chose it)``: what ``server status``, ``audit`` and ``cache du`` print."""
+    path, why = home_origin()
+    return f"np2torch home: {path} ({why})"
 
 
 def home() -> Path:

@@ -45,7 +45,7 @@ from prefect.utilities.hashing import hash_objects
 
 from np2torch.tasks import cache, lifecycle
 from np2torch.tasks.config import Config
-from np2torch.tasks.errors import ConversionError, TransientIOError
+from np2torch.tasks.errors import ConversionError, TransientIOError, one_line
 from np2torch.tasks.locks import FlockLockManager
 from np2torch.tasks.paths import cache_dir
 from np2torch.tasks.stages import BY_NAME, STAGES, Stage, StageRecord
@@ -105,7 +105,9 @@ def _retry_transient(task: Task, task_run: Any, state: Any) -> bool:
         logger.warning("%s: attempt %d failed with a transient error, retrying: %s: %s", task.name, task_run.run_count,
                        type(exc).__name__, exc)
     elif exc is not None:
-        logger.error("%s: attempt %d failed, not retrying (%s is not transient)", task.name, task_run.run_count, type(exc).__name__)
+        # the run's first ERROR line: the stage and the cause on one line (what the UI's log shows first)
+        logger.error("%s failed: %s (attempt %d, not retried: %s is not transient)", task.name, one_line(exc), task_run.run_count,
+                     type(exc).__name__)
     return ok
 
 

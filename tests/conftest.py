@@ -18,6 +18,9 @@ EXAMPLE_NAMES = ["mlp", "seed-flat", "seed-layers", "seed-pickled", "keras-cnn"]
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# no test leaves a lasting server behind: a convert or batch with no server running uses a temporary
+# one; the tests of the lasting server's start-on-first-use lift this with a temporary home and stop it
+os.environ["NP2TORCH_NO_SERVER"] = "1"
 
 
 @pytest.fixture(autouse=True)
@@ -29,6 +32,22 @@ def isolated_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("NP2TORCH_AUDIT_LOG", raising=False)
     monkeypatch.delenv("NP2TORCH_READ_ONLY", raising=False)
     return d
+
+
+@pytest.fixture(autouse=True)
+def log_handlers_follow_stderr():
+    """A logging handler made while a test captured stderr (Prefect's console handler, set up by
+    the first flow of the session) keeps that test's stream, closed once the test ends: point it
+    back at the current stderr after each test, or a later log line ends the session with
+    "I/O operation on closed file" / "lost sys.stderr"."""
+    yield
+    import logging
+
+    for logger in [logging.getLogger(), *[v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger)]]:
+        for h in logger.handlers:
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) and getattr(h.stream, "closed", False):
+                with h.lock:  # not setStream: it flushes the closed stream first
+                    h.stream = sys.stderr
 
 
 @pytest.fixture(scope="session")

@@ -256,7 +256,18 @@ def test_batch_runs_children_in_parallel_and_survives_a_failure(tmp_path: Path, 
             parents.add(client.read_task_run(child.parent_task_run_id).flow_run_id)
         (parent_id,) = parents  # all children of one parent run
         parent = client.read_flow_run(parent_id)
-        assert parent.name == "three.yaml: 3 conversions" and parent.state.is_failed()
+        # each batch run its own name (date and time) and tags, like the conversions (which carry them too)
+        assert re.fullmatch(r"three\.yaml: 3 conversions, \d{4}-\d\d-\d\d \d\d:\d\d:\d\d", parent.name), parent.name
+        assert parent.state.is_failed() and {"np2torch", "batch", "batch:three"} <= set(parent.tags)
+        assert {"mlp", "batch:three"} <= set(children["mlp"].tags)
+        # the failed run's first ERROR line says the stage and the cause on one line
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterLevel
+
+        errors = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[children["mlp-broken"].id]),
+                                            level=LogFilterLevel(ge_=40)))
+        first = min(errors, key=lambda log: log.timestamp).message
+        assert first.startswith("validate failed: [validate] `fc1.weight`: the manifest fails") and "\n" not in first, first
+        assert "\n" not in children["mlp-broken"].state.message and "failed in validate" in children["mlp-broken"].state.message
         assert children["mlp"].state.is_completed() and children["keras-cnn"].state.is_completed()
         assert children["mlp-broken"].state.is_failed()
         # never more than max_parallel children at once

@@ -76,7 +76,7 @@ def test_convert_example_end_to_end(prefect_harness, example_data, tmp_path, iso
     out = tmp_path / "out"
     assert main(["convert", str(example_config("keras-cnn")), "--set", f"export.dir={out}"]) == 0
     text = capsys.readouterr().out
-    assert "keras-cnn converted (success)" in text and "verification: passed" in text
+    assert "keras-cnn converted (success, " in text and "verification: passed" in text
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "model.pt", "manifest.csv", "report.json"}
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "success" and report["verification"]["passed"]
@@ -89,7 +89,7 @@ def test_convert_example_end_to_end(prefect_harness, example_data, tmp_path, iso
     "case, overrides, code, message",
     [
         ("pickle", [], 1, "[load-arrays]"),
-        ("import", ["model.target=tiny_model.py:Nope"], 1, "[model] "),
+        ("import", ["model.target=tiny_model.py:Nope"], 2, "[config] `model.target`: tiny_model.py defines no 'Nope'"),  # a config error
         ("ctor", ["model.target=tiny_model.py:broken_factory"], 1, "building the model failed: RuntimeError: constructor exploded"),
         ("shape", [], 1, "gives the wrong shape (expected [4,3], got [4,2])"),
         ("unused", [], 1, "`extra`: source array [3] is not used by any target"),

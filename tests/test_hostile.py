@@ -565,8 +565,8 @@ def test_source_path_does_not_exist(tmp_path, capsys):
 def test_model_file_does_not_exist(tmp_path, capsys):
     cfg = write_config(tmp_path, _npz(tmp_path, tiny_weights()), target="nope.py:Tiny")
     rc, err = cli(capsys, "plan", cfg)
-    assert rc == 1
-    assert f"[model] `{tmp_path / 'nope.py'}`: model file does not exist" in err
+    assert rc == 2  # a model file that does not exist is a config error
+    assert f"[config] `model.target`: model file {tmp_path / 'nope.py'} does not exist" in err
 
 
 def test_model_import_fails(tmp_path, capsys):

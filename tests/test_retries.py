@@ -110,7 +110,7 @@ def test_a_deterministic_failure_fails_once(tiny, prefect_harness, fast_retries)
     assert rec["status"] == "failed"
     assert rec["error"]["stage"] == "validate"
     assert rec["stages"]["validate"] == {**rec["stages"]["validate"], "failed": True, "attempts": 1}
-    assert "not retrying" in " ".join(_logs(rec["run_id"]))
+    assert "not retried" in " ".join(_logs(rec["run_id"]))
 
 
 def test_a_write_that_keeps_failing_is_retried_then_fails_with_every_attempt_counted(tiny,

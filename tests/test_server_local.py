@@ -133,6 +133,25 @@ def test_a_dead_prefect_api_url_is_one_line_and_exit_1(tmp_path: Path) -> None:
     assert r.stdout.strip() == "prefect not imported"
 
 
+def test_time_wait_sockets_of_a_stopped_server_do_not_block_its_port() -> None:
+    """Item 8: only a real listener is "another program"; the TIME_WAIT a stopped server leaves is not."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    assert not server._port_free("127.0.0.1", port)  # a live listener
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = listener.accept()
+    conn.close()  # the server side closes first: its end of the connection stays in TIME_WAIT
+    client.close()
+    listener.close()
+    with socket.socket() as plain:  # what the old check did: a bind without SO_REUSEADDR trips over TIME_WAIT
+        with pytest.raises(OSError):
+            plain.bind(("127.0.0.1", port))
+    assert server._port_free("127.0.0.1", port)
+
+
 def test_status_and_stop_without_a_server(capsys: pytest.CaptureFixture[str]) -> None:
     from np2torch.cli import main
 
@@ -184,6 +203,13 @@ def test_server_start_status_stop_round_trip(tiny, no_prefect_config, capsys: py
     assert not pid_alive(st["pid"])
     assert runtime.server_state() is None and main(["server", "status"]) == 1
     assert not Path(st["home"]).parent.joinpath("runner.json").exists()  # `server stop` stopped the runner too
+    # a restart right after the stop works (the stopped server's TIME_WAIT sockets are no "other program")
+    try:
+        assert main(["server", "start", "--port", str(port)]) == 0, capsys.readouterr()
+        assert f"Prefect server running at http://127.0.0.1:{port}" in capsys.readouterr().out
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        main(["server", "stop"])
 
 
 def _warm_runner_runs_commands(config: Path, port: int) -> None:
@@ -201,10 +227,10 @@ def _warm_runner_runs_commands(config: Path, port: int) -> None:
 
     r = run("convert", str(config))
     assert r.returncode == 0, r.stderr
-    assert "converted (success)" in r.stdout and "(warm runner)" in r.stdout
+    assert "converted (success, " in r.stdout and "warm runner)" in r.stdout
     # every stage computed in a forked child: torch's CPU kernels and thread pools work there
     computed = run("convert", str(config), "--refresh")
-    assert computed.returncode == 0 and "(warm runner)" in computed.stdout, computed.stderr
+    assert computed.returncode == 0 and "warm runner)" in computed.stdout, computed.stderr
     assert "cached" not in computed.stdout.split("converted", 1)[1].split("verification")[0]
     # the files get the command's umask, not the runner's: the same modes as a run in its own process
     modes = {}
@@ -212,7 +238,7 @@ def _warm_runner_runs_commands(config: Path, port: int) -> None:
         out = config.parent / f"umask-077-{where}"
         r = subprocess.run([sys.executable, "-m", "np2torch.cli", "convert", str(config), "--refresh", "--set", f"export.dir={out}"],
                            env={**env, **extra}, capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.umask(0o077))
-        assert r.returncode == 0 and ("(warm runner)" in r.stdout) == (where == "runner"), r.stderr
+        assert r.returncode == 0 and ("warm runner)" in r.stdout) == (where == "runner"), r.stderr
         modes[where] = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir() if p.is_file()}
     assert modes["runner"] == modes["own"] and "0o600" in modes["runner"].values()
     assert f"http://127.0.0.1:{port}/runs/flow-run/" in r.stderr
@@ -222,14 +248,14 @@ def _warm_runner_runs_commands(config: Path, port: int) -> None:
     assert "np2torch: error: [verify-forward-pass] `verify.reference_output`: the converted model does not reproduce" in bad.stderr
     # another environment (here: the runner turned off; likewise a PREFECT_* or thread-count variable) runs in its own process
     own = run("convert", str(config), NP2TORCH_WARM="0")
-    assert own.returncode == 0 and "converted (success)" in own.stdout and "(warm runner)" not in own.stdout
+    assert own.returncode == 0 and "converted (success, " in own.stdout and "warm runner)" not in own.stdout
     threads = "3" if os.environ.get("OMP_NUM_THREADS") != "3" else "2"  # a value other than the runner's (CI may set one)
     other = run("convert", str(config), OMP_NUM_THREADS=threads)
-    assert other.returncode == 0 and "(warm runner)" not in other.stdout
+    assert other.returncode == 0 and "warm runner)" not in other.stdout
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     limited = subprocess.run([sys.executable, "-m", "np2torch.cli", "convert", str(config)], env=env, capture_output=True, text=True,
                              timeout=300, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 4096) - 1, hard)))
-    assert limited.returncode == 0 and "(warm runner)" not in limited.stdout, limited.stderr
+    assert limited.returncode == 0 and "warm runner)" not in limited.stdout, limited.stderr
     assert warm.runner_state() is not None

@@ -252,6 +252,6 @@ def test_wheel_installs_np2torch_only_and_converts_outside_the_repo(tmp_path, ex
     out = work / "out"
     conv = run(str(venv / "bin" / "np2torch"), "convert", "configs/examples/mlp.yaml", "--set", f"export.dir={out}")
     assert conv.returncode == 0, conv.stdout + conv.stderr
-    assert "mlp converted (success)" in conv.stdout and "verification: passed" in conv.stdout
+    assert "mlp converted (success, " in conv.stdout and "verification: passed" in conv.stdout
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "model.pt", "manifest.csv", "report.json"}
     assert "database is locked" not in conv.stderr

@@ -157,6 +157,7 @@ _BUILT: dict[str, tuple[Path, list[np.ndarray], list[np.ndarray]]] = {}
 def built(tmp_path_factory):
     def get(case: str):
         if case not in _BUILT:
+            keras.backend.clear_session()  # Keras numbers unnamed layers per session: the names must not depend on earlier tests
             keras.utils.set_random_seed(3)
             model, shapes = MODELS[case]()
             _randomize(model, 3)
