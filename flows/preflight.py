@@ -153,7 +153,7 @@ def check_config(cfg: Config) -> None:
     raise first
 
 
-def preflight_convert(config: str | Path, overrides: list[str] | None = None, start_server: bool = False) -> tuple[Config, Any]:
+def preflight_convert(config: str | Path, overrides: list[str] | None = None, start_server: Any = None) -> tuple[Config, Any]:
     """Config schema, paths, model target, then the Prefect API; return the checked config (what the
     flow runs: the file is parsed once per command) and the chosen API."""
     from np2torch.flows.runtime import choose_api
@@ -175,7 +175,7 @@ def dask_problem() -> ConfigError | None:
 
 
 def preflight_batch(batch_config: str | Path, overrides: list[str] | None = None, dask: str | None = None,
-                    start_server: bool = False) -> Any:
+                    start_server: Any = None) -> Any:
     """The batch config's schema, each conversion's config (its failures are reported per conversion
     by the batch, not here), the Dask extra when the batch runs on Dask, then the Prefect API."""
     from np2torch.flows.runtime import choose_api

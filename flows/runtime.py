@@ -26,7 +26,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +94,8 @@ def quiet_expected_tracebacks(verbose: bool = False) -> None:
         for h in logging.getLogger(name).handlers:
             if isinstance(h, PrefectConsoleHandler):
                 h.setLevel(logging.NOTSET if verbose else logging.WARNING)
+                with h.lock:  # this command's stderr (the handler was made with whatever stderr was then)
+                    h.stream = sys.stderr
             if isinstance(h, PrefectConsoleHandler) and not getattr(h, "_np2torch_quiet", False):
                 orig = h.format
 
@@ -229,12 +231,13 @@ def _ui_of(api_url: str) -> str:
     return url[: -len("/api")] if url.endswith("/api") else url
 
 
-def choose_api(*, hint: bool = True, start: bool = False) -> ApiChoice:
+def choose_api(*, hint: bool = True, start: Callable[[], dict[str, Any] | None] | None = None) -> ApiChoice:
     """The API this process's runs report to; makes np2torch's local server the default when it answers.
 
-    ``start`` (``convert`` and ``batch`` on the command line): with no server running, start the
-    lasting local server in the background and use it (:func:`np2torch.server.autostart_server`),
-    unless ``NP2TORCH_NO_SERVER=1`` (``--no-server``); a temporary server when it cannot start.
+    ``start`` (``convert`` and ``batch`` on the command line pass :func:`np2torch.server.autostart_server`;
+    the flows never import the entry points): with no server running, start the lasting local
+    server in the background and use it, unless ``NP2TORCH_NO_SERVER=1`` (``--no-server``); a
+    temporary server when it cannot start.
 
     Raises :class:`ApiUnreachable` when ``PREFECT_API_URL`` is set but nothing answers there.
     """
@@ -255,10 +258,8 @@ def choose_api(*, hint: bool = True, start: bool = False) -> ApiChoice:
     if configured:
         return ApiChoice("configured", configured, None)
     state = healthy_local_server()
-    if state is None and start and autostart_allowed():
-        from np2torch.server import autostart_server  # stdlib only
-
-        state = autostart_server()
+    if state is None and start is not None and autostart_allowed():
+        state = start()
     if state is not None:
         with contextlib.suppress(OSError):
             last_used_file().touch()  # the server's idle stop counts from the last command

@@ -46,11 +46,20 @@ def _rejected_audited(args: argparse.Namespace, config: str, check: Any, *check_
         raise
 
 
+def _starter(args: argparse.Namespace) -> Any:
+    """What starts the lasting local server when none runs (None with ``--no-server``): handed to the flows' API choice."""
+    if args.no_server:
+        return None
+    from np2torch.server import autostart_server
+
+    return autostart_server
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from np2torch.flows.preflight import preflight_convert
 
     # config, paths, model target, Prefect API: before Prefect starts
-    cfg, api = _rejected_audited(args, args.config, preflight_convert, args.config, args.set, not args.no_server)
+    cfg, api = _rejected_audited(args, args.config, preflight_convert, args.config, args.set, _starter(args))
     code = _in_warm_runner(api, args)
     if code is not None:
         return code
@@ -328,7 +337,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from np2torch.flows.preflight import preflight_batch
 
     # config, the Dask extra, Prefect API: before Prefect starts
-    api = _rejected_audited(args, args.batch_config, preflight_batch, args.batch_config, args.set, args.dask, not args.no_server)
+    api = _rejected_audited(args, args.batch_config, preflight_batch, args.batch_config, args.set, args.dask, _starter(args))
     code = _in_warm_runner(api, args)
     if code is not None:
         return code

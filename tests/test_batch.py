@@ -263,8 +263,13 @@ def test_batch_runs_children_in_parallel_and_survives_a_failure(tmp_path: Path, 
         # the failed run's first ERROR line says the stage and the cause on one line
         from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterLevel
 
-        errors = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[children["mlp-broken"].id]),
-                                            level=LogFilterLevel(ge_=40)))
+        errors, deadline = [], time.monotonic() + 30
+        while not errors and time.monotonic() < deadline:  # Prefect ships logs to the API in batches: wait for them
+            errors = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[children["mlp-broken"].id]),
+                                                level=LogFilterLevel(ge_=40)))
+            if not errors:
+                time.sleep(0.5)
+        assert errors, "no ERROR line reached the API for the failed conversion"
         first = min(errors, key=lambda log: log.timestamp).message
         assert first.startswith("validate failed: [validate] `fc1.weight`: the manifest fails") and "\n" not in first, first
         assert "\n" not in children["mlp-broken"].state.message and "failed in validate" in children["mlp-broken"].state.message

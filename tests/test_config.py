@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from np2torch.tasks.config import load_config
@@ -105,7 +107,12 @@ def test_a_hostile_config_is_exit_2_with_one_message_fast(tmp_path, isolated_dat
     assert err.startswith(f"np2torch: error: [config] `{path}`: ") and EXPECT[case] in err, err
     assert "Traceback" not in err and "RecursionError" not in err and "MemoryError" not in err
     assert len(err) < 1000  # one message, not a dump
-    assert not isolated_data.exists()  # nothing started, nothing written
+    # nothing started, nothing written but the audit log's line saying the command was rejected (issue 20)
+    written = sorted(p.name for p in isolated_data.iterdir()) if isolated_data.exists() else []
+    assert written in ([], ["audit.jsonl"]), written
+    if written:
+        (rec,) = [json.loads(line) for line in (isolated_data / "audit.jsonl").read_text().splitlines()]
+        assert rec["status"] == "rejected" and rec["reason"].startswith(f"[config] `{path}`")
 
 
 def test_a_config_just_under_the_cap_and_a_bomb_in_a_batch_file(tiny, tmp_path):

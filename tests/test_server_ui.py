@@ -129,9 +129,10 @@ def _flow_runs(client: Any, **filters: Any) -> list[Any]:
 
 
 def _parent_run(client: Any, name: str) -> Any:
+    """The batch run whose name starts with ``name`` (batch runs are named "<file>: N conversions, <date time>")."""
     from prefect.client.schemas.filters import FlowRunFilterName
 
-    (run,) = _flow_runs(client, name=FlowRunFilterName(any_=[name]))
+    (run,) = [r for r in _flow_runs(client, name=FlowRunFilterName(like_=name)) if r.name.startswith(name)]
     return run
 
 
@@ -241,7 +242,7 @@ def test_served_schedule_runs_when_triggered(prefect_server: Server, ui_batch: d
         assert run.returncode == 0, run.stdout + run.stderr
         final = _wait_final(client, _run_id(run.stdout))
         assert final.state.is_completed(), log.read_text()[-3000:]
-        assert final.name == "ui-nightly.yaml: 1 conversion"
+        assert final.name.startswith("ui-nightly.yaml: 1 conversion, ")
         assert set(_children(client, final.id)) == {"mlp"}
     finally:
         _stop(serve)
@@ -266,7 +267,7 @@ def test_prefect_yaml_deploys_to_a_process_pool_and_a_worker_runs_it(prefect_ser
     assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
     final = _wait_final(client, _run_id(run.stdout), timeout=60)
     assert final.state.is_completed(), worker.stdout[-3000:] + worker.stderr[-3000:]
-    assert final.name == "pool-batch.yaml: 1 conversion" and set(_children(client, final.id)) == {"mlp"}
+    assert final.name.startswith("pool-batch.yaml: 1 conversion, ") and set(_children(client, final.id)) == {"mlp"}
 
 
 @pytest.mark.browser
@@ -276,7 +277,7 @@ def test_flow_run_page_shows_the_run_and_its_artifact(prefect_server: Server, ui
     pytest.importorskip("playwright.sync_api", reason="the browser test drives Chromium through Playwright (pip install playwright)")
     parent = _parent_run(client, "ui-batch.yaml: 3 conversions")
     shots = Path(os.environ.get("NP2TORCH_UI_SCREENSHOTS", REPO / "data" / "ui-screenshots"))
-    seen = capture_flow_run_page(prefect_server.url, str(parent.id), "ui-batch.yaml: 3 conversions", "np2torch-batch-summary",
+    seen = capture_flow_run_page(prefect_server.url, str(parent.id), parent.name, "np2torch-batch-summary",
                                  shots / "batch-flow-run.png", row_text="mlp-broken")
     assert seen["run_name"] and seen["artifact"] and seen["row"] == "mlp-broken"
     for shot in seen["screenshots"]:
