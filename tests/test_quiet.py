@@ -81,18 +81,23 @@ def test_a_convert_on_a_terminal_prints_at_most_12_lines_and_v_shows_prefect(use
     assert any("Finished in state" in ln for ln in lines), "\n".join(lines)  # Prefect's own lines, on request
 
 
-def test_the_python_api_is_quiet_unless_verbose(prefect_harness, tiny, capfd: pytest.CaptureFixture[str]) -> None:
-    import np2torch
+def test_the_python_api_is_quiet_unless_verbose(prefect_harness, tiny) -> None:
+    """As in a notebook: a fresh interpreter (this session's logging is shaped by every earlier
+    test), against the session's Prefect API."""
+    from prefect.settings import PREFECT_API_URL
 
     config = tiny("api")
-    np2torch.convert(config)
-    quiet = capfd.readouterr()
-    assert "Finished in state" not in quiet.out + quiet.err and "attempt 1 of" not in quiet.out + quiet.err
-    np2torch.convert(config, verbose=True)
-    loud = capfd.readouterr()
-    assert "Finished in state" in loud.out + loud.err
-    np2torch.convert(config)  # and quiet again
-    assert "Finished in state" not in "".join(capfd.readouterr())
+    code = ("import sys, np2torch\n"
+            "for verbose in (False, True, False):\n"
+            "    print(f'--- verbose={verbose}', file=sys.stderr, flush=True)\n"
+            f"    np2torch.convert({str(config)!r}, verbose=verbose)\n")
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    quiet, loud, quiet_again = (r.stdout + r.stderr).split("--- verbose=")[1:]
+    assert "Finished in state" not in quiet and "attempt 1 of" not in quiet, quiet
+    assert "Finished in state" in loud, loud
+    assert "Finished in state" not in quiet_again, quiet_again
 
 
 def test_convert_and_batch_take_verbose_and_no_server() -> None:
